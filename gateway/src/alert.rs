@@ -1,0 +1,134 @@
+//! The alert document: what operators and cloud services receive on `alerts/...`.
+//!
+//! ```json
+//! {"id":"site-17:boiler-1:overheat:1732212345123","rule":"overheat","device":"boiler-1",
+//!  "metric":"temperature","severity":"critical","state":"raised","value":95.2,
+//!  "threshold":90.0,"since":"2026-11-21T18:05:45.123Z","at":"2026-11-21T18:05:55.130Z",
+//!  "gateway":"site-17"}
+//! ```
+//!
+//! `id` names one raise–clear episode: the raised and the cleared document share it, so a
+//! consumer can drop the duplicates that at-least-once delivery brings.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::rules::{AlertState, Millis, Rule, Severity, Transition};
+
+/// First topic level of local alerts.
+pub const TOPIC_ROOT: &str = "alerts";
+
+/// One alert transition, as published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertDoc {
+    /// `{gateway}:{device}:{rule}:{since in ms}`: stable for one episode.
+    pub id: String,
+    /// Rule name.
+    pub rule: String,
+    /// Device id.
+    pub device: String,
+    /// Metric name.
+    pub metric: String,
+    /// Severity of the rule.
+    pub severity: Severity,
+    /// Raised or cleared.
+    pub state: AlertState,
+    /// The reading that caused the transition.
+    pub value: f64,
+    /// The bound that was crossed.
+    pub threshold: f64,
+    /// When the episode began, RFC 3339 UTC with milliseconds.
+    pub since: String,
+    /// When this transition happened, RFC 3339 UTC with milliseconds.
+    pub at: String,
+    /// Gateway (site) id.
+    pub gateway: String,
+}
+
+impl AlertDoc {
+    /// Builds the document for `transition` of `rule` on one device and metric.
+    pub fn new(gateway: &str, rule: &Rule, device: &str, metric: &str, t: &Transition) -> Self {
+        Self {
+            id: format!("{gateway}:{device}:{}:{}", rule.name, t.since),
+            rule: rule.name.clone(),
+            device: device.to_owned(),
+            metric: metric.to_owned(),
+            severity: rule.severity,
+            state: t.state,
+            value: t.value,
+            threshold: t.threshold,
+            since: rfc3339(t.since),
+            at: rfc3339(t.at),
+            gateway: gateway.to_owned(),
+        }
+    }
+
+    /// `alerts/{severity}/{device}/{rule}`: the topic relative to any prefix.
+    pub fn topic(&self) -> String {
+        format!(
+            "{TOPIC_ROOT}/{}/{}/{}",
+            self.severity.as_str(),
+            self.device,
+            self.rule
+        )
+    }
+
+    /// The document as compact JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an alert document always serializes")
+    }
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(ms: Millis) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// The wall clock in milliseconds since the epoch (0 if the clock is before 1970).
+pub fn now_millis() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::Threshold;
+    use crate::topic::TopicFilter;
+
+    #[test]
+    fn document_matches_the_design() {
+        let rule = Rule {
+            name: "overheat".into(),
+            filter: TopicFilter::new("sensors/+/temperature").unwrap(),
+            threshold: Threshold {
+                above: Some(90.0),
+                ..Threshold::default()
+            },
+            hold: Duration::from_secs(10),
+            severity: Severity::Critical,
+        };
+        let t = Transition {
+            state: AlertState::Raised,
+            since: 1_795_284_345_123,
+            at: 1_795_284_355_130,
+            value: 95.2,
+            threshold: 90.0,
+        };
+        let doc = AlertDoc::new("site-17", &rule, "boiler-1", "temperature", &t);
+        assert_eq!(doc.topic(), "alerts/critical/boiler-1/overheat");
+        let json: serde_json::Value = serde_json::from_slice(&doc.to_json()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "id": "site-17:boiler-1:overheat:1795284345123", "rule": "overheat",
+                "device": "boiler-1", "metric": "temperature", "severity": "critical",
+                "state": "raised", "value": 95.2, "threshold": 90.0,
+                "since": "2026-11-21T18:05:45.123Z", "at": "2026-11-21T18:05:55.130Z",
+                "gateway": "site-17"
+            })
+        );
+    }
+}

@@ -1,0 +1,485 @@
+//! Sensor messages: bytes to readings. Pure, no I/O, no clock; every input gives a value or an
+//! error, never a panic.
+//!
+//! Three payload forms are understood (see `DESIGN.md`):
+//!
+//! | topic | payload |
+//! |---|---|
+//! | `sensors/{device}/{metric}` | a plain number (`21.5`) |
+//! | `sensors/{device}/{metric}` | JSON `{"v":21.5,"seq":1042}` |
+//! | `sensors/{device}` | JSON object `{"temperature":21.5,"humidity":40.1,"seq":1042}` |
+//!
+//! and one presence form, `sensors/{device}/status` with `online` or `offline`. `status` and
+//! `seq` are therefore reserved and are never metric names.
+//!
+//! Foreign topic layouts (Tasmota, ESPHome, ...) are mapped onto these forms elsewhere; this
+//! module does not know them.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, MapAccess, Visitor};
+
+/// First topic level of every sensor message.
+pub const TOPIC_ROOT: &str = "sensors";
+
+/// The metric name that carries presence instead of a reading.
+pub const STATUS_METRIC: &str = "status";
+
+/// The JSON key that carries the device's message counter.
+pub const SEQ_KEY: &str = "seq";
+
+/// Limits the decoder enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 4096,
+        }
+    }
+}
+
+/// A decoded sensor message, borrowing from the topic and payload it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message<'a> {
+    /// One or more readings from one device.
+    Readings(Readings<'a>),
+    /// The device announced that it is online or (through its last will) offline.
+    Status {
+        /// Device id from the topic.
+        device: &'a str,
+        /// `true` for `online`.
+        online: bool,
+    },
+}
+
+/// Readings from one message of one device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Readings<'a> {
+    /// Device id from the topic.
+    pub device: &'a str,
+    /// The device's message counter, if it sent one.
+    pub seq: Option<u64>,
+    /// Metric name and value; every value is finite.
+    pub values: Vec<(Cow<'a, str>, f64)>,
+    /// Fields of an object payload that were not usable readings. The rest of the message is
+    /// still good: one bad field does not cost the others.
+    pub rejected: Vec<(Cow<'a, str>, DecodeError)>,
+}
+
+/// A message that could not be decoded, with the device it came from when the topic named one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected<'a> {
+    /// Device id from the topic, if the topic named one.
+    pub device: Option<&'a str>,
+    /// What was wrong.
+    pub error: DecodeError,
+}
+
+/// What is wrong with a sensor message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The topic has no device level (`sensors` or `sensors//x`).
+    #[error("topic names no device: expected sensors/{{device}}/{{metric}} or sensors/{{device}}")]
+    NoDevice,
+    /// The topic has an empty metric level (`sensors/dev/`).
+    #[error("topic names no metric: expected sensors/{{device}}/{{metric}}")]
+    NoMetric,
+    /// The topic has levels beyond `sensors/{device}/{metric}`.
+    #[error("topic has more than three levels: expected sensors/{{device}}/{{metric}}")]
+    TooDeep,
+    /// The payload is larger than the configured limit.
+    #[error("payload of {len} bytes is over the limit of {max} bytes")]
+    TooLarge {
+        /// Payload size.
+        len: usize,
+        /// Configured limit.
+        max: usize,
+    },
+    /// The payload is empty.
+    #[error("payload is empty")]
+    Empty,
+    /// The payload is not UTF-8 text.
+    #[error("payload is not UTF-8 text")]
+    NotUtf8,
+    /// A plain payload is not a number.
+    #[error("payload is not a number (expected e.g. 21.5 or {{\"v\":21.5}})")]
+    NotANumber,
+    /// The value is NaN or infinite.
+    #[error("value is not finite (NaN or infinity)")]
+    NotFinite,
+    /// The payload looks like JSON but does not parse.
+    #[error("payload is not valid JSON: {0}")]
+    BadJson(String),
+    /// A `{"v":..}` payload has no `v`.
+    #[error("JSON payload on a metric topic needs a numeric \"v\" field")]
+    MissingValue,
+    /// A value in a JSON payload is not a number.
+    #[error("value is not a number")]
+    NotNumeric,
+    /// `seq` is not a non-negative integer.
+    #[error("\"seq\" must be a non-negative integer")]
+    BadSeq,
+    /// An object payload holds no fields.
+    #[error("JSON object holds no readings")]
+    NoReadings,
+    /// A status payload is neither `online` nor `offline`.
+    #[error("status payload must be \"online\" or \"offline\"")]
+    BadStatus,
+    /// An object payload uses the reserved name `status` as a metric.
+    #[error("\"status\" is reserved for presence and cannot be a metric")]
+    ReservedMetric,
+}
+
+/// Decodes one MQTT message published under `sensors/`.
+pub fn decode<'a>(
+    topic: &'a str,
+    payload: &'a [u8],
+    limits: Limits,
+) -> Result<Message<'a>, Rejected<'a>> {
+    // The first level is `sensors`: ingest only subscribes to that.
+    let mut levels = topic.split('/').skip(1);
+    let device = match levels.next() {
+        Some(d) if !d.is_empty() => d,
+        _ => return Err(reject(None, DecodeError::NoDevice)),
+    };
+    let metric = levels.next();
+    if levels.next().is_some() {
+        return Err(reject(Some(device), DecodeError::TooDeep));
+    }
+    if payload.len() > limits.max_payload_bytes {
+        let error = DecodeError::TooLarge {
+            len: payload.len(),
+            max: limits.max_payload_bytes,
+        };
+        return Err(reject(Some(device), error));
+    }
+    let text = std::str::from_utf8(payload)
+        .map_err(|_| reject(Some(device), DecodeError::NotUtf8))?
+        .trim();
+    if text.is_empty() {
+        return Err(reject(Some(device), DecodeError::Empty));
+    }
+    match metric {
+        None => decode_object(device, text),
+        Some("") => Err(reject(Some(device), DecodeError::NoMetric)),
+        Some(STATUS_METRIC) => match text {
+            "online" => Ok(Message::Status {
+                device,
+                online: true,
+            }),
+            "offline" => Ok(Message::Status {
+                device,
+                online: false,
+            }),
+            _ => Err(reject(Some(device), DecodeError::BadStatus)),
+        },
+        Some(metric) => decode_single(device, metric, text),
+    }
+}
+
+fn reject(device: Option<&str>, error: DecodeError) -> Rejected<'_> {
+    Rejected { device, error }
+}
+
+/// `sensors/{device}/{metric}`: a plain number or `{"v":..,"seq":..}`.
+fn decode_single<'a>(
+    device: &'a str,
+    metric: &'a str,
+    text: &'a str,
+) -> Result<Message<'a>, Rejected<'a>> {
+    let (value, seq) = if text.starts_with('{') {
+        let fields = parse_fields(text).map_err(|e| reject(Some(device), e))?;
+        let mut value = None;
+        let mut seq = None;
+        for (key, field) in fields {
+            match key.as_ref() {
+                "v" => value = Some(field.number().map_err(|e| reject(Some(device), e))?),
+                SEQ_KEY => seq = Some(field.seq().map_err(|e| reject(Some(device), e))?),
+                // Other keys (a timestamp, units) are the device's business.
+                _ => {}
+            }
+        }
+        (
+            value.ok_or(reject(Some(device), DecodeError::MissingValue))?,
+            seq,
+        )
+    } else {
+        (
+            parse_plain(text).map_err(|e| reject(Some(device), e))?,
+            None,
+        )
+    };
+    Ok(Message::Readings(Readings {
+        device,
+        seq,
+        values: vec![(Cow::Borrowed(metric), value)],
+        rejected: Vec::new(),
+    }))
+}
+
+/// `sensors/{device}`: a JSON object of metrics.
+fn decode_object<'a>(device: &'a str, text: &'a str) -> Result<Message<'a>, Rejected<'a>> {
+    if !text.starts_with('{') {
+        return Err(reject(
+            Some(device),
+            DecodeError::BadJson("expected a JSON object of metrics on sensors/{device}".into()),
+        ));
+    }
+    let fields = parse_fields(text).map_err(|e| reject(Some(device), e))?;
+    if fields.is_empty() {
+        return Err(reject(Some(device), DecodeError::NoReadings));
+    }
+    let mut readings = Readings {
+        device,
+        seq: None,
+        values: Vec::with_capacity(fields.len()),
+        rejected: Vec::new(),
+    };
+    for (key, field) in fields {
+        if key == SEQ_KEY {
+            match field.seq() {
+                Ok(seq) => readings.seq = Some(seq),
+                Err(e) => readings.rejected.push((key, e)),
+            }
+        } else if key.is_empty() || key.contains(['/', '+', '#']) {
+            readings.rejected.push((key, DecodeError::NoMetric));
+        } else if key == STATUS_METRIC {
+            readings.rejected.push((key, DecodeError::ReservedMetric));
+        } else {
+            match field.number() {
+                Ok(v) => readings.values.push((key, v)),
+                Err(e) => readings.rejected.push((key, e)),
+            }
+        }
+    }
+    Ok(Message::Readings(readings))
+}
+
+fn parse_plain(text: &str) -> Result<f64, DecodeError> {
+    let value: f64 = text.parse().map_err(|_| DecodeError::NotANumber)?;
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(DecodeError::NotFinite)
+    }
+}
+
+/// One value of a JSON object, classified without keeping nested data.
+#[derive(Debug)]
+enum Field {
+    Number(serde_json::Number),
+    Other,
+}
+
+impl Field {
+    fn number(&self) -> Result<f64, DecodeError> {
+        match self {
+            Field::Number(n) => {
+                let v = n.as_f64().ok_or(DecodeError::NotFinite)?;
+                if v.is_finite() {
+                    Ok(v)
+                } else {
+                    Err(DecodeError::NotFinite)
+                }
+            }
+            Field::Other => Err(DecodeError::NotNumeric),
+        }
+    }
+
+    fn seq(&self) -> Result<u64, DecodeError> {
+        match self {
+            Field::Number(n) => n.as_u64().ok_or(DecodeError::BadSeq),
+            Field::Other => Err(DecodeError::BadSeq),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Number(n) => Ok(Field::Number(n)),
+            _ => Ok(Field::Other),
+        }
+    }
+}
+
+/// Keys borrowed from the payload where no escapes force a copy.
+struct Fields<'a>(Vec<(Cow<'a, str>, Field)>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    out.push((key.0, map.next_value::<Field>()?));
+                }
+                Ok(Fields(out))
+            }
+        }
+        d.deserialize_map(FieldsVisitor)
+    }
+}
+
+#[derive(Deserialize)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+fn parse_fields(text: &str) -> Result<Vec<(Cow<'_, str>, Field)>, DecodeError> {
+    serde_json::from_str::<Fields<'_>>(text)
+        .map(|f| f.0)
+        .map_err(|e| DecodeError::BadJson(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_payload_bytes: 64,
+        }
+    }
+
+    fn values<'a>(m: &'a Message<'a>) -> Vec<(&'a str, f64)> {
+        match m {
+            Message::Readings(r) => r.values.iter().map(|(k, v)| (k.as_ref(), *v)).collect(),
+            Message::Status { .. } => panic!("expected readings, got {m:?}"),
+        }
+    }
+
+    #[test]
+    fn plain_number() {
+        let m = decode("sensors/boiler-1/temperature", b" 21.5\n", limits()).unwrap();
+        assert_eq!(values(&m), [("temperature", 21.5)]);
+    }
+
+    #[test]
+    fn value_and_seq_object() {
+        let m = decode(
+            "sensors/b/temperature",
+            br#"{"v":21.5,"seq":1042,"unit":"C"}"#,
+            limits(),
+        )
+        .unwrap();
+        assert_eq!(values(&m), [("temperature", 21.5)]);
+        let Message::Readings(r) = m else {
+            unreachable!()
+        };
+        assert_eq!((r.device, r.seq), ("b", Some(1042)));
+    }
+
+    #[test]
+    fn object_of_metrics_keeps_good_fields_and_reports_bad_ones() {
+        let payload = br#"{"temperature":21.5,"humidity":"n/a","seq":7,"status":1}"#;
+        let m = decode("sensors/b", payload, limits()).unwrap();
+        let Message::Readings(r) = m else { panic!() };
+        assert_eq!(r.values, [(Cow::Borrowed("temperature"), 21.5)]);
+        assert_eq!(r.seq, Some(7));
+        assert_eq!(
+            r.rejected,
+            [
+                (Cow::Borrowed("humidity"), DecodeError::NotNumeric),
+                (Cow::Borrowed("status"), DecodeError::ReservedMetric)
+            ]
+        );
+    }
+
+    #[test]
+    fn status_messages() {
+        assert_eq!(
+            decode("sensors/b/status", b"offline", limits()),
+            Ok(Message::Status {
+                device: "b",
+                online: false
+            })
+        );
+        assert_eq!(
+            decode("sensors/b/status", b"gone", limits())
+                .unwrap_err()
+                .error,
+            DecodeError::BadStatus
+        );
+    }
+
+    #[test]
+    fn malformed_inputs_are_rejected_with_their_device() {
+        let big = vec![b'1'; 65];
+        let cases: Vec<(&str, &[u8], Option<&str>, DecodeError)> = vec![
+            ("sensors/d/t", b"abc", Some("d"), DecodeError::NotANumber),
+            ("sensors/d/t", b"NaN", Some("d"), DecodeError::NotFinite),
+            ("sensors/d/t", b"-inf", Some("d"), DecodeError::NotFinite),
+            ("sensors/d/t", b"", Some("d"), DecodeError::Empty),
+            ("sensors/d/t", b"\xff\xfe", Some("d"), DecodeError::NotUtf8),
+            (
+                "sensors/d/t",
+                &big,
+                Some("d"),
+                DecodeError::TooLarge { len: 65, max: 64 },
+            ),
+            (
+                "sensors/d/t",
+                br#"{"seq":1}"#,
+                Some("d"),
+                DecodeError::MissingValue,
+            ),
+            (
+                "sensors/d/t",
+                br#"{"v":"x"}"#,
+                Some("d"),
+                DecodeError::NotNumeric,
+            ),
+            (
+                "sensors/d/t",
+                br#"{"v":1,"seq":-1}"#,
+                Some("d"),
+                DecodeError::BadSeq,
+            ),
+            ("sensors/d", br#"{}"#, Some("d"), DecodeError::NoReadings),
+            ("sensors/d/", b"1", Some("d"), DecodeError::NoMetric),
+            ("sensors/d/t/x", b"1", Some("d"), DecodeError::TooDeep),
+            ("sensors", b"1", None, DecodeError::NoDevice),
+            ("sensors/", b"1", None, DecodeError::NoDevice),
+            ("sensors//t", b"1", None, DecodeError::NoDevice),
+        ];
+        for (topic, payload, device, error) in cases {
+            let got = decode(topic, payload, limits()).unwrap_err();
+            assert_eq!(
+                (got.device, got.error),
+                (device, error),
+                "{topic} {payload:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_json_and_overflowing_numbers() {
+        for payload in [&br#"{"v":"#[..], br#"{"v":1e999}"#, b"{nope}"] {
+            let got = decode("sensors/d/t", payload, limits()).unwrap_err();
+            assert!(
+                matches!(got.error, DecodeError::BadJson(_) | DecodeError::NotFinite),
+                "{payload:?}: {got:?}"
+            );
+        }
+        let got = decode("sensors/d", b"21.5", limits()).unwrap_err();
+        assert!(matches!(got.error, DecodeError::BadJson(_)));
+    }
+
+    #[test]
+    fn escaped_keys_are_decoded() {
+        let m = decode("sensors/d", br#"{"temp\u0065rature":1}"#, limits()).unwrap();
+        assert_eq!(values(&m), [("temperature", 1.0)]);
+    }
+}
