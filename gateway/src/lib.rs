@@ -15,18 +15,26 @@
 //! | [`codec`] | pure bytes → readings; no I/O |
 //! | [`topic`] | MQTT topic filter syntax and matching |
 //! | [`rules`] | pure rule evaluation: (rule, state, input, now) → (state, transition) |
+//! | [`ingest`] | the task that pulls from the link and drives codec → rules → outputs |
 //! | [`alert`] | the alert document and its topic |
+//! | [`store`] | the one owner of the SQLite connection: migrations, batched writes |
+//! | [`uplink`] | the upstream client task: QoS 1, its own replay queue, backoff with jitter |
 //! | [`stats`] | counters every part updates |
-//! | [`shutdown`] | one trigger that every task waits on |
+//! | [`app`], [`shutdown`] | wiring, start-up and graceful shutdown |
 #![deny(missing_docs)]
 
 pub mod alert;
+pub mod app;
 pub mod broker;
 pub mod codec;
 pub mod config;
+pub mod ingest;
 pub mod rules;
 pub mod shutdown;
 pub mod stats;
+pub mod store;
 pub mod topic;
+pub mod uplink;
 
+pub use app::{Gateway, StartError, run, start};
 pub use config::Config;

@@ -1,0 +1,179 @@
+//! Wiring: opens the store, binds the listeners, starts the router, ingest and uplink, and
+//! stops them again in order.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::broker::{self, BrokerError, Listeners, Router};
+use crate::config::Config;
+use crate::ingest::{self, Engine, Outputs};
+use crate::shutdown::{self, Trigger};
+use crate::stats::Stats;
+use crate::store::{self, Store, StoreError, StoreThread};
+use crate::uplink::{Uplink, UplinkError};
+
+/// How long shutdown waits for tasks before it stops waiting.
+pub const SHUTDOWN_BUDGET: Duration = Duration::from_millis(1800);
+
+/// Why the gateway did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration asks for authentication, which this version cannot do yet.
+    #[error(
+        "broker.allow_anonymous is false, and this version of Watchpost has no per-device authentication yet, \
+         so no sensor could connect. Set `allow_anonymous = true` in [broker] to serve anonymous clients \
+         (only on a trusted network, ideally with listen on 127.0.0.1)"
+    )]
+    AuthenticationUnavailable,
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The broker could not start.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The uplink configuration is unusable.
+    #[error(transparent)]
+    Uplink(#[from] UplinkError),
+}
+
+/// A running gateway.
+pub struct Gateway {
+    mqtt_addr: SocketAddr,
+    mqtt_v5_addr: Option<SocketAddr>,
+    stats: Arc<Stats>,
+    trigger: Trigger,
+    tasks: Vec<JoinHandle<()>>,
+    store_thread: StoreThread,
+}
+
+/// Starts the gateway; returns once it serves.
+pub async fn start(config: Config) -> Result<Gateway, StartError> {
+    if !config.broker.allow_anonymous {
+        return Err(StartError::AuthenticationUnavailable);
+    }
+    let stats = Arc::new(Stats::default());
+    let (store, store_thread) = Store::open(&config.gateway.data_dir)?;
+    let listeners = Listeners::bind(&config.broker).await?;
+    let uplink = config.uplink.as_ref().map(Uplink::prepare).transpose()?;
+
+    let router = Router::spawn(&config.broker);
+    let (mut link_tx, link_rx) = router.internal_link("ingest")?;
+    link_tx
+        .subscribe(broker::SENSOR_FILTER)
+        .map_err(|source| BrokerError::Link {
+            role: "ingest",
+            source: Box::new(source),
+        })?;
+
+    let (trigger, signal) = shutdown::channel();
+    let mut tasks = Vec::new();
+    let uplink_tx = match (uplink, &config.uplink) {
+        (Some(uplink), Some(cfg)) => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tasks.push(tokio::spawn(uplink.run(rx, stats.clone(), signal.clone())));
+            Some((tx, cfg.forward.clone()))
+        }
+        _ => None,
+    };
+    let engine = Engine::new(
+        &config.gateway.id,
+        config.rules.clone(),
+        config.broker.limits,
+        stats.clone(),
+    );
+    let outputs = Outputs {
+        uplink: uplink_tx,
+        store,
+    };
+    tasks.push(tokio::spawn(ingest::run(
+        engine,
+        link_tx,
+        link_rx,
+        outputs,
+        signal.clone().wait(),
+    )));
+
+    let mqtt_addr = listeners.v4_addr();
+    let mqtt_v5_addr = listeners.v5_addr();
+    let broker_config = config.broker.clone();
+    let broker_stats = stats.clone();
+    tasks.push(tokio::spawn(async move {
+        listeners
+            .serve(router, &broker_config, broker_stats, signal)
+            .await
+    }));
+
+    let uplink_text = config
+        .uplink
+        .as_ref()
+        .map_or("none (alerts stay local)".to_owned(), |u| {
+            let forwards: Vec<_> = u.forward.iter().map(|s| s.as_str()).collect();
+            format!("{}:{} forwarding [{}]", u.host, u.port, forwards.join(", "))
+        });
+    info!(
+        gateway = %config.gateway.id,
+        mqtt = %mqtt_addr,
+        mqtt5 = %mqtt_v5_addr.map_or("off".to_owned(), |a| a.to_string()),
+        db = %config.gateway.data_dir.join(store::DB_FILE).display(),
+        rules = config.rules.len(),
+        uplink = %uplink_text,
+        "watchpost {} ready", env!("CARGO_PKG_VERSION"),
+    );
+    Ok(Gateway {
+        mqtt_addr,
+        mqtt_v5_addr,
+        stats,
+        trigger,
+        tasks,
+        store_thread,
+    })
+}
+
+impl Gateway {
+    /// The MQTT 3.1.1 listener's address.
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    /// The MQTT 5 listener's address, if configured.
+    pub fn mqtt_v5_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_v5_addr
+    }
+
+    /// The gateway's counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Stops accepting, stops ingest, lets the uplink flush briefly and closes the store.
+    pub async fn shutdown(self) {
+        self.trigger.fire();
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_BUDGET;
+        for mut task in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                warn!("a task did not stop in time; abandoning it");
+                task.abort();
+            }
+        }
+        // Ingest held the last store handle; the store thread now writes what is left.
+        tokio::task::spawn_blocking(move || self.store_thread.join())
+            .await
+            .ok();
+        info!("watchpost stopped");
+    }
+}
+
+/// Runs the gateway until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let gateway = start(config).await?;
+    shutdown.await;
+    gateway.shutdown().await;
+    Ok(())
+}
