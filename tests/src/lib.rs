@@ -1,0 +1,365 @@
+//! Helpers for Watchpost's end-to-end tests: a real upstream broker (Mosquitto), real MQTT
+//! clients, gateways on `127.0.0.1:0`, and waiting with deadlines instead of sleeps.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use tempfile::TempDir;
+use watchpost::config::{self, Config};
+
+/// Polls `condition` every 10 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A Mosquitto broker in a child process, listening on loopback. Killed on drop.
+pub struct Mosquitto {
+    child: Option<Child>,
+    port: u16,
+    /// Holds the configuration file for as long as the broker runs.
+    _dir: TempDir,
+}
+
+fn mosquitto_binary() -> Result<PathBuf> {
+    for candidate in [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ] {
+        if Path::new(candidate).exists() {
+            return Ok(candidate.into());
+        }
+    }
+    bail!(
+        "mosquitto is not installed: the end-to-end tests use it as the upstream broker (apt-get install mosquitto)"
+    )
+}
+
+/// A port that was free a moment ago (Mosquitto cannot bind port 0 and report it).
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts Mosquitto on `port` with its configuration in `dir`; returns once it listens.
+fn spawn_mosquitto(dir: &Path, port: u16) -> Result<Child> {
+    let conf = dir.join(format!("mosquitto-{port}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n"
+        ),
+    )?;
+    let mut child = Command::new(mosquitto_binary()?)
+        .arg("-c")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting mosquitto")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(child);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("mosquitto exited with {status} (port {port} taken?)");
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("mosquitto did not listen on port {port} within 5 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Mosquitto {
+    /// Starts a broker on a free loopback port and waits until it accepts connections.
+    pub fn start() -> Result<Mosquitto> {
+        let dir = tempfile::tempdir()?;
+        let mut last_error = None;
+        for _ in 0..5 {
+            let port = free_port()?;
+            match spawn_mosquitto(dir.path(), port) {
+                Ok(child) => {
+                    return Ok(Mosquitto {
+                        child: Some(child),
+                        port,
+                        _dir: dir,
+                    });
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.expect("at least one attempt"))
+    }
+
+    /// Starts a broker on `port`, e.g. one that a gateway is already trying to reach.
+    pub fn start_on(port: u16) -> Result<Mosquitto> {
+        let dir = tempfile::tempdir()?;
+        let child = spawn_mosquitto(dir.path(), port)?;
+        Ok(Mosquitto {
+            child: Some(child),
+            port,
+            _dir: dir,
+        })
+    }
+
+    /// The broker's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The broker's address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One message a [`Collector`] received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// The retain flag as delivered.
+    pub retain: bool,
+}
+
+impl Received {
+    /// The payload as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).unwrap_or_else(|e| {
+            panic!(
+                "payload on {} is not JSON ({e}): {:?}",
+                self.topic,
+                String::from_utf8_lossy(&self.payload)
+            )
+        })
+    }
+}
+
+/// An MQTT subscriber that records everything it receives.
+pub struct Collector {
+    messages: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+    _client: AsyncClient,
+}
+
+impl Collector {
+    /// Connects to `addr`, subscribes to `filter` and returns once the subscription is
+    /// acknowledged.
+    pub async fn subscribe(addr: SocketAddr, filter: &str) -> Result<Collector> {
+        let id = format!("collector-{:08x}", fastrand_u32());
+        let (client, mut eventloop) = client(addr, &id);
+        client.subscribe(filter, QoS::AtLeastOnce).await?;
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let event = tokio::time::timeout_at(deadline.into(), eventloop.poll())
+                .await
+                .context("no SUBACK within 5 s")??;
+            if let Event::Incoming(Packet::SubAck(_)) = event {
+                break;
+            }
+            if let Event::Incoming(Packet::Publish(p)) = event {
+                record(&messages, &p);
+            }
+        }
+        let sink = messages.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => record(&sink, &p),
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        Ok(Collector {
+            messages,
+            task,
+            _client: client,
+        })
+    }
+
+    /// Everything received so far.
+    pub fn messages(&self) -> Vec<Received> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// How many messages have arrived.
+    pub fn count(&self) -> usize {
+        self.messages.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` messages have arrived.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Result<Vec<Received>> {
+        if wait_until(timeout, || self.count() >= n).await {
+            Ok(self.messages())
+        } else {
+            bail!(
+                "expected {n} messages within {timeout:?}, got {}: {:#?}",
+                self.count(),
+                self.messages()
+            )
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn record(messages: &Mutex<Vec<Received>>, p: &rumqttc::Publish) {
+    messages.lock().unwrap().push(Received {
+        topic: p.topic.clone(),
+        payload: p.payload.to_vec(),
+        retain: p.retain,
+    });
+}
+
+fn fastrand_u32() -> u32 {
+    // Distinct client ids per test without another dependency.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    nanos ^ std::process::id().rotate_left(16)
+}
+
+/// An MQTT client and its eventloop for `addr`.
+pub fn client(addr: SocketAddr, id: &str) -> (AsyncClient, EventLoop) {
+    let mut options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(1024 * 1024, 1024 * 1024);
+    AsyncClient::new(options, 1024)
+}
+
+/// A client that publishes readings and drives its own eventloop.
+pub struct Publisher {
+    client: AsyncClient,
+    acked: Arc<Mutex<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    /// Connects to the gateway at `addr` and waits for CONNACK.
+    pub async fn connect(addr: SocketAddr, id: &str) -> Result<Publisher> {
+        let (client, mut eventloop) = client(addr, id);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let event = tokio::time::timeout_at(deadline.into(), eventloop.poll())
+                .await
+                .context("no CONNACK within 5 s")??;
+            if let Event::Incoming(Packet::ConnAck(_)) = event {
+                break;
+            }
+        }
+        let acked = Arc::new(Mutex::new(0));
+        let counter = acked.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => *counter.lock().unwrap() += 1,
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        Ok(Publisher {
+            client,
+            acked,
+            task,
+        })
+    }
+
+    /// Publishes `payload` on `topic` with `qos`.
+    pub async fn publish(&self, topic: &str, qos: QoS, payload: impl Into<Vec<u8>>) -> Result<()> {
+        self.client.publish(topic, qos, false, payload).await?;
+        Ok(())
+    }
+
+    /// QoS 1 publishes acknowledged by the broker so far.
+    pub fn acked(&self) -> u64 {
+        *self.acked.lock().unwrap()
+    }
+
+    /// Waits until `n` QoS 1 publishes are acknowledged.
+    pub async fn wait_acked(&self, n: u64, timeout: Duration) -> Result<()> {
+        if wait_until(timeout, || self.acked() >= n).await {
+            Ok(())
+        } else {
+            bail!(
+                "expected {n} PUBACKs within {timeout:?}, got {}",
+                self.acked()
+            )
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A gateway configuration for tests: listener on `127.0.0.1:0`, data in `data_dir`, uplink
+/// to `upstream_port` if given (prefix `site-test`), and `rules` (TOML `[[rule]]` tables).
+pub fn gateway_config(data_dir: &Path, upstream_port: Option<u16>, rules: &str) -> Config {
+    gateway_config_with(data_dir, upstream_port, "", rules)
+}
+
+/// Like [`gateway_config`], with extra lines for the `[broker]` table.
+pub fn gateway_config_with(
+    data_dir: &Path,
+    upstream_port: Option<u16>,
+    broker: &str,
+    rules: &str,
+) -> Config {
+    let uplink = upstream_port.map_or(String::new(), |port| {
+        format!("[uplink]\nurl = \"mqtt://127.0.0.1:{port}\"\ntopic_prefix = \"site-test\"\nforward = [\"critical\"]\nkeep_alive = \"5s\"\n")
+    });
+    let source = format!(
+        "[gateway]\nid = \"site-test\"\ndata_dir = {:?}\n[broker]\nlisten = \"127.0.0.1:0\"\nallow_anonymous = true\nmax_payload_bytes = 256\n{broker}\n{uplink}{rules}",
+        data_dir.display().to_string()
+    );
+    match config::parse(&source, "test.toml") {
+        Ok(loaded) => loaded.config,
+        Err(e) => panic!("test configuration does not compile:\n{e}\n---\n{source}"),
+    }
+}
+
+/// The rule most tests use: critical above 90, clears below 85, no `for`.
+pub const OVERHEAT: &str = "[[rule]]\nname = \"overheat\"\nmatch = \"sensors/+/temperature\"\nabove = 90.0\nclear_below = 85.0\nseverity = \"critical\"\n";
