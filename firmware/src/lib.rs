@@ -1,11 +1,31 @@
-//! Watchpost sensor firmware: the `no_std` core that sensor boards build on.
+//! Watchpost sensor firmware: the `no_std`, allocation-free core that every sensor board and
+//! the fleet simulator build on.
 //!
-//! This crate is a skeleton for now. It will hold what every board shares: sensor drivers
-//! behind embedded-hal 1.0, report-by-exception (deadband, minimum interval, heartbeat),
-//! the device's `seq` counter, the payload encoder and the MQTT session over a byte stream.
-//! Boards live in packages of their own under `firmware/boards/`.
-#![no_std]
+//! # Layout
+//!
+//! | module | one job |
+//! |---|---|
+//! | [`report`] | report by exception: delta, minimum interval, heartbeat; pure, time passed in |
+//! | [`ring`] | fixed-capacity FIFO that drops (and counts) the oldest item when full |
+//! | [`payload`] | topics and payloads of the gateway's contract, into fixed buffers |
+//! | [`mqtt`] | MQTT 3.1.1 session over any `embedded-io` byte stream: QoS 1, keep-alive, reconnect |
+//! | [`sensor`] | sensors behind embedded-hal 1.0; SHT4x glue |
+//! | [`node`] | one device: samples → report by exception → `seq` → ring → session |
+//!
+//! A board supplies a clock (milliseconds), a [`sensor::Sensor`] and an [`mqtt::Link`] (a UART
+//! to a modem, a TCP socket, QEMU's serial port), and calls [`node::Node::sample`] and
+//! [`node::Node::poll`] from its main loop. Boards live in packages of their own under
+//! `firmware/boards/`; the simulator is `firmware/sim`.
+#![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod mqtt;
+pub mod node;
+pub mod payload;
+pub mod report;
+pub mod ring;
+pub mod sensor;
 
 /// First topic level under which a device publishes its readings
 /// (`sensors/{device}/{metric}`); the gateway's decoder expects the same.

@@ -1,0 +1,326 @@
+//! One sensor node: samples go through report-by-exception into a fixed ring, each message with
+//! the next `seq`; the MQTT session drains the ring over a byte stream.
+//!
+//! Two paths that share only the ring. The sampling path ([`Node::sample`]) decides and queues
+//! fixed-point values: no formatting, no I/O. The network path ([`Node::poll`]) formats the
+//! oldest queued message into topic and payload and hands it to the [`Session`], which removes it
+//! from the ring only once the broker acknowledged it. While the link is down the ring fills; when
+//! it is full the oldest message is dropped and counted. Boards and the fleet simulator run the
+//! same `Node`; they differ only in their clock, sensor and link.
+
+use crate::mqtt::{self, Event, Link, Outbox, Session};
+use crate::payload::{self, Writer};
+use crate::report::{Deadband, Reporter};
+use crate::ring::Ring;
+
+/// A message waiting to be sent: the values that were due at one sample, and its `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample<const M: usize> {
+    /// The device's message counter.
+    pub seq: u32,
+    /// Value of each metric in thousandths, `None` where the metric was not due.
+    pub values: [Option<i32>; M],
+}
+
+/// What a node is and how it reports. `M` metrics, in the order the sensor delivers them.
+#[derive(Debug, Clone, Copy)]
+pub struct Config<'a, const M: usize> {
+    /// Device id: the MQTT client id and the `{device}` topic level.
+    pub device: &'a str,
+    /// Metric names, e.g. `["temperature", "humidity"]`.
+    pub metrics: [&'a str; M],
+    /// Report-by-exception rule of each metric, in thousandths and milliseconds.
+    pub deadband: [Deadband<i32>; M],
+    /// Optional user name and password for the gateway.
+    pub credentials: Option<(&'a str, &'a str)>,
+    /// MQTT keep-alive in ms.
+    pub keep_alive_ms: u32,
+    /// How long to wait for an answer from the gateway before the link counts as dead, in ms.
+    pub ack_timeout_ms: u32,
+    /// First and longest reconnect delay, in ms.
+    pub backoff_ms: (u32, u32),
+}
+
+/// Why a [`Config`] cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The device id is not 1 to 32 of `A-Z a-z 0-9 - _ .`.
+    BadDeviceId,
+    /// A metric name is not 1 to 32 of `A-Z a-z 0-9 - _ .`, or is `seq` or `status`.
+    BadMetricName,
+    /// The longest message of this configuration does not fit the session's buffers.
+    TooLarge,
+}
+
+impl core::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            ConfigError::BadDeviceId => "device id must be 1-32 of A-Z a-z 0-9 - _ .",
+            ConfigError::BadMetricName => {
+                "metric names must be 1-32 of A-Z a-z 0-9 - _ . and not seq or status"
+            }
+            ConfigError::TooLarge => "the largest message does not fit the MQTT buffers",
+        })
+    }
+}
+
+/// Counters of a node, for logs and the simulator's report.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Samples offered.
+    pub samples: u32,
+    /// Messages queued (each took a `seq`).
+    pub queued: u32,
+    /// Messages dropped from the full ring, oldest first.
+    pub dropped: u32,
+    /// Messages waiting in the ring, the one in flight included.
+    pub waiting: u32,
+    /// The session's counters.
+    pub mqtt: mqtt::Counters,
+}
+
+/// A sensor node with `M` metrics and a ring of `DEPTH` messages. See the module documentation.
+pub struct Node<'a, const M: usize, const DEPTH: usize> {
+    queue: Queue<'a, M, DEPTH>,
+    reporters: [Reporter<i32>; M],
+    next_seq: u32,
+    samples: u32,
+    session: Session<'a>,
+}
+
+struct Queue<'a, const M: usize, const DEPTH: usize> {
+    device: &'a str,
+    metrics: [&'a str; M],
+    ring: Ring<Sample<M>, DEPTH>,
+}
+
+impl<'a, const M: usize, const DEPTH: usize> Node<'a, M, DEPTH> {
+    /// A node that has sent nothing; it connects on its first [`poll`](Self::poll).
+    pub fn new(config: Config<'a, M>) -> Result<Self, ConfigError> {
+        if !payload::name_ok(config.device) {
+            return Err(ConfigError::BadDeviceId);
+        }
+        if !config.metrics.iter().all(|m| payload::metric_name_ok(m)) {
+            return Err(ConfigError::BadMetricName);
+        }
+        // Every name is at most 32 bytes and every value at most 12 characters.
+        let largest_payload = config.metrics.len() * (32 + 4 + 12) + 20;
+        if largest_payload > mqtt::PAYLOAD_MAX || 8 + 32 + 1 + 32 > mqtt::TOPIC_MAX {
+            return Err(ConfigError::TooLarge);
+        }
+        let session = Session::new(mqtt::Config {
+            client_id: config.device,
+            credentials: config.credentials,
+            keep_alive_ms: config.keep_alive_ms,
+            ack_timeout_ms: config.ack_timeout_ms,
+            backoff_min_ms: config.backoff_ms.0,
+            backoff_max_ms: config.backoff_ms.1,
+        })
+        .map_err(|_| ConfigError::TooLarge)?;
+        Ok(Self {
+            queue: Queue {
+                device: config.device,
+                metrics: config.metrics,
+                ring: Ring::new(),
+            },
+            reporters: config.deadband.map(Reporter::new),
+            next_seq: 0,
+            samples: 0,
+            session,
+        })
+    }
+
+    /// The sampling path: offers one sample of every metric taken at `now_ms`. If any metric is
+    /// due, queues one message with the due ones and returns its `seq`. Cheap: no formatting,
+    /// no I/O.
+    pub fn sample(&mut self, now_ms: u64, values: [i32; M]) -> Option<u32> {
+        self.samples = self.samples.wrapping_add(1);
+        let mut due = [None; M];
+        for ((reporter, value), slot) in self.reporters.iter_mut().zip(values).zip(&mut due) {
+            if reporter.offer(now_ms, value) {
+                *slot = Some(value);
+            }
+        }
+        if due.iter().all(Option::is_none) {
+            return None;
+        }
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.queue.ring.push(Sample { seq, values: due });
+        Some(seq)
+    }
+
+    /// The network path: lets the session do what is due at `now_ms` over `link`. After
+    /// [`Event::Connected`] it also announces `online` on the status topic.
+    pub fn poll<L: Link>(&mut self, now_ms: u64, link: &mut L) -> Option<Event<L::Error>> {
+        let event = self.session.poll(now_ms, link, &mut self.queue);
+        if matches!(event, Some(Event::Connected)) {
+            if let Some(lost) = self.session.announce_online(now_ms, link) {
+                return Some(lost);
+            }
+        }
+        event
+    }
+
+    /// True while connected to the gateway.
+    pub fn is_up(&self) -> bool {
+        self.session.is_up()
+    }
+
+    /// The `seq` the next message will carry.
+    pub fn next_seq(&self) -> u32 {
+        self.next_seq
+    }
+
+    /// The device id.
+    pub fn device(&self) -> &'a str {
+        self.queue.device
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            samples: self.samples,
+            queued: self.next_seq,
+            dropped: self.queue.ring.dropped(),
+            waiting: self.queue.ring.len() as u32,
+            mqtt: self.session.counters(),
+        }
+    }
+}
+
+impl<const M: usize, const DEPTH: usize> Outbox for Queue<'_, M, DEPTH> {
+    fn peek(&self, topic: &mut Writer<'_>, body: &mut Writer<'_>) -> Result<bool, payload::Error> {
+        let Some(sample) = self.ring.front() else {
+            return Ok(false);
+        };
+        encode(self.device, &self.metrics, sample, topic, body)?;
+        Ok(true)
+    }
+
+    fn pop(&mut self) {
+        self.ring.pop_front();
+    }
+}
+
+/// Writes the topic and payload of `sample`: one due metric goes on its own topic as
+/// `{"v":..,"seq":..}`; several go on the device topic as one object.
+pub fn encode<const M: usize>(
+    device: &str,
+    metrics: &[&str; M],
+    sample: &Sample<M>,
+    topic: &mut Writer<'_>,
+    body: &mut Writer<'_>,
+) -> Result<(), payload::Error> {
+    let due = || {
+        metrics
+            .iter()
+            .zip(&sample.values)
+            .filter_map(|(name, v)| v.map(|v| (*name, v)))
+    };
+    let mut it = due();
+    match (it.next(), it.next()) {
+        (Some((name, value)), None) => {
+            payload::metric_topic(topic, device, name)?;
+            payload::single(body, value, sample.seq)
+        }
+        _ => {
+            payload::device_topic(topic, device)?;
+            payload::object(body, due(), sample.seq)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BAND: Deadband<i32> = Deadband {
+        delta: 500,
+        min_interval_ms: 0,
+        heartbeat_ms: 10_000,
+    };
+
+    fn config() -> Config<'static, 2> {
+        Config {
+            device: "node-1",
+            metrics: ["temperature", "humidity"],
+            deadband: [BAND; 2],
+            credentials: None,
+            keep_alive_ms: 5_000,
+            ack_timeout_ms: 2_000,
+            backoff_ms: (100, 1_000),
+        }
+    }
+
+    fn encoded(node: &Node<'_, 2, 4>) -> (std::string::String, std::string::String) {
+        let (mut t, mut p) = ([0u8; mqtt::TOPIC_MAX], [0u8; mqtt::PAYLOAD_MAX]);
+        let (mut tw, mut pw) = (Writer::new(&mut t), Writer::new(&mut p));
+        assert!(node.queue.peek(&mut tw, &mut pw).unwrap());
+        let (tn, pn) = (tw.len(), pw.len());
+        (
+            std::str::from_utf8(&t[..tn]).unwrap().into(),
+            std::str::from_utf8(&p[..pn]).unwrap().into(),
+        )
+    }
+
+    #[test]
+    fn seq_counts_messages_not_samples() {
+        let mut node: Node<'_, 2, 4> = Node::new(config()).unwrap();
+        assert_eq!(node.sample(0, [20_000, 40_000]), Some(0));
+        assert_eq!(
+            node.sample(100, [20_100, 40_100]),
+            None,
+            "inside the deadband"
+        );
+        assert_eq!(node.sample(200, [21_000, 40_100]), Some(1));
+        assert_eq!(node.sample(300, [21_000, 45_000]), Some(2));
+        assert_eq!(node.sample(10_300, [21_000, 45_000]), Some(3), "heartbeat");
+        let c = node.counters();
+        assert_eq!((c.samples, c.queued, c.waiting, c.dropped), (5, 4, 4, 0));
+    }
+
+    #[test]
+    fn one_due_metric_goes_on_its_topic_several_on_the_device_topic() {
+        let mut node: Node<'_, 2, 4> = Node::new(config()).unwrap();
+        node.sample(0, [21_500, 40_100]);
+        assert_eq!(
+            encoded(&node),
+            (
+                "sensors/node-1".into(),
+                r#"{"temperature":21.5,"humidity":40.1,"seq":0}"#.into()
+            )
+        );
+        node.queue.pop();
+        node.sample(1, [23_000, 40_100]);
+        assert_eq!(
+            encoded(&node),
+            (
+                "sensors/node-1/temperature".into(),
+                r#"{"v":23,"seq":1}"#.into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_full_ring_drops_the_oldest_messages_and_counts_them() {
+        let mut node: Node<'_, 2, 4> = Node::new(config()).unwrap();
+        for i in 0..6 {
+            node.sample(i, [20_000 + i as i32 * 1_000, 40_000]);
+        }
+        let c = node.counters();
+        assert_eq!((c.queued, c.waiting, c.dropped), (6, 4, 2));
+        assert_eq!(node.queue.ring.front().map(|s| s.seq), Some(2));
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let mut c = config();
+        c.device = "a/b";
+        assert_eq!(Node::<2, 4>::new(c).err(), Some(ConfigError::BadDeviceId));
+        let mut c = config();
+        c.metrics[1] = "seq";
+        assert_eq!(Node::<2, 4>::new(c).err(), Some(ConfigError::BadMetricName));
+    }
+}
