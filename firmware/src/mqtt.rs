@@ -18,7 +18,7 @@ use crate::payload::{self, Writer};
 /// Largest topic the session sends.
 pub const TOPIC_MAX: usize = 80;
 /// Largest payload the session sends.
-pub const PAYLOAD_MAX: usize = 160;
+pub const PAYLOAD_MAX: usize = 192;
 /// Largest packet the session writes: fixed header, topic, packet id, payload.
 pub const PACKET_MAX: usize = 5 + 2 + TOPIC_MAX + 2 + PAYLOAD_MAX;
 /// Bytes kept of incoming packets; the broker's packets to a publisher are all far smaller.

@@ -72,6 +72,8 @@ pub struct Counters {
     pub samples: u32,
     /// Messages queued (each took a `seq`).
     pub queued: u32,
+    /// Metric values in the queued messages.
+    pub values: u32,
     /// Messages dropped from the full ring, oldest first.
     pub dropped: u32,
     /// Messages waiting in the ring, the one in flight included.
@@ -86,6 +88,7 @@ pub struct Node<'a, const M: usize, const DEPTH: usize> {
     reporters: [Reporter<i32>; M],
     next_seq: u32,
     samples: u32,
+    values: u32,
     session: Session<'a>,
 }
 
@@ -127,6 +130,7 @@ impl<'a, const M: usize, const DEPTH: usize> Node<'a, M, DEPTH> {
             reporters: config.deadband.map(Reporter::new),
             next_seq: 0,
             samples: 0,
+            values: 0,
             session,
         })
     }
@@ -137,14 +141,17 @@ impl<'a, const M: usize, const DEPTH: usize> Node<'a, M, DEPTH> {
     pub fn sample(&mut self, now_ms: u64, values: [i32; M]) -> Option<u32> {
         self.samples = self.samples.wrapping_add(1);
         let mut due = [None; M];
+        let mut count = 0;
         for ((reporter, value), slot) in self.reporters.iter_mut().zip(values).zip(&mut due) {
             if reporter.offer(now_ms, value) {
                 *slot = Some(value);
+                count += 1;
             }
         }
-        if due.iter().all(Option::is_none) {
+        if count == 0 {
             return None;
         }
+        self.values = self.values.wrapping_add(count);
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
         self.queue.ring.push(Sample { seq, values: due });
@@ -183,6 +190,7 @@ impl<'a, const M: usize, const DEPTH: usize> Node<'a, M, DEPTH> {
         Counters {
             samples: self.samples,
             queued: self.next_seq,
+            values: self.values,
             dropped: self.queue.ring.dropped(),
             waiting: self.queue.ring.len() as u32,
             mqtt: self.session.counters(),
@@ -279,6 +287,7 @@ mod tests {
         assert_eq!(node.sample(10_300, [21_000, 45_000]), Some(3), "heartbeat");
         let c = node.counters();
         assert_eq!((c.samples, c.queued, c.waiting, c.dropped), (5, 4, 4, 0));
+        assert_eq!(c.values, 2 + 1 + 1 + 2);
     }
 
     #[test]

@@ -1,0 +1,484 @@
+//! The fleet simulator: many Watchpost sensor nodes in one process, each running the firmware's
+//! own [`Node`] (report by exception, `seq`, ring, MQTT session) over a TCP socket instead of a
+//! UART, fed by a signal model instead of a sensor.
+//!
+//! What differs from a board is only what a board supplies: the clock ([`Instant`]), the sensor
+//! ([`Signal`]: noise, drift, rare excursions) and the link ([`TcpLink`]). Devices are shared
+//! out over a few threads that poll their nodes; [`run`] returns a [`Report`] of what was
+//! sampled, queued, sent and acknowledged, which benchmarks read.
+
+use std::io::{self, Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use watchpost_firmware::mqtt::{Event, Link};
+use watchpost_firmware::node::{Config, Counters, Node};
+use watchpost_firmware::report::Deadband;
+use watchpost_firmware::sensor::CLIMATE;
+
+/// Ring depth of every simulated node, as on the boards.
+pub const RING: usize = 64;
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The gateway's MQTT 3.1.1 listener.
+    pub gateway: SocketAddr,
+    /// Number of devices.
+    pub devices: usize,
+    /// Samples per second per device.
+    pub rate: f64,
+    /// Probability, per sample, that a device starts an excursion (a value far outside its
+    /// normal range for a few samples).
+    pub anomaly: f64,
+    /// How long to sample.
+    pub duration: Duration,
+    /// After sampling stops, how long to wait at most for queued messages to be acknowledged.
+    pub drain: Duration,
+    /// Device ids are `{prefix}{index}`.
+    pub prefix: String,
+    /// Threads that poll the nodes.
+    pub threads: usize,
+    /// Seed of every random choice, so runs can be repeated.
+    pub seed: u64,
+    /// Report-by-exception rule for temperature and humidity (thousandths, ms).
+    pub deadband: [Deadband<i32>; 2],
+    /// MQTT keep-alive in ms.
+    pub keep_alive_ms: u32,
+}
+
+impl Options {
+    /// Defaults for `devices` devices against `gateway`: 1 sample/s, no excursions, 10 s.
+    pub fn new(gateway: SocketAddr, devices: usize) -> Self {
+        Self {
+            gateway,
+            devices,
+            rate: 1.0,
+            anomaly: 0.0,
+            duration: Duration::from_secs(10),
+            drain: Duration::from_secs(10),
+            prefix: "sim-".into(),
+            threads: 2,
+            seed: 1,
+            deadband: [
+                Deadband {
+                    delta: 200,
+                    min_interval_ms: 0,
+                    heartbeat_ms: 60_000,
+                },
+                Deadband {
+                    delta: 1_000,
+                    min_interval_ms: 0,
+                    heartbeat_ms: 60_000,
+                },
+            ],
+            keep_alive_ms: 30_000,
+        }
+    }
+}
+
+/// What a run did, summed over all devices.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Report {
+    /// Devices simulated.
+    pub devices: usize,
+    /// Devices connected to the gateway when sampling stopped.
+    pub connected_at_end: usize,
+    /// Wall time from start to the end of the drain.
+    pub elapsed: Duration,
+    /// Samples taken.
+    pub samples: u64,
+    /// Messages queued by report by exception (each with its own `seq`).
+    pub queued: u64,
+    /// Metric values in those messages.
+    pub values: u64,
+    /// Messages acknowledged by the gateway (PUBACK).
+    pub acked: u64,
+    /// PUBLISH packets written, resends after a reconnect included.
+    pub published: u64,
+    /// Messages dropped from full rings.
+    pub dropped: u64,
+    /// Messages still queued when the drain ended.
+    pub unsent: u64,
+    /// Excursions started.
+    pub excursions: u64,
+    /// CONNECTs sent, and connections lost.
+    pub connects: u64,
+    /// Connections declared dead (keep-alive, missing acks, closed sockets).
+    pub links_lost: u64,
+    /// Bytes written to the gateway.
+    pub bytes_out: u64,
+}
+
+impl Report {
+    fn add(&mut self, c: &Counters, excursions: u64, up: bool) {
+        self.samples += u64::from(c.samples);
+        self.queued += u64::from(c.queued);
+        self.values += u64::from(c.values);
+        self.acked += u64::from(c.mqtt.acked);
+        self.published += u64::from(c.mqtt.published);
+        self.dropped += u64::from(c.dropped);
+        self.unsent += u64::from(c.waiting);
+        self.excursions += excursions;
+        self.connects += u64::from(c.mqtt.connects);
+        self.links_lost += u64::from(c.mqtt.lost);
+        self.bytes_out += c.mqtt.bytes_out;
+        self.connected_at_end += usize::from(up);
+    }
+
+    /// The report as one JSON object, for benchmarks.
+    pub fn to_json(&self) -> serde_json::Value {
+        let secs = self.elapsed.as_secs_f64();
+        json!({
+            "devices": self.devices,
+            "connected_at_end": self.connected_at_end,
+            "elapsed_s": secs,
+            "samples": self.samples,
+            "queued": self.queued,
+            "values": self.values,
+            "published": self.published,
+            "acked": self.acked,
+            "dropped": self.dropped,
+            "unsent": self.unsent,
+            "excursions": self.excursions,
+            "connects": self.connects,
+            "links_lost": self.links_lost,
+            "bytes_out": self.bytes_out,
+            "acked_per_s": if secs > 0.0 { self.acked as f64 / secs } else { 0.0 },
+        })
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        writeln!(
+            f,
+            "devices {} (connected at end {}), {:.1} s",
+            self.devices, self.connected_at_end, secs
+        )?;
+        writeln!(
+            f,
+            "samples {}, messages queued {} ({} values), acked {} ({:.0}/s), published {}",
+            self.samples,
+            self.queued,
+            self.values,
+            self.acked,
+            self.acked as f64 / secs.max(f64::EPSILON),
+            self.published
+        )?;
+        writeln!(
+            f,
+            "dropped {}, unsent {}, excursions {}, connects {}, links lost {}, bytes out {}",
+            self.dropped,
+            self.unsent,
+            self.excursions,
+            self.connects,
+            self.links_lost,
+            self.bytes_out
+        )
+    }
+}
+
+/// A device's readings: a per-device baseline, slow drift, noise and rare excursions.
+#[derive(Debug, Clone)]
+pub struct Signal {
+    rng: fastrand::Rng,
+    base: [f64; 2],
+    drift: [f64; 2],
+    excursion_left: u32,
+    excursion_value: f64,
+    anomaly: f64,
+    /// Excursions started.
+    pub excursions: u64,
+}
+
+impl Signal {
+    /// A signal seeded with `seed`, starting excursions with probability `anomaly` per sample.
+    pub fn new(seed: u64, anomaly: f64) -> Self {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let base = [18.0 + 6.0 * rng.f64(), 35.0 + 25.0 * rng.f64()];
+        Self {
+            rng,
+            base,
+            drift: [0.0; 2],
+            excursion_left: 0,
+            excursion_value: 0.0,
+            anomaly,
+            excursions: 0,
+        }
+    }
+
+    fn gauss(&mut self) -> f64 {
+        // Box-Muller.
+        let u = self.rng.f64().max(f64::MIN_POSITIVE);
+        let v = self.rng.f64();
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+
+    /// The next sample: temperature (m°C) and relative humidity (m%).
+    pub fn sample(&mut self) -> [i32; 2] {
+        for (i, (step, bound)) in [(0.02, 2.0), (0.1, 8.0)].into_iter().enumerate() {
+            let d = self.drift[i] + step * self.gauss();
+            self.drift[i] = d.clamp(-bound, bound);
+        }
+        if self.excursion_left == 0 && self.rng.f64() < self.anomaly {
+            self.excursion_left = self.rng.u32(5..=20);
+            self.excursion_value = 92.0 + 7.0 * self.rng.f64();
+            self.excursions += 1;
+        }
+        let temperature = if self.excursion_left > 0 {
+            self.excursion_left -= 1;
+            self.excursion_value + 0.3 * self.gauss()
+        } else {
+            self.base[0] + self.drift[0] + 0.05 * self.gauss()
+        };
+        let humidity = (self.base[1] + self.drift[1] + 0.3 * self.gauss()).clamp(0.0, 100.0);
+        [
+            (temperature * 1000.0).round() as i32,
+            (humidity * 1000.0).round() as i32,
+        ]
+    }
+}
+
+/// A TCP connection to the gateway as a firmware [`Link`]: non-blocking reads, a new socket on
+/// every reconnect.
+pub struct TcpLink {
+    addr: SocketAddr,
+    stream: Option<TcpStream>,
+    buf: [u8; 64],
+    start: usize,
+    end: usize,
+    eof: bool,
+}
+
+impl TcpLink {
+    /// A link to `addr`; it connects when the session first asks it to.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            stream: None,
+            buf: [0; 64],
+            start: 0,
+            end: 0,
+            eof: false,
+        }
+    }
+
+    fn stream(&mut self) -> io::Result<&mut TcpStream> {
+        self.stream
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+}
+
+impl embedded_io::ErrorType for TcpLink {
+    type Error = io::Error;
+}
+
+impl embedded_io::ReadReady for TcpLink {
+    fn read_ready(&mut self) -> io::Result<bool> {
+        if self.start < self.end || self.eof {
+            return Ok(true);
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(false);
+        };
+        match stream.read(&mut self.buf) {
+            Ok(0) => {
+                self.eof = true;
+                Ok(true)
+            }
+            Ok(n) => {
+                (self.start, self.end) = (0, n);
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl embedded_io::Read for TcpLink {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.start == self.end && !self.eof {
+            // Only called after read_ready said yes; block briefly otherwise.
+            let stream = self.stream()?;
+            stream.set_nonblocking(false)?;
+            let n = stream.read(out);
+            stream.set_nonblocking(true)?;
+            return n;
+        }
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
+    }
+}
+
+impl embedded_io::Write for TcpLink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match self.stream()?.write(data) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Link for TcpLink {
+    fn reopen(&mut self) -> io::Result<()> {
+        self.stream = None;
+        (self.start, self.end, self.eof) = (0, 0, false);
+        let stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2))?;
+        stream.set_nodelay(true)?;
+        stream.set_nonblocking(true)?;
+        self.stream = Some(stream);
+        Ok(())
+    }
+}
+
+struct Device<'a> {
+    node: Node<'a, 2, RING>,
+    link: TcpLink,
+    signal: Signal,
+    next_sample: u64,
+    last_poll: u64,
+}
+
+/// Runs the fleet: samples for `options.duration`, then waits up to `options.drain` for every
+/// queued message to be acknowledged, and reports.
+pub fn run(options: &Options) -> anyhow::Result<Report> {
+    anyhow::ensure!(options.devices > 0, "--devices must be at least 1");
+    anyhow::ensure!(
+        options.rate > 0.0 && options.rate.is_finite(),
+        "--rate must be a positive number of samples per second"
+    );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&options.anomaly),
+        "--anomaly is a probability between 0 and 1"
+    );
+    let ids: Vec<String> = (0..options.devices)
+        .map(|i| format!("{}{i}", options.prefix))
+        .collect();
+    let threads = options.threads.clamp(1, options.devices);
+    let start = Instant::now();
+    let period_ms = (1000.0 / options.rate).max(1.0) as u64;
+    let mut report = std::thread::scope(|scope| -> anyhow::Result<Report> {
+        let shards: Vec<_> = ids
+            .chunks(options.devices.div_ceil(threads))
+            .enumerate()
+            .map(|(shard, ids)| {
+                scope.spawn(move || run_shard(options, shard, ids, start, period_ms))
+            })
+            .collect();
+        let mut total = Report::default();
+        for shard in shards {
+            let part = shard
+                .join()
+                .map_err(|_| anyhow::anyhow!("a simulator thread panicked"))??;
+            merge(&mut total, &part);
+        }
+        Ok(total)
+    })?;
+    report.devices = options.devices;
+    report.elapsed = start.elapsed();
+    Ok(report)
+}
+
+fn merge(total: &mut Report, part: &Report) {
+    total.connected_at_end += part.connected_at_end;
+    total.samples += part.samples;
+    total.queued += part.queued;
+    total.values += part.values;
+    total.acked += part.acked;
+    total.published += part.published;
+    total.dropped += part.dropped;
+    total.unsent += part.unsent;
+    total.excursions += part.excursions;
+    total.connects += part.connects;
+    total.links_lost += part.links_lost;
+    total.bytes_out += part.bytes_out;
+}
+
+fn run_shard(
+    options: &Options,
+    shard: usize,
+    ids: &[String],
+    start: Instant,
+    period_ms: u64,
+) -> anyhow::Result<Report> {
+    let mut devices = Vec::with_capacity(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        let seed =
+            options.seed ^ ((shard as u64) << 32 | i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut signal = Signal::new(seed, options.anomaly);
+        let node = Node::new(Config {
+            device: id,
+            metrics: CLIMATE,
+            deadband: options.deadband,
+            credentials: None,
+            keep_alive_ms: options.keep_alive_ms,
+            ack_timeout_ms: 5_000,
+            backoff_ms: (500, 30_000),
+        })
+        .map_err(|e| anyhow::anyhow!("device {id}: {e}"))?;
+        // Spread the first samples over one period.
+        let next_sample = signal.rng.u64(0..period_ms);
+        devices.push(Device {
+            node,
+            link: TcpLink::new(options.gateway),
+            signal,
+            next_sample,
+            last_poll: 0,
+        });
+    }
+    let sample_until = options.duration.as_millis() as u64;
+    let drain_until = sample_until + options.drain.as_millis() as u64;
+    let mut connected_at_end = None;
+    loop {
+        let now = start.elapsed().as_millis() as u64;
+        let sampling = now < sample_until;
+        if !sampling && connected_at_end.is_none() {
+            connected_at_end = Some(devices.iter().filter(|d| d.node.is_up()).count());
+        }
+        let mut busy = false;
+        for d in &mut devices {
+            let mut due = false;
+            if sampling && now >= d.next_sample {
+                let values = d.signal.sample();
+                d.node.sample(now, values);
+                d.next_sample += period_ms;
+                due = true;
+            }
+            let waiting = d.node.counters().waiting > 0;
+            if due || waiting || !d.node.is_up() || now.saturating_sub(d.last_poll) >= 100 {
+                d.last_poll = now;
+                if let Some(Event::Acked) = d.node.poll(now, &mut d.link) {
+                    // Poll again at once: the next queued message can go out now.
+                    d.node.poll(now, &mut d.link);
+                }
+            }
+            busy |= d.node.counters().waiting > 0;
+        }
+        if !sampling && (!busy || now >= drain_until) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut report = Report::default();
+    for d in &devices {
+        report.add(&d.node.counters(), d.signal.excursions, d.node.is_up());
+    }
+    report.connected_at_end = connected_at_end.unwrap_or(report.connected_at_end);
+    Ok(report)
+}
