@@ -10,6 +10,7 @@
 //! | [`payload`] | topics and payloads of the gateway's contract, into fixed buffers |
 //! | [`mqtt`] | MQTT 3.1.1 session over any `embedded-io` byte stream: QoS 1, keep-alive, reconnect |
 //! | [`sensor`] | sensors behind embedded-hal 1.0; SHT4x glue |
+//! | [`serial`] | a UART (embedded-hal-nb) as a link: for modems in transparent mode |
 //! | [`node`] | one device: samples → report by exception → `seq` → ring → session |
 //!
 //! A board supplies a clock (milliseconds), a [`sensor::Sensor`] and an [`mqtt::Link`] (a UART
@@ -26,6 +27,7 @@ pub mod payload;
 pub mod report;
 pub mod ring;
 pub mod sensor;
+pub mod serial;
 
 /// First topic level under which a device publishes its readings
 /// (`sensors/{device}/{metric}`); the gateway's decoder expects the same.
