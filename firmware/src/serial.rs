@@ -136,7 +136,9 @@ mod tests {
 
     #[test]
     fn an_overrun_is_a_transport_error() {
-        let serial = Mock::new(&[Transaction::read_error(nb::Error::Other(ErrorKind::Overrun))]);
+        let serial = Mock::new(&[Transaction::read_error(nb::Error::Other(
+            ErrorKind::Overrun,
+        ))]);
         let mut link = UartLink::new(serial);
         assert_eq!(link.read_ready(), Err(UartError(ErrorKind::Overrun)));
         link.release().done();
