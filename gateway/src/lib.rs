@@ -14,7 +14,9 @@
 //! | [`broker`] | rumqttd's router plus Watchpost's own listeners and client connections; hands ingest its in-process link |
 //! | [`codec`] | pure bytes → readings; no I/O |
 //! | [`topic`] | MQTT topic filter syntax and matching |
+//! | [`loss`] | pure loss accounting from each device's `seq`: gaps, duplicates, late arrivals |
 //! | [`rules`] | pure rule evaluation: (rule, state, input, now) → (state, transition) |
+//! | [`aggregate`] | windowed rollups and site summaries as state machines with time passed in |
 //! | [`ingest`] | the task that pulls from the link and drives codec → rules → outputs |
 //! | [`alert`] | the alert document and its topic |
 //! | [`store`] | the one owner of the SQLite connection: migrations, batched writes |
@@ -23,12 +25,14 @@
 //! | [`app`], [`shutdown`] | wiring, start-up and graceful shutdown |
 #![deny(missing_docs)]
 
+pub mod aggregate;
 pub mod alert;
 pub mod app;
 pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod ingest;
+pub mod loss;
 pub mod rules;
 pub mod shutdown;
 pub mod stats;

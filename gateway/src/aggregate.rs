@@ -1,0 +1,235 @@
+//! Windowed statistics as state machines with time passed in. No I/O, no clock reads.
+//!
+//! [`Window`] keeps one stream's rollup (count, min, max, mean, last) over fixed windows
+//! aligned to multiples of the window length since the epoch, so that rollups of different
+//! devices line up. [`SiteSummary`] folds many devices' readings of one metric into the compact
+//! per-site figures that summaries send upstream.
+
+use std::collections::HashSet;
+
+use crate::rules::Millis;
+
+/// Figures of one closed window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rollup {
+    /// Window start (inclusive), ms since the epoch.
+    pub start: Millis,
+    /// Window length in ms.
+    pub len: Millis,
+    /// Readings in the window.
+    pub count: u64,
+    /// Smallest reading.
+    pub min: f64,
+    /// Largest reading.
+    pub max: f64,
+    /// Mean of the readings.
+    pub mean: f64,
+    /// The last reading.
+    pub last: f64,
+}
+
+/// The open window of one stream.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Window {
+    start: Millis,
+    count: u64,
+    min: f64,
+    max: f64,
+    sum: f64,
+    last: f64,
+}
+
+/// Start of the window of length `len` that holds `t`.
+pub fn window_start(t: Millis, len: Millis) -> Millis {
+    t - t % len.max(1)
+}
+
+impl Window {
+    /// A window holding one first reading.
+    pub fn new(value: f64, now: Millis, len: Millis) -> Self {
+        Self {
+            start: window_start(now, len),
+            count: 1,
+            min: value,
+            max: value,
+            sum: value,
+            last: value,
+        }
+    }
+
+    /// Adds a reading; if `now` is past this window, the window is closed and returned and a
+    /// new one starts with the reading. A reading from before the window (the clock went
+    /// back) counts in the current window.
+    pub fn add(&mut self, value: f64, now: Millis, len: Millis) -> Option<Rollup> {
+        let closed = self.close_if_due(now, len);
+        if closed.is_some() {
+            *self = Window::new(value, now, len);
+        } else {
+            self.count += 1;
+            self.min = self.min.min(value);
+            self.max = self.max.max(value);
+            self.sum += value;
+            self.last = value;
+        }
+        closed
+    }
+
+    /// The window's figures if it ended at or before `now`.
+    pub fn close_if_due(&self, now: Millis, len: Millis) -> Option<Rollup> {
+        (now >= self.start.saturating_add(len)).then(|| self.rollup(len))
+    }
+
+    /// The figures so far.
+    pub fn rollup(&self, len: Millis) -> Rollup {
+        Rollup {
+            start: self.start,
+            len,
+            count: self.count,
+            min: self.min,
+            max: self.max,
+            mean: self.sum / self.count as f64,
+            last: self.last,
+        }
+    }
+}
+
+/// One metric across all devices of a site, over one summary interval.
+#[derive(Debug, Clone, Default)]
+pub struct SiteSummary {
+    count: u64,
+    sum: f64,
+    min: Option<(f64, Box<str>)>,
+    max: Option<(f64, Box<str>)>,
+    devices: HashSet<Box<str>>,
+}
+
+/// The figures of a [`SiteSummary`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SiteFigures {
+    /// Readings.
+    pub count: u64,
+    /// Devices that reported.
+    pub devices: usize,
+    /// Smallest reading.
+    pub min: f64,
+    /// Device of the smallest reading.
+    pub min_device: String,
+    /// Largest reading.
+    pub max: f64,
+    /// Device of the largest reading.
+    pub max_device: String,
+    /// Mean of all readings.
+    pub mean: f64,
+}
+
+impl SiteSummary {
+    /// Adds one reading of `device`.
+    pub fn add(&mut self, device: &str, value: f64) {
+        self.count += 1;
+        self.sum += value;
+        if self.min.as_ref().is_none_or(|(m, _)| value < *m) {
+            self.min = Some((value, device.into()));
+        }
+        if self.max.as_ref().is_none_or(|(m, _)| value > *m) {
+            self.max = Some((value, device.into()));
+        }
+        if !self.devices.contains(device) {
+            self.devices.insert(device.into());
+        }
+    }
+
+    /// The figures, and the summary emptied for the next interval; `None` if nothing came in.
+    pub fn take(&mut self) -> Option<SiteFigures> {
+        let s = std::mem::take(self);
+        let ((min, min_device), (max, max_device)) = (s.min?, s.max?);
+        Some(SiteFigures {
+            count: s.count,
+            devices: s.devices.len(),
+            min,
+            min_device: min_device.into(),
+            max,
+            max_device: max_device.into(),
+            mean: s.sum / s.count as f64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_align_and_close_when_time_passes_them() {
+        let len = 60_000;
+        let mut w = Window::new(20.0, 61_000, len);
+        assert_eq!(w.add(22.0, 90_000, len), None);
+        assert_eq!(w.add(19.0, 119_999, len), None);
+        let closed = w
+            .add(30.0, 120_000, len)
+            .expect("window [60 s, 120 s) closes");
+        assert_eq!(
+            closed,
+            Rollup {
+                start: 60_000,
+                len,
+                count: 3,
+                min: 19.0,
+                max: 22.0,
+                mean: 61.0 / 3.0,
+                last: 19.0
+            }
+        );
+        // The reading that closed it opened the next window.
+        assert_eq!(
+            w.rollup(len),
+            Rollup {
+                start: 120_000,
+                len,
+                count: 1,
+                min: 30.0,
+                max: 30.0,
+                mean: 30.0,
+                last: 30.0
+            }
+        );
+    }
+
+    #[test]
+    fn a_quiet_stream_closes_on_a_tick_and_time_going_back_stays_in_the_window() {
+        let len = 1_000;
+        let mut w = Window::new(1.0, 5_500, len);
+        assert_eq!(
+            w.add(2.0, 5_100, len),
+            None,
+            "earlier reading counts in the open window"
+        );
+        assert_eq!(w.close_if_due(5_999, len), None);
+        assert_eq!(
+            w.close_if_due(6_000, len).map(|r| (r.start, r.count)),
+            Some((5_000, 2))
+        );
+    }
+
+    #[test]
+    fn site_summary_names_extremes_and_counts_devices() {
+        let mut s = SiteSummary::default();
+        assert_eq!(s.take(), None);
+        for (d, v) in [("a", 20.0), ("b", 25.0), ("a", 18.0), ("c", 30.0)] {
+            s.add(d, v);
+        }
+        let f = s.take().unwrap();
+        assert_eq!(
+            (
+                f.count,
+                f.devices,
+                f.min,
+                f.min_device.as_str(),
+                f.max,
+                f.max_device.as_str()
+            ),
+            (4, 3, 18.0, "a", 30.0, "c")
+        );
+        assert_eq!(f.mean, 23.25);
+        assert_eq!(s.take(), None, "taking empties it");
+    }
+}
