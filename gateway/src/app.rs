@@ -6,16 +6,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::broker::{self, BrokerError, Listeners, Router};
 use crate::config::Config;
-use crate::ingest::{self, Engine, Outputs};
+use crate::ingest::{self, Engine, EngineOptions, Outputs};
 use crate::shutdown::{self, Trigger};
 use crate::stats::Stats;
-use crate::store::{self, Store, StoreError, StoreThread};
+use crate::store::{self, Store, StoreError, StoreOptions, StoreThread};
 use crate::uplink::{Uplink, UplinkError};
 
 /// How long shutdown waits for tasks before it stops waiting.
@@ -59,7 +58,12 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         return Err(StartError::AuthenticationUnavailable);
     }
     let stats = Arc::new(Stats::default());
-    let (store, store_thread) = Store::open(&config.gateway.data_dir)?;
+    let store_options = StoreOptions {
+        max_db_bytes: config.history.max_db_bytes,
+        raw_retention: config.history.raw_retention,
+    };
+    let (store, store_thread) =
+        Store::open(&config.gateway.data_dir, store_options, stats.clone())?;
     let listeners = Listeners::bind(&config.broker).await?;
     let uplink = config.uplink.as_ref().map(Uplink::prepare).transpose()?;
 
@@ -74,23 +78,25 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     let (trigger, signal) = shutdown::channel();
     let mut tasks = Vec::new();
-    let uplink_tx = match (uplink, &config.uplink) {
-        (Some(uplink), Some(cfg)) => {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tasks.push(tokio::spawn(uplink.run(rx, stats.clone(), signal.clone())));
-            Some((tx, cfg.forward.clone()))
-        }
-        _ => None,
+    if let Some(uplink) = uplink {
+        tasks.push(tokio::spawn(uplink.run(
+            store.clone(),
+            stats.clone(),
+            signal.clone(),
+        )));
+    }
+    let options = EngineOptions {
+        gateway: config.gateway.id.clone(),
+        rules: config.rules.clone(),
+        limits: config.broker.limits,
+        window: config.history.window,
+        keep_raw: config.history.raw_retention.is_some(),
+        summaries: config.uplink.as_ref().and_then(|u| u.summaries.clone()),
     };
-    let engine = Engine::new(
-        &config.gateway.id,
-        config.rules.clone(),
-        config.broker.limits,
-        stats.clone(),
-    );
+    let engine = Engine::new(options, stats.clone(), crate::alert::now_millis());
     let outputs = Outputs {
-        uplink: uplink_tx,
         store,
+        forward: config.uplink.as_ref().map(|u| u.forward.clone()),
     };
     tasks.push(tokio::spawn(ingest::run(
         engine,

@@ -34,6 +34,8 @@ pub struct Config {
     pub broker: BrokerConfig,
     /// The upstream broker; `None` keeps every alert local.
     pub uplink: Option<UplinkConfig>,
+    /// Local history in the database.
+    pub history: HistoryConfig,
     /// Threshold rules, in file order.
     pub rules: Vec<Rule>,
 }
@@ -87,8 +89,41 @@ pub struct UplinkConfig {
     pub topic_prefix: String,
     /// Severities that go upstream.
     pub forward: Vec<Severity>,
-    /// MQTT keep-alive towards the upstream broker.
+    /// MQTT keep-alive towards the upstream broker. A broker that stops answering is
+    /// noticed within two of these.
     pub keep_alive: Duration,
+    /// Periodic summaries upstream, if configured.
+    pub summaries: Option<SummaryConfig>,
+}
+
+/// `[uplink.summaries]`: one compact message per site and interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SummaryConfig {
+    /// How often a summary goes up.
+    pub interval: Duration,
+    /// Metrics summarized (site-wide count, devices, min, max, mean).
+    pub metrics: Vec<String>,
+}
+
+/// `[history]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryConfig {
+    /// Length of the rollup windows.
+    pub window: Duration,
+    /// Keep every raw reading this long; `None` keeps rollups only.
+    pub raw_retention: Option<Duration>,
+    /// Disk budget of the database in bytes; the oldest history goes first when it is reached.
+    pub max_db_bytes: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(60),
+            raw_retention: None,
+            max_db_bytes: DEFAULT_MAX_DB_MB * 1024 * 1024,
+        }
+    }
 }
 
 impl UplinkConfig {
@@ -233,6 +268,8 @@ struct RawConfig {
     #[serde(default)]
     broker: RawBroker,
     uplink: Option<RawUplink>,
+    #[serde(default)]
+    history: RawHistory,
     #[serde(default, rename = "rule")]
     rules: Vec<Spanned<RawRule>>,
 }
@@ -263,6 +300,22 @@ struct RawUplink {
     topic_prefix: Option<Spanned<String>>,
     forward: Option<Spanned<Vec<Severity>>>,
     keep_alive: Option<Spanned<String>>,
+    summaries: Option<Spanned<RawSummaries>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSummaries {
+    interval: Spanned<String>,
+    metrics: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHistory {
+    window: Option<Spanned<String>>,
+    raw_retention: Option<Spanned<String>>,
+    max_db_mb: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -285,6 +338,8 @@ struct RawRule {
 
 /// Default place of the database.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/watchpost";
+/// Default disk budget of the database, in MiB.
+pub const DEFAULT_MAX_DB_MB: u64 = 1024;
 /// Default MQTT listener: loopback, so nothing is exposed until the operator says so.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:1883";
 
@@ -429,6 +484,7 @@ fn compile(raw: RawConfig, sink: &mut Sink<'_>) -> Config {
         .uplink
         .as_ref()
         .map(|u| compile_uplink(u, &gateway.id, sink));
+    let history = compile_history(&raw.history, sink);
 
     let mut names = HashSet::new();
     let mut rules = Vec::with_capacity(raw.rules.len());
@@ -458,6 +514,7 @@ fn compile(raw: RawConfig, sink: &mut Sink<'_>) -> Config {
         gateway,
         broker,
         uplink,
+        history,
         rules,
     }
 }
@@ -587,10 +644,18 @@ fn compile_uplink(raw: &RawUplink, gateway_id: &str, sink: &mut Sink<'_>) -> Upl
     };
     let keep_alive = sink.duration(&raw.keep_alive, "keep_alive", Duration::from_secs(30));
     if let Some(k) = &raw.keep_alive {
-        if keep_alive < Duration::from_secs(5) || keep_alive > Duration::from_secs(65535) {
-            sink.error(k.span(), "`keep_alive` must be between 5s and 18h", None);
+        if keep_alive < Duration::from_secs(1)
+            || keep_alive > Duration::from_secs(65535)
+            || keep_alive.subsec_nanos() != 0
+        {
+            sink.error(
+                k.span(),
+                "`keep_alive` must be whole seconds between 1s and 18h",
+                None,
+            );
         }
     }
+    let summaries = raw.summaries.as_ref().map(|s| compile_summaries(s, sink));
     UplinkConfig {
         host,
         port,
@@ -599,6 +664,79 @@ fn compile_uplink(raw: &RawUplink, gateway_id: &str, sink: &mut Sink<'_>) -> Upl
         topic_prefix,
         forward,
         keep_alive,
+        summaries,
+    }
+}
+
+fn compile_summaries(raw: &Spanned<RawSummaries>, sink: &mut Sink<'_>) -> SummaryConfig {
+    let r = raw.get_ref();
+    let interval = sink.duration(
+        &Some(r.interval.clone()),
+        "interval",
+        Duration::from_secs(900),
+    );
+    if interval < Duration::from_secs(1) {
+        sink.error(
+            r.interval.span(),
+            "summary `interval` must be at least 1s",
+            Some("e.g. \"15m\"".into()),
+        );
+    }
+    let mut metrics = Vec::new();
+    for m in r.metrics.get_ref() {
+        let name = m.get_ref();
+        if name.is_empty()
+            || name.contains(['/', '+', '#'])
+            || name == crate::codec::SEQ_KEY
+            || name == crate::codec::STATUS_METRIC
+        {
+            sink.error(
+                m.span(),
+                format!("{name:?} is not a metric name"),
+                Some("name a metric as it appears in sensors/{device}/{metric}".into()),
+            );
+        } else if metrics.contains(name) {
+            sink.warn(m.span(), format!("metric {name:?} is listed twice"), None);
+        } else {
+            metrics.push(name.clone());
+        }
+    }
+    if r.metrics.get_ref().is_empty() {
+        sink.warn(
+            r.metrics.span(),
+            "`metrics` is empty: summaries will carry nothing",
+            Some("name the metrics to summarize, e.g. [\"temperature\"]".into()),
+        );
+    }
+    SummaryConfig { interval, metrics }
+}
+
+fn compile_history(raw: &RawHistory, sink: &mut Sink<'_>) -> HistoryConfig {
+    let defaults = HistoryConfig::default();
+    let window = sink.duration(&raw.window, "window", defaults.window);
+    if let Some(w) = &raw.window {
+        if window < Duration::from_secs(1) {
+            sink.error(w.span(), "the rollup `window` must be at least 1s", None);
+        }
+    }
+    // "0s" switches raw history off, like leaving it out.
+    let raw_retention = raw
+        .raw_retention
+        .as_ref()
+        .map(|r| sink.duration(&Some(r.clone()), "raw_retention", Duration::ZERO))
+        .filter(|d| !d.is_zero());
+    let max_db_bytes = match &raw.max_db_mb {
+        Some(m) if *m.get_ref() < 1 => {
+            sink.error(m.span(), "`max_db_mb` must be at least 1", None);
+            defaults.max_db_bytes
+        }
+        Some(m) => m.get_ref().saturating_mul(1024 * 1024),
+        None => defaults.max_db_bytes,
+    };
+    HistoryConfig {
+        window,
+        raw_retention,
+        max_db_bytes,
     }
 }
 

@@ -1,17 +1,51 @@
 //! Counters that every part of the gateway updates and anyone may read: the CLI, tests and,
-//! later, the metrics endpoint. Cheap to update (relaxed atomics) and never blocking the
-//! hot path; only per-device error counts take a lock, and only when an error happens.
+//! later, the metrics endpoint. Cheap to update (relaxed atomics) and never blocking the hot
+//! path: per-device counters are owned by ingest and copied here about once a second.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// Per-device error counts are kept for at most this many devices; the rest are summed
-/// under [`OTHER_DEVICES`], so that a flood of invented device ids cannot grow memory.
-pub const MAX_TRACKED_DEVICES: usize = 10_000;
+use serde::Serialize;
 
-/// Key under which errors without a device (or beyond the tracked devices) are counted.
+use crate::loss::LossCounters;
+
+/// Key under which messages whose topic names no device are counted.
 pub const OTHER_DEVICES: &str = "-";
+
+/// Counters of one device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DeviceCounters {
+    /// Messages received (duplicates included).
+    pub messages: u64,
+    /// Readings decoded and used.
+    pub readings: u64,
+    /// Malformed messages and fields.
+    pub decode_errors: u64,
+    /// What the device's `seq` says about the way.
+    pub loss: LossCounters,
+    /// Last message, ms since the epoch.
+    pub last_seen_ms: u64,
+}
+
+impl DeviceCounters {
+    /// `self - earlier`, for counters that only grow (`last_seen_ms` is taken as is).
+    pub fn since(&self, earlier: &DeviceCounters) -> DeviceCounters {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        DeviceCounters {
+            messages: d(self.messages, earlier.messages),
+            readings: d(self.readings, earlier.readings),
+            decode_errors: d(self.decode_errors, earlier.decode_errors),
+            loss: LossCounters {
+                lost: d(self.loss.lost, earlier.loss.lost),
+                duplicated: d(self.loss.duplicated, earlier.loss.duplicated),
+                out_of_order: d(self.loss.out_of_order, earlier.loss.out_of_order),
+                restarts: d(self.loss.restarts, earlier.loss.restarts),
+            },
+            last_seen_ms: self.last_seen_ms,
+        }
+    }
+}
 
 /// Gateway-wide counters.
 #[derive(Debug, Default)]
@@ -24,6 +58,8 @@ pub struct Stats {
     pub readings: AtomicU64,
     /// Malformed messages and fields, all devices.
     pub decode_errors: AtomicU64,
+    /// Duplicate messages dropped (from `seq`), all devices.
+    pub duplicates: AtomicU64,
     /// Times the broker's read cursor for ingest jumped ahead.
     pub cursor_jumps: AtomicU64,
     /// Messages skipped by those jumps.
@@ -32,13 +68,18 @@ pub struct Stats {
     pub alerts_raised: AtomicU64,
     /// Alerts cleared.
     pub alerts_cleared: AtomicU64,
-    /// Alerts handed to the uplink.
-    pub uplink_queued: AtomicU64,
-    /// Alerts acknowledged by the upstream broker (PUBACK).
+    /// Rows waiting in the outbox.
+    pub outbox_depth: AtomicU64,
+    /// When the oldest outbox row was queued (ms since the epoch; 0 if none).
+    pub outbox_oldest_ms: AtomicU64,
+    /// Outbox rows acknowledged by the upstream broker (PUBACK).
     pub uplink_acked: AtomicU64,
-    /// The upstream broker accepted our connection and has not failed since.
+    /// The upstream broker accepted our connection and answers; false after a failure or
+    /// when acknowledgements stop arriving.
     pub uplink_connected: AtomicBool,
-    decode_errors_by_device: Mutex<BTreeMap<String, u64>>,
+    /// History rows dropped to keep the database within its budget.
+    pub history_evicted: AtomicU64,
+    devices: Mutex<BTreeMap<String, DeviceCounters>>,
 }
 
 impl Stats {
@@ -57,37 +98,39 @@ impl Stats {
         counter.load(Ordering::Relaxed)
     }
 
-    /// Counts one malformed message or field from `device` (`None`: the topic named none).
-    pub fn decode_error(&self, device: Option<&str>) {
-        Self::inc(&self.decode_errors);
-        let mut map = self
-            .decode_errors_by_device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let key = match device {
-            Some(d) if map.contains_key(d) || map.len() < MAX_TRACKED_DEVICES => d,
-            _ => OTHER_DEVICES,
-        };
-        match map.get_mut(key) {
-            Some(n) => *n += 1,
-            None => {
-                map.insert(key.to_owned(), 1);
+    /// Replaces the copies of the given devices' counters.
+    pub fn update_devices<'a>(
+        &self,
+        devices: impl IntoIterator<Item = (&'a str, &'a DeviceCounters)>,
+    ) {
+        let mut map = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, counters) in devices {
+            match map.get_mut(name) {
+                Some(c) => *c = counters.clone(),
+                None => {
+                    map.insert(name.to_owned(), counters.clone());
+                }
             }
         }
     }
 
-    /// Malformed messages and fields counted for `device` ([`OTHER_DEVICES`] for none).
-    pub fn decode_errors_of(&self, device: &str) -> u64 {
-        let map = self
-            .decode_errors_by_device
+    /// The latest copy of `device`'s counters (about a second old at most).
+    pub fn device(&self, device: &str) -> Option<DeviceCounters> {
+        self.devices
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        map.get(device).copied().unwrap_or(0)
+            .unwrap_or_else(|p| p.into_inner())
+            .get(device)
+            .cloned()
     }
 
-    /// Every device with malformed input, and its count.
-    pub fn decode_errors_by_device(&self) -> BTreeMap<String, u64> {
-        self.decode_errors_by_device
+    /// Malformed messages and fields counted for `device` ([`OTHER_DEVICES`] for none).
+    pub fn decode_errors_of(&self, device: &str) -> u64 {
+        self.device(device).map_or(0, |c| c.decode_errors)
+    }
+
+    /// Every device's counters.
+    pub fn devices(&self) -> BTreeMap<String, DeviceCounters> {
+        self.devices
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -99,22 +142,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn decode_errors_are_counted_per_device_with_a_bound() {
+    fn device_copies_are_replaced_not_added() {
         let s = Stats::default();
-        s.decode_error(Some("a"));
-        s.decode_error(Some("a"));
-        s.decode_error(None);
-        assert_eq!(
-            (s.decode_errors_of("a"), s.decode_errors_of(OTHER_DEVICES)),
-            (2, 1)
-        );
-        for i in 0..MAX_TRACKED_DEVICES + 5 {
-            s.decode_error(Some(&format!("d{i}")));
-        }
-        assert_eq!(s.decode_errors_by_device().len(), MAX_TRACKED_DEVICES);
-        assert_eq!(
-            Stats::get(&s.decode_errors),
-            3 + MAX_TRACKED_DEVICES as u64 + 5
-        );
+        let mut c = DeviceCounters {
+            messages: 1,
+            ..Default::default()
+        };
+        s.update_devices([("a", &c)]);
+        c.messages = 5;
+        c.decode_errors = 2;
+        s.update_devices([("a", &c)]);
+        assert_eq!(s.device("a").map(|d| d.messages), Some(5));
+        assert_eq!(s.decode_errors_of("a"), 2);
+        assert_eq!(s.decode_errors_of("b"), 0);
+    }
+
+    #[test]
+    fn deltas_of_growing_counters() {
+        let mut a = DeviceCounters {
+            messages: 10,
+            last_seen_ms: 5,
+            ..Default::default()
+        };
+        a.loss.lost = 3;
+        let mut b = a.clone();
+        b.messages = 15;
+        b.loss.lost = 4;
+        b.last_seen_ms = 9;
+        let d = b.since(&a);
+        assert_eq!((d.messages, d.loss.lost, d.last_seen_ms), (5, 1, 9));
     }
 }

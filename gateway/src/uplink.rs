@@ -1,52 +1,52 @@
-//! The uplink: the one client of the upstream broker. Sends alerts with QoS 1 and counts an
-//! alert as delivered only when its PUBACK arrives.
+//! The uplink: the one client of the upstream broker. Sends the outbox with QoS 1, in order,
+//! and removes a row only when the upstream's PUBACK for it arrives.
 //!
-//! rumqttc's `publish` returning `Ok` only means queued, and its eventloop forgets its queue
-//! when the broker answers `session_present = false`; so the uplink keeps its own queue of
-//! unacknowledged alerts ([`Pending`]) and, after every (re)connect, sends them again in order.
-//! Duplicates that this may cause upstream carry the same alert id.
+//! The outbox lives in SQLite ([`crate::store`]); the uplink reads it a page at a time while
+//! connected, so memory stays bounded however long the upstream was away. rumqttc's
+//! `publish` returning `Ok` only means queued, and its eventloop forgets its queue when the
+//! broker answers `session_present = false`; so the uplink keeps its own account of what is
+//! on the wire ([`Pending`]) and, after every (re)connect, sends the unacknowledged rows again
+//! in order. Duplicates that this may cause upstream carry the same alert id.
+//!
+//! "Connected" means acknowledgements arrive: rumqttc pings every keep-alive and fails when a
+//! ping goes unanswered until the next one, so a hung upstream (socket open, no answers) is
+//! noticed within two keep-alives; and if publishes go unacknowledged for two keep-alives
+//! while pings are answered, the uplink drops the connection and starts over.
 //!
 //! `poll()` has no backoff of its own: failed connects are retried after a capped exponential
 //! delay with jitter ([`backoff`]). The gateway serves locally whether or not the upstream is
 //! reachable.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
     TlsConfiguration, Transport,
 };
-use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 use tracing::{debug, info, warn};
 
 use crate::config::UplinkConfig;
 use crate::shutdown::Signal;
 use crate::stats::Stats;
+use crate::store::{OutboxEntry, OutboxItem, Store};
 
-/// Most alerts sent and not yet acknowledged at once.
+/// Most messages sent and not yet acknowledged at once.
 pub const WINDOW: usize = 64;
+/// Outbox rows read per page.
+pub const PAGE: usize = 256;
 /// First retry delay after a failed connection.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// Longest retry delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// How long shutdown waits for acknowledgements of alerts already sent.
+/// How long shutdown waits for acknowledgements of messages already sent.
 pub const FLUSH_GRACE: Duration = Duration::from_millis(1000);
-
-/// One alert on its way upstream.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UplinkItem {
-    /// Alert id, for logs.
-    pub id: String,
-    /// Topic below the upstream prefix (`alerts/{severity}/{device}/{rule}`).
-    pub topic: String,
-    /// The alert document.
-    pub payload: Bytes,
-}
 
 /// Errors of the uplink layer.
 #[derive(Debug, thiserror::Error)]
@@ -67,14 +67,18 @@ pub struct Uplink {
     options: MqttOptions,
     topic_prefix: String,
     target: String,
+    keep_alive: Duration,
 }
+
+type Poll = Pin<Box<dyn Future<Output = (EventLoop, Result<Event, ConnectionError>)> + Send>>;
+type Page = Pin<Box<dyn Future<Output = Vec<OutboxItem>> + Send>>;
 
 impl Uplink {
     /// Checks the configuration (loads TLS roots) without connecting.
     pub fn prepare(config: &UplinkConfig) -> Result<Uplink, UplinkError> {
         let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
         options.set_keep_alive(config.keep_alive);
-        // The uplink replays its own queue; the broker must not hold a session for it.
+        // The uplink replays its own account; the broker must not hold a session for it.
         options.set_clean_session(true);
         options.set_inflight(WINDOW as u16);
         if config.tls {
@@ -87,32 +91,39 @@ impl Uplink {
             options,
             topic_prefix: config.topic_prefix.clone(),
             target: format!("{scheme}://{}:{}", config.host, config.port),
+            keep_alive: config.keep_alive,
         })
     }
 
-    /// Runs until `shutdown`, taking alerts from `rx`.
-    pub async fn run(
-        self,
-        mut rx: mpsc::UnboundedReceiver<UplinkItem>,
-        stats: Arc<Stats>,
-        shutdown: Signal,
-    ) {
+    /// Runs until `shutdown`, sending what `store` commits to the outbox.
+    pub async fn run(self, store: Store, stats: Arc<Stats>, shutdown: Signal) {
         let Uplink {
             options,
             topic_prefix,
             target,
+            keep_alive,
         } = self;
-        let (client, eventloop) = AsyncClient::new(options, WINDOW * 2);
+        let (mut client, eventloop) = AsyncClient::new(options.clone(), WINDOW * 2);
+        let mut committed = store.committed();
+        let mut committed_open = true;
         let mut pending = Pending::default();
         let mut connected = false;
         let mut failures: u32 = 0;
-        let mut rx_open = true;
-        // The eventloop lives inside this future and is never dropped mid-poll: a poll that is
+        let mut page: Option<Page> = None;
+        // The eventloop lives inside this future and is only dropped whole: a poll that is
         // cancelled halfway could lose a request or leave a half-written packet.
-        let mut poll = Box::pin(poll_after(eventloop, Duration::ZERO));
+        let mut poll: Poll = Box::pin(poll_after(eventloop, Duration::ZERO));
+        let stall_limit = keep_alive * 2;
         let shutdown_wait = shutdown.clone().wait();
         tokio::pin!(shutdown_wait);
         loop {
+            if connected && page.is_none() && pending.wants_more(*committed.borrow()) {
+                let (store, after) = (store.clone(), pending.loaded_upto);
+                page = Some(Box::pin(
+                    async move { store.outbox_page(after, PAGE).await },
+                ));
+            }
+            let stalled_at = pending.waiting_since.map(|t| t + stall_limit);
             tokio::select! {
                 _ = &mut shutdown_wait => break,
                 (eventloop, event) = &mut poll => {
@@ -121,19 +132,16 @@ impl Uplink {
                         Ok(Event::Incoming(Packet::ConnAck(_))) => {
                             connected = true;
                             stats.uplink_connected.store(true, Ordering::Relaxed);
-                            if failures > 0 || pending.len() > 0 {
-                                info!(upstream = %target, queued = pending.len(), "uplink connected; sending queued alerts");
-                            } else {
-                                info!(upstream = %target, "uplink connected");
-                            }
+                            let queued = Stats::get(&stats.outbox_depth);
+                            info!(upstream = %target, queued, "uplink connected");
                             failures = 0;
                             pending.restart();
                         }
                         Ok(Event::Outgoing(Outgoing::Publish(pkid))) => pending.sent(pkid),
                         Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                            if let Some(item) = pending.acked(ack.pkid) {
+                            if let Some(seq) = pending.acked(ack.pkid) {
                                 Stats::inc(&stats.uplink_acked);
-                                debug!(id = %item.id, "alert acknowledged upstream");
+                                store.outbox_done(seq);
                             }
                         }
                         Ok(_) => {}
@@ -142,26 +150,42 @@ impl Uplink {
                             stats.uplink_connected.store(false, Ordering::Relaxed);
                             failures = failures.saturating_add(1);
                             delay = backoff(failures, fastrand::f64());
-                            warn!(upstream = %target, queued = pending.len(), "uplink {}: {}; retrying in {:.1}s", if failures == 1 { "lost" } else { "still down" }, describe(&e), delay.as_secs_f64());
+                            let state = if failures == 1 { "lost" } else { "still down" };
+                            warn!(upstream = %target, queued = Stats::get(&stats.outbox_depth), "uplink {state}: {}; retrying in {:.1}s", describe(&e), delay.as_secs_f64());
                             pending.restart();
                         }
                     }
-                    poll.set(poll_after(eventloop, delay));
+                    poll = Box::pin(poll_after(eventloop, delay));
                 }
-                item = rx.recv(), if rx_open => match item {
-                    Some(item) => {
-                        Stats::inc(&stats.uplink_queued);
-                        pending.push(item);
-                    }
-                    None => rx_open = false,
-                },
+                changed = committed.changed(), if committed_open => {
+                    // New rows: the check at the top of the loop pages them in. An error means
+                    // the store is gone (shutdown).
+                    committed_open = changed.is_ok();
+                }
+                items = async { page.as_mut().expect("guarded").await }, if page.is_some() => {
+                    page = None;
+                    pending.load(items);
+                }
+                _ = tokio::time::sleep_until(stalled_at.unwrap_or_else(Instant::now)), if connected && stalled_at.is_some() => {
+                    // Pings may be answered while publishes are not: start over on a new
+                    // connection instead of waiting forever.
+                    connected = false;
+                    stats.uplink_connected.store(false, Ordering::Relaxed);
+                    failures = failures.saturating_add(1);
+                    let delay = backoff(failures, fastrand::f64());
+                    warn!(upstream = %target, in_flight = pending.in_flight(), "uplink stalled: nothing acknowledged for two keep-alives ({stall_limit:?}); reconnecting in {:.1}s", delay.as_secs_f64());
+                    let (new_client, eventloop) = AsyncClient::new(options.clone(), WINDOW * 2);
+                    client = new_client;
+                    poll = Box::pin(poll_after(eventloop, delay));
+                    pending.restart();
+                }
             }
             if connected {
                 pending.send_window(&client, &topic_prefix);
             }
         }
 
-        // Shutdown: give alerts already sent a moment to be acknowledged.
+        // Shutdown: give messages already sent a moment to be acknowledged, then say goodbye.
         if connected && pending.in_flight() > 0 {
             let _ = tokio::time::timeout(FLUSH_GRACE, async {
                 while pending.in_flight() > 0 {
@@ -169,19 +193,19 @@ impl Uplink {
                     match event {
                         Ok(Event::Outgoing(Outgoing::Publish(pkid))) => pending.sent(pkid),
                         Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                            if pending.acked(ack.pkid).is_some() {
+                            if let Some(seq) = pending.acked(ack.pkid) {
                                 Stats::inc(&stats.uplink_acked);
+                                store.outbox_done(seq);
                             }
                         }
                         Ok(_) => {}
                         Err(_) => break,
                     }
-                    poll.set(poll_after(eventloop, Duration::ZERO));
+                    poll = Box::pin(poll_after(eventloop, Duration::ZERO));
                 }
             })
             .await;
         }
-        // Say goodbye properly if we can; the eventloop must run to send the DISCONNECT.
         if connected && client.try_disconnect().is_ok() {
             let _ = tokio::time::timeout(Duration::from_millis(200), async {
                 loop {
@@ -189,13 +213,14 @@ impl Uplink {
                     if matches!(event, Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) {
                         break;
                     }
-                    poll.set(poll_after(eventloop, Duration::ZERO));
+                    poll = Box::pin(poll_after(eventloop, Duration::ZERO));
                 }
             })
             .await;
         }
-        if pending.len() > 0 {
-            warn!(upstream = %target, unsent = pending.len(), "uplink stopped with alerts not yet acknowledged upstream");
+        let left = Stats::get(&stats.outbox_depth);
+        if left > 0 {
+            info!(upstream = %target, queued = left, "uplink stopped; the outbox keeps what is not acknowledged for the next start");
         }
     }
 }
@@ -218,6 +243,9 @@ fn describe(e: &ConnectionError) -> String {
             format!("the broker refused the connection ({code:?})")
         }
         ConnectionError::NetworkTimeout => "connect timed out".into(),
+        ConnectionError::MqttState(rumqttc::StateError::AwaitPingResp) => {
+            "the broker stopped answering (no reply to the last keep-alive ping)".into()
+        }
         ConnectionError::MqttState(s) => format!("protocol: {s}"),
         other => other.to_string(),
     }
@@ -253,27 +281,37 @@ pub fn backoff(attempt: u32, jitter: f64) -> Duration {
     exp / 2 + exp.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
 }
 
-/// Alerts not yet acknowledged, and which of them are on the wire under which packet id.
+/// Outbox rows read and not yet acknowledged, and which of them are on the wire under which
+/// packet id.
 #[derive(Debug, Default)]
 struct Pending {
-    queue: BTreeMap<u64, UplinkItem>,
-    next_seq: u64,
-    /// First queue key not yet handed to the client in this connection.
+    /// Outbox position → row, for rows read and not acknowledged.
+    queue: BTreeMap<u64, OutboxEntry>,
+    /// Highest outbox position read so far.
+    loaded_upto: u64,
+    /// First position not yet handed to the client in this connection.
     next_send: u64,
     /// Handed to the client, waiting for the eventloop to assign a packet id (in order).
     handed: VecDeque<u64>,
-    /// On the wire: packet id → queue key.
+    /// On the wire: packet id → outbox position.
     inflight: HashMap<u16, u64>,
+    /// Since when something has been waiting for an acknowledgement without any arriving.
+    waiting_since: Option<Instant>,
 }
 
 impl Pending {
-    fn push(&mut self, item: UplinkItem) {
-        self.queue.insert(self.next_seq, item);
-        self.next_seq += 1;
+    /// True if committed rows are left to read and there is room for them.
+    fn wants_more(&self, committed: u64) -> bool {
+        committed > self.loaded_upto && self.queue.len() < PAGE
     }
 
-    fn len(&self) -> usize {
-        self.queue.len()
+    fn load(&mut self, items: Vec<OutboxItem>) {
+        for item in items {
+            if item.seq > self.loaded_upto {
+                self.loaded_upto = item.seq;
+                self.queue.insert(item.seq, item.entry);
+            }
+        }
     }
 
     fn in_flight(&self) -> usize {
@@ -285,19 +323,26 @@ impl Pending {
         self.handed.clear();
         self.inflight.clear();
         self.next_send = 0;
+        self.waiting_since = None;
     }
 
-    /// Hands queued alerts to the client while the window has room.
+    /// Hands queued rows to the client while the window has room.
     fn send_window(&mut self, client: &AsyncClient, prefix: &str) {
         while self.in_flight() < WINDOW {
-            let Some((&key, item)) = self.queue.range(self.next_send..).next() else {
+            let Some((&seq, entry)) = self.queue.range(self.next_send..).next() else {
                 break;
             };
-            let topic = format!("{prefix}/{}", item.topic);
-            match client.try_publish(topic, QoS::AtLeastOnce, true, item.payload.to_vec()) {
+            let topic = format!("{prefix}/{}", entry.topic);
+            match client.try_publish(
+                topic,
+                QoS::AtLeastOnce,
+                entry.retain,
+                entry.payload.to_vec(),
+            ) {
                 Ok(()) => {
-                    self.handed.push_back(key);
-                    self.next_send = key + 1;
+                    self.handed.push_back(seq);
+                    self.next_send = seq + 1;
+                    self.waiting_since.get_or_insert_with(Instant::now);
                 }
                 Err(e) => {
                     debug!(error = %e, "uplink request queue full; will retry");
@@ -307,29 +352,36 @@ impl Pending {
         }
     }
 
-    /// The eventloop put the next handed alert on the wire as `pkid`.
+    /// The eventloop put the next handed row on the wire as `pkid`.
     fn sent(&mut self, pkid: u16) {
-        if let Some(key) = self.handed.pop_front() {
-            self.inflight.insert(pkid, key);
+        if let Some(seq) = self.handed.pop_front() {
+            self.inflight.insert(pkid, seq);
         }
     }
 
-    /// `pkid` was acknowledged: the alert is delivered.
-    fn acked(&mut self, pkid: u16) -> Option<UplinkItem> {
-        let key = self.inflight.remove(&pkid)?;
-        self.queue.remove(&key)
+    /// `pkid` was acknowledged: returns the outbox position that is now delivered.
+    fn acked(&mut self, pkid: u16) -> Option<u64> {
+        let seq = self.inflight.remove(&pkid)?;
+        self.queue.remove(&seq);
+        self.waiting_since = (self.in_flight() > 0).then(Instant::now);
+        Some(seq)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
-    fn item(id: &str) -> UplinkItem {
-        UplinkItem {
-            id: id.into(),
-            topic: format!("alerts/critical/d/{id}"),
-            payload: Bytes::from_static(b"{}"),
+    fn item(seq: u64) -> OutboxItem {
+        OutboxItem {
+            seq,
+            entry: OutboxEntry {
+                id: format!("a{seq}"),
+                topic: format!("alerts/critical/d/r{seq}"),
+                payload: Bytes::from_static(b"{}"),
+                retain: true,
+            },
         }
     }
 
@@ -343,25 +395,44 @@ mod tests {
         assert_eq!(backoff(u32::MAX, 1.0), BACKOFF_MAX);
     }
 
-    #[test]
-    fn only_acknowledged_alerts_leave_the_queue_and_the_rest_are_resent_in_order() {
+    #[tokio::test]
+    async fn only_acknowledged_rows_leave_and_the_rest_are_resent_in_order() {
         let (client, _eventloop) =
             AsyncClient::new(MqttOptions::new("t", "localhost", 1883), WINDOW * 2);
         let mut p = Pending::default();
-        for id in ["a", "b", "c"] {
-            p.push(item(id));
-        }
+        assert!(p.wants_more(3));
+        p.load(vec![item(1), item(2), item(3)]);
+        assert!(!p.wants_more(3), "everything committed is loaded");
+        p.load(vec![item(2)]);
+        assert_eq!(p.queue.len(), 3, "a row is loaded once");
         p.send_window(&client, "site");
         assert_eq!(p.in_flight(), 3);
+        assert!(p.waiting_since.is_some());
         p.sent(7);
         p.sent(8);
-        assert_eq!(p.acked(8).map(|i| i.id), Some("b".into()));
+        assert_eq!(p.acked(8), Some(2));
         assert_eq!(p.acked(8), None, "an ack counts once");
-        // The connection drops before "a" and "c" are acknowledged.
+        // The connection drops before 1 and 3 are acknowledged.
         p.restart();
-        assert_eq!(p.in_flight(), 0);
+        assert_eq!((p.in_flight(), p.waiting_since), (0, None));
         p.send_window(&client, "site");
-        let order: Vec<_> = p.handed.iter().map(|k| p.queue[k].id.clone()).collect();
-        assert_eq!(order, ["a", "c"]);
+        assert_eq!(p.handed.iter().copied().collect::<Vec<_>>(), [1, 3]);
+    }
+
+    #[tokio::test]
+    async fn the_window_bounds_what_is_on_the_wire() {
+        let (client, _eventloop) =
+            AsyncClient::new(MqttOptions::new("t", "localhost", 1883), WINDOW * 2);
+        let mut p = Pending::default();
+        p.load((1..=200).map(item).collect());
+        p.send_window(&client, "site");
+        assert_eq!(p.in_flight(), WINDOW);
+        for pkid in 1..=WINDOW as u16 {
+            p.sent(pkid);
+        }
+        assert_eq!(p.acked(1), Some(1));
+        p.send_window(&client, "site");
+        assert_eq!(p.in_flight(), WINDOW);
+        assert_eq!(p.handed.back(), Some(&(WINDOW as u64 + 1)));
     }
 }

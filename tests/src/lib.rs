@@ -30,8 +30,9 @@ pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) 
 pub struct Mosquitto {
     child: Option<Child>,
     port: u16,
-    /// Holds the configuration file for as long as the broker runs.
-    _dir: TempDir,
+    persistent: bool,
+    /// Holds the configuration (and, if persistent, the saved sessions).
+    dir: TempDir,
 }
 
 fn mosquitto_binary() -> Result<PathBuf> {
@@ -55,13 +56,20 @@ fn free_port() -> Result<u16> {
 }
 
 /// Starts Mosquitto on `port` with its configuration in `dir`; returns once it listens.
-fn spawn_mosquitto(dir: &Path, port: u16) -> Result<Child> {
+/// A persistent broker saves sessions and queued messages in `dir` when stopped.
+fn spawn_mosquitto(dir: &Path, port: u16, persistent: bool) -> Result<Child> {
     let conf = dir.join(format!("mosquitto-{port}.conf"));
+    let persistence = if persistent {
+        format!(
+            "persistence true\npersistence_location {}/\n",
+            dir.display()
+        )
+    } else {
+        "persistence false\n".to_owned()
+    };
     std::fs::write(
         &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n"
-        ),
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest none\n"),
     )?;
     let mut child = Command::new(mosquitto_binary()?)
         .arg("-c")
@@ -88,19 +96,47 @@ fn spawn_mosquitto(dir: &Path, port: u16) -> Result<Child> {
     }
 }
 
+/// Sends `signal` (e.g. `libc::SIGSTOP`) to process `pid`.
+pub fn send_signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let r = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(
+        r,
+        0,
+        "kill({pid}, {signal}) failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 impl Mosquitto {
     /// Starts a broker on a free loopback port and waits until it accepts connections.
     pub fn start() -> Result<Mosquitto> {
+        Self::start_with(false)
+    }
+
+    /// Like [`Mosquitto::start`], keeping sessions and queued messages across
+    /// [`Mosquitto::stop`] and [`Mosquitto::restart`].
+    pub fn start_persistent() -> Result<Mosquitto> {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Result<Mosquitto> {
         let dir = tempfile::tempdir()?;
+        if persistent {
+            // Started as root, Mosquitto drops to its own user, which must be able to save.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+        }
         let mut last_error = None;
         for _ in 0..5 {
             let port = free_port()?;
-            match spawn_mosquitto(dir.path(), port) {
+            match spawn_mosquitto(dir.path(), port, persistent) {
                 Ok(child) => {
                     return Ok(Mosquitto {
                         child: Some(child),
                         port,
-                        _dir: dir,
+                        persistent,
+                        dir,
                     });
                 }
                 Err(e) => last_error = Some(e),
@@ -112,12 +148,42 @@ impl Mosquitto {
     /// Starts a broker on `port`, e.g. one that a gateway is already trying to reach.
     pub fn start_on(port: u16) -> Result<Mosquitto> {
         let dir = tempfile::tempdir()?;
-        let child = spawn_mosquitto(dir.path(), port)?;
+        let child = spawn_mosquitto(dir.path(), port, false)?;
         Ok(Mosquitto {
             child: Some(child),
             port,
-            _dir: dir,
+            persistent: false,
+            dir,
         })
+    }
+
+    /// Stops the broker the way an operator would (SIGTERM), and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            send_signal(child.id(), libc::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.child = Some(spawn_mosquitto(
+            self.dir.path(),
+            self.port,
+            self.persistent,
+        )?);
+        Ok(())
+    }
+
+    /// Freezes the broker (SIGSTOP): its sockets stay open and nothing answers.
+    pub fn pause(&self) {
+        send_signal(self.child.as_ref().expect("running").id(), libc::SIGSTOP);
+    }
+
+    /// Lets a paused broker run again (SIGCONT).
+    pub fn resume(&self) {
+        send_signal(self.child.as_ref().expect("running").id(), libc::SIGCONT);
     }
 
     /// The broker's port.
@@ -180,7 +246,28 @@ impl Collector {
     /// acknowledged.
     pub async fn subscribe(addr: SocketAddr, filter: &str) -> Result<Collector> {
         let id = format!("collector-{:08x}", fastrand_u32());
-        let (client, mut eventloop) = client(addr, &id);
+        Self::subscribe_with(client(addr, &id), filter).await
+    }
+
+    /// Like [`Collector::subscribe`] with a persistent session (clean session off, QoS 1):
+    /// a persistent broker keeps what arrives while it is down or the collector is away, and
+    /// the collector reconnects by itself.
+    pub async fn subscribe_persistent(
+        addr: SocketAddr,
+        filter: &str,
+        id: &str,
+    ) -> Result<Collector> {
+        let mut options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_clean_session(false);
+        options.set_max_packet_size(1024 * 1024, 1024 * 1024);
+        Self::subscribe_with(AsyncClient::new(options, 1024), filter).await
+    }
+
+    async fn subscribe_with(
+        (client, mut eventloop): (AsyncClient, EventLoop),
+        filter: &str,
+    ) -> Result<Collector> {
         client.subscribe(filter, QoS::AtLeastOnce).await?;
         let messages = Arc::new(Mutex::new(Vec::new()));
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -363,3 +450,115 @@ pub fn gateway_config_with(
 
 /// The rule most tests use: critical above 90, clears below 85, no `for`.
 pub const OVERHEAT: &str = "[[rule]]\nname = \"overheat\"\nmatch = \"sensors/+/temperature\"\nabove = 90.0\nclear_below = 85.0\nseverity = \"critical\"\n";
+
+/// A `watchpost` process (the real binary, from `CARGO_BIN_EXE_watchpost` in the gateway's
+/// own tests), with its log lines collected. Killed on drop.
+pub struct GatewayProcess {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl GatewayProcess {
+    /// Starts `bin run --config config` with logs at info level.
+    pub fn spawn(bin: &str, config: &Path) -> GatewayProcess {
+        let mut child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the watchpost binary starts");
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        GatewayProcess {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+            return Some(line.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return Some(line);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        None
+    }
+
+    /// Waits for the ready line and returns the MQTT address it names.
+    pub fn wait_ready(&mut self, timeout: Duration) -> SocketAddr {
+        let Some(line) = self.wait_line("ready", timeout) else {
+            panic!(
+                "no ready line within {timeout:?}; log so far: {:#?}",
+                self.seen
+            );
+        };
+        let field = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("mqtt="))
+            .expect("the ready line names the MQTT address");
+        field.parse().expect("an address")
+    }
+
+    /// Everything logged so far.
+    pub fn log(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, signal: i32) {
+        send_signal(self.child.id(), signal);
+    }
+
+    /// Waits for the process to exit; returns its status and how long that took.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<(std::process::ExitStatus, Duration)> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some((status, start.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
