@@ -17,11 +17,12 @@
 //! | [`loss`] | pure loss accounting from each device's `seq`: gaps, duplicates, late arrivals |
 //! | [`rules`] | pure rule evaluation: (rule, state, input, now) → (state, transition) |
 //! | [`aggregate`] | windowed rollups and site summaries as state machines with time passed in |
-//! | [`ingest`] | the task that pulls from the link and drives codec → rules → outputs |
+//! | [`ingest`] | the task that pulls from the link and drives codec → loss → rules and rollups → outputs |
 //! | [`alert`] | the alert document and its topic |
-//! | [`store`] | the one owner of the SQLite connection: migrations, batched writes |
-//! | [`uplink`] | the upstream client task: QoS 1, its own replay queue, backoff with jitter |
+//! | [`store`] | the one owner of the SQLite connection: migrations, batched writes, history within a disk budget, the outbox |
+//! | [`uplink`] | the upstream client task: drains the outbox with QoS 1, deletes a row only after its PUBACK, backoff with jitter |
 //! | [`stats`] | counters every part updates |
+//! | [`query`] | tables and JSON for the query commands (`alerts`, `history`, `devices`) |
 //! | [`app`], [`shutdown`] | wiring, start-up and graceful shutdown |
 #![deny(missing_docs)]
 
@@ -33,6 +34,7 @@ pub mod codec;
 pub mod config;
 pub mod ingest;
 pub mod loss;
+pub mod query;
 pub mod rules;
 pub mod shutdown;
 pub mod stats;

@@ -2,10 +2,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+
 use watchpost::config::{self, ConfigError, Loaded};
+use watchpost::query;
+use watchpost::store::Reader;
 
 /// Default log filter: Watchpost at info, the embedded broker and MQTT client only when
 /// something is wrong.
@@ -41,6 +45,54 @@ enum Command {
     },
     /// Print the embedded quickstart configuration, a starting point for your own.
     DefaultConfig,
+    /// List recorded alert transitions (works while the gateway runs).
+    Alerts {
+        /// Configuration file whose data_dir holds the database (default: the quickstart).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// How far back, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        since: Duration,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the history of one device's metric: rollups, or raw readings with --raw.
+    History {
+        /// Configuration file whose data_dir holds the database (default: the quickstart).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Device id.
+        #[arg(long)]
+        device: String,
+        /// Metric name.
+        #[arg(long)]
+        metric: String,
+        /// How far back, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        since: Duration,
+        /// Raw readings (if history.raw_retention keeps them) instead of rollups.
+        #[arg(long)]
+        raw: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show each device's counters: messages, malformed input, and what its seq says was
+    /// lost, duplicated or late; plus the outbox.
+    Devices {
+        /// Configuration file whose data_dir holds the database (default: the quickstart).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|_| format!("{s:?} is not a duration; write e.g. 30m, 24h or 7d"))
 }
 
 fn main() -> ExitCode {
@@ -54,6 +106,99 @@ fn main() -> ExitCode {
         Command::DefaultConfig => {
             print!("{}", config::QUICKSTART);
             ExitCode::SUCCESS
+        }
+        Command::Alerts {
+            config,
+            since,
+            json,
+        } => query(config, |r| {
+            let records =
+                r.alerts(watchpost::alert::now_millis().saturating_sub(since.as_millis() as u64))?;
+            Ok(if json {
+                query::json(&records)
+            } else {
+                query::alerts(&records)
+            })
+        }),
+        Command::History {
+            config,
+            device,
+            metric,
+            since,
+            raw,
+            json,
+        } => query(config, |r| {
+            let from = watchpost::alert::now_millis().saturating_sub(since.as_millis() as u64);
+            Ok(if raw {
+                let records = r.readings(&device, &metric, from)?;
+                if json {
+                    query::json(&records)
+                } else {
+                    query::readings(&records)
+                }
+            } else {
+                let records = r.rollups(&device, &metric, from)?;
+                if json {
+                    query::json(&records)
+                } else {
+                    query::rollups(&records)
+                }
+            })
+        }),
+        Command::Devices { config, json } => query(config, |r| {
+            let records = r.devices()?;
+            let (depth, oldest) = r.outbox()?;
+            let jumps = (r.counter("cursor_jumps")?, r.counter("cursor_jump_lost")?);
+            Ok(if json {
+                let doc = serde_json::json!({
+                    "devices": records,
+                    "outbox": { "depth": depth, "oldest": oldest.map(watchpost::alert::rfc3339) },
+                    "broker_cursor_jumps": jumps.0,
+                    "broker_cursor_jump_lost": jumps.1,
+                });
+                query::json(&doc)
+            } else {
+                let oldest = oldest.map_or(String::new(), |t| {
+                    format!(", oldest queued {}", watchpost::alert::rfc3339(t))
+                });
+                format!(
+                    "{}\noutbox: {depth} waiting for the upstream{oldest}\nbroker read cursor jumps: {} ({} messages lost before ingest read them)\n",
+                    query::devices(&records),
+                    jumps.0,
+                    jumps.1
+                )
+            })
+        }),
+    }
+}
+
+/// Runs a read-only query against the database of `config`'s data_dir and prints it.
+fn query(path: Option<PathBuf>, run: impl FnOnce(&Reader) -> rusqlite::Result<String>) -> ExitCode {
+    let loaded = match load(path.as_ref()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let reader = match Reader::open(&loaded.config.gateway.data_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("watchpost: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(&reader) {
+        Ok(text) => {
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("watchpost: cannot read the database: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,12 +1,13 @@
 //! The `watchpost` binary as an operator runs it: start, serve, stop on a signal; refuse to
-//! start with a reason; check configurations.
+//! start with a reason; check configurations; query the database while the gateway runs.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use watchpost_e2e::{GatewayProcess, Publisher};
+use rumqttc::QoS;
+use watchpost_e2e::{GatewayProcess, Publisher, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_watchpost");
 
@@ -154,4 +155,117 @@ fn default_config_prints_the_quickstart() {
         String::from_utf8(out.stdout).unwrap(),
         watchpost::config::QUICKSTART
     );
+}
+
+fn watchpost(args: &[&str], config: &Path) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_history_and_devices_are_queried_while_the_gateway_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        ANONYMOUS_ON_ANY_PORT,
+        "[history]\nwindow = \"1s\"\nraw_retention = \"1h\"",
+    );
+    let mut gateway = GatewayProcess::spawn(BIN, &config);
+    let addr = gateway.wait_ready(Duration::from_secs(20));
+    let sensor = Publisher::connect(addr, "probe").await.unwrap();
+    for (seq, value) in [(0, "0.5"), (1, "0.7"), (3, "5.5"), (3, "5.5"), (4, "0.2")] {
+        let payload = format!("{{\"v\":{value},\"seq\":{seq}}}");
+        sensor
+            .publish("sensors/kiln/t", QoS::AtLeastOnce, payload)
+            .await
+            .unwrap();
+    }
+    sensor.wait_acked(5, Duration::from_secs(10)).await.unwrap();
+
+    // Counters reach the database about once a second, closed windows within seconds.
+    let devices_json = || {
+        let text = watchpost(&["devices", "--json"], &config);
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()
+    };
+    assert!(
+        wait_until(
+            Duration::from_secs(20),
+            || devices_json()["devices"][0]["messages"] == 5
+        )
+        .await,
+        "{}",
+        devices_json()
+    );
+    let doc = devices_json();
+    let kiln = &doc["devices"][0];
+    assert_eq!(
+        (
+            kiln["device"].as_str(),
+            kiln["lost"].as_u64(),
+            kiln["duplicated"].as_u64()
+        ),
+        (Some("kiln"), Some(1), Some(1))
+    );
+    let table = watchpost(&["devices"], &config);
+    assert!(
+        table.lines().next().unwrap().starts_with("DEVICE"),
+        "{table}"
+    );
+    assert!(table.contains("kiln"), "{table}");
+
+    let alerts = watchpost(&["alerts", "--since", "1h"], &config);
+    assert!(
+        alerts.contains("raised") && alerts.contains("cleared") && alerts.contains("kiln"),
+        "{alerts}"
+    );
+    let alerts_json: serde_json::Value =
+        serde_json::from_str(&watchpost(&["alerts", "--json"], &config)).unwrap();
+    assert_eq!(alerts_json.as_array().unwrap().len(), 2);
+
+    let raw_seqs = || {
+        let args = [
+            "history", "--device", "kiln", "--metric", "t", "--raw", "--json",
+        ];
+        let rows: serde_json::Value = serde_json::from_str(&watchpost(&args, &config)).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || raw_seqs() == [0, 1, 3, 4]).await,
+        "{:?}",
+        raw_seqs()
+    );
+    let rollups_ready = wait_until(Duration::from_secs(20), || {
+        let text = watchpost(
+            &["history", "--device", "kiln", "--metric", "t", "--json"],
+            &config,
+        );
+        let rows: serde_json::Value = serde_json::from_str(&text).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["count"].as_u64().unwrap())
+            .sum::<u64>()
+            == 4
+    })
+    .await;
+    assert!(
+        rollups_ready,
+        "four readings (the duplicate dropped) in closed windows"
+    );
+    gateway.signal(libc::SIGTERM);
+    gateway.wait_exit(Duration::from_secs(5)).expect("stops");
 }
