@@ -217,9 +217,8 @@ impl<'a> Session<'a> {
             return Ok(Some(Event::Connecting));
         }
 
-        let mut event = self.read_input(now, link, outbox)?;
-        if event.is_some() {
-            return Ok(event);
+        if let Some(event) = self.read_input(now, link, outbox)? {
+            return Ok(Some(event));
         }
 
         let timeout = u64::from(self.config.ack_timeout_ms);
@@ -240,7 +239,7 @@ impl<'a> Session<'a> {
                     return Err(Error::Timeout);
                 }
                 if in_flight.is_none() {
-                    event = self.publish_next(now, link, outbox)?;
+                    self.publish_next(now, link, outbox)?;
                 }
                 let keep_alive = u64::from(self.config.keep_alive_ms);
                 let mut ping_due = false;
@@ -261,7 +260,7 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        Ok(event)
+        Ok(None)
     }
 
     /// Reads and handles every complete packet the link has ready.
@@ -353,12 +352,13 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Publishes the oldest waiting message, if any, as the one in flight.
     fn publish_next<L: Link>(
         &mut self,
         now: u64,
         link: &mut L,
         outbox: &mut impl Outbox,
-    ) -> Result<Option<Event<L::Error>>, Error<L::Error>> {
+    ) -> Result<(), Error<L::Error>> {
         let mut topic = [0u8; TOPIC_MAX];
         let mut body = [0u8; PAYLOAD_MAX];
         let (t, p) = {
@@ -366,11 +366,11 @@ impl<'a> Session<'a> {
             let mut pw = Writer::new(&mut body);
             match outbox.peek(&mut tw, &mut pw) {
                 Ok(true) => (tw.len(), pw.len()),
-                Ok(false) => return Ok(None),
+                Ok(false) => return Ok(()),
                 Err(_) => {
                     outbox.pop();
                     self.counters.unencodable = self.counters.unencodable.saturating_add(1);
-                    return Ok(None);
+                    return Ok(());
                 }
             }
         };
@@ -388,8 +388,7 @@ impl<'a> Session<'a> {
             *last_tx = now;
         }
         self.counters.published = self.counters.published.saturating_add(1);
-        self.send(link, &packet[..n])?;
-        Ok(None)
+        self.send(link, &packet[..n])
     }
 
     /// Publishes `online` on the status topic (QoS 0, retained), e.g. right after

@@ -482,3 +482,43 @@ fn run_shard(
     report.connected_at_end = connected_at_end.unwrap_or(report.connected_at_end);
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_stay_in_their_normal_range_without_anomalies() {
+        let mut s = Signal::new(3, 0.0);
+        for _ in 0..10_000 {
+            let [t, h] = s.sample();
+            assert!((15_000..=27_000).contains(&t), "{t}");
+            assert!((0..=100_000).contains(&h), "{h}");
+        }
+        assert_eq!(s.excursions, 0);
+    }
+
+    #[test]
+    fn excursions_go_above_the_overheat_threshold_and_end() {
+        let mut s = Signal::new(4, 1.0);
+        let first = s.sample();
+        assert!(first[0] > 90_000, "{first:?}");
+        assert_eq!(s.excursions, 1);
+        // It lasts 5 to 20 samples; with anomaly 1.0 the next one starts right after it.
+        let mut length = 1;
+        while s.excursions == 1 && length <= 20 {
+            assert!(s.sample()[0] > 90_000);
+            length += 1;
+        }
+        // The sample that started the second excursion is not part of the first.
+        assert!((5..=20).contains(&(length - 1)), "{length}");
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_signal() {
+        let (mut a, mut b) = (Signal::new(9, 0.01), Signal::new(9, 0.01));
+        for _ in 0..1_000 {
+            assert_eq!(a.sample(), b.sample());
+        }
+    }
+}
