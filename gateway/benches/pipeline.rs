@@ -25,6 +25,7 @@ fn engine(window: Duration, keep_raw: bool, stats: Arc<Stats>) -> Engine {
     let options = EngineOptions {
         gateway: "bench".into(),
         rules,
+        sources: Vec::new(),
         limits: Limits::default(),
         window,
         keep_raw,
@@ -118,7 +119,7 @@ async fn alert_cost(n: usize) -> Vec<Duration> {
         let start = Instant::now();
         // The quickstart's overheat rule holds 10 s; freezing (below 2) fires at once.
         let docs = engine.on_message(device.as_bytes(), b"1.5", now_millis());
-        let doc = docs.into_iter().next().expect("an alert");
+        let doc = docs.into_iter().next().expect("an alert").doc;
         let entry = OutboxEntry {
             id: doc.id.clone(),
             topic: doc.topic(),
@@ -130,7 +131,7 @@ async fn alert_cost(n: usize) -> Vec<Duration> {
         costs.push(start.elapsed());
         // Clear it again (history only) so the next round raises anew.
         for d in engine.on_message(device.as_bytes(), b"20", now_millis()) {
-            store.alert(&d, None);
+            store.alert(&d.doc, None);
         }
     }
     drop(store);

@@ -10,6 +10,7 @@
 //! `id` names one raise–clear episode: the raised and the cleared document share it, so a
 //! consumer can drop the duplicates that at-least-once delivery brings.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,16 @@ pub struct AlertDoc {
     pub at: String,
     /// Gateway (site) id.
     pub gateway: String,
+    /// For a reminder that the alert is still raised (`renotify`): how many so far.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeat: u32,
+    /// The rule's labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl AlertDoc {
@@ -61,6 +72,8 @@ impl AlertDoc {
             since: rfc3339(t.since),
             at: rfc3339(t.at),
             gateway: gateway.to_owned(),
+            repeat: t.repeat,
+            labels: rule.labels.clone(),
         }
     }
 
@@ -95,29 +108,46 @@ pub fn now_millis() -> Millis {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::Threshold;
+    use crate::rules::{Kind, Threshold};
     use crate::topic::TopicFilter;
 
-    #[test]
-    fn document_matches_the_design() {
-        let rule = Rule {
+    fn overheat(labels: BTreeMap<String, String>) -> Rule {
+        Rule {
             name: "overheat".into(),
             filter: TopicFilter::new("sensors/+/temperature").unwrap(),
-            threshold: Threshold {
+            kind: Kind::Threshold(Threshold {
                 above: Some(90.0),
                 ..Threshold::default()
-            },
+            }),
             hold: Duration::from_secs(10),
             severity: Severity::Critical,
-        };
-        let t = Transition {
+            renotify: None,
+            cooldown: None,
+            forward: None,
+            labels,
+        }
+    }
+
+    fn raised(repeat: u32) -> Transition {
+        Transition {
             state: AlertState::Raised,
             since: 1_795_284_345_123,
             at: 1_795_284_355_130,
             value: 95.2,
             threshold: 90.0,
-        };
-        let doc = AlertDoc::new("site-17", &rule, "boiler-1", "temperature", &t);
+            repeat,
+        }
+    }
+
+    #[test]
+    fn document_matches_the_design() {
+        let doc = AlertDoc::new(
+            "site-17",
+            &overheat(BTreeMap::new()),
+            "boiler-1",
+            "temperature",
+            &raised(0),
+        );
         assert_eq!(doc.topic(), "alerts/critical/boiler-1/overheat");
         let json: serde_json::Value = serde_json::from_slice(&doc.to_json()).unwrap();
         assert_eq!(
@@ -130,5 +160,21 @@ mod tests {
                 "gateway": "site-17"
             })
         );
+    }
+
+    #[test]
+    fn labels_and_repeats_are_added_only_when_there_are_some() {
+        let labels = BTreeMap::from([("team".to_owned(), "boilers".to_owned())]);
+        let doc = AlertDoc::new(
+            "site-17",
+            &overheat(labels),
+            "boiler-1",
+            "temperature",
+            &raised(2),
+        );
+        let json: serde_json::Value = serde_json::from_slice(&doc.to_json()).unwrap();
+        assert_eq!(json["labels"], serde_json::json!({"team": "boilers"}));
+        assert_eq!(json["repeat"], 2);
+        assert_eq!(serde_json::from_value::<AlertDoc>(json).unwrap(), doc);
     }
 }

@@ -6,12 +6,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::broker::{self, BrokerError, Listeners, Router};
+use crate::broker::{BrokerError, Listeners, Router};
 use crate::config::Config;
-use crate::ingest::{self, Engine, EngineOptions, Outputs};
+use crate::ingest::{self, Control, Engine, EngineOptions, Outputs, ReloadOutcome};
 use crate::shutdown::{self, Trigger};
 use crate::stats::Stats;
 use crate::store::{self, Store, StoreError, StoreOptions, StoreThread};
@@ -50,6 +51,18 @@ pub struct Gateway {
     trigger: Trigger,
     tasks: Vec<JoinHandle<()>>,
     store_thread: StoreThread,
+    control: mpsc::Sender<Control>,
+    /// The configuration running now (rules as last reloaded).
+    config: Config,
+}
+
+/// Why a reload did not happen.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadError {
+    /// The gateway is shutting down.
+    #[error("the gateway is stopping")]
+    Stopping,
 }
 
 /// Starts the gateway; returns once it serves.
@@ -69,12 +82,6 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     let router = Router::spawn(&config.broker);
     let (mut link_tx, link_rx) = router.internal_link("ingest")?;
-    link_tx
-        .subscribe(broker::SENSOR_FILTER)
-        .map_err(|source| BrokerError::Link {
-            role: "ingest",
-            source: Box::new(source),
-        })?;
 
     let (trigger, signal) = shutdown::channel();
     let mut tasks = Vec::new();
@@ -88,12 +95,33 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let options = EngineOptions {
         gateway: config.gateway.id.clone(),
         rules: config.rules.clone(),
+        sources: config.sources.clone(),
         limits: config.broker.limits,
         window: config.history.window,
         keep_raw: config.history.raw_retention.is_some(),
         summaries: config.uplink.as_ref().and_then(|u| u.summaries.clone()),
     };
-    let engine = Engine::new(options, stats.clone(), crate::alert::now_millis());
+    let now = crate::alert::now_millis();
+    let mut engine = Engine::new(options, stats.clone(), now);
+    for filter in engine.filters() {
+        link_tx
+            .subscribe(filter)
+            .map_err(|source| BrokerError::Link {
+                role: "ingest",
+                source: Box::new(source),
+            })?;
+    }
+    // Alerts outlive restarts: publish every alert's last document again (retained), and
+    // take raised ones back so that they are not raised a second time.
+    let saved = store.saved_alerts().await;
+    for alert in &saved {
+        ingest::publish_retained(&mut link_tx, alert.topic.clone(), alert.doc.clone().into()).await;
+    }
+    let restored = engine.restore(&saved, now);
+    if restored > 0 {
+        info!(restored, "alerts still raised from before the restart");
+    }
+    let (control_tx, control_rx) = mpsc::channel(4);
     let outputs = Outputs {
         store,
         forward: config.uplink.as_ref().map(|u| u.forward.clone()),
@@ -103,6 +131,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         link_tx,
         link_rx,
         outputs,
+        control_rx,
         signal.clone().wait(),
     )));
 
@@ -139,6 +168,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         trigger,
         tasks,
         store_thread,
+        control: control_tx,
+        config,
     })
 }
 
@@ -156,6 +187,49 @@ impl Gateway {
     /// The gateway's counters.
     pub fn stats(&self) -> &Arc<Stats> {
         &self.stats
+    }
+
+    /// Swaps in the rules and sources of `config`, which has already been checked. Alerts of
+    /// rules that still exist keep their state. Other sections only take effect after a
+    /// restart; each one that changed is logged.
+    pub async fn reload(&mut self, config: Config) -> Result<ReloadOutcome, ReloadError> {
+        let sections = [
+            (
+                "[gateway]",
+                format!("{:?}", self.config.gateway) != format!("{:?}", config.gateway),
+            ),
+            (
+                "[broker]",
+                format!("{:?}", self.config.broker) != format!("{:?}", config.broker),
+            ),
+            (
+                "[uplink]",
+                format!("{:?}", self.config.uplink) != format!("{:?}", config.uplink),
+            ),
+            ("[history]", self.config.history != config.history),
+        ];
+        for (section, changed) in sections {
+            if changed {
+                warn!(
+                    "{section} changed: that takes effect after a restart; the rules are reloaded now"
+                );
+            }
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = Control::Reload {
+            rules: config.rules.clone(),
+            sources: config.sources.clone(),
+            reply,
+        };
+        self.control
+            .send(request)
+            .await
+            .map_err(|_| ReloadError::Stopping)?;
+        let outcome = answer.await.map_err(|_| ReloadError::Stopping)?;
+        self.config.rules = config.rules;
+        self.config.sources = config.sources;
+        info!(rules = outcome.rules, kept = outcome.kept, added = ?outcome.added, removed = ?outcome.removed, "rules reloaded");
+        Ok(outcome)
     }
 
     /// Stops accepting, stops ingest, lets the uplink flush briefly and closes the store.

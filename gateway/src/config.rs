@@ -5,7 +5,7 @@
 //! and how to fix it. Compilation collects all semantic errors at once instead of stopping at
 //! the first; nothing here panics on bad input.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -13,10 +13,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde::de::IntoDeserializer;
 use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
 use crate::codec;
-use crate::rules::{Rule, Severity, Threshold};
+use crate::rules::{Kind, Rule, Scope, Severity, SilenceAfter, Threshold};
+use crate::sources::{Payload, Source};
 use crate::topic::TopicFilter;
 
 /// The quickstart configuration, embedded in the binary (`config/watchpost.toml`).
@@ -36,8 +39,10 @@ pub struct Config {
     pub uplink: Option<UplinkConfig>,
     /// Local history in the database.
     pub history: HistoryConfig,
-    /// Threshold rules, in file order.
+    /// Rules, in file order.
     pub rules: Vec<Rule>,
+    /// Foreign topic layouts mapped onto readings.
+    pub sources: Vec<Source>,
 }
 
 /// `[gateway]`
@@ -47,6 +52,8 @@ pub struct GatewayConfig {
     pub id: String,
     /// Where the SQLite database lives; created if missing.
     pub data_dir: PathBuf,
+    /// Reload the rules when the configuration file changes (besides on SIGHUP).
+    pub watch_config: bool,
 }
 
 /// `[broker]`
@@ -234,28 +241,206 @@ pub fn parse(source: &str, name: &str) -> Result<Loaded, ConfigError> {
         errors: Vec::new(),
         warnings: Vec::new(),
     };
-    let raw: RawConfig = match toml::from_str(source) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let span = e.span().unwrap_or(0..0);
-            let (message, help) = explain_toml_error(e.message());
-            sink.error(span, message, help);
-            return Err(ConfigError {
-                errors: sink.errors,
-            });
-        }
-    };
-    let config = compile(raw, &mut sink);
-    if sink.errors.is_empty() {
-        Ok(Loaded {
-            config,
-            warnings: sink.warnings,
-        })
-    } else {
-        Err(ConfigError {
-            errors: sink.errors,
-        })
+    let (root, syntax) = DeTable::parse_recoverable(source);
+    for e in &syntax {
+        let (message, help) = explain_toml_error(e.message());
+        sink.error(e.span().unwrap_or(0..0), message, help);
     }
+    if sink.errors.is_empty() {
+        // Each section (and each rule and source) is read on its own, so that one mistake
+        // does not hide the next: every error is reported at once.
+        let root = root.into_inner();
+        check_keys(&root, TOP_LEVEL, "the top level", &mut sink);
+        let gateway = match root.get("gateway") {
+            Some(v) => section::<RawGateway>(v, "[gateway]", &mut sink),
+            None => {
+                sink.error(
+                    0..0,
+                    "the configuration has no [gateway] table",
+                    Some("add [gateway] with at least id = \"my-site\"".into()),
+                );
+                None
+            }
+        };
+        let raw = Raw {
+            broker: root
+                .get("broker")
+                .and_then(|v| section(v, "[broker]", &mut sink))
+                .unwrap_or_default(),
+            uplink: root
+                .get("uplink")
+                .and_then(|v| section(v, "[uplink]", &mut sink)),
+            history: root
+                .get("history")
+                .and_then(|v| section(v, "[history]", &mut sink))
+                .unwrap_or_default(),
+            rules: array(root.get("rule"), "[[rule]]", &mut sink),
+            sources: array(root.get("source"), "[[source]]", &mut sink),
+        };
+        if let Some(gateway) = gateway {
+            let config = compile(gateway, raw, &mut sink);
+            if sink.errors.is_empty() {
+                sink.warnings.sort_by_key(|d| (d.line, d.column));
+                return Ok(Loaded {
+                    config,
+                    warnings: sink.warnings,
+                });
+            }
+        }
+    }
+    sink.errors.sort_by_key(|d| (d.line, d.column));
+    Err(ConfigError {
+        errors: sink.errors,
+    })
+}
+
+/// Top-level keys of the file.
+const TOP_LEVEL: &[&str] = &["gateway", "broker", "uplink", "history", "rule", "source"];
+
+/// The sections of the file, read independently.
+struct Raw {
+    broker: RawBroker,
+    uplink: Option<RawUplink>,
+    history: RawHistory,
+    rules: Vec<(Range<usize>, RawRule)>,
+    sources: Vec<(Range<usize>, RawSource)>,
+}
+
+/// Reports every key of `table` not in `known`, with a suggestion if one is close.
+fn check_keys(table: &DeTable<'_>, known: &[&str], what: &str, sink: &mut Sink<'_>) {
+    for (key, _) in table.iter() {
+        let k: &str = key.get_ref();
+        if !known.contains(&k) {
+            let help = match closest(k, known) {
+                Some(near) => format!(
+                    "did you mean `{near}`? The fields here are: {}",
+                    known.join(", ")
+                ),
+                None => format!("the fields here are: {}", known.join(", ")),
+            };
+            sink.error(
+                key.span(),
+                format!("unknown field `{k}` in {what}"),
+                Some(help),
+            );
+        }
+    }
+}
+
+/// The known name nearest to `key` (by edit distance), if it is near enough to be a typo.
+fn closest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min()
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cost = if ca == *cb { prev } else { prev + 1 };
+            prev = row[j + 1];
+            row[j + 1] = cost.min(row[j] + 1).min(prev + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// The field names serde's derive gives a struct, found by asking it to deserialize from a
+/// probe that only records them.
+fn fields_of<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    use serde::de::value::Error;
+    struct Probe<'a>(&'a std::cell::Cell<&'static [&'static str]>);
+    impl<'de> serde::Deserializer<'de> for Probe<'_> {
+        type Error = Error;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+            Err(serde::de::Error::custom("probe"))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Error> {
+            self.0.set(fields);
+            Err(serde::de::Error::custom("probe"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let cell = std::cell::Cell::new(&[][..]);
+    let _ = T::deserialize(Probe(&cell));
+    cell.get()
+}
+
+/// Reads one table into `T`: unknown keys are reported (all of them) and left out, then the
+/// rest is deserialized; a type error is reported where it is.
+fn section<'de, T: Deserialize<'de>>(
+    value: &Spanned<DeValue<'de>>,
+    what: &str,
+    sink: &mut Sink<'_>,
+) -> Option<T> {
+    let Some(table) = value.get_ref().as_table() else {
+        sink.error(value.span(), format!("{what} must be a table"), None);
+        return None;
+    };
+    let fields = fields_of::<T>();
+    check_keys(table, fields, what, sink);
+    let mut known = table.clone();
+    let unknown: Vec<String> = table
+        .iter()
+        .map(|(k, _)| k.get_ref().to_string())
+        .filter(|k| !fields.contains(&k.as_str()))
+        .collect();
+    for key in &unknown {
+        known.remove(key.as_str());
+    }
+    match T::deserialize(Spanned::new(value.span(), DeValue::Table(known)).into_deserializer()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            let (message, help) = explain_toml_error(e.message());
+            sink.error(
+                e.span().unwrap_or(value.span()),
+                format!("in {what}: {message}"),
+                help,
+            );
+            None
+        }
+    }
+}
+
+/// Reads an array of tables (`[[rule]]`), each on its own; returns each with its span.
+fn array<'de, T: Deserialize<'de>>(
+    value: Option<&Spanned<DeValue<'de>>>,
+    what: &str,
+    sink: &mut Sink<'_>,
+) -> Vec<(Range<usize>, T)> {
+    let Some(value) = value else {
+        return Vec::new();
+    };
+    let Some(items) = value.get_ref().as_array() else {
+        sink.error(
+            value.span(),
+            format!(
+                "{what} must be an array of tables: write [[{}]]",
+                what.trim_matches(['[', ']'])
+            ),
+            None,
+        );
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| section(item, what, sink).map(|t| (item.span(), t)))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -263,22 +448,10 @@ pub fn parse(source: &str, name: &str) -> Result<Loaded, ConfigError> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
-    gateway: RawGateway,
-    #[serde(default)]
-    broker: RawBroker,
-    uplink: Option<RawUplink>,
-    #[serde(default)]
-    history: RawHistory,
-    #[serde(default, rename = "rule")]
-    rules: Vec<Spanned<RawRule>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawGateway {
     id: Spanned<String>,
     data_dir: Option<Spanned<String>>,
+    watch_config: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -323,14 +496,40 @@ struct RawHistory {
 struct RawRule {
     name: Spanned<String>,
     #[serde(rename = "match")]
-    filter: Spanned<String>,
+    filter: Option<Spanned<String>>,
+    kind: Option<Spanned<String>>,
     above: Option<Spanned<f64>>,
     below: Option<Spanned<f64>>,
     clear_below: Option<Spanned<f64>>,
     clear_above: Option<Spanned<f64>>,
+    rate_above: Option<Spanned<f64>>,
+    rate_below: Option<Spanned<f64>>,
+    rate_per: Option<Spanned<String>>,
+    deviation_above: Option<Spanned<f64>>,
+    clear_within: Option<Spanned<f64>>,
+    window: Option<Spanned<String>>,
+    min_samples: Option<Spanned<u32>>,
+    silent_for: Option<Spanned<String>>,
+    silent_factor: Option<Spanned<f64>>,
+    scope: Option<Spanned<String>>,
+    offline_for: Option<Spanned<String>>,
     #[serde(rename = "for")]
     hold: Option<Spanned<String>>,
     severity: Option<Spanned<Severity>>,
+    renotify: Option<Spanned<String>>,
+    cooldown: Option<Spanned<String>>,
+    forward: Option<Spanned<bool>>,
+    labels: Option<Spanned<BTreeMap<String, String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: Spanned<String>,
+    topic: Spanned<String>,
+    payload: Spanned<String>,
+    metrics: Option<Spanned<BTreeMap<String, String>>>,
+    metric: Option<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -457,16 +656,16 @@ fn is_name(s: &str) -> bool {
 
 const NAME_HELP: &str = "use letters, digits, '-', '_' and '.' only";
 
-fn compile(raw: RawConfig, sink: &mut Sink<'_>) -> Config {
-    let id = raw.gateway.id.get_ref().clone();
+fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) -> Config {
+    let id = raw_gateway.id.get_ref().clone();
     if !is_name(&id) {
         sink.error(
-            raw.gateway.id.span(),
+            raw_gateway.id.span(),
             format!("gateway id {id:?} is not a valid name"),
             Some(NAME_HELP.into()),
         );
     }
-    let data_dir = match &raw.gateway.data_dir {
+    let data_dir = match &raw_gateway.data_dir {
         Some(d) if d.get_ref().trim().is_empty() => {
             sink.error(
                 d.span(),
@@ -478,7 +677,11 @@ fn compile(raw: RawConfig, sink: &mut Sink<'_>) -> Config {
         Some(d) => PathBuf::from(d.get_ref()),
         None => PathBuf::from(DEFAULT_DATA_DIR),
     };
-    let gateway = GatewayConfig { id, data_dir };
+    let gateway = GatewayConfig {
+        id,
+        data_dir,
+        watch_config: raw_gateway.watch_config.unwrap_or(false),
+    };
     let broker = compile_broker(&raw.broker, sink);
     let uplink = raw
         .uplink
@@ -488,8 +691,8 @@ fn compile(raw: RawConfig, sink: &mut Sink<'_>) -> Config {
 
     let mut names = HashSet::new();
     let mut rules = Vec::with_capacity(raw.rules.len());
-    for raw_rule in &raw.rules {
-        let name = &raw_rule.get_ref().name;
+    for (span, raw_rule) in &raw.rules {
+        let name = &raw_rule.name;
         if !names.insert(name.get_ref().as_str()) {
             sink.error(
                 name.span(),
@@ -499,7 +702,17 @@ fn compile(raw: RawConfig, sink: &mut Sink<'_>) -> Config {
                 ),
             );
         }
-        if let Some(rule) = compile_rule(raw_rule, sink) {
+        if let Some(rule) = compile_rule(span.clone(), raw_rule, sink) {
+            if rule.forward == Some(true) && uplink.is_none() {
+                sink.warn(
+                    raw_rule.forward.as_ref().map_or(span.clone(), |f| f.span()),
+                    format!(
+                        "rule {:?} asks to forward, but there is no [uplink]",
+                        rule.name
+                    ),
+                    None,
+                );
+            }
             rules.push(rule);
         }
     }
@@ -510,13 +723,121 @@ fn compile(raw: RawConfig, sink: &mut Sink<'_>) -> Config {
             None,
         );
     }
+    let mut source_names = HashSet::new();
+    let mut sources = Vec::new();
+    for (_, raw_source) in &raw.sources {
+        if !source_names.insert(raw_source.name.get_ref().as_str()) {
+            sink.error(
+                raw_source.name.span(),
+                format!("two sources are named {:?}", raw_source.name.get_ref()),
+                None,
+            );
+        }
+        if let Some(source) = compile_source(raw_source, sink) {
+            sources.push(source);
+        }
+    }
     Config {
         gateway,
         broker,
         uplink,
         history,
         rules,
+        sources,
     }
+}
+
+fn compile_source(raw: &RawSource, sink: &mut Sink<'_>) -> Option<Source> {
+    let errors_before = sink.errors.len();
+    let name = raw.name.get_ref();
+    if !is_name(name) {
+        sink.error(
+            raw.name.span(),
+            format!("source name {name:?} is not a valid name"),
+            Some(NAME_HELP.into()),
+        );
+    }
+    let payload = match raw.payload.get_ref().as_str() {
+        "number" => Some(Payload::Number),
+        "json" => Some(Payload::Json),
+        other => {
+            sink.error(raw.payload.span(), format!("unknown payload {other:?}"), Some("payload is \"number\" (a plain number) or \"json\" (numeric fields of a JSON object)".into()));
+            None
+        }
+    };
+    let metric_ok = |m: &str| {
+        !m.is_empty()
+            && !m.contains(['/', '+', '#'])
+            && m != crate::codec::SEQ_KEY
+            && m != crate::codec::STATUS_METRIC
+    };
+    if let Some(map) = &raw.metrics {
+        for (path, metric) in map.get_ref() {
+            if !metric_ok(metric) {
+                sink.error(
+                    map.span(),
+                    format!("{metric:?} (for {path:?}) is not a usable metric name"),
+                    Some(
+                        "metric names cannot be empty, contain '/', '+', '#', or be seq or status"
+                            .into(),
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(m) = raw.metric.as_ref().filter(|m| !metric_ok(m.get_ref())) {
+        sink.error(
+            m.span(),
+            format!("{:?} is not a usable metric name", m.get_ref()),
+            None,
+        );
+    }
+    let metrics = raw.metrics.as_ref().map(|m| m.get_ref().clone());
+    let metric = raw.metric.as_ref().map(|m| m.get_ref().clone());
+    let source = match Source::new(
+        name,
+        raw.topic.get_ref(),
+        payload.unwrap_or(Payload::Number),
+        metrics,
+        metric,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            sink.error(
+                raw.topic.span(),
+                format!("`topic` {:?}: {e}", raw.topic.get_ref()),
+                Some("e.g. \"tele/{device}/SENSOR\" or \"{device}/sensor/{metric}/state\"".into()),
+            );
+            return None;
+        }
+    };
+    match (
+        payload,
+        source.has_metric_level(),
+        &raw.metric,
+        &raw.metrics,
+    ) {
+        (Some(Payload::Number), false, None, _) => sink.error(
+            raw.topic.span(),
+            "a number payload needs the metric: put {metric} in the topic or set `metric`",
+            None,
+        ),
+        (Some(Payload::Json), true, _, _) => sink.error(
+            raw.topic.span(),
+            "a JSON payload names its metrics by its fields: remove {metric} from the topic",
+            Some(
+                "use `metrics = { \"path.in.payload\" = \"metric\" }` to choose and rename fields"
+                    .into(),
+            ),
+        ),
+        (Some(Payload::Number), _, _, Some(m)) => sink.error(
+            m.span(),
+            "`metrics` maps JSON fields; a number payload has none",
+            None,
+        ),
+        _ => {}
+    }
+    (sink.errors.len() == errors_before).then_some(source)
 }
 
 fn compile_broker(raw: &RawBroker, sink: &mut Sink<'_>) -> BrokerConfig {
@@ -777,9 +1098,175 @@ fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
     Ok((tls, host.to_owned(), port))
 }
 
-fn compile_rule(raw: &Spanned<RawRule>, sink: &mut Sink<'_>) -> Option<Rule> {
-    let span = raw.span();
-    let raw = raw.get_ref();
+/// Field names of each rule kind, for inference and for mixed-up rules.
+const KIND_FIELDS: &[(&str, &[&str])] = &[
+    (
+        "threshold",
+        &["above", "below", "clear_below", "clear_above"],
+    ),
+    ("rate", &["rate_above", "rate_below", "rate_per"]),
+    ("deviation", &["deviation_above", "clear_within"]),
+    ("silence", &["silent_for", "silent_factor", "scope"]),
+    ("presence", &["offline_for"]),
+];
+
+impl RawRule {
+    /// The span of each condition field that is present, by name.
+    fn present_fields(&self) -> Vec<(&'static str, Range<usize>)> {
+        let f = |name: &'static str, span: Option<Range<usize>>| span.map(|s| (name, s));
+        [
+            f("above", self.above.as_ref().map(|v| v.span())),
+            f("below", self.below.as_ref().map(|v| v.span())),
+            f("clear_below", self.clear_below.as_ref().map(|v| v.span())),
+            f("clear_above", self.clear_above.as_ref().map(|v| v.span())),
+            f("rate_above", self.rate_above.as_ref().map(|v| v.span())),
+            f("rate_below", self.rate_below.as_ref().map(|v| v.span())),
+            f("rate_per", self.rate_per.as_ref().map(|v| v.span())),
+            f(
+                "deviation_above",
+                self.deviation_above.as_ref().map(|v| v.span()),
+            ),
+            f("clear_within", self.clear_within.as_ref().map(|v| v.span())),
+            f("silent_for", self.silent_for.as_ref().map(|v| v.span())),
+            f(
+                "silent_factor",
+                self.silent_factor.as_ref().map(|v| v.span()),
+            ),
+            f("scope", self.scope.as_ref().map(|v| v.span())),
+            f("offline_for", self.offline_for.as_ref().map(|v| v.span())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+fn kind_of_field(field: &str) -> &'static str {
+    KIND_FIELDS
+        .iter()
+        .find(|(_, fields)| fields.contains(&field))
+        .map_or("threshold", |(k, _)| k)
+}
+
+/// The kind a rule asks for, explicitly or by its fields; `None` after reporting why not.
+fn rule_kind(span: &Range<usize>, raw: &RawRule, sink: &mut Sink<'_>) -> Option<&'static str> {
+    let present = raw.present_fields();
+    let kind = match &raw.kind {
+        Some(k) => match KIND_FIELDS
+            .iter()
+            .find(|(name, _)| *name == k.get_ref().as_str())
+        {
+            Some((name, _)) => *name,
+            None => {
+                let kinds: Vec<_> = KIND_FIELDS.iter().map(|(k, _)| *k).collect();
+                sink.error(
+                    k.span(),
+                    format!("unknown rule kind {:?}", k.get_ref()),
+                    Some(format!("kind is one of: {}", kinds.join(", "))),
+                );
+                return None;
+            }
+        },
+        None => match present.first() {
+            Some((field, _)) => kind_of_field(field),
+            None => {
+                sink.error(
+                    span.clone(),
+                    format!("rule {:?} has no condition", raw.name.get_ref()),
+                    Some("add `above`/`below` (threshold), `rate_above`/`rate_below` (rate), `deviation_above` (deviation), `silent_for`/`silent_factor` (silence) or `offline_for` (presence)".into()),
+                );
+                return None;
+            }
+        },
+    };
+    let mut ok = true;
+    for (field, field_span) in present {
+        let belongs = kind_of_field(field);
+        if belongs != kind {
+            sink.error(
+                field_span,
+                format!("`{field}` belongs to {belongs} rules, and this is a {kind} rule"),
+                Some("split it into two rules, one per condition".into()),
+            );
+            ok = false;
+        }
+    }
+    ok.then_some(kind)
+}
+
+/// Checks bounds of the threshold family and builds them.
+fn compile_bounds(
+    span: &Range<usize>,
+    names: [&str; 4],
+    values: [&Option<Spanned<f64>>; 4],
+    sink: &mut Sink<'_>,
+) -> Threshold {
+    let [above_n, below_n, clear_below_n, clear_above_n] = names;
+    let [above_v, below_v, clear_below_v, clear_above_v] = values;
+    for (field, value) in names.iter().zip(values) {
+        if let Some(v) = value.as_ref().filter(|v| !v.get_ref().is_finite()) {
+            sink.error(v.span(), format!("`{field}` must be a finite number"), None);
+        }
+    }
+    let get = |v: &Option<Spanned<f64>>| v.as_ref().map(|s| *s.get_ref());
+    let t = Threshold {
+        above: get(above_v),
+        below: get(below_v),
+        clear_below: get(clear_below_v),
+        clear_above: get(clear_above_v),
+    };
+    match (t.above, t.below) {
+        (None, None) => sink.error(
+            span.clone(),
+            format!("the rule has neither `{above_n}` nor `{below_n}`"),
+            Some(format!(
+                "add `{above_n} = ...` (fires when greater) or `{below_n} = ...` (fires when less)"
+            )),
+        ),
+        (Some(a), Some(b)) if b >= a => sink.error(
+            below_v.as_ref().map_or(span.clone(), |b| b.span()),
+            format!("`{below_n}` ({b}) must be less than `{above_n}` ({a}), or every value fires"),
+            None,
+        ),
+        _ => {}
+    }
+    if let Some(c) = clear_below_v {
+        match t.above {
+            None => sink.error(c.span(), format!("`{clear_below_n}` needs `{above_n}`"), Some(format!("hysteresis for a `{below_n}` rule is `{clear_above_n}`"))),
+            Some(a) if *c.get_ref() > a => sink.error(
+                c.span(),
+                format!("inverted hysteresis band: `{clear_below_n}` ({}) is greater than `{above_n}` ({a})", c.get_ref()),
+                Some(format!("`{clear_below_n}` must be at most {a}, e.g. {}", a - (a.abs() * 0.05).max(1.0))),
+            ),
+            _ => {}
+        }
+    }
+    if let Some(c) = clear_above_v {
+        match t.below {
+            None => sink.error(c.span(), format!("`{clear_above_n}` needs `{below_n}`"), Some(format!("hysteresis for an `{above_n}` rule is `{clear_below_n}`"))),
+            Some(b) if *c.get_ref() < b => sink.error(
+                c.span(),
+                format!("inverted hysteresis band: `{clear_above_n}` ({}) is less than `{below_n}` ({b})", c.get_ref()),
+                Some(format!("`{clear_above_n}` must be at least {b}")),
+            ),
+            _ => {}
+        }
+    }
+    if let (Some(a), Some(b)) = (t.above, t.below) {
+        if t.clear_above.unwrap_or(b) >= t.clear_below.unwrap_or(a) {
+            sink.error(
+                span.clone(),
+                "the hysteresis bands overlap: no value would clear the alert",
+                Some(format!("keep {clear_above_n} below {clear_below_n}")),
+            );
+        }
+    }
+    t
+}
+
+const NO_BOUND: Option<Spanned<f64>> = None;
+
+fn compile_rule(span: Range<usize>, raw: &RawRule, sink: &mut Sink<'_>) -> Option<Rule> {
     let errors_before = sink.errors.len();
     let name = raw.name.get_ref().clone();
     if !is_name(&name) {
@@ -789,109 +1276,250 @@ fn compile_rule(raw: &Spanned<RawRule>, sink: &mut Sink<'_>) -> Option<Rule> {
             Some(NAME_HELP.into()),
         );
     }
-    let filter = match TopicFilter::new(raw.filter.get_ref()) {
-        Ok(f) => {
-            if !f.can_match_pattern("sensors/+/+") {
-                sink.error(
-                    raw.filter.span(),
-                    format!("`match` filter {:?} can never match a reading topic", raw.filter.get_ref()),
-                    Some("readings arrive as sensors/{device}/{metric}; e.g. \"sensors/+/temperature\"".into()),
-                );
+    let kind_name = rule_kind(&span, raw, sink);
+    let presence = kind_name == Some("presence");
+    let (pattern, example) = if presence {
+        (
+            "sensors/+/status",
+            "presence rules watch sensors/{device}/status, e.g. \"sensors/+/status\"",
+        )
+    } else {
+        (
+            "sensors/+/+",
+            "readings arrive as sensors/{device}/{metric}; e.g. \"sensors/+/temperature\"",
+        )
+    };
+    let filter = match &raw.filter {
+        Some(f) => match TopicFilter::new(f.get_ref()) {
+            Ok(filter) => {
+                if !filter.can_match_pattern(pattern) {
+                    sink.error(
+                        f.span(),
+                        format!(
+                            "`match` filter {:?} can never match a {} topic",
+                            f.get_ref(),
+                            if presence { "status" } else { "reading" }
+                        ),
+                        Some(example.into()),
+                    );
+                }
+                Some(filter)
             }
-            Some(f)
-        }
-        Err(e) => {
+            Err(e) => {
+                sink.error(
+                    f.span(),
+                    format!("`match` is not an MQTT topic filter: {e}"),
+                    None,
+                );
+                None
+            }
+        },
+        None if presence => TopicFilter::new("sensors/+/status").ok(),
+        None => {
             sink.error(
-                raw.filter.span(),
-                format!("`match` is not an MQTT topic filter: {e}"),
-                None,
+                span.clone(),
+                format!("rule {name:?} has no `match`"),
+                Some(format!("say which topics it watches: {example}")),
             );
             None
         }
     };
-    let get = |v: &Option<Spanned<f64>>| v.as_ref().map(|s| *s.get_ref());
-    for (field, value) in [
-        ("above", &raw.above),
-        ("below", &raw.below),
-        ("clear_below", &raw.clear_below),
-        ("clear_above", &raw.clear_above),
-    ] {
-        if let Some(v) = value.as_ref().filter(|v| !v.get_ref().is_finite()) {
-            sink.error(v.span(), format!("`{field}` must be a finite number"), None);
+    let window = |sink: &mut Sink<'_>, default: Duration| {
+        let w = sink.duration(&raw.window, "window", default);
+        if let Some(ws) = raw.window.as_ref().filter(|_| w < Duration::from_secs(1)) {
+            sink.error(ws.span(), "`window` must be at least 1s", None);
         }
-    }
-    let threshold = Threshold {
-        above: get(&raw.above),
-        below: get(&raw.below),
-        clear_below: get(&raw.clear_below),
-        clear_above: get(&raw.clear_above),
+        w
     };
-    match (threshold.above, threshold.below) {
-        (None, None) => sink.error(
-            span.clone(),
-            format!("rule {name:?} has neither `above` nor `below`"),
-            Some(
-                "add `above = 90.0` (fires when greater) or `below = 5.0` (fires when less)".into(),
-            ),
-        ),
-        (Some(a), Some(b)) if b >= a => sink.error(
-            raw.below.as_ref().map_or(span.clone(), |b| b.span()),
-            format!("`below` ({b}) must be less than `above` ({a}), or every value fires"),
+    let min_samples = |sink: &mut Sink<'_>, default: u32| match &raw.min_samples {
+        Some(m) if *m.get_ref() < 2 => {
+            sink.error(m.span(), "`min_samples` must be at least 2", None);
+            default
+        }
+        Some(m) => *m.get_ref(),
+        None => default,
+    };
+    let kind = match kind_name? {
+        "threshold" => Kind::Threshold(compile_bounds(
+            &span,
+            ["above", "below", "clear_below", "clear_above"],
+            [&raw.above, &raw.below, &raw.clear_below, &raw.clear_above],
+            sink,
+        )),
+        "rate" => {
+            let threshold = compile_bounds(
+                &span,
+                ["rate_above", "rate_below", "clear_below", "clear_above"],
+                [&raw.rate_above, &raw.rate_below, &NO_BOUND, &NO_BOUND],
+                sink,
+            );
+            let per_seconds = match raw.rate_per.as_ref().map(|p| (p, p.get_ref().as_str())) {
+                None | Some((_, "second" | "s")) => 1.0,
+                Some((_, "minute" | "min")) => 60.0,
+                Some((p, other)) => {
+                    sink.error(
+                        p.span(),
+                        format!("unknown `rate_per` {other:?}"),
+                        Some("rate_per is \"second\" or \"minute\"".into()),
+                    );
+                    1.0
+                }
+            };
+            Kind::Rate {
+                threshold,
+                per_seconds,
+                window: window(sink, Duration::from_secs(60)),
+            }
+        }
+        "deviation" => {
+            let threshold = compile_bounds(
+                &span,
+                ["deviation_above", "below", "clear_within", "clear_above"],
+                [
+                    &raw.deviation_above,
+                    &NO_BOUND,
+                    &raw.clear_within,
+                    &NO_BOUND,
+                ],
+                sink,
+            );
+            if let Some(d) = raw.deviation_above.as_ref().filter(|d| *d.get_ref() <= 0.0) {
+                sink.error(
+                    d.span(),
+                    "`deviation_above` is a number of standard deviations and must be positive",
+                    Some("e.g. deviation_above = 4.0".into()),
+                );
+            }
+            Kind::Deviation {
+                threshold,
+                window: window(sink, Duration::from_secs(600)),
+                min_samples: min_samples(sink, 10),
+            }
+        }
+        "silence" => {
+            let scope = match raw.scope.as_ref().map(|s| (s, s.get_ref().as_str())) {
+                None | Some((_, "metric")) => Scope::Metric,
+                Some((_, "device")) => Scope::Device,
+                Some((s, other)) => {
+                    sink.error(s.span(), format!("unknown `scope` {other:?}"), Some("scope is \"metric\" (each metric on its own) or \"device\" (any matching metric counts)".into()));
+                    Scope::Metric
+                }
+            };
+            let after = match (&raw.silent_for, &raw.silent_factor) {
+                (Some(_), Some(f)) => {
+                    sink.error(
+                        f.span(),
+                        "give `silent_for` or `silent_factor`, not both",
+                        None,
+                    );
+                    SilenceAfter::Fixed(Duration::ZERO)
+                }
+                (Some(_), None) => {
+                    let d = sink.duration(&raw.silent_for, "silent_for", Duration::ZERO);
+                    if d < Duration::from_secs(1) {
+                        sink.error(
+                            raw.silent_for.as_ref().map_or(span.clone(), |s| s.span()),
+                            "`silent_for` must be at least 1s",
+                            None,
+                        );
+                    }
+                    SilenceAfter::Fixed(d)
+                }
+                (None, Some(f)) => {
+                    if !(f.get_ref().is_finite() && *f.get_ref() > 1.0) {
+                        sink.error(f.span(), "`silent_factor` must be more than 1 (a multiple of the learned reporting interval)", Some("e.g. silent_factor = 3.0".into()));
+                    }
+                    SilenceAfter::Learned {
+                        factor: *f.get_ref(),
+                        min_samples: min_samples(sink, 5),
+                    }
+                }
+                (None, None) => {
+                    sink.error(
+                        span.clone(),
+                        "a silence rule needs `silent_for` or `silent_factor`",
+                        None,
+                    );
+                    SilenceAfter::Fixed(Duration::ZERO)
+                }
+            };
+            Kind::Silence { after, scope }
+        }
+        "presence" => Kind::Presence {
+            grace: sink.duration(&raw.offline_for, "offline_for", Duration::ZERO),
+        },
+        _ => unreachable!("rule_kind returns known kinds"),
+    };
+    if let Some(h) = raw
+        .hold
+        .as_ref()
+        .filter(|_| matches!(kind, Kind::Silence { .. } | Kind::Presence { .. }))
+    {
+        let instead = if presence {
+            "offline_for"
+        } else {
+            "silent_for"
+        };
+        sink.error(
+            h.span(),
+            format!("`for` does not apply to {} rules", kind.name()),
+            Some(format!("their waiting time is `{instead}`")),
+        );
+    }
+    if let Some(m) = raw.min_samples.as_ref().filter(|_| {
+        !matches!(
+            kind,
+            Kind::Deviation { .. }
+                | Kind::Silence {
+                    after: SilenceAfter::Learned { .. },
+                    ..
+                }
+        )
+    }) {
+        sink.error(
+            m.span(),
+            "`min_samples` applies to deviation rules and to silence rules with `silent_factor`",
             None,
-        ),
-        _ => {}
+        );
     }
-    if let Some(c) = &raw.clear_below {
-        match threshold.above {
-            None => sink.error(
-                c.span(),
-                "`clear_below` needs `above`",
-                Some("hysteresis for a `below` rule is `clear_above`".into()),
-            ),
-            Some(a) if *c.get_ref() > a => sink.error(
-                c.span(),
-                format!(
-                    "inverted hysteresis band: `clear_below` ({}) is greater than `above` ({a})",
-                    c.get_ref()
-                ),
-                Some(format!(
-                    "`clear_below` must be at most {a}, e.g. {}",
-                    a - (a.abs() * 0.05).max(1.0)
-                )),
-            ),
-            _ => {}
+    if let Some(w) = raw
+        .window
+        .as_ref()
+        .filter(|_| !matches!(kind, Kind::Rate { .. } | Kind::Deviation { .. }))
+    {
+        sink.error(
+            w.span(),
+            "`window` applies to rate and deviation rules",
+            None,
+        );
+    }
+    let hold = sink.duration(&raw.hold, "for", Duration::ZERO);
+    let renotify = raw
+        .renotify
+        .as_ref()
+        .map(|r| sink.duration(&Some(r.clone()), "renotify", Duration::from_secs(3600)));
+    if let (Some(r), Some(d)) = (&raw.renotify, renotify) {
+        if d < Duration::from_secs(1) {
+            sink.error(r.span(), "`renotify` must be at least 1s", None);
         }
     }
-    if let Some(c) = &raw.clear_above {
-        match threshold.below {
-            None => sink.error(
-                c.span(),
-                "`clear_above` needs `below`",
-                Some("hysteresis for an `above` rule is `clear_below`".into()),
-            ),
-            Some(b) if *c.get_ref() < b => sink.error(
-                c.span(),
-                format!(
-                    "inverted hysteresis band: `clear_above` ({}) is less than `below` ({b})",
-                    c.get_ref()
-                ),
-                Some(format!("`clear_above` must be at least {b}")),
-            ),
-            _ => {}
-        }
-    }
-    if let (Some(a), Some(b)) = (threshold.above, threshold.below) {
-        let high = threshold.clear_below.unwrap_or(a);
-        let low = threshold.clear_above.unwrap_or(b);
-        if low >= high {
+    let cooldown = raw
+        .cooldown
+        .as_ref()
+        .map(|c| sink.duration(&Some(c.clone()), "cooldown", Duration::ZERO));
+    let labels = raw
+        .labels
+        .as_ref()
+        .map_or_else(BTreeMap::new, |l| l.get_ref().clone());
+    if let Some(l) = &raw.labels {
+        for key in l.get_ref().keys().filter(|k| !is_name(k)) {
             sink.error(
-                span.clone(),
-                "the hysteresis bands overlap: no value would clear the alert",
-                Some("keep clear_above below clear_below".into()),
+                l.span(),
+                format!("label name {key:?} is not a valid name"),
+                Some(NAME_HELP.into()),
             );
         }
     }
-    let hold = sink.duration(&raw.hold, "for", Duration::ZERO);
     let severity = raw
         .severity
         .as_ref()
@@ -902,9 +1530,13 @@ fn compile_rule(raw: &Spanned<RawRule>, sink: &mut Sink<'_>) -> Option<Rule> {
     Some(Rule {
         name,
         filter: filter?,
-        threshold,
+        kind,
         hold,
         severity,
+        renotify,
+        cooldown: cooldown.filter(|c| !c.is_zero()),
+        forward: raw.forward.as_ref().map(|f| *f.get_ref()),
+        labels,
     })
 }
 
@@ -951,7 +1583,13 @@ mod tests {
         );
         assert!(u.forwards(Severity::Warning) && !u.forwards(Severity::Info));
         let r = &c.rules[0];
-        assert_eq!(r.threshold.above, Some(90.0));
+        assert!(matches!(
+            r.kind,
+            Kind::Threshold(Threshold {
+                above: Some(90.0),
+                ..
+            })
+        ));
         assert_eq!(r.hold, Duration::from_secs(10));
         assert_eq!(r.severity, Severity::Critical);
     }
@@ -987,6 +1625,128 @@ mod tests {
             "{}",
             d.message
         );
+    }
+
+    #[test]
+    fn every_rule_kind_and_lifecycle_option_compiles() {
+        let src = format!(
+            "{MINIMAL}[uplink]\nurl = \"mqtt://up\"\n\
+             [[rule]]\nname = \"climb\"\nmatch = \"sensors/+/t\"\nrate_above = 2.0\nrate_per = \"minute\"\nwindow = \"5m\"\n\
+             [[rule]]\nname = \"odd\"\nmatch = \"sensors/+/t\"\ndeviation_above = 4.0\nclear_within = 3.0\nmin_samples = 20\n\
+             [[rule]]\nname = \"quiet\"\nmatch = \"sensors/+/+\"\nsilent_factor = 3.0\nscope = \"device\"\n\
+             [[rule]]\nname = \"gone\"\noffline_for = \"2m\"\nrenotify = \"1h\"\ncooldown = \"5m\"\nforward = false\nlabels = {{ team = \"ops\" }}\n"
+        );
+        let rules = parse(&src, "t.toml").unwrap().config.rules;
+        let kinds: Vec<_> = rules.iter().map(|r| r.kind.name()).collect();
+        assert_eq!(kinds, ["rate", "deviation", "silence", "presence"]);
+        assert!(
+            matches!(rules[0].kind, Kind::Rate { per_seconds, window, .. } if per_seconds == 60.0 && window == Duration::from_secs(300))
+        );
+        assert!(matches!(
+            rules[1].kind,
+            Kind::Deviation {
+                threshold: Threshold {
+                    above: Some(4.0),
+                    clear_below: Some(3.0),
+                    ..
+                },
+                min_samples: 20,
+                ..
+            }
+        ));
+        assert!(
+            matches!(rules[2].kind, Kind::Silence { after: SilenceAfter::Learned { factor, .. }, scope: Scope::Device } if factor == 3.0)
+        );
+        let gone = &rules[3];
+        assert_eq!(
+            gone.filter.as_str(),
+            "sensors/+/status",
+            "presence watches status topics by default"
+        );
+        assert_eq!(
+            (gone.renotify, gone.cooldown, gone.forward),
+            (
+                Some(Duration::from_secs(3600)),
+                Some(Duration::from_secs(300)),
+                Some(false)
+            )
+        );
+        assert_eq!(gone.labels.get("team").map(String::as_str), Some("ops"));
+    }
+
+    #[test]
+    fn rule_kinds_are_not_mixed_up() {
+        let src = format!(
+            "{MINIMAL}[[rule]]\nname = \"a\"\nmatch = \"sensors/+/t\"\nabove = 1.0\nrate_above = 2.0\n\
+             [[rule]]\nname = \"b\"\nmatch = \"sensors/+/t\"\nkind = \"trend\"\nabove = 1.0\n\
+             [[rule]]\nname = \"c\"\nmatch = \"sensors/+/t\"\nsilent_for = \"1m\"\nsilent_factor = 2.0\nfor = \"1s\"\n\
+             [[rule]]\nname = \"d\"\nmatch = \"sensors/+/t\"\n"
+        );
+        assert_eq!(
+            errors(&src),
+            [
+                "7:14 `rate_above` belongs to rate rules, and this is a threshold rule",
+                "11:8 unknown rule kind \"trend\"",
+                "17:17 give `silent_for` or `silent_factor`, not both",
+                "18:7 `for` does not apply to silence rules",
+                "19:1 rule \"d\" has no condition",
+            ]
+        );
+    }
+
+    #[test]
+    fn all_unknown_fields_of_all_sections_are_reported_at_once() {
+        let src = "[gateway]\nid = \"s\"\nname = \"x\"\n[broker]\nlisten = \"127.0.0.1:1\"\nalow_anonymous = true\nmax_conections = 5\n[stuff]\na = 1\n";
+        let e = errors(src);
+        assert_eq!(e.len(), 4, "{e:#?}");
+        assert!(
+            e[0].starts_with("3:1 unknown field `name` in [gateway]"),
+            "{e:#?}"
+        );
+        assert!(
+            e[1].starts_with("6:1 unknown field `alow_anonymous`"),
+            "{e:#?}"
+        );
+        assert!(
+            e[2].starts_with("7:1 unknown field `max_conections`"),
+            "{e:#?}"
+        );
+        assert!(
+            e[3].starts_with("8:2 unknown field `stuff` in the top level"),
+            "{e:#?}"
+        );
+        let d = parse(src, "t.toml").unwrap_err();
+        assert_eq!(
+            d.errors[1]
+                .help
+                .as_deref()
+                .map(|h| h.starts_with("did you mean `allow_anonymous`?")),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn sources_are_checked() {
+        let src = format!(
+            "{MINIMAL}[[source]]\nname = \"t\"\ntopic = \"tele/{{device}}/SENSOR\"\npayload = \"json\"\n\
+             [[source]]\nname = \"e\"\ntopic = \"{{device}}/sensor/+/state\"\npayload = \"number\"\n\
+             [[source]]\nname = \"x\"\ntopic = \"sensors/{{device}}\"\npayload = \"yaml\"\n"
+        );
+        let e = errors(&src);
+        assert_eq!(e.len(), 3, "{e:#?}");
+        assert!(
+            e[0].starts_with("9:9 a number payload needs the metric"),
+            "{e:#?}"
+        );
+        assert!(e[1].starts_with("13:9 `topic`"), "{e:#?}");
+        assert!(e[2].starts_with("14:11 unknown payload \"yaml\""), "{e:#?}");
+    }
+
+    #[test]
+    fn syntax_errors_stop_before_the_rest() {
+        let e = errors("[gateway\nid = \"s\"\n");
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert!(e[0].starts_with("1:"), "{e:#?}");
     }
 
     #[test]

@@ -2,11 +2,12 @@
 //! decode → loss accounting → rules and rollups, then hands each alert transition to its
 //! outputs (local retained topic, store, outbox) and history to the store.
 //!
-//! [`Engine`] is the synchronous core: messages and time in; alert documents, history rows and
-//! counters out; every rule's state, rollup window and `seq` memory kept per device and metric.
-//! [`run`] is the thin task around it that owns the link. Malformed input is counted per device
-//! and logged at most once per device per minute; it never stops ingest and never touches
-//! another device's state.
+//! [`Engine`] is the synchronous core: messages (or bare readings) and time in; alerts,
+//! history rows and counters out; every rule's state, rollup window and `seq` memory kept per
+//! device and metric. The same engine replays recorded readings under virtual time for
+//! `watchpost test-rules`. [`run`] is the thin task around it that owns the link.
+//! Malformed input is counted per device and logged at most once per device per minute; it
+//! never stops ingest and never touches another device's state.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -18,16 +19,18 @@ use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
 use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::aggregate::{SiteSummary, Window, window_start};
 use crate::alert::{AlertDoc, now_millis, rfc3339};
-use crate::codec::{self, DecodeError, Limits, Message};
+use crate::codec::{self, DecodeError, Limits, Message, Readings};
 use crate::config::SummaryConfig;
 use crate::loss::{Seq, SeqTracker};
-use crate::rules::{AlertState, Input, Millis, Rule, Severity, State};
+use crate::rules::{AlertState, Input, Kind, Millis, Rule, RuleState, Severity, State};
+use crate::sources::Source;
 use crate::stats::{DeviceCounters, OTHER_DEVICES, Stats};
-use crate::store::{DeviceDelta, OutboxEntry, RawRow, RollupRow, Store};
+use crate::store::{DeviceDelta, OutboxEntry, RawRow, RollupRow, SavedAlert, Store};
 
 /// How often one device's malformed input (or lost messages) is logged.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
@@ -46,13 +49,20 @@ pub const MAX_ERROR_ONLY_DEVICES: usize = 10_000;
 /// which at worst logs a little more often.
 const MAX_LOG_ENTRIES: usize = 10_000;
 
+/// The metric name in documents and state of presence rules.
+pub const PRESENCE_METRIC: &str = codec::STATUS_METRIC;
+/// The metric name in documents and state of device-wide silence rules.
+pub const ANY_METRIC: &str = "*";
+
 /// What the engine is told to do besides rules.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Gateway (site) id.
     pub gateway: String,
-    /// Threshold rules.
+    /// Rules.
     pub rules: Vec<Rule>,
+    /// Foreign topic layouts.
+    pub sources: Vec<Source>,
     /// Decoder limits.
     pub limits: Limits,
     /// Rollup window length.
@@ -63,14 +73,23 @@ pub struct EngineOptions {
     pub summaries: Option<SummaryConfig>,
 }
 
+/// An alert transition and how its rule wants it forwarded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alert {
+    /// The document.
+    pub doc: AlertDoc,
+    /// The rule's `forward` override (`None`: by severity).
+    pub forward: Option<bool>,
+}
+
 /// Per rule, device and metric state, plus decoding, loss accounting and rollups.
 pub struct Engine {
     options: EngineOptions,
     window_ms: Millis,
     stats: Arc<Stats>,
     devices: HashMap<Box<str>, Device>,
-    /// Deadlines of pending `for` conditions, earliest first. Entries whose state moved on are
-    /// skipped when they come up.
+    /// Deadlines of rule states (`for`, silence, grace, cooldown, renotify), earliest first.
+    /// An entry may be early or stale: when it comes up, the state's real deadline decides.
     deadlines: BinaryHeap<Reverse<Deadline>>,
     error_log: LogLimit,
     loss_log: LogLimit,
@@ -82,6 +101,8 @@ pub struct Engine {
 
 struct Device {
     streams: HashMap<Box<str>, Stream>,
+    /// Rules kept per device (presence, device-wide silence), with their states.
+    device_rules: Vec<(usize, RuleState)>,
     seq: SeqTracker,
     counters: DeviceCounters,
     /// What the store and the stats have seen of `counters`.
@@ -92,9 +113,13 @@ struct Device {
 
 /// One metric of one device.
 struct Stream {
-    /// The rules that watch it, by index, with their state.
-    rules: Vec<(usize, State)>,
+    /// The per-metric rules that watch it, by index, with their states.
+    rules: Vec<(usize, RuleState)>,
+    /// Positions in the device's `device_rules` that a reading of this metric feeds.
+    feeds: Vec<usize>,
     window: Option<Window>,
+    /// The last value, for documents of rules removed while raised.
+    last: Option<f64>,
 }
 
 struct Summary {
@@ -107,7 +132,8 @@ struct Summary {
 struct Deadline {
     at: Millis,
     device: Box<str>,
-    metric: Box<str>,
+    /// `None` for a device-wide rule.
+    metric: Option<Box<str>>,
     rule: usize,
 }
 
@@ -124,11 +150,26 @@ pub struct Housekeeping {
     pub summary: Option<OutboxEntry>,
 }
 
-/// The stream a rule step is about.
+/// What the rules of a reload changed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReloadOutcome {
+    /// Rules in force now.
+    pub rules: usize,
+    /// Rules that kept their alert states.
+    pub kept: usize,
+    /// Rules that are new.
+    pub added: Vec<String>,
+    /// Rules that are gone (their raised alerts were cleared).
+    pub removed: Vec<String>,
+}
+
+/// Where one rule state lives, for stepping it.
 struct Target<'a> {
     device: &'a str,
+    /// The metric in documents and state keys.
     metric: &'a str,
-    /// Start of the latest episode per rule on this device.
+    /// Deadline key: `None` for a device-wide rule.
+    stream: Option<&'a str>,
     episodes: &'a mut Vec<(usize, Millis)>,
 }
 
@@ -137,7 +178,7 @@ struct StepContext<'a> {
     gateway: &'a str,
     stats: &'a Stats,
     deadlines: &'a mut BinaryHeap<Reverse<Deadline>>,
-    out: &'a mut Vec<AlertDoc>,
+    out: &'a mut Vec<Alert>,
 }
 
 impl StepContext<'_> {
@@ -145,66 +186,132 @@ impl StepContext<'_> {
         &mut self,
         rule: &Rule,
         rule_idx: usize,
-        state: &mut State,
-        stream: Target<'_>,
+        state: &mut RuleState,
+        target: Target<'_>,
         input: Input,
+        now: Millis,
+    ) {
+        let before = rule.deadline(state);
+        let transition = rule.step(state, input, now);
+        self.after_step(rule, rule_idx, state, target, transition, before, now);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn after_step(
+        &mut self,
+        rule: &Rule,
+        rule_idx: usize,
+        state: &mut RuleState,
+        target: Target<'_>,
+        transition: Option<crate::rules::Transition>,
+        before: Option<Millis>,
         now: Millis,
     ) {
         let Target {
             device,
             metric,
+            stream,
             episodes,
-        } = stream;
-        let before = *state;
-        let (mut after, mut transition) = rule.step(before, input, now);
-        if let (Some(t), State::Raised { since, .. }) = (transition.as_mut(), &mut after) {
-            if t.state == AlertState::Raised {
-                // The alert id names the episode by its start in ms: two episodes of one rule
-                // and device that begin in the same millisecond get distinct starts.
-                match episodes.iter().position(|(r, _)| *r == rule_idx) {
-                    Some(i) => {
-                        *since = (*since).max(episodes[i].1 + 1);
-                        episodes[i].1 = *since;
-                    }
-                    None => episodes.push((rule_idx, *since)),
+        } = target;
+        if let Some(at) = rule.deadline(state) {
+            if before.is_none_or(|b| at < b) {
+                self.push_deadline(at, device, stream, rule_idx);
+            }
+        }
+        let Some(mut t) = transition else { return };
+        if t.state == AlertState::Raised && t.repeat == 0 {
+            // The alert id names the episode by its start in ms: two episodes of one rule and
+            // device that begin in the same millisecond get distinct starts.
+            match episodes.iter().position(|(r, _)| *r == rule_idx) {
+                Some(i) => {
+                    t.since = t.since.max(episodes[i].1 + 1);
+                    episodes[i].1 = t.since;
                 }
-                t.since = *since;
+                None => episodes.push((rule_idx, t.since)),
+            }
+            if let State::Raised { since, .. } = &mut state.core {
+                *since = t.since;
             }
         }
-        *state = after;
-        if let Some(at) = after.deadline(rule.hold) {
-            if before.deadline(rule.hold) != Some(at) {
-                self.deadlines.push(Reverse(Deadline {
-                    at,
-                    device: device.into(),
-                    metric: metric.into(),
-                    rule: rule_idx,
-                }));
-            }
-        }
-        let Some(t) = transition else { return };
-        match t.state {
-            AlertState::Raised => {
+        match (t.state, t.repeat) {
+            (AlertState::Raised, 0) => {
                 Stats::inc(&self.stats.alerts_raised);
-                info!(device, metric, rule = %rule.name, value = t.value, threshold = t.threshold, severity = rule.severity.as_str(), "alert raised");
+                info!(device, metric, rule = %rule.name, kind = rule.kind.name(), value = t.value, threshold = t.threshold, severity = rule.severity.as_str(), "alert raised");
             }
-            AlertState::Cleared => {
+            (AlertState::Raised, n) => {
+                debug!(device, metric, rule = %rule.name, repeat = n, "alert still raised (renotify)")
+            }
+            (AlertState::Cleared, _) => {
                 Stats::inc(&self.stats.alerts_cleared);
                 info!(device, metric, rule = %rule.name, value = t.value, "alert cleared");
             }
         }
-        self.out
-            .push(AlertDoc::new(self.gateway, rule, device, metric, &t));
+        let _ = now;
+        self.out.push(Alert {
+            doc: AlertDoc::new(self.gateway, rule, device, metric, &t),
+            forward: rule.forward,
+        });
+    }
+
+    fn push_deadline(&mut self, at: Millis, device: &str, stream: Option<&str>, rule: usize) {
+        self.deadlines.push(Reverse(Deadline {
+            at,
+            device: device.into(),
+            metric: stream.map(Into::into),
+            rule,
+        }));
     }
 }
 
-fn new_device() -> Device {
+fn new_device(rules: &[Rule], name: &str) -> Device {
+    let status_topic = format!("{}/{name}/{}", codec::TOPIC_ROOT, codec::STATUS_METRIC);
+    let any_metric = format!("{}/{name}/+", codec::TOPIC_ROOT);
+    let device_rules = rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| match r.kind {
+            Kind::Presence { .. } => r.filter.matches(&status_topic),
+            ref k if k.per_device() => r.filter.can_match_pattern(&any_metric),
+            _ => false,
+        })
+        .map(|(i, r)| (i, r.new_state()))
+        .collect();
     Device {
         streams: HashMap::new(),
+        device_rules,
         seq: SeqTracker::default(),
         counters: DeviceCounters::default(),
         published: DeviceCounters::default(),
         episodes: Vec::new(),
+    }
+}
+
+fn new_stream(
+    rules: &[Rule],
+    device_rules: &[(usize, RuleState)],
+    device_name: &str,
+    metric: &str,
+) -> Stream {
+    let topic = format!("{}/{device_name}/{metric}", codec::TOPIC_ROOT);
+    let per_metric = rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.kind.per_device() && r.filter.matches(&topic))
+        .map(|(i, r)| (i, r.new_state()))
+        .collect();
+    let feeds = device_rules
+        .iter()
+        .enumerate()
+        .filter(|(_, (i, _))| {
+            matches!(rules[*i].kind, Kind::Silence { .. }) && rules[*i].filter.matches(&topic)
+        })
+        .map(|(pos, _)| pos)
+        .collect();
+    Stream {
+        rules: per_metric,
+        feeds,
+        window: None,
+        last: None,
     }
 }
 
@@ -238,28 +345,114 @@ impl Engine {
         }
     }
 
-    /// Handles one message published under `sensors/` at time `now`; returns the alert
-    /// transitions it caused. History rows wait in the engine for [`Engine::housekeeping`].
-    pub fn on_message(&mut self, topic: &[u8], payload: &[u8], now: Millis) -> Vec<AlertDoc> {
+    /// The MQTT filters ingest must subscribe to: native sensors and every source.
+    pub fn filters(&self) -> Vec<String> {
+        std::iter::once(crate::broker::SENSOR_FILTER.to_owned())
+            .chain(self.options.sources.iter().map(Source::filter))
+            .collect()
+    }
+
+    /// The rules in force.
+    pub fn rules(&self) -> &[Rule] {
+        &self.options.rules
+    }
+
+    /// Handles one message at time `now`: native `sensors/...` or a configured source.
+    /// Returns the alert transitions it caused; history waits for [`Engine::housekeeping`].
+    pub fn on_message(&mut self, topic: &[u8], payload: &[u8], now: Millis) -> Vec<Alert> {
         Stats::inc(&self.stats.messages);
         let Ok(topic) = std::str::from_utf8(topic) else {
             self.malformed(None, "<not UTF-8>", &DecodeError::NotUtf8, now);
             return Vec::new();
         };
-        let readings = match codec::decode(topic, payload, self.options.limits) {
-            Ok(Message::Readings(r)) => r,
-            Ok(Message::Status { device, online }) => {
-                debug!(device, online, "device presence");
-                let d = self.devices.entry(device.into()).or_insert_with(new_device);
-                d.counters.messages += 1;
-                d.counters.last_seen_ms = now;
-                return Vec::new();
-            }
-            Err(rejected) => {
-                self.malformed(rejected.device, topic, &rejected.error, now);
-                return Vec::new();
+        let native = topic.split('/').next() == Some(codec::TOPIC_ROOT);
+        let decoded = if native {
+            codec::decode(topic, payload, self.options.limits)
+        } else {
+            match self
+                .options
+                .sources
+                .iter()
+                .find_map(|s| s.decode(topic, payload, self.options.limits))
+            {
+                Some(result) => result.map(Message::Readings),
+                None => {
+                    debug!(topic, "message on a topic no source matches");
+                    return Vec::new();
+                }
             }
         };
+        match decoded {
+            Ok(Message::Readings(r)) => self.readings(topic, r, now),
+            Ok(Message::Status { device, online }) => self.presence(device, online, now),
+            Err(rejected) => {
+                self.malformed(rejected.device, topic, &rejected.error, now);
+                Vec::new()
+            }
+        }
+    }
+
+    /// One reading without a message around it (replays of recorded readings).
+    pub fn on_reading(
+        &mut self,
+        device: &str,
+        metric: &str,
+        value: f64,
+        now: Millis,
+    ) -> Vec<Alert> {
+        Stats::inc(&self.stats.messages);
+        let readings = Readings {
+            device,
+            seq: None,
+            values: vec![(metric.into(), value)],
+            rejected: Vec::new(),
+        };
+        self.readings("<replay>", readings, now)
+    }
+
+    /// A device said it is online or offline (a status message, usually its last will).
+    pub fn presence(&mut self, device_name: &str, online: bool, now: Millis) -> Vec<Alert> {
+        debug!(device = device_name, online, "device presence");
+        let Engine {
+            options,
+            stats,
+            devices,
+            deadlines,
+            ..
+        } = self;
+        let device = devices
+            .entry(device_name.into())
+            .or_insert_with(|| new_device(&options.rules, device_name));
+        device.counters.messages += 1;
+        device.counters.last_seen_ms = now;
+        let mut out = Vec::new();
+        let mut ctx = StepContext {
+            gateway: &options.gateway,
+            stats,
+            deadlines,
+            out: &mut out,
+        };
+        let Device {
+            device_rules,
+            episodes,
+            ..
+        } = device;
+        for (rule_idx, state) in device_rules.iter_mut() {
+            let rule = &options.rules[*rule_idx];
+            if matches!(rule.kind, Kind::Presence { .. }) {
+                let target = Target {
+                    device: device_name,
+                    metric: PRESENCE_METRIC,
+                    stream: None,
+                    episodes,
+                };
+                ctx.step(rule, *rule_idx, state, target, Input::Presence(online), now);
+            }
+        }
+        out
+    }
+
+    fn readings(&mut self, topic: &str, readings: Readings<'_>, now: Millis) -> Vec<Alert> {
         for (field, error) in &readings.rejected {
             self.malformed(
                 Some(readings.device),
@@ -281,7 +474,9 @@ impl Engine {
             summary,
             ..
         } = self;
-        let device = devices.entry(device_name.into()).or_insert_with(new_device);
+        let device = devices
+            .entry(device_name.into())
+            .or_insert_with(|| new_device(&options.rules, device_name));
         device.counters.messages += 1;
         device.counters.last_seen_ms = now;
 
@@ -323,26 +518,21 @@ impl Engine {
         };
         Stats::add(&ctx.stats.readings, readings.values.len() as u64);
         device.counters.readings += readings.values.len() as u64;
+        let Device {
+            streams,
+            device_rules,
+            episodes,
+            ..
+        } = device;
         for (metric, value) in &readings.values {
             let (metric, value) = (metric.as_ref(), *value);
-            let stream = match device.streams.get_mut(metric) {
-                Some(s) => s,
-                None => {
-                    // A new stream: find the rules that watch it, once.
-                    let topic = format!("{}/{device_name}/{metric}", codec::TOPIC_ROOT);
-                    let rules = options
-                        .rules
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, r)| r.filter.matches(&topic))
-                        .map(|(i, _)| (i, State::Normal))
-                        .collect();
-                    device.streams.entry(metric.into()).or_insert(Stream {
-                        rules,
-                        window: None,
-                    })
-                }
-            };
+            if !streams.contains_key(metric) {
+                // A new stream: find the rules that watch it, once.
+                let stream = new_stream(&options.rules, device_rules, device_name, metric);
+                streams.insert(metric.into(), stream);
+            }
+            let stream = streams.get_mut(metric).expect("inserted above");
+            stream.last = Some(value);
             match &mut stream.window {
                 Some(w) => {
                     if let Some(closed) = w.add(value, now, *window_ms) {
@@ -369,29 +559,63 @@ impl Engine {
                     s.add(device_name, value);
                 }
             }
-            if judge {
-                for (rule_idx, state) in stream.rules.iter_mut() {
+            if !judge {
+                continue;
+            }
+            for (rule_idx, state) in stream.rules.iter_mut() {
+                let target = Target {
+                    device: device_name,
+                    metric,
+                    stream: Some(metric),
+                    episodes,
+                };
+                ctx.step(
+                    &options.rules[*rule_idx],
+                    *rule_idx,
+                    state,
+                    target,
+                    Input::Reading(value),
+                    now,
+                );
+            }
+            for &pos in &stream.feeds {
+                let (rule_idx, state) = &mut device_rules[pos];
+                let target = Target {
+                    device: device_name,
+                    metric: ANY_METRIC,
+                    stream: None,
+                    episodes,
+                };
+                ctx.step(
+                    &options.rules[*rule_idx],
+                    *rule_idx,
+                    state,
+                    target,
+                    Input::Reading(value),
+                    now,
+                );
+            }
+        }
+        if judge {
+            // Any reading says the device is there.
+            for (rule_idx, state) in device_rules.iter_mut() {
+                let rule = &options.rules[*rule_idx];
+                if matches!(rule.kind, Kind::Presence { .. }) && state.core != State::Normal {
                     let target = Target {
                         device: device_name,
-                        metric,
-                        episodes: &mut device.episodes,
+                        metric: PRESENCE_METRIC,
+                        stream: None,
+                        episodes,
                     };
-                    ctx.step(
-                        &options.rules[*rule_idx],
-                        *rule_idx,
-                        state,
-                        target,
-                        Input::Reading(value),
-                        now,
-                    );
+                    ctx.step(rule, *rule_idx, state, target, Input::Presence(true), now);
                 }
             }
         }
         out
     }
 
-    /// Lets pending `for` conditions whose time has come fire; returns the transitions.
-    pub fn on_tick(&mut self, now: Millis) -> Vec<AlertDoc> {
+    /// Lets deadlines whose time has come fire; returns the transitions.
+    pub fn on_tick(&mut self, now: Millis) -> Vec<Alert> {
         let mut out = Vec::new();
         while self.deadlines.peek().is_some_and(|Reverse(d)| d.at <= now) {
             let Some(Reverse(d)) = self.deadlines.pop() else {
@@ -407,30 +631,53 @@ impl Engine {
             let Some(dev) = devices.get_mut(&*d.device) else {
                 continue;
             };
-            let slot = dev
-                .streams
-                .get_mut(&*d.metric)
-                .and_then(|s| s.rules.iter_mut().find(|(i, _)| *i == d.rule));
-            if let Some((_, state)) = slot {
-                let mut ctx = StepContext {
-                    gateway: &options.gateway,
-                    stats,
-                    deadlines,
-                    out: &mut out,
-                };
-                let target = Target {
-                    device: &d.device,
-                    metric: &d.metric,
-                    episodes: &mut dev.episodes,
-                };
-                ctx.step(
-                    &options.rules[d.rule],
-                    d.rule,
-                    state,
-                    target,
-                    Input::Tick,
-                    now,
-                );
+            let Device {
+                streams,
+                device_rules,
+                episodes,
+                ..
+            } = dev;
+            let (slot, metric) = match &d.metric {
+                Some(m) => (
+                    streams
+                        .get_mut(&**m)
+                        .and_then(|s| s.rules.iter_mut().find(|(i, _)| *i == d.rule)),
+                    &**m,
+                ),
+                None => {
+                    let metric = if matches!(
+                        options.rules.get(d.rule).map(|r| &r.kind),
+                        Some(Kind::Presence { .. })
+                    ) {
+                        PRESENCE_METRIC
+                    } else {
+                        ANY_METRIC
+                    };
+                    (device_rules.iter_mut().find(|(i, _)| *i == d.rule), metric)
+                }
+            };
+            let Some((_, state)) = slot else { continue };
+            let rule = &options.rules[d.rule];
+            let mut ctx = StepContext {
+                gateway: &options.gateway,
+                stats,
+                deadlines,
+                out: &mut out,
+            };
+            match rule.deadline(state) {
+                Some(due) if due <= now => {
+                    let transition = rule.step(state, Input::Tick, now);
+                    let target = Target {
+                        device: &d.device,
+                        metric,
+                        stream: d.metric.as_deref(),
+                        episodes,
+                    };
+                    // The popped entry is spent: whatever deadline follows needs its own.
+                    ctx.after_step(rule, d.rule, state, target, transition, None, now);
+                }
+                Some(later) => ctx.push_deadline(later, &d.device, d.metric.as_deref(), d.rule),
+                None => {}
             }
         }
         out
@@ -439,6 +686,198 @@ impl Engine {
     /// The earliest time at which [`Engine::on_tick`] has something to do.
     pub fn next_deadline(&self) -> Option<Millis> {
         self.deadlines.peek().map(|Reverse(d)| d.at)
+    }
+
+    /// Brings back alerts that were raised when the gateway stopped, so that they are not
+    /// raised a second time. Alerts of rules that no longer exist are skipped.
+    pub fn restore(&mut self, saved: &[SavedAlert], now: Millis) -> usize {
+        let mut restored = 0;
+        for s in saved.iter().filter(|s| s.raised) {
+            let Some(rule_idx) = self.options.rules.iter().position(|r| r.name == s.rule) else {
+                continue;
+            };
+            let rules = &self.options.rules;
+            let device = self
+                .devices
+                .entry(s.device.as_str().into())
+                .or_insert_with(|| new_device(rules, &s.device));
+            let state = if rules[rule_idx].kind.per_device() {
+                device
+                    .device_rules
+                    .iter_mut()
+                    .find(|(i, _)| *i == rule_idx)
+                    .map(|(_, st)| st)
+            } else {
+                if !device.streams.contains_key(s.metric.as_str()) {
+                    let stream = new_stream(rules, &device.device_rules, &s.device, &s.metric);
+                    device.streams.insert(s.metric.as_str().into(), stream);
+                }
+                device.streams.get_mut(s.metric.as_str()).and_then(|st| {
+                    st.rules
+                        .iter_mut()
+                        .find(|(i, _)| *i == rule_idx)
+                        .map(|(_, st)| st)
+                })
+            };
+            if let Some(state) = state {
+                state.core = State::Raised {
+                    since: s.since,
+                    threshold: s.threshold,
+                };
+                state.value = s.threshold;
+                state.notified_at = now;
+                device.episodes.retain(|(r, _)| *r != rule_idx);
+                device.episodes.push((rule_idx, s.since));
+                restored += 1;
+            }
+        }
+        self.rebuild_deadlines();
+        restored
+    }
+
+    /// Swaps in new rules and sources. A rule that keeps its name and kind keeps its states;
+    /// raised alerts of rules that are gone are cleared. Returns the documents of those
+    /// clears and what changed.
+    pub fn replace_rules(
+        &mut self,
+        rules: Vec<Rule>,
+        sources: Vec<Source>,
+        now: Millis,
+    ) -> (Vec<Alert>, ReloadOutcome) {
+        let old = std::mem::replace(&mut self.options.rules, rules);
+        self.options.sources = sources;
+        let new = &self.options.rules;
+        let carried = |old_idx: usize| {
+            new.iter().position(|r| {
+                r.name == old[old_idx].name && r.kind.name() == old[old_idx].kind.name()
+            })
+        };
+        let mut outcome = ReloadOutcome {
+            rules: new.len(),
+            kept: old
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| carried(*i).is_some())
+                .count(),
+            added: new
+                .iter()
+                .filter(|r| {
+                    !old.iter()
+                        .any(|o| o.name == r.name && o.kind.name() == r.kind.name())
+                })
+                .map(|r| r.name.clone())
+                .collect(),
+            removed: old
+                .iter()
+                .filter(|o| {
+                    !new.iter()
+                        .any(|r| r.name == o.name && r.kind.name() == o.kind.name())
+                })
+                .map(|r| r.name.clone())
+                .collect(),
+        };
+        outcome.removed.sort();
+        let mut out = Vec::new();
+        let clear = |rule: &Rule,
+                     device: &str,
+                     metric: &str,
+                     state: &RuleState,
+                     last: Option<f64>,
+                     out: &mut Vec<Alert>| {
+            if let State::Raised { since, threshold } = state.core {
+                let t = crate::rules::Transition {
+                    state: AlertState::Cleared,
+                    since,
+                    at: now,
+                    value: last.unwrap_or(state.value),
+                    threshold,
+                    repeat: 0,
+                };
+                info!(device, metric, rule = %rule.name, "alert cleared: its rule was removed");
+                out.push(Alert {
+                    doc: AlertDoc::new(&self.options.gateway, rule, device, metric, &t),
+                    forward: rule.forward,
+                });
+            }
+        };
+        for (name, device) in &mut self.devices {
+            let mut fresh = new_device(new, name);
+            for (new_idx, state) in &mut fresh.device_rules {
+                if let Some((_, old_state)) = device
+                    .device_rules
+                    .iter()
+                    .find(|(i, _)| carried(*i) == Some(*new_idx))
+                {
+                    *state = old_state.clone();
+                }
+            }
+            for (old_idx, state) in &device.device_rules {
+                if carried(*old_idx).is_none() {
+                    let metric = if matches!(old[*old_idx].kind, Kind::Presence { .. }) {
+                        PRESENCE_METRIC
+                    } else {
+                        ANY_METRIC
+                    };
+                    clear(&old[*old_idx], name, metric, state, None, &mut out);
+                }
+            }
+            for (metric, stream) in &mut device.streams {
+                let mut next = new_stream(new, &fresh.device_rules, name, metric);
+                for (new_idx, state) in &mut next.rules {
+                    if let Some((_, old_state)) = stream
+                        .rules
+                        .iter()
+                        .find(|(i, _)| carried(*i) == Some(*new_idx))
+                    {
+                        *state = old_state.clone();
+                    }
+                }
+                for (old_idx, state) in &stream.rules {
+                    if carried(*old_idx).is_none() {
+                        clear(&old[*old_idx], name, metric, state, stream.last, &mut out);
+                    }
+                }
+                stream.rules = next.rules;
+                stream.feeds = next.feeds;
+            }
+            device.device_rules = fresh.device_rules;
+            device.episodes = device
+                .episodes
+                .iter()
+                .filter_map(|&(i, t)| carried(i).map(|n| (n, t)))
+                .collect();
+        }
+        Stats::add(&self.stats.alerts_cleared, out.len() as u64);
+        self.rebuild_deadlines();
+        (out, outcome)
+    }
+
+    fn rebuild_deadlines(&mut self) {
+        self.deadlines.clear();
+        for (name, device) in &self.devices {
+            for (i, state) in &device.device_rules {
+                if let Some(at) = self.options.rules[*i].deadline(state) {
+                    self.deadlines.push(Reverse(Deadline {
+                        at,
+                        device: name.clone(),
+                        metric: None,
+                        rule: *i,
+                    }));
+                }
+            }
+            for (metric, stream) in &device.streams {
+                for (i, state) in &stream.rules {
+                    if let Some(at) = self.options.rules[*i].deadline(state) {
+                        self.deadlines.push(Reverse(Deadline {
+                            at,
+                            device: name.clone(),
+                            metric: Some(metric.clone()),
+                            rule: *i,
+                        }));
+                    }
+                }
+            }
+        }
     }
 
     /// History rows waiting for the store.
@@ -521,12 +960,7 @@ impl Engine {
             .iter_mut()
             .filter_map(|(name, site)| site.take().map(|f| (name.clone(), json!(f))))
             .collect();
-        let doc = json!({
-            "gateway": self.options.gateway,
-            "from": rfc3339(s.from),
-            "to": rfc3339(to),
-            "metrics": metrics,
-        });
+        let doc = json!({ "gateway": self.options.gateway, "from": rfc3339(s.from), "to": rfc3339(to), "metrics": metrics });
         let id = format!("{}:summary:{}", self.options.gateway, s.from);
         s.from = window_start(now, s.interval);
         Some(OutboxEntry {
@@ -543,7 +977,11 @@ impl Engine {
             self.devices.contains_key(*d) || self.devices.len() < MAX_ERROR_ONLY_DEVICES
         });
         let key = tracked.unwrap_or(OTHER_DEVICES);
-        let d = self.devices.entry(key.into()).or_insert_with(new_device);
+        let rules = &self.options.rules;
+        let d = self
+            .devices
+            .entry(key.into())
+            .or_insert_with(|| new_device(rules, key));
         d.counters.decode_errors += 1;
         d.counters.last_seen_ms = now;
         let logged_as = device.unwrap_or(OTHER_DEVICES);
@@ -622,19 +1060,34 @@ pub struct Outputs {
     pub forward: Option<Vec<Severity>>,
 }
 
+/// Requests to the running ingest task.
+pub enum Control {
+    /// Swap in new rules and sources; the reply says what changed.
+    Reload {
+        /// The new rules.
+        rules: Vec<Rule>,
+        /// The new sources.
+        sources: Vec<Source>,
+        /// Answered once the new rules are in force.
+        reply: oneshot::Sender<ReloadOutcome>,
+    },
+}
+
 /// The ingest task: pulls from the link until `shutdown` resolves or the broker goes away.
 pub async fn run(
     mut engine: Engine,
     mut link_tx: LinkTx,
     mut link_rx: LinkRx,
     outputs: Outputs,
+    mut control: mpsc::Receiver<Control>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let stats = engine.stats.clone();
-    let mut cursor = CursorWatch::default();
+    let mut filters = engine.filters();
+    let mut cursors: HashMap<String, CursorWatch> = HashMap::new();
     let mut jumps_stored = (0, 0);
     tokio::pin!(shutdown);
-    // One timer for the earliest pending `for` deadline, re-armed only when that changes.
+    // One timer for the earliest deadline, re-armed only when that changes.
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     let mut armed: Option<Millis> = None;
@@ -649,13 +1102,16 @@ pub async fn run(
             }
             armed = next;
         }
-        let docs = tokio::select! {
+        let alerts = tokio::select! {
             biased;
             _ = &mut shutdown => break,
             n = link_rx.next() => match n {
                 Ok(Some(Notification::Forward(f))) => {
                     if let Some((_, offset)) = f.cursor {
-                        let lost = cursor.observe(offset);
+                        // Each subscription has a log of its own, with its own offsets.
+                        let topic = std::str::from_utf8(&f.publish.topic).unwrap_or_default();
+                        let filter = filters.iter().find(|flt| crate::topic::TopicFilter::new(flt).is_ok_and(|t| t.matches(topic)));
+                        let lost = cursors.entry(filter.cloned().unwrap_or_default()).or_default().observe(offset);
                         if lost > 0 {
                             Stats::inc(&stats.cursor_jumps);
                             Stats::add(&stats.cursor_jump_lost, lost);
@@ -683,6 +1139,24 @@ pub async fn run(
                 armed = None;
                 engine.on_tick(now_millis())
             }
+            Some(Control::Reload { rules, sources, reply }) = control.recv() => {
+                let (cleared, outcome) = engine.replace_rules(rules, sources, now_millis());
+                let wanted = engine.filters();
+                for f in wanted.iter().filter(|f| !filters.contains(f)) {
+                    if let Err(e) = link_tx.subscribe(f.clone()) {
+                        error!(filter = %f, error = %e, "cannot subscribe to a new source's topics");
+                    }
+                }
+                for f in filters.iter().filter(|f| !wanted.contains(f)) {
+                    if let Err(e) = link_tx.unsubscribe(f.clone()) {
+                        warn!(filter = %f, error = %e, "cannot unsubscribe from a removed source's topics");
+                    }
+                    cursors.remove(f);
+                }
+                filters = wanted;
+                let _ = reply.send(outcome);
+                cleared
+            }
             _ = housekeeping.tick() => {
                 let round = engine.housekeeping(now_millis());
                 store_round(&outputs.store, round);
@@ -694,8 +1168,8 @@ pub async fn run(
                 continue;
             }
         };
-        for doc in docs {
-            dispatch(&doc, &mut link_tx, &outputs).await;
+        for alert in alerts {
+            dispatch(&alert, &mut link_tx, &outputs).await;
         }
         if engine.buffered_history() >= HISTORY_BATCH {
             let (rollups, raw) = engine.take_history();
@@ -716,266 +1190,38 @@ fn store_round(store: &Store, round: Housekeeping) {
     }
 }
 
-async fn dispatch(doc: &AlertDoc, link_tx: &mut LinkTx, outputs: &Outputs) {
+/// True if `alert` goes upstream: the rule's `forward` if set, else its severity.
+pub fn forwarded(alert: &Alert, forward: Option<&[Severity]>) -> bool {
+    match (forward, alert.forward) {
+        (None, _) => false,
+        (Some(_), Some(explicit)) => explicit,
+        (Some(severities), None) => severities.contains(&alert.doc.severity),
+    }
+}
+
+async fn dispatch(alert: &Alert, link_tx: &mut LinkTx, outputs: &Outputs) {
+    let doc = &alert.doc;
     let payload = Bytes::from(doc.to_json());
     let topic = doc.topic();
-    let upstream = outputs
-        .forward
-        .as_ref()
-        .is_some_and(|f| f.contains(&doc.severity));
-    let entry = upstream.then(|| OutboxEntry {
+    let entry = forwarded(alert, outputs.forward.as_deref()).then(|| OutboxEntry {
         id: doc.id.clone(),
         topic: topic.clone(),
         payload: payload.clone(),
         retain: true,
     });
-    // History and outbox in one transaction; the uplink hears of it only once committed.
+    // History, current state and outbox in one transaction; the uplink hears of it only
+    // once committed.
     outputs.store.alert(doc, entry);
+    publish_retained(link_tx, topic, payload).await;
+}
+
+/// Publishes an alert document retained on the local broker.
+pub async fn publish_retained(link_tx: &mut LinkTx, topic: String, payload: Bytes) {
     let publish = Publish::new(Bytes::from(topic), payload, true);
     if let Err(e) = link_tx.send(Packet::Publish(publish, None)).await {
-        error!(error = %e, id = %doc.id, "could not publish the alert on the local broker");
+        error!(error = %e, "could not publish an alert on the local broker");
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::rules::Threshold;
-    use crate::topic::TopicFilter;
-
-    fn engine_with(hold_ms: u64, summaries: Option<SummaryConfig>, keep_raw: bool) -> Engine {
-        let rule = Rule {
-            name: "overheat".into(),
-            filter: TopicFilter::new("sensors/+/temperature").unwrap(),
-            threshold: Threshold {
-                above: Some(90.0),
-                clear_below: Some(85.0),
-                ..Threshold::default()
-            },
-            hold: Duration::from_millis(hold_ms),
-            severity: Severity::Critical,
-        };
-        let options = EngineOptions {
-            gateway: "site".into(),
-            rules: vec![rule],
-            limits: Limits::default(),
-            window: Duration::from_secs(60),
-            keep_raw,
-            summaries,
-        };
-        Engine::new(options, Arc::new(Stats::default()), 0)
-    }
-
-    fn engine(hold_ms: u64) -> Engine {
-        engine_with(hold_ms, None, false)
-    }
-
-    fn states(docs: &[AlertDoc]) -> Vec<(&str, AlertState)> {
-        docs.iter().map(|d| (d.device.as_str(), d.state)).collect()
-    }
-
-    #[test]
-    fn devices_have_separate_state() {
-        let mut e = engine(0);
-        assert_eq!(
-            states(&e.on_message(b"sensors/a/temperature", b"95", 1)),
-            [("a", AlertState::Raised)]
-        );
-        assert!(e.on_message(b"sensors/b/temperature", b"80", 2).is_empty());
-        assert!(e.on_message(b"sensors/a/temperature", b"96", 3).is_empty());
-        assert_eq!(
-            states(&e.on_message(b"sensors/a/temperature", b"70", 4)),
-            [("a", AlertState::Cleared)]
-        );
-        assert!(
-            e.on_message(b"sensors/a/humidity", b"99", 5).is_empty(),
-            "no rule for humidity"
-        );
-    }
-
-    #[test]
-    fn object_payload_feeds_each_metric() {
-        let mut e = engine(0);
-        let docs = e.on_message(
-            b"sensors/a",
-            br#"{"temperature":95,"humidity":20,"seq":3}"#,
-            1,
-        );
-        assert_eq!(states(&docs), [("a", AlertState::Raised)]);
-        assert_eq!(docs[0].metric, "temperature");
-        assert_eq!(Stats::get(&e.stats.readings), 2);
-    }
-
-    #[test]
-    fn pending_for_fires_on_tick_at_the_deadline() {
-        let mut e = engine(10_000);
-        assert!(
-            e.on_message(b"sensors/a/temperature", b"95", 1_000)
-                .is_empty()
-        );
-        assert_eq!(e.next_deadline(), Some(11_000));
-        assert!(e.on_tick(10_999).is_empty());
-        assert_eq!(states(&e.on_tick(11_000)), [("a", AlertState::Raised)]);
-        assert_eq!(e.next_deadline(), None);
-    }
-
-    #[test]
-    fn interrupted_pending_leaves_a_stale_deadline_that_does_nothing() {
-        let mut e = engine(10_000);
-        e.on_message(b"sensors/a/temperature", b"95", 1_000);
-        e.on_message(b"sensors/a/temperature", b"80", 5_000);
-        e.on_message(b"sensors/a/temperature", b"95", 6_000);
-        assert!(
-            e.on_tick(11_000).is_empty(),
-            "the first episode was interrupted"
-        );
-        assert_eq!(states(&e.on_tick(16_000)), [("a", AlertState::Raised)]);
-    }
-
-    #[test]
-    fn malformed_input_is_counted_and_harms_no_one() {
-        let mut e = engine(0);
-        for (topic, payload) in [
-            (&b"sensors/bad/temperature"[..], &b"abc"[..]),
-            (b"sensors/bad/temperature", b"NaN"),
-            (b"sensors/bad", b"{\"temperature\":"),
-            (b"sensors", b"1"),
-            (b"sensors/\xff/x", b"1"),
-        ] {
-            assert!(e.on_message(topic, payload, 1).is_empty());
-        }
-        e.housekeeping(2);
-        assert_eq!(e.stats.decode_errors_of("bad"), 3);
-        assert_eq!(e.stats.decode_errors_of(OTHER_DEVICES), 2);
-        assert_eq!(
-            states(&e.on_message(b"sensors/good/temperature", b"99", 2)),
-            [("good", AlertState::Raised)]
-        );
-    }
-
-    #[test]
-    fn seq_gaps_and_duplicates_are_counted_and_duplicates_are_not_judged_twice() {
-        let mut e = engine(0);
-        let mut raised = 0;
-        // A device that skips 3 and 4 and repeats 5 (a QoS 1 redelivery of the excursion).
-        for (seq, v) in [
-            (0, 20),
-            (1, 20),
-            (2, 20),
-            (5, 95),
-            (5, 95),
-            (6, 70),
-            (6, 70),
-            (7, 95),
-        ] {
-            let payload = format!("{{\"v\":{v},\"seq\":{seq}}}");
-            raised += e
-                .on_message(b"sensors/d/temperature", payload.as_bytes(), seq)
-                .iter()
-                .filter(|d| d.state == AlertState::Raised)
-                .count();
-        }
-        assert_eq!(raised, 2, "the duplicate of seq 5 raised nothing");
-        let round = e.housekeeping(10);
-        let c = e.stats.device("d").unwrap();
-        assert_eq!(
-            (c.messages, c.readings, c.loss.lost, c.loss.duplicated),
-            (8, 6, 2, 2)
-        );
-        assert_eq!(round.devices.len(), 1);
-        assert_eq!(round.devices[0].add.loss.lost, 2);
-        // Nothing changed since: nothing to publish.
-        assert!(e.housekeeping(11).devices.is_empty());
-    }
-
-    #[test]
-    fn late_messages_go_to_history_but_not_to_rules() {
-        let mut e = engine_with(0, None, true);
-        e.on_message(b"sensors/d/temperature", br#"{"v":20,"seq":10}"#, 1);
-        e.on_message(b"sensors/d/temperature", br#"{"v":20,"seq":12}"#, 2);
-        assert!(
-            e.on_message(b"sensors/d/temperature", br#"{"v":99,"seq":11}"#, 3)
-                .is_empty(),
-            "late: not judged"
-        );
-        let (_, raw) = e.take_history();
-        assert_eq!(
-            raw.iter().map(|r| r.seq).collect::<Vec<_>>(),
-            [Some(10), Some(12), Some(11)]
-        );
-        e.housekeeping(4);
-        let c = e.stats.device("d").unwrap();
-        assert_eq!((c.loss.lost, c.loss.out_of_order), (0, 1));
-    }
-
-    #[test]
-    fn rollups_close_with_time_and_finish_flushes_partial_windows() {
-        let mut e = engine(0);
-        e.on_message(b"sensors/d/temperature", b"20", 1_000);
-        e.on_message(b"sensors/d/temperature", b"30", 2_000);
-        e.on_message(b"sensors/q/temperature", b"10", 2_000);
-        e.on_message(b"sensors/d/temperature", b"25", 61_000);
-        let round = e.housekeeping(61_000);
-        let mut closed: Vec<_> = round
-            .rollups
-            .iter()
-            .map(|r| (r.device.as_str(), r.rollup.count, r.rollup.mean))
-            .collect();
-        closed.sort_by(|a, b| a.0.cmp(b.0));
-        assert_eq!(
-            closed,
-            [("d", 2, 25.0), ("q", 1, 10.0)],
-            "d closed by its reading, quiet q by the round"
-        );
-        let last = e.finish(62_000);
-        let partial: Vec<_> = last
-            .rollups
-            .iter()
-            .map(|r| (r.device.as_str(), r.rollup.start, r.rollup.count))
-            .collect();
-        assert_eq!(partial, [("d", 60_000, 1)]);
-    }
-
-    #[test]
-    fn a_summary_goes_out_once_per_interval() {
-        let summaries = SummaryConfig {
-            interval: Duration::from_secs(60),
-            metrics: vec!["temperature".into()],
-        };
-        let mut e = engine_with(0, Some(summaries), false);
-        e.on_message(b"sensors/a/temperature", b"20", 1_000);
-        e.on_message(b"sensors/b/temperature", b"30", 2_000);
-        e.on_message(b"sensors/b/humidity", b"50", 2_000);
-        assert!(e.housekeeping(59_999).summary.is_none());
-        let s = e.housekeeping(60_000).summary.expect("interval ended");
-        assert_eq!((s.topic.as_str(), s.retain), (SUMMARY_TOPIC, false));
-        let doc: serde_json::Value = serde_json::from_slice(&s.payload).unwrap();
-        assert_eq!(doc["from"], rfc3339(0));
-        assert_eq!(doc["metrics"]["temperature"]["devices"], 2);
-        assert_eq!(doc["metrics"]["temperature"]["max_device"], "b");
-        assert!(
-            doc["metrics"].get("humidity").is_none(),
-            "only the named metrics"
-        );
-        assert!(e.housekeeping(60_001).summary.is_none(), "one per interval");
-    }
-
-    #[test]
-    fn error_log_is_rate_limited_per_device() {
-        let mut log = LogLimit::default();
-        assert_eq!(log.should_log("a", 0), Some(0));
-        assert_eq!(log.should_log("a", 1_000), None);
-        assert_eq!(log.should_log("b", 1_000), Some(0));
-        assert_eq!(log.should_log("a", 59_999), None);
-        assert_eq!(log.should_log("a", 60_000), Some(2));
-    }
-
-    #[test]
-    fn cursor_jumps_are_measured() {
-        let mut c = CursorWatch::default();
-        assert_eq!(c.observe(10), 0);
-        assert_eq!(c.observe(11), 0);
-        assert_eq!(c.observe(15), 3);
-        assert_eq!(c.observe(16), 0);
-    }
-}
+mod tests;

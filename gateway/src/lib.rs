@@ -13,6 +13,7 @@
 //! | [`config`] | raw serde structs, then `compile()` into a checked [`config::Config`] plus warnings, with file:line:column diagnostics |
 //! | [`broker`] | rumqttd's router plus Watchpost's own listeners and client connections; hands ingest its in-process link |
 //! | [`codec`] | pure bytes → readings; no I/O |
+//! | [`sources`] | foreign topic layouts (Tasmota, ESPHome, Shelly, ...) mapped onto readings by configuration |
 //! | [`topic`] | MQTT topic filter syntax and matching |
 //! | [`loss`] | pure loss accounting from each device's `seq`: gaps, duplicates, late arrivals |
 //! | [`rules`] | pure rule evaluation: (rule, state, input, now) → (state, transition) |
@@ -23,6 +24,7 @@
 //! | [`uplink`] | the upstream client task: drains the outbox with QoS 1, deletes a row only after its PUBACK, backoff with jitter |
 //! | [`stats`] | counters every part updates |
 //! | [`query`] | tables and JSON for the query commands (`alerts`, `history`, `devices`) |
+//! | [`replay`] | `test-rules`: recorded readings through the same engine under virtual time, compared with expected alerts |
 //! | [`app`], [`shutdown`] | wiring, start-up and graceful shutdown |
 #![deny(missing_docs)]
 
@@ -35,8 +37,10 @@ pub mod config;
 pub mod ingest;
 pub mod loss;
 pub mod query;
+pub mod replay;
 pub mod rules;
 pub mod shutdown;
+pub mod sources;
 pub mod stats;
 pub mod store;
 pub mod topic;

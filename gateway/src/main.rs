@@ -8,8 +8,8 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use watchpost::config::{self, ConfigError, Loaded};
-use watchpost::query;
 use watchpost::store::Reader;
+use watchpost::{query, replay};
 
 /// Default log filter: Watchpost at info, the embedded broker and MQTT client only when
 /// something is wrong.
@@ -75,6 +75,31 @@ enum Command {
         #[arg(long)]
         raw: bool,
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay recorded readings through the rules under virtual time: which alerts would fire,
+    /// and how many bytes would go upstream compared with forwarding every reading.
+    TestRules {
+        /// Configuration whose rules to test (default: the quickstart).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Recorded readings: CSV (time,device,metric,value) or JSON lines.
+        #[arg(long, required_unless_present = "from_db", conflicts_with = "from_db")]
+        readings: Option<PathBuf>,
+        /// Replay the raw readings the gateway stored (needs history.raw_retention).
+        #[arg(long)]
+        from_db: bool,
+        /// With --from-db: how far back.
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// Let time run on after the last reading, e.g. 10m, so that pending deadlines fire.
+        #[arg(long, value_parser = parse_duration)]
+        run_on: Option<Duration>,
+        /// Expected alerts (JSON lines, as --json prints them): fail on any difference.
+        #[arg(long)]
+        expect: Option<PathBuf>,
+        /// Print the alerts as JSON lines instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -145,6 +170,15 @@ fn main() -> ExitCode {
                 }
             })
         }),
+        Command::TestRules {
+            config,
+            readings,
+            from_db,
+            since,
+            run_on,
+            expect,
+            json,
+        } => test_rules(config, readings, from_db, since, run_on, expect, json),
         Command::Devices { config, json } => query(config, |r| {
             let records = r.devices()?;
             let (depth, oldest) = r.outbox()?;
@@ -169,6 +203,117 @@ fn main() -> ExitCode {
                 )
             })
         }),
+    }
+}
+
+fn test_rules(
+    config: Option<PathBuf>,
+    readings: Option<PathBuf>,
+    from_db: bool,
+    since: Option<Duration>,
+    run_on: Option<Duration>,
+    expect: Option<PathBuf>,
+    json: bool,
+) -> ExitCode {
+    let fail = |message: String| {
+        eprintln!("watchpost: {message}");
+        ExitCode::FAILURE
+    };
+    let loaded = match load(config.as_ref()) {
+        Ok(l) => l,
+        Err(e) => return fail(format!("{e}\nthe configuration has errors")),
+    };
+    let recorded =
+        if from_db {
+            let from = since.map_or(0, |s| {
+                watchpost::alert::now_millis().saturating_sub(s.as_millis() as u64)
+            });
+            match Reader::open(&loaded.config.gateway.data_dir)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.raw_readings(from).map_err(|e| e.to_string()))
+            {
+                Ok(rows) if rows.is_empty() => return fail(
+                    "the database holds no raw readings: set history.raw_retention to keep them"
+                        .into(),
+                ),
+                Ok(rows) => rows
+                    .into_iter()
+                    .map(|r| replay::Recorded {
+                        at: r.at,
+                        device: r.device,
+                        metric: r.metric,
+                        value: r.value,
+                    })
+                    .collect(),
+                Err(e) => return fail(e),
+            }
+        } else {
+            let path = readings.expect("clap requires --readings without --from-db");
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
+            };
+            match replay::parse_readings(&text) {
+                Ok(r) => r,
+                Err(errors) => {
+                    return fail(
+                        errors
+                            .iter()
+                            .map(|e| format!("{}: {e}", path.display()))
+                            .collect::<Vec<_>>()
+                            .join("\n"),
+                    );
+                }
+            }
+        };
+    let until = run_on.map(|d| recorded.last().map_or(0, |r| r.at) + d.as_millis() as u64);
+    let outcome = replay::replay(&loaded.config, &recorded, until);
+    if json {
+        print!("{}", replay::json_lines(&outcome));
+    } else {
+        print!("{}", replay::report(&outcome));
+    }
+    let Some(expect) = expect else {
+        return ExitCode::SUCCESS;
+    };
+    let expected = match std::fs::read_to_string(&expect)
+        .map_err(|e| vec![e.to_string()])
+        .and_then(|t| replay::parse_expected(&t))
+    {
+        Ok(e) => e,
+        Err(errors) => {
+            return fail(
+                errors
+                    .iter()
+                    .map(|e| format!("{}: {e}", expect.display()))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
+        }
+    };
+    let got: Vec<_> = outcome
+        .alerts
+        .iter()
+        .map(|a| replay::Expected::of(&a.doc))
+        .collect();
+    let diff = replay::compare(&expected, &got);
+    if diff.is_empty() {
+        eprintln!(
+            "{}: all {} expected alerts, and no others",
+            expect.display(),
+            expected.len()
+        );
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "{}: the alerts differ from what is expected ({} difference(s)):",
+            expect.display(),
+            diff.len()
+        );
+        for line in diff {
+            eprintln!("  {line}");
+        }
+        ExitCode::FAILURE
     }
 }
 
@@ -233,9 +378,10 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let watch = loaded.config.gateway.watch_config;
     let result = runtime.block_on(async {
-        let gateway = watchpost::start(loaded.config).await?;
-        wait_for_signal().await;
+        let mut gateway = watchpost::start(loaded.config).await?;
+        serve_until_stopped(&mut gateway, path.as_deref(), watch).await;
         gateway.shutdown().await;
         Ok::<_, watchpost::StartError>(())
     });
@@ -251,23 +397,80 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT; meanwhile reloads the rules on SIGHUP and, if asked, when
+/// the configuration file changes.
+async fn serve_until_stopped(gateway: &mut watchpost::Gateway, path: Option<&Path>, watch: bool) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (
+    let (mut term, mut int, mut hup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(t), Ok(i)) => (t, i),
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
         _ => {
             tracing::error!("cannot install signal handlers; stop the gateway with SIGKILL");
             return std::future::pending().await;
         }
     };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = path.and_then(modified);
+    let mut poll = tokio::time::interval(Duration::from_secs(2));
+    let watching = watch && path.is_some();
+    if watching {
+        tracing::info!("watching the configuration file for changes");
+    }
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM received; shutting down");
+                return;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT received; shutting down");
+                return;
+            }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received; reloading the rules");
+                reload(gateway, path).await;
+                seen = path.and_then(modified);
+            }
+            _ = poll.tick(), if watching => {
+                let now = path.and_then(modified);
+                if now != seen {
+                    seen = now;
+                    tracing::info!("the configuration file changed; reloading the rules");
+                    reload(gateway, path).await;
+                }
+            }
+        }
+    }
+}
+
+/// Checks the file and swaps in its rules; a broken file leaves the old rules running.
+async fn reload(gateway: &mut watchpost::Gateway, path: Option<&Path>) {
+    let Some(path) = path else {
+        tracing::info!("running the embedded quickstart configuration: there is no file to reload");
+        return;
     };
-    tracing::info!("{name} received; shutting down");
+    match config::load(path) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                tracing::warn!("{w}");
+            }
+            if let Err(e) = gateway.reload(loaded.config).await {
+                tracing::error!("reload failed: {e}");
+            }
+        }
+        Err(e) => {
+            for d in &e.errors {
+                tracing::error!("{d}");
+            }
+            tracing::error!(
+                errors = e.errors.len(),
+                "the configuration has errors; the old rules keep running"
+            );
+        }
+    }
 }
 
 fn check(path: &Path, deny_warnings: bool) -> ExitCode {

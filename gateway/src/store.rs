@@ -109,6 +109,20 @@ const MIGRATIONS: &[&str] = &[
         value INTEGER NOT NULL
     );
     ",
+    "
+    CREATE TABLE alert_state (
+        rule       TEXT NOT NULL,
+        device     TEXT NOT NULL,
+        metric     TEXT NOT NULL,
+        raised     INTEGER NOT NULL,
+        since_ms   INTEGER NOT NULL,
+        threshold  REAL NOT NULL,
+        topic      TEXT NOT NULL,
+        doc        TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (rule, device, metric)
+    ) WITHOUT ROWID;
+    ",
 ];
 
 /// Errors of the store layer.
@@ -217,8 +231,30 @@ pub struct StoreOptions {
     pub raw_retention: Option<Duration>,
 }
 
+/// The last state of one alert, as stored for the next start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedAlert {
+    /// Rule name.
+    pub rule: String,
+    /// Device id.
+    pub device: String,
+    /// Metric.
+    pub metric: String,
+    /// Still raised when last written.
+    pub raised: bool,
+    /// Start of the episode.
+    pub since: Millis,
+    /// The bound that was crossed.
+    pub threshold: f64,
+    /// Local topic of the alert.
+    pub topic: String,
+    /// The last document, to publish retained again.
+    pub doc: String,
+}
+
 enum Command {
     Alert(Box<AlertDoc>, Option<OutboxEntry>),
+    SavedAlerts(oneshot::Sender<Vec<SavedAlert>>),
     Outbox(OutboxEntry),
     OutboxDone(u64),
     Rollups(Vec<RollupRow>),
@@ -336,6 +372,13 @@ impl Store {
             limit,
             reply,
         });
+        rx.await.unwrap_or_default()
+    }
+
+    /// The last state of every alert, written with each transition.
+    pub async fn saved_alerts(&self) -> Vec<SavedAlert> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::SavedAlerts(reply));
         rx.await.unwrap_or_default()
     }
 
@@ -481,6 +524,14 @@ impl Writer {
                     self.commit(&mut writes);
                     let _ = reply.send(());
                 }
+                Command::SavedAlerts(reply) => {
+                    self.commit(&mut writes);
+                    let saved = self.saved_alerts().unwrap_or_else(|e| {
+                        error!(error = %e, "cannot read the saved alert states");
+                        Vec::new()
+                    });
+                    let _ = reply.send(saved);
+                }
                 write => writes.push(write),
             }
         }
@@ -574,6 +625,25 @@ impl Writer {
         self.stats
             .outbox_oldest_ms
             .store(oldest.unwrap_or(0) as u64, Ordering::Relaxed);
+    }
+
+    fn saved_alerts(&self) -> rusqlite::Result<Vec<SavedAlert>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT rule, device, metric, raised, since_ms, threshold, topic, doc FROM alert_state",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(SavedAlert {
+                rule: r.get(0)?,
+                device: r.get(1)?,
+                metric: r.get(2)?,
+                raised: r.get(3)?,
+                since: r.get::<_, i64>(4)? as Millis,
+                threshold: r.get(5)?,
+                topic: r.get(6)?,
+                doc: r.get(7)?,
+            })
+        })?;
+        rows.collect()
     }
 
     fn outbox_page(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<OutboxItem>> {
@@ -711,6 +781,18 @@ fn write(tx: &rusqlite::Transaction<'_>, w: &Command) -> rusqlite::Result<Effect
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?
             .execute(params![d.id, d.rule, d.device, d.metric, d.severity.as_str(), state, d.value, d.threshold, d.since, d.at, now])?;
+            let since = humantime::parse_rfc3339(&d.since)
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as i64);
+            tx.prepare_cached(
+                "INSERT INTO alert_state (rule, device, metric, raised, since_ms, threshold, topic, doc, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (rule, device, metric) DO UPDATE SET
+                   raised = excluded.raised, since_ms = excluded.since_ms, threshold = excluded.threshold,
+                   topic = excluded.topic, doc = excluded.doc, updated_ms = excluded.updated_ms",
+            )?
+            .execute(params![d.rule, d.device, d.metric, d.state == AlertState::Raised, since, d.threshold, d.topic(), String::from_utf8_lossy(&d.to_json()), now])?;
             match outbox {
                 Some(entry) => insert_outbox(tx, entry, now).map(Effect::inserted),
                 None => Ok(Effect::default()),
@@ -806,7 +888,9 @@ fn write(tx: &rusqlite::Transaction<'_>, w: &Command) -> rusqlite::Result<Effect
             }
             Ok(Effect::default())
         }
-        Command::OutboxPage { .. } | Command::Flush(_) => Ok(Effect::default()),
+        Command::OutboxPage { .. } | Command::Flush(_) | Command::SavedAlerts(_) => {
+            Ok(Effect::default())
+        }
     }
 }
 
@@ -1009,6 +1093,21 @@ impl Reader {
         rows.collect()
     }
 
+    /// Every stored raw reading at or after `since`, oldest first.
+    pub fn raw_readings(&self, since: Millis) -> rusqlite::Result<Vec<RawRow>> {
+        let mut stmt = self.conn.prepare("SELECT device, metric, at_ms, value, seq FROM readings WHERE at_ms >= ?1 ORDER BY at_ms")?;
+        let rows = stmt.query_map([since as i64], |r| {
+            Ok(RawRow {
+                device: r.get(0)?,
+                metric: r.get(1)?,
+                at: r.get::<_, i64>(2)? as Millis,
+                value: r.get(3)?,
+                seq: r.get::<_, Option<i64>>(4)?.map(|s| s as u64),
+            })
+        })?;
+        rows.collect()
+    }
+
     /// Every device's lifetime counters, by device id.
     pub fn devices(&self) -> rusqlite::Result<Vec<DeviceRecord>> {
         let mut stmt = self.conn.prepare(
@@ -1073,6 +1172,8 @@ mod tests {
             since: "s".into(),
             at: "a".into(),
             gateway: "g".into(),
+            repeat: 0,
+            labels: Default::default(),
         }
     }
 

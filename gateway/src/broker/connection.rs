@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rumqttd::Notification;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
@@ -21,6 +21,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{Instrument, debug, debug_span};
 
 use super::{Router, client_id_allowed};
+use crate::codec;
 use crate::stats::Stats;
 
 /// Most packets handed to the router in one go; the rest wait for the next round.
@@ -162,6 +163,10 @@ async fn session<P: Wire>(io: &mut Io<P>, shared: &Shared) -> Result<(), ConnErr
     io.queue(Packet::ConnAck(connack, connack_props));
     let keep_alive = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let mut session = Session {
+        device_prefix: format!("{}/{client_id}/", codec::TOPIC_ROOT),
+        reports_as_device: false,
+    };
     let end = match io.flush().await {
         Ok(()) => {
             debug!(
@@ -169,7 +174,7 @@ async fn session<P: Wire>(io: &mut Io<P>, shared: &Shared) -> Result<(), ConnErr
                 clean = connect.clean_session,
                 "client connected"
             );
-            run(io, &mut link_tx, &mut link_rx, keep_alive).await
+            run(io, &mut link_tx, &mut link_rx, keep_alive, &mut session).await
         }
         Err(e) => End::Lost(Some(e.into())),
     };
@@ -190,6 +195,14 @@ async fn session<P: Wire>(io: &mut Io<P>, shared: &Shared) -> Result<(), ConnErr
             }) = will
             {
                 last.push(Packet::Publish(Publish::new(topic, message, retain), None));
+            } else if session.reports_as_device {
+                // A device without a will that drops off is still gone: say so on its status
+                // topic, as its will would have.
+                let topic = format!("{}/{client_id}/{}", codec::TOPIC_ROOT, codec::STATUS_METRIC);
+                last.push(Packet::Publish(
+                    Publish::new(Bytes::from(topic), Bytes::from_static(b"offline"), false),
+                    None,
+                ));
             }
             last.push(Packet::Disconnect(
                 protocol::Disconnect {
@@ -219,11 +232,20 @@ async fn refuse<P: Wire>(
     Err(ConnError::Refused(why))
 }
 
+/// What the connection learns about its client along the way.
+struct Session {
+    /// `sensors/{client id}/`.
+    device_prefix: String,
+    /// The client published readings under its own client id as device.
+    reports_as_device: bool,
+}
+
 async fn run<P: Wire>(
     io: &mut Io<P>,
     link_tx: &mut LinkTx,
     link_rx: &mut LinkRx,
     keep_alive: Option<Duration>,
+    session: &mut Session,
 ) -> End {
     let mut deadline = keep_alive.map(|k| Instant::now() + k);
     loop {
@@ -238,8 +260,15 @@ async fn run<P: Wire>(
                         disconnected = true;
                         break;
                     }
-                    Packet::Publish(..)
-                    | Packet::Subscribe(..)
+                    Packet::Publish(ref publish, _) => {
+                        if !session.reports_as_device
+                            && publish.topic.starts_with(session.device_prefix.as_bytes())
+                        {
+                            session.reports_as_device = true;
+                        }
+                        batch.push(packet);
+                    }
+                    Packet::Subscribe(..)
                     | Packet::Unsubscribe(..)
                     | Packet::PingReq(..)
                     | Packet::PubAck(..)

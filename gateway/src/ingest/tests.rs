@@ -1,0 +1,498 @@
+use super::*;
+use crate::rules::{Scope, SilenceAfter, Threshold};
+use crate::sources::Payload;
+use crate::topic::TopicFilter;
+
+fn rule(name: &str, filter: &str, kind: Kind, hold_ms: u64) -> Rule {
+    Rule {
+        name: name.into(),
+        filter: TopicFilter::new(filter).unwrap(),
+        kind,
+        hold: Duration::from_millis(hold_ms),
+        severity: Severity::Critical,
+        renotify: None,
+        cooldown: None,
+        forward: None,
+        labels: Default::default(),
+    }
+}
+
+fn overheat(hold_ms: u64) -> Rule {
+    let th = Threshold {
+        above: Some(90.0),
+        clear_below: Some(85.0),
+        ..Threshold::default()
+    };
+    rule(
+        "overheat",
+        "sensors/+/temperature",
+        Kind::Threshold(th),
+        hold_ms,
+    )
+}
+
+fn options(rules: Vec<Rule>) -> EngineOptions {
+    EngineOptions {
+        gateway: "site".into(),
+        rules,
+        sources: Vec::new(),
+        limits: Limits::default(),
+        window: Duration::from_secs(60),
+        keep_raw: false,
+        summaries: None,
+    }
+}
+
+fn engine_with(hold_ms: u64, summaries: Option<SummaryConfig>, keep_raw: bool) -> Engine {
+    let options = EngineOptions {
+        keep_raw,
+        summaries,
+        ..options(vec![overheat(hold_ms)])
+    };
+    Engine::new(options, Arc::new(Stats::default()), 0)
+}
+
+fn engine(hold_ms: u64) -> Engine {
+    engine_with(hold_ms, None, false)
+}
+
+fn states(alerts: &[Alert]) -> Vec<(&str, &str, AlertState)> {
+    alerts
+        .iter()
+        .map(|a| (a.doc.device.as_str(), a.doc.rule.as_str(), a.doc.state))
+        .collect()
+}
+
+use AlertState::{Cleared, Raised};
+
+#[test]
+fn devices_have_separate_state() {
+    let mut e = engine(0);
+    assert_eq!(
+        states(&e.on_message(b"sensors/a/temperature", b"95", 1)),
+        [("a", "overheat", Raised)]
+    );
+    assert!(e.on_message(b"sensors/b/temperature", b"80", 2).is_empty());
+    assert!(e.on_message(b"sensors/a/temperature", b"96", 3).is_empty());
+    assert_eq!(
+        states(&e.on_message(b"sensors/a/temperature", b"70", 4)),
+        [("a", "overheat", Cleared)]
+    );
+    assert!(
+        e.on_message(b"sensors/a/humidity", b"99", 5).is_empty(),
+        "no rule for humidity"
+    );
+}
+
+#[test]
+fn object_payload_feeds_each_metric() {
+    let mut e = engine(0);
+    let alerts = e.on_message(
+        b"sensors/a",
+        br#"{"temperature":95,"humidity":20,"seq":3}"#,
+        1,
+    );
+    assert_eq!(states(&alerts), [("a", "overheat", Raised)]);
+    assert_eq!(alerts[0].doc.metric, "temperature");
+    assert_eq!(Stats::get(&e.stats.readings), 2);
+}
+
+#[test]
+fn pending_for_fires_on_tick_at_the_deadline() {
+    let mut e = engine(10_000);
+    assert!(
+        e.on_message(b"sensors/a/temperature", b"95", 1_000)
+            .is_empty()
+    );
+    assert_eq!(e.next_deadline(), Some(11_000));
+    assert!(e.on_tick(10_999).is_empty());
+    assert_eq!(states(&e.on_tick(11_000)), [("a", "overheat", Raised)]);
+    assert_eq!(e.next_deadline(), None);
+}
+
+#[test]
+fn interrupted_pending_leaves_a_stale_deadline_that_does_nothing() {
+    let mut e = engine(10_000);
+    e.on_message(b"sensors/a/temperature", b"95", 1_000);
+    e.on_message(b"sensors/a/temperature", b"80", 5_000);
+    e.on_message(b"sensors/a/temperature", b"95", 6_000);
+    assert!(
+        e.on_tick(11_000).is_empty(),
+        "the first episode was interrupted"
+    );
+    assert_eq!(states(&e.on_tick(16_000)), [("a", "overheat", Raised)]);
+}
+
+#[test]
+fn episodes_started_in_one_millisecond_get_distinct_ids() {
+    let mut e = engine(0);
+    let first = e.on_message(b"sensors/a/temperature", b"95", 1_000);
+    e.on_message(b"sensors/a/temperature", b"70", 1_000);
+    let second = e.on_message(b"sensors/a/temperature", b"95", 1_000);
+    assert_ne!(first[0].doc.id, second[0].doc.id);
+    let clear = e.on_message(b"sensors/a/temperature", b"70", 1_001);
+    assert_eq!(
+        clear[0].doc.id, second[0].doc.id,
+        "the clear names the same episode"
+    );
+}
+
+#[test]
+fn malformed_input_is_counted_and_harms_no_one() {
+    let mut e = engine(0);
+    for (topic, payload) in [
+        (&b"sensors/bad/temperature"[..], &b"abc"[..]),
+        (b"sensors/bad/temperature", b"NaN"),
+        (b"sensors/bad", b"{\"temperature\":"),
+        (b"sensors", b"1"),
+        (b"sensors/\xff/x", b"1"),
+    ] {
+        assert!(e.on_message(topic, payload, 1).is_empty());
+    }
+    e.housekeeping(2);
+    assert_eq!(e.stats.decode_errors_of("bad"), 3);
+    assert_eq!(e.stats.decode_errors_of(OTHER_DEVICES), 2);
+    assert_eq!(
+        states(&e.on_message(b"sensors/good/temperature", b"99", 2)),
+        [("good", "overheat", Raised)]
+    );
+}
+
+#[test]
+fn seq_gaps_and_duplicates_are_counted_and_duplicates_are_not_judged_twice() {
+    let mut e = engine(0);
+    let mut raised = 0;
+    // A device that skips 3 and 4 and repeats 5 (a QoS 1 redelivery of the excursion).
+    for (seq, v) in [
+        (0, 20),
+        (1, 20),
+        (2, 20),
+        (5, 95),
+        (5, 95),
+        (6, 70),
+        (6, 70),
+        (7, 95),
+    ] {
+        let payload = format!("{{\"v\":{v},\"seq\":{seq}}}");
+        raised += e
+            .on_message(b"sensors/d/temperature", payload.as_bytes(), seq)
+            .iter()
+            .filter(|a| a.doc.state == Raised)
+            .count();
+    }
+    assert_eq!(raised, 2, "the duplicate of seq 5 raised nothing");
+    let round = e.housekeeping(10);
+    let c = e.stats.device("d").unwrap();
+    assert_eq!(
+        (c.messages, c.readings, c.loss.lost, c.loss.duplicated),
+        (8, 6, 2, 2)
+    );
+    assert_eq!(round.devices[0].add.loss.lost, 2);
+    assert!(
+        e.housekeeping(11).devices.is_empty(),
+        "nothing changed since"
+    );
+}
+
+#[test]
+fn late_messages_go_to_history_but_not_to_rules() {
+    let mut e = engine_with(0, None, true);
+    e.on_message(b"sensors/d/temperature", br#"{"v":20,"seq":10}"#, 1);
+    e.on_message(b"sensors/d/temperature", br#"{"v":20,"seq":12}"#, 2);
+    assert!(
+        e.on_message(b"sensors/d/temperature", br#"{"v":99,"seq":11}"#, 3)
+            .is_empty(),
+        "late: not judged"
+    );
+    let (_, raw) = e.take_history();
+    assert_eq!(
+        raw.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [Some(10), Some(12), Some(11)]
+    );
+    e.housekeeping(4);
+    let c = e.stats.device("d").unwrap();
+    assert_eq!((c.loss.lost, c.loss.out_of_order), (0, 1));
+}
+
+#[test]
+fn rollups_close_with_time_and_finish_flushes_partial_windows() {
+    let mut e = engine(0);
+    e.on_message(b"sensors/d/temperature", b"20", 1_000);
+    e.on_message(b"sensors/d/temperature", b"30", 2_000);
+    e.on_message(b"sensors/q/temperature", b"10", 2_000);
+    e.on_message(b"sensors/d/temperature", b"25", 61_000);
+    let round = e.housekeeping(61_000);
+    let mut closed: Vec<_> = round
+        .rollups
+        .iter()
+        .map(|r| (r.device.as_str(), r.rollup.count, r.rollup.mean))
+        .collect();
+    closed.sort_by(|a, b| a.0.cmp(b.0));
+    assert_eq!(
+        closed,
+        [("d", 2, 25.0), ("q", 1, 10.0)],
+        "d closed by its reading, quiet q by the round"
+    );
+    let last = e.finish(62_000);
+    let partial: Vec<_> = last
+        .rollups
+        .iter()
+        .map(|r| (r.device.as_str(), r.rollup.start, r.rollup.count))
+        .collect();
+    assert_eq!(partial, [("d", 60_000, 1)]);
+}
+
+#[test]
+fn a_summary_goes_out_once_per_interval() {
+    let summaries = SummaryConfig {
+        interval: Duration::from_secs(60),
+        metrics: vec!["temperature".into()],
+    };
+    let mut e = engine_with(0, Some(summaries), false);
+    e.on_message(b"sensors/a/temperature", b"20", 1_000);
+    e.on_message(b"sensors/b/temperature", b"30", 2_000);
+    e.on_message(b"sensors/b/humidity", b"50", 2_000);
+    assert!(e.housekeeping(59_999).summary.is_none());
+    let s = e.housekeeping(60_000).summary.expect("interval ended");
+    assert_eq!((s.topic.as_str(), s.retain), (SUMMARY_TOPIC, false));
+    let doc: serde_json::Value = serde_json::from_slice(&s.payload).unwrap();
+    assert_eq!(doc["from"], rfc3339(0));
+    assert_eq!(doc["metrics"]["temperature"]["devices"], 2);
+    assert_eq!(doc["metrics"]["temperature"]["max_device"], "b");
+    assert!(
+        doc["metrics"].get("humidity").is_none(),
+        "only the named metrics"
+    );
+    assert!(e.housekeeping(60_001).summary.is_none(), "one per interval");
+}
+
+#[test]
+fn presence_from_status_messages_and_readings() {
+    let presence = rule(
+        "gone",
+        "sensors/+/status",
+        Kind::Presence {
+            grace: Duration::from_secs(60),
+        },
+        0,
+    );
+    let mut e = Engine::new(options(vec![presence]), Arc::new(Stats::default()), 0);
+    assert!(
+        e.on_message(b"sensors/pump/status", b"offline", 1_000)
+            .is_empty()
+    );
+    assert_eq!(e.next_deadline(), Some(61_000));
+    let raised = e.on_tick(61_000);
+    assert_eq!(states(&raised), [("pump", "gone", Raised)]);
+    assert_eq!(raised[0].doc.metric, PRESENCE_METRIC);
+    assert_eq!(
+        states(&e.on_message(b"sensors/pump/flow", b"3", 70_000)),
+        [("pump", "gone", Cleared)],
+        "any reading means it is back"
+    );
+}
+
+#[test]
+fn device_wide_silence_is_reset_by_any_matching_metric() {
+    let silence = rule(
+        "quiet",
+        "sensors/+/+",
+        Kind::Silence {
+            after: SilenceAfter::Fixed(Duration::from_secs(60)),
+            scope: Scope::Device,
+        },
+        0,
+    );
+    let mut e = Engine::new(options(vec![silence]), Arc::new(Stats::default()), 0);
+    e.on_message(b"sensors/d/temperature", b"1", 0);
+    e.on_message(b"sensors/d/humidity", b"1", 50_000);
+    assert!(
+        e.on_tick(60_000).is_empty(),
+        "humidity at 50 s counts for the device"
+    );
+    let raised = e.on_tick(110_000);
+    assert_eq!(states(&raised), [("d", "quiet", Raised)]);
+    assert_eq!(raised[0].doc.metric, ANY_METRIC);
+}
+
+#[test]
+fn sources_turn_foreign_topics_into_readings() {
+    let tasmota = Source::new(
+        "tasmota",
+        "tele/{device}/SENSOR",
+        Payload::Json,
+        Some([("AM2301.Temperature".to_owned(), "temperature".to_owned())].into()),
+        None,
+    )
+    .unwrap();
+    let options = EngineOptions {
+        sources: vec![tasmota],
+        ..options(vec![overheat(0)])
+    };
+    let mut e = Engine::new(options, Arc::new(Stats::default()), 0);
+    assert_eq!(e.filters(), ["sensors/#", "tele/+/SENSOR"]);
+    let payload = br#"{"Time":"2026-11-21T18:05:45","AM2301":{"Temperature":95.5,"Humidity":40.1},"TempUnit":"C"}"#;
+    assert_eq!(
+        states(&e.on_message(b"tele/kitchen/SENSOR", payload, 1)),
+        [("kitchen", "overheat", Raised)]
+    );
+    assert!(
+        e.on_message(b"tele/kitchen/STATE", b"{}", 2).is_empty(),
+        "not a source topic: ignored"
+    );
+}
+
+#[test]
+fn restored_alerts_are_not_raised_again() {
+    let mut e = engine(0);
+    let saved = SavedAlert {
+        rule: "overheat".into(),
+        device: "a".into(),
+        metric: "temperature".into(),
+        raised: true,
+        since: 500,
+        threshold: 90.0,
+        topic: "alerts/critical/a/overheat".into(),
+        doc: "{}".into(),
+    };
+    let gone = SavedAlert {
+        rule: "deleted".into(),
+        ..saved.clone()
+    };
+    assert_eq!(e.restore(&[saved, gone], 1_000), 1);
+    assert!(
+        e.on_message(b"sensors/a/temperature", b"97", 2_000)
+            .is_empty(),
+        "still raised"
+    );
+    let cleared = e.on_message(b"sensors/a/temperature", b"70", 3_000);
+    assert_eq!(
+        cleared[0].doc.id, "site:a:overheat:500",
+        "the same episode ends"
+    );
+}
+
+#[test]
+fn reload_keeps_states_of_kept_rules_and_clears_removed_ones() {
+    let damp = rule(
+        "damp",
+        "sensors/+/humidity",
+        Kind::Threshold(Threshold {
+            above: Some(80.0),
+            ..Threshold::default()
+        }),
+        0,
+    );
+    let mut e = Engine::new(
+        options(vec![overheat(0), damp]),
+        Arc::new(Stats::default()),
+        0,
+    );
+    e.on_message(b"sensors/a/temperature", b"95", 1);
+    e.on_message(b"sensors/a/humidity", b"90", 1);
+    let frost = rule(
+        "frost",
+        "sensors/+/temperature",
+        Kind::Threshold(Threshold {
+            below: Some(0.0),
+            ..Threshold::default()
+        }),
+        0,
+    );
+    let (cleared, outcome) = e.replace_rules(vec![frost, overheat(0)], Vec::new(), 10);
+    assert_eq!(states(&cleared), [("a", "damp", Cleared)]);
+    assert_eq!(
+        cleared[0].doc.value, 90.0,
+        "the clear reports the last reading"
+    );
+    assert_eq!(
+        (outcome.kept, outcome.added.clone(), outcome.removed.clone()),
+        (1, vec!["frost".to_owned()], vec!["damp".to_owned()])
+    );
+    assert!(
+        e.on_message(b"sensors/a/temperature", b"96", 20).is_empty(),
+        "overheat is still raised"
+    );
+    assert_eq!(
+        states(&e.on_message(b"sensors/a/temperature", b"-1", 30)),
+        [("a", "frost", Raised), ("a", "overheat", Cleared)],
+        "in the new file order"
+    );
+}
+
+#[test]
+fn forwarding_follows_severity_unless_the_rule_says_otherwise() {
+    let doc = |severity| AlertDoc {
+        id: "i".into(),
+        rule: "r".into(),
+        device: "d".into(),
+        metric: "m".into(),
+        severity,
+        state: Raised,
+        value: 1.0,
+        threshold: 0.0,
+        since: "s".into(),
+        at: "a".into(),
+        gateway: "g".into(),
+        repeat: 0,
+        labels: Default::default(),
+    };
+    let critical_only = Some(&[Severity::Critical][..]);
+    assert!(forwarded(
+        &Alert {
+            doc: doc(Severity::Critical),
+            forward: None
+        },
+        critical_only
+    ));
+    assert!(!forwarded(
+        &Alert {
+            doc: doc(Severity::Info),
+            forward: None
+        },
+        critical_only
+    ));
+    assert!(forwarded(
+        &Alert {
+            doc: doc(Severity::Info),
+            forward: Some(true)
+        },
+        critical_only
+    ));
+    assert!(!forwarded(
+        &Alert {
+            doc: doc(Severity::Critical),
+            forward: Some(false)
+        },
+        critical_only
+    ));
+    assert!(
+        !forwarded(
+            &Alert {
+                doc: doc(Severity::Critical),
+                forward: Some(true)
+            },
+            None
+        ),
+        "no uplink, nothing goes up"
+    );
+}
+
+#[test]
+fn error_log_is_rate_limited_per_device() {
+    let mut log = LogLimit::default();
+    assert_eq!(log.should_log("a", 0), Some(0));
+    assert_eq!(log.should_log("a", 1_000), None);
+    assert_eq!(log.should_log("b", 1_000), Some(0));
+    assert_eq!(log.should_log("a", 59_999), None);
+    assert_eq!(log.should_log("a", 60_000), Some(2));
+}
+
+#[test]
+fn cursor_jumps_are_measured() {
+    let mut c = CursorWatch::default();
+    assert_eq!(c.observe(10), 0);
+    assert_eq!(c.observe(11), 0);
+    assert_eq!(c.observe(15), 3);
+    assert_eq!(c.observe(16), 0);
+}

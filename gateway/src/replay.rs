@@ -1,0 +1,516 @@
+//! `watchpost test-rules`: recorded readings replayed through the real rule engine under
+//! virtual time, so that operators can test rules offline and in their own CI.
+//!
+//! Readings come as CSV (`time,device,metric,value`) or JSON lines
+//! (`{"time":..,"device":..,"metric":..,"value":..}`); `time` is RFC 3339 or a number of
+//! seconds since the epoch (milliseconds if it is larger than 10^11). Deadlines (`for`,
+//! silence, grace periods, renotify) fire at their own virtual times between readings.
+//!
+//! Expected alerts are JSON lines with at least `at`, `device`, `rule`, `metric` and `state`:
+//! exactly what `--json` prints, so a run can be reviewed once and kept as the expectation.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::alert::AlertDoc;
+use crate::config::Config;
+use crate::ingest::{self, Alert, Engine, EngineOptions};
+use crate::rules::{AlertState, Millis};
+use crate::stats::Stats;
+
+/// One recorded reading.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    /// Time, ms since the epoch.
+    pub at: Millis,
+    /// Device id.
+    pub device: String,
+    /// Metric name.
+    pub metric: String,
+    /// Value.
+    pub value: f64,
+}
+
+/// What a replay produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// Every alert transition, in order.
+    pub alerts: Vec<Alert>,
+    /// Readings replayed.
+    pub readings: usize,
+    /// Devices seen.
+    pub devices: usize,
+    /// MQTT bytes upstream (PUBLISH and PUBACK) for the forwarded alerts.
+    pub upstream_bytes: u64,
+    /// MQTT bytes upstream if every reading were forwarded (QoS 1), for comparison.
+    pub forward_all_bytes: u64,
+    /// Whether the configuration has an uplink at all.
+    pub has_uplink: bool,
+}
+
+/// Bytes of one QoS 1 PUBLISH of `topic` and `payload` plus its PUBACK, in MQTT 3.1.1.
+pub fn qos1_bytes(topic: &str, payload: usize) -> u64 {
+    let remaining = 2 + topic.len() + 2 + payload;
+    let length_bytes = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    (1 + length_bytes + remaining + 4) as u64
+}
+
+/// Parses recorded readings; every bad line is reported with its number.
+pub fn parse_readings(text: &str) -> Result<Vec<Recorded>, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    let lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .unwrap_or("");
+    let json = first.starts_with('{');
+    #[derive(Deserialize)]
+    struct Line {
+        time: serde_json::Value,
+        device: String,
+        metric: String,
+        value: f64,
+    }
+    let mut header_seen = false;
+    for (i, line) in lines {
+        let n = i + 1;
+        let parsed = if json {
+            serde_json::from_str::<Line>(line)
+                .map_err(|e| e.to_string())
+                .and_then(|l| {
+                    let time = match &l.time {
+                        serde_json::Value::String(s) => parse_time(s),
+                        serde_json::Value::Number(v) => parse_time(&v.to_string()),
+                        _ => Err("`time` must be a string or a number".into()),
+                    };
+                    time.map(|at| Recorded {
+                        at,
+                        device: l.device,
+                        metric: l.metric,
+                        value: l.value,
+                    })
+                })
+        } else {
+            let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+            if !header_seen
+                && cells
+                    .first()
+                    .is_some_and(|c| c.eq_ignore_ascii_case("time"))
+            {
+                header_seen = true;
+                if cells != ["time", "device", "metric", "value"] {
+                    errors.push(format!(
+                        "line {n}: the header must be time,device,metric,value"
+                    ));
+                }
+                continue;
+            }
+            header_seen = true;
+            match cells.as_slice() {
+                [time, device, metric, value] => parse_time(time).and_then(|at| {
+                    let value: f64 = value
+                        .parse()
+                        .map_err(|_| format!("{value:?} is not a number"))?;
+                    Ok(Recorded {
+                        at,
+                        device: (*device).to_owned(),
+                        metric: (*metric).to_owned(),
+                        value,
+                    })
+                }),
+                _ => Err(format!(
+                    "expected 4 columns (time,device,metric,value), found {}",
+                    cells.len()
+                )),
+            }
+        };
+        match parsed {
+            Ok(r) if r.device.is_empty() || r.metric.is_empty() => {
+                errors.push(format!("line {n}: device and metric must not be empty"))
+            }
+            Ok(r) if !r.value.is_finite() => {
+                errors.push(format!("line {n}: the value must be finite"))
+            }
+            Ok(r) => out.push(r),
+            Err(e) => errors.push(format!("line {n}: {e}")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// RFC 3339, or seconds (or, above 10^11, milliseconds) since the epoch.
+fn parse_time(s: &str) -> Result<Millis, String> {
+    if let Ok(n) = s.parse::<f64>() {
+        if n.is_finite() && n >= 0.0 {
+            return Ok(if n > 1e11 {
+                n as Millis
+            } else {
+                (n * 1000.0).round() as Millis
+            });
+        }
+    }
+    humantime::parse_rfc3339_weak(s)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as Millis)
+        .ok_or_else(|| format!("{s:?} is not a time (RFC 3339, or seconds since the epoch)"))
+}
+
+/// Replays `readings` (in the given order) through `config`'s rules; deadlines that fall up
+/// to `until` (default: the last reading) fire at their own times.
+pub fn replay(config: &Config, readings: &[Recorded], until: Option<Millis>) -> Outcome {
+    let options = EngineOptions {
+        gateway: config.gateway.id.clone(),
+        rules: config.rules.clone(),
+        sources: Vec::new(),
+        limits: config.broker.limits,
+        window: config.history.window,
+        keep_raw: false,
+        summaries: None,
+    };
+    let start = readings.first().map_or(0, |r| r.at);
+    let mut engine = Engine::new(options, Arc::new(Stats::default()), start);
+    let mut alerts = Vec::new();
+    let run_deadlines = |engine: &mut Engine, up_to: Millis, alerts: &mut Vec<Alert>| {
+        while let Some(at) = engine.next_deadline().filter(|at| *at <= up_to) {
+            alerts.extend(engine.on_tick(at));
+        }
+    };
+    let prefix = config
+        .uplink
+        .as_ref()
+        .map_or(config.gateway.id.as_str(), |u| u.topic_prefix.as_str());
+    let mut forward_all_bytes = 0;
+    let mut devices = BTreeSet::new();
+    for r in readings {
+        run_deadlines(&mut engine, r.at, &mut alerts);
+        alerts.extend(engine.on_reading(&r.device, &r.metric, r.value, r.at));
+        devices.insert(r.device.as_str());
+        let topic = format!("{prefix}/sensors/{}/{}", r.device, r.metric);
+        forward_all_bytes += qos1_bytes(&topic, r.value.to_string().len());
+    }
+    let end = until.unwrap_or_else(|| readings.last().map_or(0, |r| r.at));
+    run_deadlines(&mut engine, end, &mut alerts);
+    let forward = config.uplink.as_ref().map(|u| u.forward.clone());
+    let upstream_bytes = alerts
+        .iter()
+        .filter(|a| ingest::forwarded(a, forward.as_deref()))
+        .map(|a| {
+            qos1_bytes(
+                &format!("{prefix}/{}", a.doc.topic()),
+                a.doc.to_json().len(),
+            )
+        })
+        .sum();
+    Outcome {
+        alerts,
+        readings: readings.len(),
+        devices: devices.len(),
+        upstream_bytes,
+        forward_all_bytes,
+        has_uplink: config.uplink.is_some(),
+    }
+}
+
+/// One expected (or produced) alert transition, as compared.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Expected {
+    /// When, RFC 3339.
+    pub at: String,
+    /// Device id.
+    pub device: String,
+    /// Rule name.
+    pub rule: String,
+    /// Metric.
+    pub metric: String,
+    /// `raised` or `cleared`.
+    pub state: AlertState,
+}
+
+impl Expected {
+    /// The compared fields of a document.
+    pub fn of(doc: &AlertDoc) -> Expected {
+        Expected {
+            at: doc.at.clone(),
+            device: doc.device.clone(),
+            rule: doc.rule.clone(),
+            metric: doc.metric.clone(),
+            state: doc.state,
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{}  {:<7}  {}  {}  {}",
+            self.at,
+            state_name(self.state),
+            self.device,
+            self.rule,
+            self.metric
+        )
+    }
+}
+
+fn state_name(state: AlertState) -> &'static str {
+    match state {
+        AlertState::Raised => "raised",
+        AlertState::Cleared => "cleared",
+    }
+}
+
+/// Parses expected alerts (JSON lines); every bad line is reported with its number.
+pub fn parse_expected(text: &str) -> Result<Vec<Expected>, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        match serde_json::from_str::<Expected>(line) {
+            Ok(e) => out.push(e),
+            Err(e) => errors.push(format!("line {}: {e}", i + 1)),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The differences between expected and produced alerts, as readable lines (empty if none).
+/// Order matters: the sequences are compared position by position after the common prefix.
+pub fn compare(expected: &[Expected], got: &[Expected]) -> Vec<String> {
+    if expected == got {
+        return Vec::new();
+    }
+    // Longest common subsequence, so that one missing alert shows as one line, not as a
+    // shift of everything after it.
+    let (n, m) = (expected.len(), got.len());
+    let mut lcs = vec![vec![0u32; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            lcs[i][j] = if expected[i] == got[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < n || j < m {
+        if i < n && j < m && expected[i] == got[j] {
+            i += 1;
+            j += 1;
+        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            out.push(format!("+ not expected:  {}", got[j].line()));
+            j += 1;
+        } else {
+            out.push(format!("- missing:       {}", expected[i].line()));
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The alerts as a table and a summary of the upstream traffic.
+pub fn report(outcome: &Outcome) -> String {
+    let rows: Vec<Vec<String>> = outcome
+        .alerts
+        .iter()
+        .map(|a| {
+            let d = &a.doc;
+            let state = match d.repeat {
+                0 => state_name(d.state).to_owned(),
+                n => format!("raised (repeat {n})"),
+            };
+            vec![
+                d.at.clone(),
+                state,
+                d.severity.as_str().to_owned(),
+                d.device.clone(),
+                d.rule.clone(),
+                d.metric.clone(),
+                d.value.to_string(),
+                d.threshold.to_string(),
+            ]
+        })
+        .collect();
+    let mut text = crate::query::table(
+        &[
+            "AT",
+            "STATE",
+            "SEVERITY",
+            "DEVICE",
+            "RULE",
+            "METRIC",
+            "VALUE",
+            "THRESHOLD",
+        ],
+        &rows,
+    );
+    let raised = outcome
+        .alerts
+        .iter()
+        .filter(|a| a.doc.state == AlertState::Raised && a.doc.repeat == 0)
+        .count();
+    let cleared = outcome
+        .alerts
+        .iter()
+        .filter(|a| a.doc.state == AlertState::Cleared)
+        .count();
+    text.push_str(&format!(
+        "\n{} readings from {} devices: {raised} raised, {cleared} cleared\n",
+        outcome.readings, outcome.devices
+    ));
+    if outcome.has_uplink {
+        let share = if outcome.forward_all_bytes > 0 {
+            100.0 * outcome.upstream_bytes as f64 / outcome.forward_all_bytes as f64
+        } else {
+            0.0
+        };
+        text.push_str(&format!(
+            "upstream: {} bytes with these rules, {} bytes forwarding every reading ({share:.3} %)\n",
+            outcome.upstream_bytes, outcome.forward_all_bytes
+        ));
+    } else {
+        text.push_str(&format!(
+            "upstream: none (no [uplink]); forwarding every reading would take {} bytes\n",
+            outcome.forward_all_bytes
+        ));
+    }
+    text
+}
+
+/// The alerts as JSON lines, usable as an `--expect` file.
+pub fn json_lines(outcome: &Outcome) -> String {
+    outcome
+        .alerts
+        .iter()
+        .map(|a| String::from_utf8_lossy(&a.doc.to_json()).into_owned() + "\n")
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alert::rfc3339;
+
+    fn config() -> Config {
+        let src = "[gateway]\nid = \"t\"\n[uplink]\nurl = \"mqtt://up\"\n\
+                   [[rule]]\nname = \"hot\"\nmatch = \"sensors/+/t\"\nabove = 90\nfor = \"10s\"\nseverity = \"critical\"\n\
+                   [[rule]]\nname = \"cold\"\nmatch = \"sensors/+/t\"\nbelow = 0\nseverity = \"info\"\n";
+        crate::config::parse(src, "t.toml").unwrap().config
+    }
+
+    #[test]
+    fn csv_and_json_lines_with_times_in_several_forms() {
+        let csv = "time,device,metric,value\n2026-11-21T18:00:00Z,a,t,20\n1795284001,a,t,21.5\n# a comment\n1795284002500,a,t,22\n";
+        let r = parse_readings(csv).unwrap();
+        assert_eq!(
+            r.iter().map(|x| x.at).collect::<Vec<_>>(),
+            [1_795_284_000_000, 1_795_284_001_000, 1_795_284_002_500]
+        );
+        let jsonl = r#"{"time":"2026-11-21T18:00:00.250Z","device":"a","metric":"t","value":1}"#;
+        assert_eq!(parse_readings(jsonl).unwrap()[0].at, 1_795_284_000_250);
+        let bad =
+            parse_readings("time,device,metric,value\nyesterday,a,t,1\n2026-11-21T18:00:00Z,a,t\n")
+                .unwrap_err();
+        assert_eq!(bad.len(), 2);
+        assert!(
+            bad[0].starts_with("line 2:") && bad[1].starts_with("line 3:"),
+            "{bad:?}"
+        );
+    }
+
+    #[test]
+    fn deadlines_fire_at_their_own_virtual_time() {
+        let readings =
+            parse_readings("time,device,metric,value\n0,a,t,95\n5,a,t,96\n30,a,t,50\n").unwrap();
+        let out = replay(&config(), &readings, None);
+        let got: Vec<_> = out
+            .alerts
+            .iter()
+            .map(|a| (a.doc.at.clone(), a.doc.state))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (rfc3339(10_000), AlertState::Raised),
+                (rfc3339(30_000), AlertState::Cleared)
+            ],
+            "raised at 10 s, not at the next reading"
+        );
+        assert_eq!(out.devices, 1);
+        assert!(out.upstream_bytes > 0 && out.upstream_bytes < out.forward_all_bytes * 10);
+    }
+
+    #[test]
+    fn only_forwarded_alerts_count_upstream() {
+        let readings = parse_readings("time,device,metric,value\n0,a,t,-5\n1,a,t,5\n").unwrap();
+        let out = replay(&config(), &readings, None);
+        assert_eq!(out.alerts.len(), 2);
+        assert_eq!(out.upstream_bytes, 0, "info is not forwarded");
+        // "-5" and "5" on t/sensors/a/t, each with its PUBACK.
+        assert_eq!(
+            out.forward_all_bytes,
+            qos1_bytes("t/sensors/a/t", 2) + qos1_bytes("t/sensors/a/t", 1)
+        );
+    }
+
+    #[test]
+    fn differences_are_shown_as_missing_and_unexpected_lines() {
+        let e = |at: &str, state| Expected {
+            at: at.into(),
+            device: "a".into(),
+            rule: "hot".into(),
+            metric: "t".into(),
+            state,
+        };
+        let expected = vec![
+            e("1", AlertState::Raised),
+            e("2", AlertState::Cleared),
+            e("3", AlertState::Raised),
+        ];
+        assert!(compare(&expected, &expected).is_empty());
+        let got = vec![
+            e("1", AlertState::Raised),
+            e("3", AlertState::Raised),
+            e("4", AlertState::Cleared),
+        ];
+        let diff = compare(&expected, &got);
+        assert_eq!(diff.len(), 2, "{diff:#?}");
+        assert!(
+            diff[0].starts_with("- missing:") && diff[0].contains("2  cleared"),
+            "{diff:#?}"
+        );
+        assert!(
+            diff[1].starts_with("+ not expected:") && diff[1].contains("4  cleared"),
+            "{diff:#?}"
+        );
+    }
+
+    #[test]
+    fn mqtt_sizes() {
+        assert_eq!(qos1_bytes("a/b", 2), 1 + 1 + (2 + 3 + 2 + 2) + 4);
+        assert_eq!(qos1_bytes(&"x".repeat(200), 0), 1 + 2 + 204 + 4);
+    }
+}
