@@ -110,7 +110,7 @@ fn run_reports_a_taken_port() {
 }
 
 #[test]
-fn check_reports_errors_with_positions_and_exit_status() {
+fn check_reports_every_mistake_with_its_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let good = write_config(dir.path(), "allow_anonymous = true", "");
     let out = Command::new(BIN)
@@ -124,10 +124,25 @@ fn check_reports_errors_with_positions_and_exit_status() {
         String::from_utf8_lossy(&out.stdout)
     );
 
+    // Five different mistakes.
     let bad = dir.path().join("bad.toml");
     std::fs::write(
         &bad,
-        "[gateway]\nid = \"x\"\n[[rule]]\nname = \"r\"\nmatch = \"sensors/+/t\"\nabove = 5.0\nclear_below = 9.0\nfor = \"later\"\n",
+        "[gateway]\n\
+         id = \"x\"\n\
+         \n\
+         [[rule]]\n\
+         name = \"hot\"\n\
+         match = \"sensors/+/temperature\"\n\
+         above = 90.0\n\
+         clear_below = 95.0\n\
+         sevrity = \"critical\"\n\
+         \n\
+         [[rule]]\n\
+         name = \"hot\"\n\
+         match = \"alerts/#\"\n\
+         above = 1.0\n\
+         for = \"10 sex\"\n",
     )
     .unwrap();
     let out = Command::new(BIN)
@@ -137,13 +152,78 @@ fn check_reports_errors_with_positions_and_exit_status() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1));
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains(": error: ")).collect();
+    let expected = [
+        "bad.toml:8:15: error: inverted hysteresis band: `clear_below` (95) is greater than `above` (90)",
+        "bad.toml:9:1: error: unknown field `sevrity` in [[rule]]",
+        "bad.toml:12:8: error: two rules are named \"hot\"",
+        "bad.toml:13:9: error: `match` filter \"alerts/#\" can never match a reading topic",
+        "bad.toml:15:7: error: `for` is not a duration: \"10 sex\"",
+    ];
+    assert_eq!(errors.len(), 5, "{text}");
+    for (line, want) in errors.iter().zip(expected) {
+        assert!(
+            line.ends_with(want),
+            "{line:?} should end with {want:?}\n{text}"
+        );
+    }
+    assert!(text.contains("help: did you mean `severity`?"), "{text}");
+    assert!(text.contains("5 error(s)"), "{text}");
+}
+
+#[test]
+fn test_rules_passes_on_the_shipped_example_and_shows_a_removed_expectation() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let config = root.join("config/watchpost.toml");
+    let readings = root.join("config/examples/boiler-readings.csv");
+    let expected = root.join("config/examples/boiler-expected.jsonl");
+    let run = |expect: &Path| {
+        Command::new(BIN)
+            .arg("test-rules")
+            .arg("--config")
+            .arg(&config)
+            .arg("--readings")
+            .arg(&readings)
+            .arg("--expect")
+            .arg(expect)
+            .output()
+            .unwrap()
+    };
+
+    let out = run(&expected);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
     assert!(
-        text.contains("bad.toml:7:15: error: inverted hysteresis band"),
-        "{text}"
+        stdout.contains("14 readings from 3 devices: 2 raised, 2 cleared"),
+        "{stdout}"
     );
     assert!(
-        text.contains("bad.toml:8:7: error: `for` is not a duration"),
-        "{text}"
+        stderr.contains("all 4 expected alerts, and no others"),
+        "{stderr}"
+    );
+
+    // Drop the expectation that boiler-1 overheats: the run must fail and say which alert.
+    let dir = tempfile::tempdir().unwrap();
+    let fewer = dir.path().join("fewer.jsonl");
+    let text = std::fs::read_to_string(&expected).unwrap();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !(l.contains("\"overheat\"") && l.contains("\"raised\"")))
+        .collect();
+    assert_eq!(kept.len(), 3);
+    std::fs::write(&fewer, kept.join("\n")).unwrap();
+    let out = run(&fewer);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("1 difference(s)"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "+ not expected:  2026-11-21T18:00:20.000Z  raised   boiler-1  overheat  temperature"
+        ),
+        "{stderr}"
     );
 }
 

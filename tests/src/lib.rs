@@ -460,12 +460,12 @@ pub struct GatewayProcess {
 }
 
 impl GatewayProcess {
-    /// Starts `bin run --config config` with logs at info level.
+    /// Starts `bin run --config config` with its default log levels.
     pub fn spawn(bin: &str, config: &Path) -> GatewayProcess {
         let mut child = Command::new(bin)
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -232,3 +232,53 @@ async fn a_silent_client_is_dropped_after_its_keep_alive_and_its_will_fires() {
     );
     gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_without_a_will_that_drops_off_is_reported_offline() {
+    let data = tempfile::tempdir().unwrap();
+    let gateway = watchpost::start(gateway_config(data.path(), None, OVERHEAT))
+        .await
+        .unwrap();
+    let presence = Collector::subscribe(gateway.mqtt_addr(), "sensors/+/status")
+        .await
+        .unwrap();
+    let (pump, mut eventloop) = client(gateway.mqtt_addr(), "pump-7");
+    pump.publish("sensors/pump-7/flow", QoS::AtLeastOnce, false, "3.2")
+        .await
+        .unwrap();
+    tokio::time::timeout(DEADLINE, async {
+        while !matches!(
+            eventloop.poll().await.unwrap(),
+            Event::Incoming(Packet::PubAck(_))
+        ) {}
+    })
+    .await
+    .unwrap();
+    drop(eventloop);
+    let got = presence.wait_for(1, DEADLINE).await.unwrap();
+    assert_eq!(
+        (got[0].topic.as_str(), got[0].payload.as_slice()),
+        ("sensors/pump-7/status", &b"offline"[..])
+    );
+
+    // A client that never reported as a device leaves no such trace.
+    let (_watcher, mut eventloop) = client(gateway.mqtt_addr(), "dashboard");
+    tokio::time::timeout(DEADLINE, eventloop.poll())
+        .await
+        .unwrap()
+        .unwrap();
+    drop(eventloop);
+    let marker = Publisher::connect(gateway.mqtt_addr(), "marker")
+        .await
+        .unwrap();
+    marker
+        .publish("sensors/marker/status", QoS::AtLeastOnce, "online")
+        .await
+        .unwrap();
+    let got = presence.wait_for(2, DEADLINE).await.unwrap();
+    assert_eq!(
+        got[1].topic, "sensors/marker/status",
+        "nothing for the dashboard before the marker"
+    );
+    gateway.shutdown().await;
+}

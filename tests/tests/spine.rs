@@ -353,3 +353,51 @@ async fn unreachable_upstream_at_start_still_serves_locally_and_delivers_later()
     assert!(wait_until(DEADLINE, || Stats::get(&stats.uplink_acked) == 1).await);
     gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_alert_stays_raised_across_a_restart_and_is_not_raised_again() {
+    let data = tempfile::tempdir().unwrap();
+    let gateway = watchpost::start(gateway_config(data.path(), None, OVERHEAT))
+        .await
+        .unwrap();
+    let sensor = Publisher::connect(gateway.mqtt_addr(), "s").await.unwrap();
+    sensor
+        .publish("sensors/boiler/temperature", QoS::AtLeastOnce, "97")
+        .await
+        .unwrap();
+    let local = Collector::subscribe(gateway.mqtt_addr(), "alerts/#")
+        .await
+        .unwrap();
+    let before = local.wait_for(1, DEADLINE).await.unwrap()[0].json();
+    assert_eq!(before["state"], "raised");
+    drop((sensor, local));
+    gateway.shutdown().await;
+
+    let gateway = watchpost::start(gateway_config(data.path(), None, OVERHEAT))
+        .await
+        .unwrap();
+    // The current state is published again, retained, for subscribers after the restart.
+    let local = Collector::subscribe(gateway.mqtt_addr(), "alerts/#")
+        .await
+        .unwrap();
+    let retained = local.wait_for(1, DEADLINE).await.unwrap();
+    assert_eq!(retained[0].json(), before);
+    let sensor = Publisher::connect(gateway.mqtt_addr(), "s").await.unwrap();
+    sensor
+        .publish("sensors/boiler/temperature", QoS::AtLeastOnce, "98")
+        .await
+        .unwrap();
+    sensor
+        .publish("sensors/boiler/temperature", QoS::AtLeastOnce, "60")
+        .await
+        .unwrap();
+    let after = local.wait_for(2, DEADLINE).await.unwrap();
+    let next = after[1].json();
+    assert_eq!(
+        next["state"], "cleared",
+        "still high after the restart raised nothing new: {after:#?}"
+    );
+    assert_eq!(next["id"], before["id"], "the same episode ends");
+    assert_eq!(Stats::get(&gateway.stats().alerts_raised), 0);
+    gateway.shutdown().await;
+}
