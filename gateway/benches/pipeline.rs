@@ -30,6 +30,7 @@ fn engine(window: Duration, keep_raw: bool, stats: Arc<Stats>) -> Engine {
         window,
         keep_raw,
         summaries: None,
+        stale_after: std::time::Duration::from_secs(600),
     };
     Engine::new(options, stats, now_millis())
 }

@@ -6,13 +6,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sd_notify::NotifyState;
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::broker::{BrokerError, Listeners, Router};
 use crate::config::Config;
+use crate::http::{self, Endpoint};
 use crate::ingest::{self, Control, Engine, EngineOptions, Outputs, ReloadOutcome};
+use crate::metrics::Info;
 use crate::shutdown::{self, Trigger};
 use crate::stats::Stats;
 use crate::store::{self, Store, StoreError, StoreOptions, StoreThread};
@@ -38,6 +42,14 @@ pub enum StartError {
     /// The broker could not start.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The HTTP endpoint could not be bound.
+    #[error("cannot listen on {addr} (HTTP endpoint): {source}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The uplink configuration is unusable.
     #[error(transparent)]
     Uplink(#[from] UplinkError),
@@ -47,6 +59,7 @@ pub enum StartError {
 pub struct Gateway {
     mqtt_addr: SocketAddr,
     mqtt_v5_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
     stats: Arc<Stats>,
     trigger: Trigger,
     tasks: Vec<JoinHandle<()>>,
@@ -71,6 +84,13 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         return Err(StartError::AuthenticationUnavailable);
     }
     let stats = Arc::new(Stats::default());
+    let started = crate::alert::now_millis();
+    stats
+        .started_ms
+        .store(started, std::sync::atomic::Ordering::Relaxed);
+    stats
+        .ingest_heartbeat_ms
+        .store(started, std::sync::atomic::Ordering::Relaxed);
     let store_options = StoreOptions {
         max_db_bytes: config.history.max_db_bytes,
         raw_retention: config.history.raw_retention,
@@ -78,6 +98,14 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let (store, store_thread) =
         Store::open(&config.gateway.data_dir, store_options, stats.clone())?;
     let listeners = Listeners::bind(&config.broker).await?;
+    let http_listener = match config.http.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Http { addr, source })?,
+        ),
+        None => None,
+    };
     let uplink = config.uplink.as_ref().map(Uplink::prepare).transpose()?;
 
     let router = Router::spawn(&config.broker);
@@ -100,6 +128,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         window: config.history.window,
         keep_raw: config.history.raw_retention.is_some(),
         summaries: config.uplink.as_ref().and_then(|u| u.summaries.clone()),
+        stale_after: config.gateway.stale_after,
     };
     let now = crate::alert::now_millis();
     let mut engine = Engine::new(options, stats.clone(), now);
@@ -125,6 +154,10 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let outputs = Outputs {
         store,
         forward: config.uplink.as_ref().map(|u| u.forward.clone()),
+        prefix_len: config
+            .uplink
+            .as_ref()
+            .map_or(config.gateway.id.len(), |u| u.topic_prefix.len()),
     };
     tasks.push(tokio::spawn(ingest::run(
         engine,
@@ -139,12 +172,40 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let mqtt_v5_addr = listeners.v5_addr();
     let broker_config = config.broker.clone();
     let broker_stats = stats.clone();
+    let broker_signal = signal.clone();
     tasks.push(tokio::spawn(async move {
         listeners
-            .serve(router, &broker_config, broker_stats, signal)
+            .serve(router, &broker_config, broker_stats, broker_signal)
             .await
     }));
 
+    let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(listener) = http_listener {
+        let scheme = |u: &crate::config::UplinkConfig| if u.tls { "mqtts" } else { "mqtt" };
+        let info = Info {
+            gateway: config.gateway.id.clone(),
+            upstream: config
+                .uplink
+                .as_ref()
+                .map(|u| format!("{}://{}:{}", scheme(u), u.host, u.port)),
+        };
+        let endpoint = Arc::new(Endpoint {
+            stats: stats.clone(),
+            info,
+        });
+        tasks.push(tokio::spawn(http::serve(
+            listener,
+            endpoint,
+            signal.clone(),
+        )));
+    }
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        tasks.push(tokio::spawn(watchdog(
+            period,
+            stats.clone(),
+            signal.clone(),
+        )));
+    }
     let uplink_text = config
         .uplink
         .as_ref()
@@ -155,15 +216,20 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     info!(
         gateway = %config.gateway.id,
         mqtt = %mqtt_addr,
-        mqtt5 = %mqtt_v5_addr.map_or("off".to_owned(), |a| a.to_string()),
-        db = %config.gateway.data_dir.join(store::DB_FILE).display(),
+                mqtt5 = %mqtt_v5_addr.map_or("off".to_owned(), |a| a.to_string()),
+        http = %http_addr.map_or("off".to_owned(), |a| a.to_string()),db = %config.gateway.data_dir.join(store::DB_FILE).display(),
         rules = config.rules.len(),
         uplink = %uplink_text,
         "watchpost {} ready", env!("CARGO_PKG_VERSION"),
     );
+    // The listeners accept and the store is open: tell systemd (Type=notify), if it asks.
+    if let Err(e) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("serving")]) {
+        warn!(error = %e, "cannot tell the service manager that the gateway is ready");
+    }
     Ok(Gateway {
         mqtt_addr,
         mqtt_v5_addr,
+        http_addr,
         stats,
         trigger,
         tasks,
@@ -182,6 +248,11 @@ impl Gateway {
     /// The MQTT 5 listener's address, if configured.
     pub fn mqtt_v5_addr(&self) -> Option<SocketAddr> {
         self.mqtt_v5_addr
+    }
+
+    /// The HTTP endpoint's address, if it is on.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// The gateway's counters.
@@ -226,6 +297,14 @@ impl Gateway {
             .await
             .map_err(|_| ReloadError::Stopping)?;
         let outcome = answer.await.map_err(|_| ReloadError::Stopping)?;
+        let detail = format!(
+            "{} rules ({} kept, {} added, {} removed)",
+            outcome.rules,
+            outcome.kept,
+            outcome.added.len(),
+            outcome.removed.len()
+        );
+        self.stats.record_reload(true, detail);
         self.config.rules = config.rules;
         self.config.sources = config.sources;
         info!(rules = outcome.rules, kept = outcome.kept, added = ?outcome.added, removed = ?outcome.removed, "rules reloaded");
@@ -234,6 +313,7 @@ impl Gateway {
 
     /// Stops accepting, stops ingest, lets the uplink flush briefly and closes the store.
     pub async fn shutdown(self) {
+        let _ = sd_notify::notify(&[NotifyState::Stopping]);
         self.trigger.fire();
         let deadline = tokio::time::Instant::now() + SHUTDOWN_BUDGET;
         for mut task in self.tasks {
@@ -247,6 +327,35 @@ impl Gateway {
             .await
             .ok();
         info!("watchpost stopped");
+    }
+}
+
+/// Pings systemd's watchdog at half its period, but only while ingest keeps going round:
+/// a stuck pipeline stops the pings, and systemd restarts the service.
+async fn watchdog(period: Duration, stats: Arc<Stats>, shutdown: crate::shutdown::Signal) {
+    let mut tick = tokio::time::interval(period / 2);
+    let mut stalled = false;
+    let wait = shutdown.wait();
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            _ = &mut wait => return,
+            _ = tick.tick() => {}
+        }
+        let behind =
+            crate::alert::now_millis().saturating_sub(Stats::get(&stats.ingest_heartbeat_ms));
+        if behind <= crate::http::INGEST_STALL_MS {
+            stalled = false;
+            if let Err(e) = sd_notify::notify(&[NotifyState::Watchdog]) {
+                warn!(error = %e, "cannot ping the service manager's watchdog");
+            }
+        } else if !stalled {
+            stalled = true;
+            error!(
+                behind_ms = behind,
+                "ingest is not making progress: watchdog pings stop, and systemd will restart the gateway"
+            );
+        }
     }
 }
 

@@ -39,6 +39,8 @@ pub struct Config {
     pub uplink: Option<UplinkConfig>,
     /// Local history in the database.
     pub history: HistoryConfig,
+    /// The HTTP endpoint.
+    pub http: HttpConfig,
     /// Rules, in file order.
     pub rules: Vec<Rule>,
     /// Foreign topic layouts mapped onto readings.
@@ -54,7 +56,22 @@ pub struct GatewayConfig {
     pub data_dir: PathBuf,
     /// Reload the rules when the configuration file changes (besides on SIGHUP).
     pub watch_config: bool,
+    /// Log filter (`info`, `debug`, or per module: `info,watchpost::ingest=debug`); the
+    /// `RUST_LOG` environment variable overrides it.
+    pub log: String,
+    /// A device not heard from for this long counts as stale.
+    pub stale_after: Duration,
 }
+
+/// `[http]`: metrics, health and status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Where the endpoint listens; `None` switches it off.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Default HTTP endpoint: loopback only.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9183";
 
 /// `[broker]`
 #[derive(Debug, Clone)]
@@ -274,6 +291,10 @@ pub fn parse(source: &str, name: &str) -> Result<Loaded, ConfigError> {
                 .get("history")
                 .and_then(|v| section(v, "[history]", &mut sink))
                 .unwrap_or_default(),
+            http: root
+                .get("http")
+                .and_then(|v| section(v, "[http]", &mut sink))
+                .unwrap_or_default(),
             rules: array(root.get("rule"), "[[rule]]", &mut sink),
             sources: array(root.get("source"), "[[source]]", &mut sink),
         };
@@ -295,13 +316,16 @@ pub fn parse(source: &str, name: &str) -> Result<Loaded, ConfigError> {
 }
 
 /// Top-level keys of the file.
-const TOP_LEVEL: &[&str] = &["gateway", "broker", "uplink", "history", "rule", "source"];
+const TOP_LEVEL: &[&str] = &[
+    "gateway", "broker", "uplink", "history", "http", "rule", "source",
+];
 
 /// The sections of the file, read independently.
 struct Raw {
     broker: RawBroker,
     uplink: Option<RawUplink>,
     history: RawHistory,
+    http: RawHttp,
     rules: Vec<(Range<usize>, RawRule)>,
     sources: Vec<(Range<usize>, RawSource)>,
 }
@@ -452,6 +476,14 @@ struct RawGateway {
     id: Spanned<String>,
     data_dir: Option<Spanned<String>>,
     watch_config: Option<bool>,
+    log: Option<Spanned<String>>,
+    stale_after: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -534,6 +566,10 @@ struct RawSource {
 
 // ---------------------------------------------------------------------------------------------
 // Compilation.
+
+/// Default log filter: Watchpost at info, the embedded broker and MQTT client only when
+/// something is wrong.
+pub const DEFAULT_LOG: &str = "info,rumqttd=warn,rumqttc=warn";
 
 /// Default place of the database.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/watchpost";
@@ -677,11 +713,43 @@ fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) -> Config {
         Some(d) => PathBuf::from(d.get_ref()),
         None => PathBuf::from(DEFAULT_DATA_DIR),
     };
+    let log = match &raw_gateway.log {
+        Some(l) => {
+            if let Err(e) = tracing_subscriber::EnvFilter::try_new(l.get_ref()) {
+                sink.error(
+                    l.span(),
+                    format!("`log` is not a log filter: {e}"),
+                    Some("e.g. \"info\", \"debug\" or \"info,watchpost::ingest=debug\"".into()),
+                );
+            }
+            l.get_ref().clone()
+        }
+        None => DEFAULT_LOG.to_owned(),
+    };
+    let stale_after = sink.duration(
+        &raw_gateway.stale_after,
+        "stale_after",
+        Duration::from_secs(600),
+    );
     let gateway = GatewayConfig {
         id,
         data_dir,
         watch_config: raw_gateway.watch_config.unwrap_or(false),
+        log,
+        stale_after,
     };
+    let http = HttpConfig {
+        listen: match &raw.http.listen {
+            Some(l) if l.get_ref() == "off" => None,
+            Some(l) => sink.socket_addr(l, "listen"),
+            None => DEFAULT_HTTP_LISTEN.parse().ok(),
+        },
+    };
+    if let (Some(addr), Some(l)) = (http.listen, &raw.http.listen) {
+        if !addr.ip().is_loopback() {
+            sink.warn(l.span(), "the HTTP endpoint listens beyond loopback: metrics and status are readable by anyone who can reach it", None);
+        }
+    }
     let broker = compile_broker(&raw.broker, sink);
     let uplink = raw
         .uplink
@@ -742,6 +810,7 @@ fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) -> Config {
         broker,
         uplink,
         history,
+        http,
         rules,
         sources,
     }

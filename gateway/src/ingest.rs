@@ -71,6 +71,8 @@ pub struct EngineOptions {
     pub keep_raw: bool,
     /// Summaries upstream, if configured.
     pub summaries: Option<SummaryConfig>,
+    /// A device not heard from for this long counts as stale.
+    pub stale_after: Duration,
 }
 
 /// An alert transition and how its rule wants it forwarded.
@@ -109,6 +111,8 @@ struct Device {
     published: DeviceCounters,
     /// Start of the latest alert episode per rule, so that episode ids never repeat.
     episodes: Vec<(usize, Millis)>,
+    /// What the device last said on its status topic, if anything.
+    online: Option<bool>,
 }
 
 /// One metric of one device.
@@ -235,14 +239,14 @@ impl StepContext<'_> {
         }
         match (t.state, t.repeat) {
             (AlertState::Raised, 0) => {
-                Stats::inc(&self.stats.alerts_raised);
+                self.stats.count_transition(rule.severity, true);
                 info!(device, metric, rule = %rule.name, kind = rule.kind.name(), value = t.value, threshold = t.threshold, severity = rule.severity.as_str(), "alert raised");
             }
             (AlertState::Raised, n) => {
                 debug!(device, metric, rule = %rule.name, repeat = n, "alert still raised (renotify)")
             }
             (AlertState::Cleared, _) => {
-                Stats::inc(&self.stats.alerts_cleared);
+                self.stats.count_transition(rule.severity, false);
                 info!(device, metric, rule = %rule.name, value = t.value, "alert cleared");
             }
         }
@@ -283,6 +287,7 @@ fn new_device(rules: &[Rule], name: &str) -> Device {
         counters: DeviceCounters::default(),
         published: DeviceCounters::default(),
         episodes: Vec::new(),
+        online: None,
     }
 }
 
@@ -425,6 +430,7 @@ impl Engine {
             .or_insert_with(|| new_device(&options.rules, device_name));
         device.counters.messages += 1;
         device.counters.last_seen_ms = now;
+        device.online = Some(online);
         let mut out = Vec::new();
         let mut ctx = StepContext {
             gateway: &options.gateway,
@@ -479,6 +485,10 @@ impl Engine {
             .or_insert_with(|| new_device(&options.rules, device_name));
         device.counters.messages += 1;
         device.counters.last_seen_ms = now;
+        if device.online == Some(false) {
+            // Readings mean it is back, whatever its last will said.
+            device.online = Some(true);
+        }
 
         // The device's own counter: drop duplicates; late messages go to history, not rules,
         // which judge the present.
@@ -492,6 +502,7 @@ impl Engine {
                         return Vec::new();
                     }
                     Seq::Gap(n) => {
+                        Stats::add(&stats.seq_gap_messages, n);
                         if let Some(suppressed) = loss_log.should_log(device_name, now) {
                             warn!(
                                 device = device_name,
@@ -503,7 +514,10 @@ impl Engine {
                         }
                         true
                     }
-                    Seq::Late => false,
+                    Seq::Late => {
+                        Stats::inc(&stats.seq_late);
+                        false
+                    }
                     Seq::First | Seq::InOrder | Seq::Restart => true,
                 }
             }
@@ -847,7 +861,9 @@ impl Engine {
                 .filter_map(|&(i, t)| carried(i).map(|n| (n, t)))
                 .collect();
         }
-        Stats::add(&self.stats.alerts_cleared, out.len() as u64);
+        for alert in &out {
+            self.stats.count_transition(alert.doc.severity, false);
+        }
         self.rebuild_deadlines();
         (out, outcome)
     }
@@ -903,7 +919,23 @@ impl Engine {
         }
         let mut out = Housekeeping::default();
         let mut changed = Vec::new();
+        let stale_after = self.options.stale_after.as_millis() as Millis;
+        let (mut online, mut offline, mut stale, mut active) = (0, 0, 0, 0);
         for (name, d) in &mut self.devices {
+            if &**name != OTHER_DEVICES {
+                match d.online {
+                    Some(false) => offline += 1,
+                    _ if now.saturating_sub(d.counters.last_seen_ms) > stale_after => stale += 1,
+                    _ => online += 1,
+                }
+            }
+            let raised = |(_, s): &(usize, RuleState)| matches!(s.core, State::Raised { .. });
+            active += d.device_rules.iter().filter(|r| raised(r)).count() as u64;
+            active += d
+                .streams
+                .values()
+                .map(|s| s.rules.iter().filter(|r| raised(r)).count() as u64)
+                .sum::<u64>();
             if d.counters != d.published {
                 out.devices.push(DeviceDelta {
                     device: name.to_string(),
@@ -918,6 +950,11 @@ impl Engine {
                 .iter()
                 .filter_map(|n| self.devices.get(n).map(|d| (&**n, &d.counters))),
         );
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.devices_online.store(online, Relaxed);
+        self.stats.devices_offline.store(offline, Relaxed);
+        self.stats.devices_stale.store(stale, Relaxed);
+        self.stats.alerts_active.store(active, Relaxed);
         out.summary = self.summary_due(now);
         (out.rollups, out.raw) = self.take_history();
         out
@@ -1058,6 +1095,8 @@ pub struct Outputs {
     pub store: Store,
     /// Severities that go upstream (`None`: no uplink).
     pub forward: Option<Vec<Severity>>,
+    /// Length of the upstream topic prefix, for the forward-everything baseline.
+    pub prefix_len: usize,
 }
 
 /// Requests to the running ingest task.
@@ -1118,7 +1157,14 @@ pub async fn run(
                             error!(lost, "the broker dropped {lost} sensor messages before ingest read them (read cursor jumped): ingest is falling behind the publish rate");
                         }
                     }
-                    engine.on_message(&f.publish.topic, &f.publish.payload, now_millis())
+                                        // What a bridge forwarding everything would send for this message.
+                    let baseline = crate::uplink::qos1_bytes(outputs.prefix_len + 1 + f.publish.topic.len(), f.publish.payload.len());
+                    Stats::add(&stats.forward_all_bytes, baseline);
+                    let started = std::time::Instant::now();
+                    let alerts = engine.on_message(&f.publish.topic, &f.publish.payload, now_millis());
+                    Stats::add(&stats.ingest_nanos, started.elapsed().as_nanos() as u64);
+                    Stats::inc(&stats.ingest_count);
+                    alerts
                 }
                 Ok(Some(Notification::Unschedule)) => {
                     // The router parks a link whose buffer filled; it stays parked until told
@@ -1157,8 +1203,10 @@ pub async fn run(
                 let _ = reply.send(outcome);
                 cleared
             }
-            _ = housekeeping.tick() => {
-                let round = engine.housekeeping(now_millis());
+                        _ = housekeeping.tick() => {
+                let now = now_millis();
+                stats.ingest_heartbeat_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+                let round = engine.housekeeping(now);
                 store_round(&outputs.store, round);
                 let jumps = (Stats::get(&stats.cursor_jumps), Stats::get(&stats.cursor_jump_lost));
                 if jumps != jumps_stored {

@@ -23,6 +23,7 @@
 //! | [`store`] | the one owner of the SQLite connection: migrations, batched writes, history within a disk budget, the outbox |
 //! | [`uplink`] | the upstream client task: drains the outbox with QoS 1, deletes a row only after its PUBACK, backoff with jitter |
 //! | [`stats`] | counters every part updates |
+//! | [`metrics`], [`http`] | the counters as Prometheus text and a status summary; the loopback HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`) |
 //! | [`query`] | tables and JSON for the query commands (`alerts`, `history`, `devices`) |
 //! | [`replay`] | `test-rules`: recorded readings through the same engine under virtual time, compared with expected alerts |
 //! | [`app`], [`shutdown`] | wiring, start-up and graceful shutdown |
@@ -34,8 +35,10 @@ pub mod app;
 pub mod broker;
 pub mod codec;
 pub mod config;
+pub mod http;
 pub mod ingest;
 pub mod loss;
+pub mod metrics;
 pub mod query;
 pub mod replay;
 pub mod rules;

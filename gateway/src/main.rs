@@ -11,10 +11,6 @@ use watchpost::config::{self, ConfigError, Loaded};
 use watchpost::store::Reader;
 use watchpost::{query, replay};
 
-/// Default log filter: Watchpost at info, the embedded broker and MQTT client only when
-/// something is wrong.
-const DEFAULT_LOG: &str = "info,rumqttd=warn,rumqttc=warn";
-
 #[derive(Parser)]
 #[command(
     name = "watchpost",
@@ -103,6 +99,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the running gateway how it is: uplink, outbox, devices, alerts, last reload.
+    Status {
+        /// Configuration of the running gateway (its [http] listen address); default: the quickstart.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the JSON the gateway answers.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show each device's counters: messages, malformed input, and what its seq says was
     /// lost, duplicated or late; plus the outbox.
     Devices {
@@ -179,6 +184,7 @@ fn main() -> ExitCode {
             expect,
             json,
         } => test_rules(config, readings, from_db, since, run_on, expect, json),
+        Command::Status { config, json } => status(config, json),
         Command::Devices { config, json } => query(config, |r| {
             let records = r.devices()?;
             let (depth, oldest) = r.outbox()?;
@@ -317,6 +323,58 @@ fn test_rules(
     }
 }
 
+fn status(config: Option<PathBuf>, json: bool) -> ExitCode {
+    let loaded = match load(config.as_ref()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(mut addr) = loaded.config.http.listen else {
+        eprintln!(
+            "watchpost: the HTTP endpoint is off in this configuration ([http] listen = \"off\"), so there is no status to ask for"
+        );
+        return ExitCode::FAILURE;
+    };
+    if addr.ip().is_unspecified() {
+        let local: std::net::IpAddr = if addr.is_ipv4() {
+            [127, 0, 0, 1].into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        };
+        addr.set_ip(local);
+    }
+    let answer = watchpost::http::get_blocking(addr, "/status");
+    let body = match answer {
+        Ok((200, body)) => body,
+        Ok((code, body)) => {
+            eprintln!("watchpost: the gateway at http://{addr} answered {code}: {body}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!(
+                "watchpost: no gateway answers on http://{addr} ({e}); is it running with this configuration?"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{body}");
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_str::<watchpost::metrics::Status>(&body) {
+        Ok(s) => {
+            print!("{}", watchpost::metrics::summary(&s));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("watchpost: the gateway's status is not understood ({e}): {body}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs a read-only query against the database of `config`'s data_dir and prints it.
 fn query(path: Option<PathBuf>, run: impl FnOnce(&Reader) -> rusqlite::Result<String>) -> ExitCode {
     let loaded = match load(path.as_ref()) {
@@ -356,7 +414,6 @@ fn load(path: Option<&PathBuf>) -> Result<Loaded, ConfigError> {
 }
 
 fn run(path: Option<PathBuf>) -> ExitCode {
-    init_logging();
     let loaded = match load(path.as_ref()) {
         Ok(l) => l,
         Err(e) => {
@@ -365,6 +422,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    init_logging(&loaded.config.gateway.log);
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }
@@ -465,6 +523,14 @@ async fn reload(gateway: &mut watchpost::Gateway, path: Option<&Path>) {
             for d in &e.errors {
                 tracing::error!("{d}");
             }
+            let first = e
+                .errors
+                .first()
+                .map_or(String::new(), |d| format!("; first: {d}"));
+            gateway.stats().record_reload(
+                false,
+                format!("{} error(s) in {}{first}", e.errors.len(), path.display()),
+            );
             tracing::error!(
                 errors = e.errors.len(),
                 "the configuration has errors; the old rules keep running"
@@ -503,8 +569,23 @@ fn check(path: &Path, deny_warnings: bool) -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG));
+/// Logs to the journal when systemd connected stderr to it (`JOURNAL_STREAM`), as readable
+/// text otherwise. `RUST_LOG` overrides the configured filter.
+fn init_logging(configured: &str) {
+    use tracing_subscriber::prelude::*;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(configured));
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        match tracing_journald::layer() {
+            Ok(journal) => {
+                tracing_subscriber::registry()
+                    .with(filter)
+                    .with(journal)
+                    .init();
+                return;
+            }
+            Err(e) => eprintln!("watchpost: cannot log to the journal ({e}); logging to stderr"),
+        }
+    }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)

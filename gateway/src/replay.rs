@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::ingest::{self, Alert, Engine, EngineOptions};
 use crate::rules::{AlertState, Millis};
 use crate::stats::Stats;
+use crate::uplink::qos1_bytes;
 
 /// One recorded reading.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,18 +49,6 @@ pub struct Outcome {
     pub forward_all_bytes: u64,
     /// Whether the configuration has an uplink at all.
     pub has_uplink: bool,
-}
-
-/// Bytes of one QoS 1 PUBLISH of `topic` and `payload` plus its PUBACK, in MQTT 3.1.1.
-pub fn qos1_bytes(topic: &str, payload: usize) -> u64 {
-    let remaining = 2 + topic.len() + 2 + payload;
-    let length_bytes = match remaining {
-        0..=127 => 1,
-        128..=16_383 => 2,
-        16_384..=2_097_151 => 3,
-        _ => 4,
-    };
-    (1 + length_bytes + remaining + 4) as u64
 }
 
 /// Parses recorded readings; every bad line is reported with its number.
@@ -183,6 +172,7 @@ pub fn replay(config: &Config, readings: &[Recorded], until: Option<Millis>) -> 
         window: config.history.window,
         keep_raw: false,
         summaries: None,
+        stale_after: std::time::Duration::from_secs(600),
     };
     let start = readings.first().map_or(0, |r| r.at);
     let mut engine = Engine::new(options, Arc::new(Stats::default()), start);
@@ -203,7 +193,7 @@ pub fn replay(config: &Config, readings: &[Recorded], until: Option<Millis>) -> 
         alerts.extend(engine.on_reading(&r.device, &r.metric, r.value, r.at));
         devices.insert(r.device.as_str());
         let topic = format!("{prefix}/sensors/{}/{}", r.device, r.metric);
-        forward_all_bytes += qos1_bytes(&topic, r.value.to_string().len());
+        forward_all_bytes += qos1_bytes(topic.len(), r.value.to_string().len());
     }
     let end = until.unwrap_or_else(|| readings.last().map_or(0, |r| r.at));
     run_deadlines(&mut engine, end, &mut alerts);
@@ -213,7 +203,7 @@ pub fn replay(config: &Config, readings: &[Recorded], until: Option<Millis>) -> 
         .filter(|a| ingest::forwarded(a, forward.as_deref()))
         .map(|a| {
             qos1_bytes(
-                &format!("{prefix}/{}", a.doc.topic()),
+                prefix.len() + 1 + a.doc.topic().len(),
                 a.doc.to_json().len(),
             )
         })
@@ -472,7 +462,7 @@ mod tests {
         // "-5" and "5" on t/sensors/a/t, each with its PUBACK.
         assert_eq!(
             out.forward_all_bytes,
-            qos1_bytes("t/sensors/a/t", 2) + qos1_bytes("t/sensors/a/t", 1)
+            qos1_bytes("t/sensors/a/t".len(), 2) + qos1_bytes("t/sensors/a/t".len(), 1)
         );
     }
 
@@ -510,7 +500,7 @@ mod tests {
 
     #[test]
     fn mqtt_sizes() {
-        assert_eq!(qos1_bytes("a/b", 2), 1 + 1 + (2 + 3 + 2 + 2) + 4);
-        assert_eq!(qos1_bytes(&"x".repeat(200), 0), 1 + 2 + 204 + 4);
+        assert_eq!(qos1_bytes(3, 2), 1 + 1 + (2 + 3 + 2 + 2) + 4);
+        assert_eq!(qos1_bytes(200, 0), 1 + 2 + 204 + 4);
     }
 }

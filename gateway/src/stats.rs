@@ -47,11 +47,26 @@ impl DeviceCounters {
     }
 }
 
+/// The outcome of the last attempt to reload the rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ReloadRecord {
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+    /// True if the new rules are in force.
+    pub ok: bool,
+    /// What happened, in a sentence.
+    pub detail: String,
+}
+
 /// Gateway-wide counters.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// When the gateway started, ms since the epoch.
+    pub started_ms: AtomicU64,
     /// Client connections open now.
     pub connections: AtomicU64,
+    /// MQTT bytes read from clients.
+    pub bytes_in: AtomicU64,
     /// Sensor messages taken from the broker.
     pub messages: AtomicU64,
     /// Readings decoded (a message may hold several).
@@ -60,6 +75,16 @@ pub struct Stats {
     pub decode_errors: AtomicU64,
     /// Duplicate messages dropped (from `seq`), all devices.
     pub duplicates: AtomicU64,
+    /// Messages missing from devices' `seq` when a gap was seen, all devices.
+    pub seq_gap_messages: AtomicU64,
+    /// Messages that arrived after a higher `seq`, all devices.
+    pub seq_late: AtomicU64,
+    /// Time spent judging messages (decode, rules, rollups), in nanoseconds.
+    pub ingest_nanos: AtomicU64,
+    /// Messages judged, for `ingest_nanos`.
+    pub ingest_count: AtomicU64,
+    /// Last time the ingest loop went round, ms since the epoch: it must keep moving.
+    pub ingest_heartbeat_ms: AtomicU64,
     /// Times the broker's read cursor for ingest jumped ahead.
     pub cursor_jumps: AtomicU64,
     /// Messages skipped by those jumps.
@@ -68,6 +93,23 @@ pub struct Stats {
     pub alerts_raised: AtomicU64,
     /// Alerts cleared.
     pub alerts_cleared: AtomicU64,
+    /// Alerts raised, by severity (info, warning, critical).
+    pub raised_by_severity: [AtomicU64; 3],
+    /// Alerts cleared, by severity (info, warning, critical).
+    pub cleared_by_severity: [AtomicU64; 3],
+    /// Alerts raised now.
+    pub alerts_active: AtomicU64,
+    /// Devices heard from recently and not offline.
+    pub devices_online: AtomicU64,
+    /// Devices whose last word was `offline`.
+    pub devices_offline: AtomicU64,
+    /// Devices not heard from for longer than `gateway.stale_after`.
+    pub devices_stale: AtomicU64,
+    /// MQTT bytes every reading would have cost upstream (QoS 1 PUBLISH and PUBACK), the
+    /// baseline of the reduction ratio.
+    pub forward_all_bytes: AtomicU64,
+    /// MQTT bytes exchanged with the upstream broker, counted from the packets.
+    pub upstream_bytes: AtomicU64,
     /// Rows waiting in the outbox.
     pub outbox_depth: AtomicU64,
     /// When the oldest outbox row was queued (ms since the epoch; 0 if none).
@@ -80,6 +122,7 @@ pub struct Stats {
     /// History rows dropped to keep the database within its budget.
     pub history_evicted: AtomicU64,
     devices: Mutex<BTreeMap<String, DeviceCounters>>,
+    last_reload: Mutex<Option<ReloadRecord>>,
 }
 
 impl Stats {
@@ -126,6 +169,36 @@ impl Stats {
     /// Malformed messages and fields counted for `device` ([`OTHER_DEVICES`] for none).
     pub fn decode_errors_of(&self, device: &str) -> u64 {
         self.device(device).map_or(0, |c| c.decode_errors)
+    }
+
+    /// Notes the outcome of a reload.
+    pub fn record_reload(&self, ok: bool, detail: impl Into<String>) {
+        let record = ReloadRecord {
+            at_ms: crate::alert::now_millis(),
+            ok,
+            detail: detail.into(),
+        };
+        *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+    }
+
+    /// The outcome of the last reload, if any.
+    pub fn last_reload(&self) -> Option<ReloadRecord> {
+        self.last_reload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Counts a transition of an alert of `severity`.
+    pub fn count_transition(&self, severity: crate::rules::Severity, raised: bool) {
+        let i = severity as usize;
+        if raised {
+            Self::inc(&self.alerts_raised);
+            Self::inc(&self.raised_by_severity[i]);
+        } else {
+            Self::inc(&self.alerts_cleared);
+            Self::inc(&self.cleared_by_severity[i]);
+        }
     }
 
     /// Every device's counters.

@@ -130,6 +130,8 @@ impl Uplink {
                     let mut delay = Duration::ZERO;
                     match event {
                         Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            // CONNECT (fixed and variable header, client id) and CONNACK.
+                            Stats::add(&stats.upstream_bytes, (14 + options.client_id().len() + 4) as u64);
                             connected = true;
                             stats.uplink_connected.store(true, Ordering::Relaxed);
                             let queued = Stats::get(&stats.outbox_depth);
@@ -137,13 +139,14 @@ impl Uplink {
                             failures = 0;
                             pending.restart();
                         }
-                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => pending.sent(pkid),
+                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Stats::add(&stats.upstream_bytes, pending.sent(pkid, topic_prefix.len())),
                         Ok(Event::Incoming(Packet::PubAck(ack))) => {
                             if let Some(seq) = pending.acked(ack.pkid) {
                                 Stats::inc(&stats.uplink_acked);
                                 store.outbox_done(seq);
                             }
                         }
+                        Ok(Event::Outgoing(Outgoing::PingReq) | Event::Incoming(Packet::PingResp)) => Stats::add(&stats.upstream_bytes, 2),
                         Ok(_) => {}
                         Err(e) => {
                             connected = false;
@@ -191,7 +194,10 @@ impl Uplink {
                 while pending.in_flight() > 0 {
                     let (eventloop, event) = (&mut poll).await;
                     match event {
-                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => pending.sent(pkid),
+                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Stats::add(
+                            &stats.upstream_bytes,
+                            pending.sent(pkid, topic_prefix.len()),
+                        ),
                         Ok(Event::Incoming(Packet::PubAck(ack))) => {
                             if let Some(seq) = pending.acked(ack.pkid) {
                                 Stats::inc(&stats.uplink_acked);
@@ -269,6 +275,19 @@ fn system_tls() -> Result<ClientConfig, UplinkError> {
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// Bytes of one QoS 1 PUBLISH (topic and payload of the given lengths) and its PUBACK, in
+/// MQTT 3.1.1.
+pub fn qos1_bytes(topic_len: usize, payload_len: usize) -> u64 {
+    let remaining = 2 + topic_len + 2 + payload_len;
+    let length_bytes = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    (1 + length_bytes + remaining + 4) as u64
 }
 
 /// Delay before retry number `attempt` (1-based): doubling from [`BACKOFF_MIN`] up to
@@ -352,11 +371,16 @@ impl Pending {
         }
     }
 
-    /// The eventloop put the next handed row on the wire as `pkid`.
-    fn sent(&mut self, pkid: u16) {
-        if let Some(seq) = self.handed.pop_front() {
-            self.inflight.insert(pkid, seq);
-        }
+    /// The eventloop put the next handed row on the wire as `pkid`; returns the MQTT bytes
+    /// of that PUBLISH and its PUBACK to come.
+    fn sent(&mut self, pkid: u16, prefix_len: usize) -> u64 {
+        let Some(seq) = self.handed.pop_front() else {
+            return 0;
+        };
+        self.inflight.insert(pkid, seq);
+        self.queue.get(&seq).map_or(0, |e| {
+            qos1_bytes(prefix_len + 1 + e.topic.len(), e.payload.len())
+        })
     }
 
     /// `pkid` was acknowledged: returns the outbox position that is now delivered.
@@ -408,8 +432,8 @@ mod tests {
         p.send_window(&client, "site");
         assert_eq!(p.in_flight(), 3);
         assert!(p.waiting_since.is_some());
-        p.sent(7);
-        p.sent(8);
+        p.sent(7, 4);
+        p.sent(8, 4);
         assert_eq!(p.acked(8), Some(2));
         assert_eq!(p.acked(8), None, "an ack counts once");
         // The connection drops before 1 and 3 are acknowledged.
@@ -428,7 +452,7 @@ mod tests {
         p.send_window(&client, "site");
         assert_eq!(p.in_flight(), WINDOW);
         for pkid in 1..=WINDOW as u16 {
-            p.sent(pkid);
+            p.sent(pkid, 4);
         }
         assert_eq!(p.acked(1), Some(1));
         p.send_window(&client, "site");

@@ -17,7 +17,7 @@ fn write_config(dir: &Path, broker: &str, extra: &str) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "[gateway]\nid = \"cli\"\ndata_dir = {:?}\n[broker]\n{broker}\n{extra}\n[[rule]]\nname = \"hot\"\nmatch = \"sensors/+/t\"\nabove = 1.0\nseverity = \"critical\"\n",
+            "[gateway]\nid = \"cli\"\ndata_dir = {:?}\n[broker]\n{broker}\n[http]\nlisten = \"127.0.0.1:0\"\n{extra}\n[[rule]]\nname = \"hot\"\nmatch = \"sensors/+/t\"\nabove = 1.0\nseverity = \"critical\"\n",
             data.display().to_string()
         ),
     )

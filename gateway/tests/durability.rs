@@ -18,7 +18,7 @@ fn write_config(dir: &Path, upstream_port: u16) -> std::path::PathBuf {
         &path,
         format!(
             "[gateway]\nid = \"site-crash\"\ndata_dir = {:?}\n\
-             [broker]\nlisten = \"127.0.0.1:0\"\nallow_anonymous = true\n\
+             [broker]\nlisten = \"127.0.0.1:0\"\nallow_anonymous = true\n[http]\nlisten = \"127.0.0.1:0\"\n\
              [uplink]\nurl = \"mqtt://127.0.0.1:{upstream_port}\"\nkeep_alive = \"1s\"\n\
              [[rule]]\nname = \"overheat\"\nmatch = \"sensors/+/temperature\"\nabove = 90.0\nclear_below = 85.0\nseverity = \"critical\"\n",
             dir.join("data").display().to_string()

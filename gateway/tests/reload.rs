@@ -13,7 +13,7 @@ const DEADLINE: Duration = Duration::from_secs(20);
 fn write(dir: &Path, rules: &str) -> PathBuf {
     let path = dir.join("watchpost.toml");
     let data = dir.join("data").display().to_string();
-    std::fs::write(&path, format!("[gateway]\nid = \"reload\"\ndata_dir = {data:?}\n[broker]\nlisten = \"127.0.0.1:0\"\nallow_anonymous = true\n{rules}")).unwrap();
+    std::fs::write(&path, format!("[gateway]\nid = \"reload\"\ndata_dir = {data:?}\n[broker]\nlisten = \"127.0.0.1:0\"\nallow_anonymous = true\n[http]\nlisten = \"127.0.0.1:0\"\n{rules}")).unwrap();
     path
 }
 
@@ -97,7 +97,7 @@ async fn sighup_swaps_rules_keeps_raised_alerts_and_survives_a_broken_file() {
         gateway
             .log()
             .iter()
-            .any(|l| l.contains("watchpost.toml:21:9")),
+            .any(|l| l.contains("watchpost.toml:23:9")),
         "the error names its place: {:#?}",
         gateway.log()
     );

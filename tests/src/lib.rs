@@ -439,7 +439,7 @@ pub fn gateway_config_with(
         format!("[uplink]\nurl = \"mqtt://127.0.0.1:{port}\"\ntopic_prefix = \"site-test\"\nforward = [\"critical\"]\nkeep_alive = \"5s\"\n")
     });
     let source = format!(
-        "[gateway]\nid = \"site-test\"\ndata_dir = {:?}\n[broker]\nlisten = \"127.0.0.1:0\"\nallow_anonymous = true\nmax_payload_bytes = 256\n{broker}\n{uplink}{rules}",
+        "[gateway]\nid = \"site-test\"\ndata_dir = {:?}\n[broker]\nlisten = \"127.0.0.1:0\"\nallow_anonymous = true\nmax_payload_bytes = 256\n{broker}\n[http]\nlisten = \"127.0.0.1:0\"\n{uplink}{rules}",
         data_dir.display().to_string()
     );
     match config::parse(&source, "test.toml") {
@@ -462,10 +462,16 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts `bin run --config config` with its default log levels.
     pub fn spawn(bin: &str, config: &Path) -> GatewayProcess {
+        Self::spawn_with_env(bin, config, &[])
+    }
+
+    /// Like [`GatewayProcess::spawn`], with extra environment variables.
+    pub fn spawn_with_env(bin: &str, config: &Path, env: &[(&str, &str)]) -> GatewayProcess {
         let mut child = Command::new(bin)
             .args(["run", "--config"])
             .arg(config)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

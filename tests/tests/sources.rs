@@ -21,6 +21,7 @@ fn shipped(file: &str, data: &Path) -> Config {
         .unwrap_or_else(|e| panic!("{file}: {e}"))
         .config;
     config.broker.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.listen = Some("127.0.0.1:0".parse().unwrap());
     config.gateway.data_dir = data.to_owned();
     config
 }

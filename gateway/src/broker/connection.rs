@@ -94,6 +94,7 @@ pub(crate) async fn serve<P: Wire>(
         // Small packets (readings, acks) must not wait for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
         let mut io = Io {
+            stats: shared.stats.clone(),
             stream,
             read: BytesMut::with_capacity(1024),
             write: BytesMut::with_capacity(1024),
@@ -395,6 +396,7 @@ fn packet_name(p: &Packet) -> &'static str {
 
 /// The socket with its read and write buffers.
 struct Io<P> {
+    stats: Arc<Stats>,
     stream: TcpStream,
     read: BytesMut,
     write: BytesMut,
@@ -417,7 +419,9 @@ impl<P: Wire> Io<P> {
         if self.read.capacity() - self.read.len() < 512 {
             self.read.reserve(4096);
         }
-        self.stream.read_buf(&mut self.read).await
+        let n = self.stream.read_buf(&mut self.read).await?;
+        Stats::add(&self.stats.bytes_in, n as u64);
+        Ok(n)
     }
 
     /// Reads until one whole packet is buffered and returns it.

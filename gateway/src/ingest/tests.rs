@@ -40,6 +40,7 @@ fn options(rules: Vec<Rule>) -> EngineOptions {
         window: Duration::from_secs(60),
         keep_raw: false,
         summaries: None,
+        stale_after: Duration::from_secs(600),
     }
 }
 

@@ -1,0 +1,103 @@
+//! The HTTP endpoint: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (serving) and
+//! `/status` (JSON for `watchpost status`). Loopback by default; read-only.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tracing::error;
+
+use crate::alert::now_millis;
+use crate::metrics::{self, Info};
+use crate::shutdown::Signal;
+use crate::stats::Stats;
+
+/// The ingest loop goes round at least once a second; longer than this means it is stuck.
+pub const INGEST_STALL_MS: u64 = 5_000;
+
+/// What the handlers read.
+pub struct Endpoint {
+    /// The gateway's counters.
+    pub stats: Arc<Stats>,
+    /// Names and addresses.
+    pub info: Info,
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>, shutdown: Signal) {
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/status", get(status))
+        .with_state(endpoint);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.wait())
+        .await
+    {
+        error!(error = %e, "the HTTP endpoint stopped");
+    }
+}
+
+async fn metrics_text(State(e): State<Arc<Endpoint>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics::render(&e.stats, &e.info),
+    )
+}
+
+/// 200 `ready` while serving; 200 `degraded` (still serving) with the upstream down; 503
+/// when ingest has stopped going round.
+async fn ready(State(e): State<Arc<Endpoint>>) -> (StatusCode, String) {
+    let beat = Stats::get(&e.stats.ingest_heartbeat_ms);
+    if now_millis().saturating_sub(beat) > INGEST_STALL_MS {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: ingest is not making progress\n".into(),
+        );
+    }
+    let up = e
+        .stats
+        .uplink_connected
+        .load(std::sync::atomic::Ordering::Relaxed);
+    match (&e.info.upstream, up) {
+        (Some(u), false) => (
+            StatusCode::OK,
+            format!("degraded: serving locally, but the upstream {u} is not acknowledging\n"),
+        ),
+        _ => (StatusCode::OK, "ready\n".into()),
+    }
+}
+
+async fn status(State(e): State<Arc<Endpoint>>) -> axum::Json<metrics::Status> {
+    axum::Json(metrics::status(&e.stats, &e.info))
+}
+
+/// A plain HTTP/1.1 GET on `addr`; returns the status code and body. For `watchpost status`.
+pub fn get_blocking(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response");
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((code, body.to_owned()))
+}

@@ -1,0 +1,381 @@
+//! The gateway's counters in the Prometheus text exposition format (version 0.0.4), and the
+//! status summary that `watchpost status` prints. Pure: counters in, text out.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::alert::now_millis;
+use crate::rules::Severity;
+use crate::stats::{ReloadRecord, Stats};
+
+/// What the endpoint knows besides the counters.
+#[derive(Debug, Clone)]
+pub struct Info {
+    /// Gateway (site) id.
+    pub gateway: String,
+    /// `mqtt[s]://host:port` of the upstream, if configured.
+    pub upstream: Option<String>,
+}
+
+const SEVERITIES: [Severity; 3] = [Severity::Info, Severity::Warning, Severity::Critical];
+
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        let _ = writeln!(self.0, "{name}{labels} {value}");
+    }
+
+    fn counter(&mut self, name: &str, help: &str, value: u64) {
+        self.family(name, "counter", help);
+        self.sample(name, "", value);
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, "gauge", help);
+        self.sample(name, "", value);
+    }
+}
+
+/// Renders every metric.
+pub fn render(stats: &Stats, info: &Info) -> String {
+    let g = Stats::get;
+    let now = now_millis();
+    let mut o = Out(String::with_capacity(4096));
+    o.family(
+        "watchpost_info",
+        "gauge",
+        "Constant 1, labelled with the version and the gateway id.",
+    );
+    o.sample(
+        "watchpost_info",
+        &format!(
+            "{{version=\"{}\",gateway=\"{}\"}}",
+            env!("CARGO_PKG_VERSION"),
+            info.gateway
+        ),
+        1,
+    );
+    o.gauge(
+        "watchpost_uptime_seconds",
+        "Seconds since the gateway started.",
+        now.saturating_sub(g(&stats.started_ms)) as f64 / 1000.0,
+    );
+    o.gauge(
+        "watchpost_connections",
+        "MQTT client connections open now.",
+        g(&stats.connections),
+    );
+    o.counter(
+        "watchpost_bytes_in_total",
+        "MQTT bytes read from clients.",
+        g(&stats.bytes_in),
+    );
+    o.counter(
+        "watchpost_messages_total",
+        "Sensor messages taken from the broker.",
+        g(&stats.messages),
+    );
+    o.counter(
+        "watchpost_readings_total",
+        "Readings decoded and judged.",
+        g(&stats.readings),
+    );
+    o.counter(
+        "watchpost_decode_errors_total",
+        "Malformed sensor messages and fields.",
+        g(&stats.decode_errors),
+    );
+    o.counter(
+        "watchpost_seq_gap_messages_total",
+        "Messages missing from devices' seq when a gap was seen.",
+        g(&stats.seq_gap_messages),
+    );
+    o.counter(
+        "watchpost_seq_duplicates_total",
+        "Duplicate messages dropped, from devices' seq.",
+        g(&stats.duplicates),
+    );
+    o.counter(
+        "watchpost_seq_late_total",
+        "Messages that arrived after a higher seq.",
+        g(&stats.seq_late),
+    );
+    o.counter(
+        "watchpost_broker_cursor_jumps_total",
+        "Times the broker dropped sensor messages before ingest read them.",
+        g(&stats.cursor_jumps),
+    );
+    o.counter(
+        "watchpost_broker_cursor_jump_lost_total",
+        "Sensor messages lost in those jumps.",
+        g(&stats.cursor_jump_lost),
+    );
+    for (name, help, values) in [
+        (
+            "watchpost_alerts_raised_total",
+            "Alerts raised, by severity.",
+            &stats.raised_by_severity,
+        ),
+        (
+            "watchpost_alerts_cleared_total",
+            "Alerts cleared, by severity.",
+            &stats.cleared_by_severity,
+        ),
+    ] {
+        o.family(name, "counter", help);
+        for (sev, value) in SEVERITIES.iter().zip(values.iter()) {
+            o.sample(
+                name,
+                &format!("{{severity=\"{}\"}}", sev.as_str()),
+                g(value),
+            );
+        }
+    }
+    o.gauge(
+        "watchpost_alerts_active",
+        "Alerts raised now.",
+        g(&stats.alerts_active),
+    );
+    o.family("watchpost_devices", "gauge", "Devices by state: online, offline (their last word), stale (not heard from for gateway.stale_after).");
+    for (state, value) in [
+        ("online", &stats.devices_online),
+        ("offline", &stats.devices_offline),
+        ("stale", &stats.devices_stale),
+    ] {
+        o.sample(
+            "watchpost_devices",
+            &format!("{{state=\"{state}\"}}"),
+            g(value),
+        );
+    }
+    o.gauge(
+        "watchpost_outbox_depth",
+        "Messages waiting in the outbox for the upstream's acknowledgement.",
+        g(&stats.outbox_depth),
+    );
+    let oldest = g(&stats.outbox_oldest_ms);
+    let age = if oldest == 0 {
+        0.0
+    } else {
+        now.saturating_sub(oldest) as f64 / 1000.0
+    };
+    o.gauge(
+        "watchpost_outbox_oldest_age_seconds",
+        "Age of the oldest message in the outbox (0 if empty).",
+        age,
+    );
+    o.gauge(
+        "watchpost_uplink_configured",
+        "1 if an upstream broker is configured.",
+        u8::from(info.upstream.is_some()),
+    );
+    o.gauge(
+        "watchpost_uplink_connected",
+        "1 while the upstream broker accepts us and acknowledges.",
+        u8::from(
+            stats
+                .uplink_connected
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ),
+    );
+    o.counter(
+        "watchpost_uplink_acked_total",
+        "Outbox messages acknowledged by the upstream broker.",
+        g(&stats.uplink_acked),
+    );
+    let upstream = g(&stats.upstream_bytes);
+    let baseline = g(&stats.forward_all_bytes);
+    o.counter(
+        "watchpost_upstream_bytes_total",
+        "MQTT bytes exchanged with the upstream broker, counted from the packets.",
+        upstream,
+    );
+    o.counter("watchpost_forward_all_bytes_total", "MQTT bytes a bridge forwarding every sensor message upstream would have exchanged (QoS 1).", baseline);
+    let ratio = if baseline == 0 {
+        0.0
+    } else {
+        upstream as f64 / baseline as f64
+    };
+    o.gauge("watchpost_upstream_ratio", "watchpost_upstream_bytes_total / watchpost_forward_all_bytes_total: the share of a forward-everything bridge's upstream traffic.", ratio);
+    o.counter(
+        "watchpost_history_evicted_total",
+        "History rows dropped to keep the database within its budget.",
+        g(&stats.history_evicted),
+    );
+    o.family(
+        "watchpost_ingest_seconds",
+        "summary",
+        "Time spent judging sensor messages: decode, loss accounting, rules, rollups.",
+    );
+    o.sample(
+        "watchpost_ingest_seconds_sum",
+        "",
+        g(&stats.ingest_nanos) as f64 / 1e9,
+    );
+    o.sample("watchpost_ingest_seconds_count", "", g(&stats.ingest_count));
+    let reload = stats.last_reload();
+    o.gauge(
+        "watchpost_last_reload_success",
+        "1 if the last reload of the rules succeeded (also 1 before any reload).",
+        u8::from(reload.as_ref().is_none_or(|r| r.ok)),
+    );
+    o.0
+}
+
+/// What `GET /status` answers and `watchpost status` prints.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Status {
+    /// Version of the running gateway.
+    pub version: String,
+    /// Gateway (site) id.
+    pub gateway: String,
+    /// Seconds since start.
+    pub uptime_seconds: u64,
+    /// The upstream, if configured.
+    pub upstream: Option<String>,
+    /// The upstream accepts us and acknowledges.
+    pub uplink_connected: bool,
+    /// Messages waiting for the upstream.
+    pub outbox_depth: u64,
+    /// Age of the oldest of them, seconds.
+    pub outbox_oldest_seconds: u64,
+    /// Devices heard from recently.
+    pub devices_online: u64,
+    /// Devices whose last word was `offline`.
+    pub devices_offline: u64,
+    /// Devices not heard from for `gateway.stale_after`.
+    pub devices_stale: u64,
+    /// Alerts raised now.
+    pub alerts_active: u64,
+    /// The last reload of the rules, if any.
+    pub last_reload: Option<ReloadRecord>,
+}
+
+/// The status now.
+pub fn status(stats: &Stats, info: &Info) -> Status {
+    let g = Stats::get;
+    let now = now_millis();
+    let oldest = g(&stats.outbox_oldest_ms);
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        gateway: info.gateway.clone(),
+        uptime_seconds: now.saturating_sub(g(&stats.started_ms)) / 1000,
+        upstream: info.upstream.clone(),
+        uplink_connected: stats
+            .uplink_connected
+            .load(std::sync::atomic::Ordering::Relaxed),
+        outbox_depth: g(&stats.outbox_depth),
+        outbox_oldest_seconds: if oldest == 0 {
+            0
+        } else {
+            now.saturating_sub(oldest) / 1000
+        },
+        devices_online: g(&stats.devices_online),
+        devices_offline: g(&stats.devices_offline),
+        devices_stale: g(&stats.devices_stale),
+        alerts_active: g(&stats.alerts_active),
+        last_reload: stats.last_reload(),
+    }
+}
+
+/// A short summary for people.
+pub fn summary(s: &Status) -> String {
+    let d = std::time::Duration::from_secs(s.uptime_seconds);
+    let mut out = format!(
+        "watchpost {} on {}, up {}\n",
+        s.version,
+        s.gateway,
+        humantime::format_duration(d)
+    );
+    let uplink = match (&s.upstream, s.uplink_connected) {
+        (None, _) => "not configured (alerts stay local)".to_owned(),
+        (Some(u), true) => format!("connected to {u}"),
+        (Some(u), false) => format!("DOWN: {u} is not acknowledging; alerts wait in the outbox"),
+    };
+    let _ = writeln!(out, "uplink:   {uplink}");
+    let age = if s.outbox_depth > 0 {
+        format!(
+            ", oldest {}",
+            humantime::format_duration(std::time::Duration::from_secs(s.outbox_oldest_seconds))
+        )
+    } else {
+        String::new()
+    };
+    let _ = writeln!(out, "outbox:   {} waiting{age}", s.outbox_depth);
+    let _ = writeln!(
+        out,
+        "devices:  {} online, {} offline, {} stale",
+        s.devices_online, s.devices_offline, s.devices_stale
+    );
+    let _ = writeln!(out, "alerts:   {} raised", s.alerts_active);
+    let reload = match &s.last_reload {
+        None => "none since start".to_owned(),
+        Some(r) => format!(
+            "{} at {}: {}",
+            if r.ok { "ok" } else { "FAILED" },
+            crate::alert::rfc3339(r.at_ms),
+            r.detail
+        ),
+    };
+    let _ = writeln!(out, "reload:   {reload}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_declared_once_and_samples_follow_it() {
+        let stats = Stats::default();
+        stats.count_transition(Severity::Critical, true);
+        let text = render(
+            &stats,
+            &Info {
+                gateway: "g".into(),
+                upstream: None,
+            },
+        );
+        let mut declared = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(declared.insert(name.to_owned()), "{name} declared twice");
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let family = name.trim_end_matches("_sum").trim_end_matches("_count");
+                assert!(
+                    declared.contains(name) || declared.contains(family),
+                    "{name} has no TYPE before it"
+                );
+            }
+        }
+        assert!(
+            text.contains("watchpost_alerts_raised_total{severity=\"critical\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_summary_says_when_the_uplink_is_down() {
+        let stats = Stats::default();
+        let s = status(
+            &stats,
+            &Info {
+                gateway: "g".into(),
+                upstream: Some("mqtt://up:1883".into()),
+            },
+        );
+        assert!(
+            summary(&s).contains("uplink:   DOWN: mqtt://up:1883"),
+            "{}",
+            summary(&s)
+        );
+    }
+}
