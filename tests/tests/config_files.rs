@@ -1,31 +1,57 @@
-//! Every configuration shipped in `config/` compiles, and the binary embeds the quickstart one.
+//! Every configuration shipped in `config/` and `deploy/` compiles, the binary embeds the
+//! quickstart one, and the one the package installs fits the systemd unit.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use watchpost::config;
 
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 #[test]
-fn every_file_in_config_compiles_without_errors() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
-    let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            if let Err(e) = config::load(&path) {
-                panic!("{} does not compile:\n{e}", path.display());
+fn every_file_in_config_and_deploy_compiles_without_errors() {
+    for dir in ["config", "deploy"] {
+        let dir = repo().join(dir);
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                if let Err(e) = config::load(&path) {
+                    panic!("{} does not compile:\n{e}", path.display());
+                }
+                checked += 1;
             }
-            checked += 1;
         }
+        assert!(checked >= 1, "no configuration found in {}", dir.display());
     }
-    assert!(checked >= 1, "no configuration found in {}", dir.display());
+}
+
+/// `deploy/watchpost.toml` becomes /etc/watchpost/watchpost.toml, which the unit runs with its
+/// database in the unit's `StateDirectory=`, serving sensors on the network.
+#[test]
+fn the_packaged_config_fits_the_systemd_unit() {
+    let unit = std::fs::read_to_string(repo().join("deploy/watchpost.service")).unwrap();
+    for line in [
+        "ExecStart=/usr/bin/watchpost run --config /etc/watchpost/watchpost.toml",
+        "StateDirectory=watchpost",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the unit lacks {line}");
+    }
+    let loaded = config::load(&repo().join("deploy/watchpost.toml")).unwrap();
+    assert_eq!(
+        loaded.config.gateway.data_dir,
+        Path::new("/var/lib/watchpost")
+    );
+    assert_eq!(loaded.config.broker.listen, "0.0.0.0:1883".parse().unwrap());
+    assert!(loaded.config.broker.allow_anonymous);
+    // Anonymous clients on a network listener: the one warning, which the file explains.
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
 }
 
 #[test]
 fn the_embedded_quickstart_is_config_watchpost_toml() {
-    let on_disk = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/watchpost.toml"),
-    )
-    .unwrap();
+    let on_disk = std::fs::read_to_string(repo().join("config/watchpost.toml")).unwrap();
     assert_eq!(config::QUICKSTART, on_disk);
     let loaded = config::quickstart().unwrap();
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
