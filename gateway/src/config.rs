@@ -88,6 +88,45 @@ pub struct BrokerConfig {
     pub connect_timeout: Duration,
     /// Decoder limits for sensor payloads.
     pub limits: codec::Limits,
+    /// The credentials file (devices and operators with hashed secrets).
+    pub credentials: PathBuf,
+    /// Most publishes per second per device (anonymous: per connection); 0 for no limit.
+    pub max_publish_rate: u32,
+    /// Most distinct metrics one device may report; more are counted as malformed.
+    pub max_metrics_per_device: usize,
+    /// The TLS listener, if configured.
+    pub tls: Option<TlsListener>,
+}
+
+/// `[broker.tls]`: MQTT 3.1.1 over TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListener {
+    /// Address.
+    pub listen: SocketAddr,
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM.
+    pub key: PathBuf,
+    /// If set, clients must present a certificate signed by this CA (PEM); its common name
+    /// is then the client's identity.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// A secret from the configuration: never printed, not even in debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 impl BrokerConfig {
@@ -118,6 +157,12 @@ pub struct UplinkConfig {
     pub keep_alive: Duration,
     /// Periodic summaries upstream, if configured.
     pub summaries: Option<SummaryConfig>,
+    /// With `mqtts://`: the CA to trust (PEM) instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// With `mqtts://`: a client certificate chain and its key (PEM), e.g. for AWS IoT Core.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Username and password on the upstream broker.
+    pub login: Option<(String, Secret)>,
 }
 
 /// `[uplink.summaries]`: one compact message per site and interval.
@@ -495,6 +540,19 @@ struct RawBroker {
     max_connections: Option<Spanned<usize>>,
     connect_timeout: Option<Spanned<String>>,
     max_payload_bytes: Option<Spanned<usize>>,
+    credentials: Option<Spanned<String>>,
+    max_publish_rate: Option<Spanned<u32>>,
+    max_metrics_per_device: Option<Spanned<usize>>,
+    tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: Spanned<String>,
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    client_ca: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -506,6 +564,11 @@ struct RawUplink {
     forward: Option<Spanned<Vec<Severity>>>,
     keep_alive: Option<Spanned<String>>,
     summaries: Option<Spanned<RawSummaries>>,
+    ca_file: Option<Spanned<String>>,
+    client_cert: Option<Spanned<String>>,
+    client_key: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+    password: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -750,7 +813,7 @@ fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) -> Config {
             sink.warn(l.span(), "the HTTP endpoint listens beyond loopback: metrics and status are readable by anyone who can reach it", None);
         }
     }
-    let broker = compile_broker(&raw.broker, sink);
+    let broker = compile_broker(&raw.broker, &gateway.data_dir, sink);
     let uplink = raw
         .uplink
         .as_ref()
@@ -909,7 +972,7 @@ fn compile_source(raw: &RawSource, sink: &mut Sink<'_>) -> Option<Source> {
     (sink.errors.len() == errors_before).then_some(source)
 }
 
-fn compile_broker(raw: &RawBroker, sink: &mut Sink<'_>) -> BrokerConfig {
+fn compile_broker(raw: &RawBroker, data_dir: &Path, sink: &mut Sink<'_>) -> BrokerConfig {
     let default_listen: SocketAddr = DEFAULT_LISTEN.parse().expect("constant address");
     let listen = raw
         .listen
@@ -968,6 +1031,57 @@ fn compile_broker(raw: &RawBroker, sink: &mut Sink<'_>) -> BrokerConfig {
         "connect_timeout",
         Duration::from_secs(5),
     );
+    let credentials = raw.credentials.as_ref().map_or_else(
+        || data_dir.join(CREDENTIALS_FILE),
+        |c| PathBuf::from(c.get_ref()),
+    );
+    let max_publish_rate = raw
+        .max_publish_rate
+        .as_ref()
+        .map_or(DEFAULT_MAX_PUBLISH_RATE, |r| *r.get_ref());
+    let max_metrics_per_device = match &raw.max_metrics_per_device {
+        Some(m) if *m.get_ref() == 0 => {
+            sink.error(
+                m.span(),
+                "`max_metrics_per_device` must be at least 1",
+                None,
+            );
+            1
+        }
+        Some(m) => *m.get_ref(),
+        None => 256,
+    };
+    let plain = [Some(listen), listen_v5];
+    let tls = raw.tls.as_ref().and_then(|t| {
+        let r = t.get_ref();
+        let tls_listen = sink.socket_addr(&r.listen, "listen")?;
+        for (field, path) in [
+            ("cert", Some(&r.cert)),
+            ("key", Some(&r.key)),
+            ("client_ca", r.client_ca.as_ref()),
+        ] {
+            if let Some(p) = path.filter(|p| !Path::new(p.get_ref()).is_file()) {
+                sink.error(
+                    p.span(),
+                    format!("`{field}` file {:?} does not exist", p.get_ref()),
+                    Some("give the path of a PEM file".into()),
+                );
+            }
+        }
+        if plain.contains(&Some(tls_listen)) && tls_listen.port() != 0 {
+            sink.error(
+                r.listen.span(),
+                "the TLS listener needs a port of its own, e.g. 8883",
+                None,
+            );
+        }
+        Some(TlsListener {
+            listen: tls_listen,
+            cert: PathBuf::from(r.cert.get_ref()),
+            key: PathBuf::from(r.key.get_ref()),
+            client_ca: r.client_ca.as_ref().map(|c| PathBuf::from(c.get_ref())),
+        })
+    });
     BrokerConfig {
         listen,
         listen_v5,
@@ -975,8 +1089,18 @@ fn compile_broker(raw: &RawBroker, sink: &mut Sink<'_>) -> BrokerConfig {
         max_connections,
         connect_timeout,
         limits: codec::Limits { max_payload_bytes },
+        credentials,
+        max_publish_rate,
+        max_metrics_per_device,
+        tls,
     }
 }
+
+/// File name of the credentials file inside the data directory, by default.
+pub const CREDENTIALS_FILE: &str = "credentials.toml";
+
+/// Default limit of publishes per second and device.
+pub const DEFAULT_MAX_PUBLISH_RATE: u32 = 500;
 
 fn compile_uplink(raw: &RawUplink, gateway_id: &str, sink: &mut Sink<'_>) -> UplinkConfig {
     let (tls, host, port) = match parse_url(raw.url.get_ref()) {
@@ -1045,6 +1169,56 @@ fn compile_uplink(raw: &RawUplink, gateway_id: &str, sink: &mut Sink<'_>) -> Upl
             );
         }
     }
+    let file = |sink: &mut Sink<'_>, field: &str, v: &Option<Spanned<String>>| {
+        let v = v.as_ref()?;
+        if !tls {
+            sink.error(
+                v.span(),
+                format!("`{field}` needs a TLS uplink"),
+                Some("use an mqtts:// url".into()),
+            );
+        } else if !Path::new(v.get_ref()).is_file() {
+            sink.error(
+                v.span(),
+                format!("`{field}` file {:?} does not exist", v.get_ref()),
+                Some("give the path of a PEM file".into()),
+            );
+        }
+        Some(PathBuf::from(v.get_ref()))
+    };
+    let ca_file = file(sink, "ca_file", &raw.ca_file);
+    let client_cert = match (
+        file(sink, "client_cert", &raw.client_cert),
+        file(sink, "client_key", &raw.client_key),
+    ) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (c, _) => {
+            let (present, missing) = if c.is_some() {
+                (&raw.client_cert, "client_key")
+            } else {
+                (&raw.client_key, "client_cert")
+            };
+            sink.error(present.as_ref().map_or(0..0, |p| p.span()), format!("a client certificate needs both `client_cert` and `client_key`: add `{missing}`"), None);
+            None
+        }
+    };
+    let login = match (&raw.username, &raw.password) {
+        (Some(u), Some(p)) => Some((u.get_ref().clone(), Secret(p.get_ref().clone()))),
+        (Some(u), None) => Some((u.get_ref().clone(), Secret(String::new()))),
+        (None, Some(p)) => {
+            sink.error(p.span(), "`password` needs `username`", None);
+            None
+        }
+        (None, None) => None,
+    };
+    if login.is_some() && !tls {
+        sink.warn(
+            raw.username.as_ref().map_or(0..0, |u| u.span()),
+            "the upstream password would travel in the clear over mqtt://",
+            Some("use an mqtts:// url".into()),
+        );
+    }
     let summaries = raw.summaries.as_ref().map(|s| compile_summaries(s, sink));
     UplinkConfig {
         host,
@@ -1055,6 +1229,9 @@ fn compile_uplink(raw: &RawUplink, gateway_id: &str, sink: &mut Sink<'_>) -> Upl
         forward,
         keep_alive,
         summaries,
+        ca_file,
+        client_cert,
+        login,
     }
 }
 

@@ -11,6 +11,7 @@
 //! | module | one job |
 //! |---|---|
 //! | [`config`] | raw serde structs, then `compile()` into a checked [`config::Config`] plus warnings, with file:line:column diagnostics |
+//! | [`access`] | identities (credentials file, client certificates, anonymous) and what each may publish and subscribe to |
 //! | [`broker`] | rumqttd's router plus Watchpost's own listeners and client connections; hands ingest its in-process link |
 //! | [`codec`] | pure bytes → readings; no I/O |
 //! | [`sources`] | foreign topic layouts (Tasmota, ESPHome, Shelly, ...) mapped onto readings by configuration |
@@ -29,6 +30,7 @@
 //! | [`app`], [`shutdown`] | wiring, start-up and graceful shutdown |
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod aggregate;
 pub mod alert;
 pub mod app;

@@ -127,6 +127,13 @@ impl Source {
             .join("/")
     }
 
+    /// The device a topic of this source belongs to, if the topic matches.
+    pub fn device_of<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        self.captures(topic)
+            .map(|(device, _)| device)
+            .filter(|d| !d.is_empty())
+    }
+
     /// Device and metric from `topic`, if it matches the pattern.
     fn captures<'a>(&self, topic: &'a str) -> Option<(&'a str, Option<&'a str>)> {
         let mut device = None;
