@@ -72,21 +72,27 @@ say "installed /usr/bin/watchpost"
 put "$here/watchpost.service" "$root/usr/lib/systemd/system/watchpost.service" 0644
 say "installed /usr/lib/systemd/system/watchpost.service"
 
-config=/etc/watchpost/watchpost.toml
-if [ -e "$root$config" ]; then
-    say "kept $config (yours; the shipped one is deploy/watchpost.toml)"
-else
-    put "$here/watchpost.toml" "$root$config" 0644
-    say "installed $config"
-fi
-
 # The unit runs as the system user watchpost (User=, Group=).
 if grep -q '^watchpost:' "$root/etc/passwd" 2>/dev/null; then
     say "user watchpost exists"
 else
+    mkdir -p "$root/etc"
     systemd-sysusers ${root:+--root="$root"} \
         --inline 'u watchpost - "Watchpost gateway" /var/lib/watchpost'
     say "created system user watchpost"
+fi
+
+ids=$(awk -F: '$1 == "watchpost" { print $3 ":" $4 }' "$root/etc/passwd")
+[ -n "$ids" ] || { echo "install.sh: no user watchpost in $root/etc/passwd" >&2; exit 1; }
+
+# The configuration may hold the upstream password: root and the service may read it.
+config=/etc/watchpost/watchpost.toml
+if [ -e "$root$config" ]; then
+    say "kept $config (yours; the shipped one is deploy/watchpost.toml)"
+else
+    put "$here/watchpost.toml" "$root$config" 0640
+    chgrp "${ids#*:}" "$root$config"
+    say "installed $config (group watchpost, mode 0640)"
 fi
 
 # The database lives here (the configuration's data_dir; the unit's StateDirectory= creates it
@@ -95,7 +101,6 @@ data=/var/lib/watchpost
 if [ -d "$root$data" ]; then
     say "kept $data"
 else
-    ids=$(awk -F: '$1 == "watchpost" { print $3 ":" $4 }' "$root/etc/passwd")
     mkdir -p "$root$data"
     chown "$ids" "$root$data"
     chmod 0750 "$root$data"

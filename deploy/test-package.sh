@@ -27,6 +27,10 @@ trap cleanup EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
 ok() { echo "ok: $*"; }
 
+if dpkg-query -W watchpost >/dev/null 2>&1; then
+    echo "--- purge the watchpost package an earlier run left, to test a first installation"
+    dpkg -P watchpost || fail "dpkg -P watchpost"
+fi
 echo "--- install $deb"
 dpkg -i "$deb" || fail "dpkg -i $deb"
 version=$(dpkg-deb -f "$deb" Version)
@@ -45,7 +49,9 @@ ok "unit $unit"
 [ -f "$config" ] || fail "$config is missing"
 dpkg-query -W -f '${Conffiles}\n' watchpost | grep -q "^ $config " ||
     fail "$config is not a conffile"
-ok "config $config, a conffile"
+[ "$(stat -c '%U:%G %a' "$config")" = "root:watchpost 640" ] ||
+    fail "$config is not root:watchpost 640: $(stat -c '%U:%G %a' "$config")"
+ok "config $config, a conffile, root:watchpost 640"
 [ "$(getent passwd watchpost | cut -d: -f7)" = /usr/sbin/nologin ] ||
     fail "no system user watchpost with shell /usr/sbin/nologin"
 [ "$(stat -c '%U:%G %a' /var/lib/watchpost)" = "watchpost:watchpost 750" ] ||
@@ -135,25 +141,43 @@ ok "stopped on SIGTERM; $db is watchpost's, mode 600"
 echo "--- the installed unit under a real systemd"
 "$here/test-under-systemd.sh" || fail "the unit under systemd (see above)"
 
-echo "--- reinstall and upgrade keep the operator's configuration"
+echo "--- upgrades and reinstalls: the operator's configuration is kept"
+# Two later versions of the package, each shipping a different default configuration.
+variant() { # variant SUFFIX MAX_DB_MB: prints the path of the package it builds
+    dpkg-deb -R "$deb" "$work/$1"
+    sed -i "s/^Version: .*/Version: $version+$1/" "$work/$1/DEBIAN/control"
+    sed -i "s/^max_db_mb = 1024 /max_db_mb = $2 /" "$work/$1/etc/watchpost/watchpost.toml"
+    dpkg-deb -b --root-owner-group "$work/$1" "$work/$1.deb" >/dev/null
+    echo "$work/$1.deb"
+}
+next=$(variant next1 2048)
+later=$(variant next2 4096)
+installed() { [ "$(dpkg-query -W -f '${Version}' watchpost)" = "$1" ] || fail "watchpost $1 is not installed"; }
+mode() { [ "$(stat -c '%U:%G %a' "$config")" = "root:watchpost 640" ] ||
+    fail "$1: $config is $(stat -c '%U:%G %a' "$config"), not root:watchpost 640"; }
+
+dpkg -i "$next" || fail "dpkg -i (upgrade to $version+next1)"
+installed "$version+next1"
+grep -q '^max_db_mb = 2048 ' "$config" || fail "the upgrade did not update the unedited $config"
+mode "the upgrade"
+ok "an upgrade replaces an unedited $config with its own, root:watchpost 640 still"
+
 marker="# edited by the operator $(date +%s)"
 sed -i 's/^id = "site-1"/id = "edited-site"/' "$config"
 echo "$marker" >>"$config"
-dpkg -i "$deb" || fail "dpkg -i $deb (reinstall)"
+dpkg -i "$next" || fail "dpkg -i $next (reinstall)"
 tail -n 1 "$config" | grep -qx "$marker" || fail "reinstalling replaced the edited $config"
 grep -q '^id = "edited-site"' "$config" || fail "reinstalling replaced the edited $config"
 ok "reinstalling the same package keeps the edited $config"
-# An upgrade whose shipped configuration changed: the operator's stays in place, the new one
-# is put beside it (--force-confold is what an unattended upgrade answers dpkg's question with).
-dpkg-deb -R "$deb" "$work/next"
-sed -i "s/^Version: .*/Version: $version+next/" "$work/next/DEBIAN/control"
-sed -i 's/^max_db_mb = 1024 /max_db_mb = 2048 /' "$work/next/etc/watchpost/watchpost.toml"
-dpkg-deb -b --root-owner-group "$work/next" "$work/next.deb" >/dev/null
-dpkg -i --force-confold "$work/next.deb" || fail "dpkg -i (upgrade to $version+next)"
-[ "$(dpkg-query -W -f '${Version}' watchpost)" = "$version+next" ] || fail "the upgrade did not happen"
+
+# The shipped configuration changed as well: dpkg would ask; --force-confold is the answer an
+# unattended upgrade gives. The operator's file stays, the new one is put beside it.
+dpkg -i --force-confold "$later" || fail "dpkg -i (upgrade to $version+next2)"
+installed "$version+next2"
 tail -n 1 "$config" | grep -qx "$marker" || fail "the upgrade replaced the edited $config"
-grep -q '^max_db_mb = 2048 ' "$config.dpkg-dist" || fail "the upgrade's configuration is not in $config.dpkg-dist"
-ok "an upgrade keeps the edited $config; its own configuration is $config.dpkg-dist"
+grep -q '^max_db_mb = 4096 ' "$config.dpkg-dist" || fail "the upgrade's configuration is not in $config.dpkg-dist"
+mode "the upgrade"
+ok "an upgrade keeps the edited $config; the new default is $config.dpkg-dist"
 rm -f "$config.dpkg-dist"
 
 echo "--- install.sh into a temporary root"
@@ -164,9 +188,12 @@ $(cat "$work/install.log")"
 cmp -s "$root/usr/bin/watchpost" /usr/bin/watchpost || fail "install.sh: binary"
 cmp -s "$root/usr/lib/systemd/system/watchpost.service" "$here/watchpost.service" || fail "install.sh: unit"
 cmp -s "$root$config" "$here/watchpost.toml" || fail "install.sh: configuration"
+[ "$(stat -c '%U %a' "$root$config")" = "root 640" ] || fail "install.sh: configuration's mode"
 grep -q '^watchpost:x:[0-9]*:[0-9]*:.*:/var/lib/watchpost:/usr/sbin/nologin$' "$root/etc/passwd" ||
     fail "install.sh: no user watchpost in $root/etc/passwd"
 uid=$(awk -F: '$1 == "watchpost" { print $3 }' "$root/etc/passwd")
+gid=$(awk -F: '$1 == "watchpost" { print $4 }' "$root/etc/passwd")
+[ "$(stat -c '%g' "$root$config")" = "$gid" ] || fail "install.sh: configuration's group"
 [ "$(stat -c '%u %a' "$root/var/lib/watchpost")" = "$uid 750" ] || fail "install.sh: data directory"
 grep -q 'systemctl enable --now watchpost' "$work/install.log" || fail "install.sh: no next step"
 ok "install.sh --root: binary, unit, configuration, user, data directory, next step"
@@ -187,6 +214,7 @@ dpkg -P watchpost || fail "dpkg -P watchpost"
 [ ! -e "$config" ] || fail "purge left $config"
 [ ! -e /var/lib/watchpost ] || fail "purge left /var/lib/watchpost"
 [ ! -e /etc/systemd/system/multi-user.target.wants/watchpost.service ] || fail "purge left the unit enabled"
+! dpkg-statoverride --list "$config" >/dev/null || fail "purge left the statoverride of $config"
 ok "purge: configuration, data and enablement gone"
 
 echo "all package checks passed"
