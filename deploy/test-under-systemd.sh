@@ -3,8 +3,8 @@
 # something else (a CI runner): boots this machine's own systemd in a throwaway container
 # (systemd-nspawn --volatile=yes: a tmpfs root, this machine's /usr read-only, a private
 # network) with the package's user, configuration and enablement, and checks from inside:
-# readiness (Type=notify), the sandbox the unit asks for, MQTT, reload, the watchdog (alive
-# past WatchdogSec=, and a frozen gateway restarted), a clean stop.
+# readiness (Type=notify), the sandbox the unit asks for and its rating, MQTT, reload, the
+# watchdog (alive past WatchdogSec=, and a frozen gateway restarted), a clean stop.
 #
 #   deploy/test-under-systemd.sh        # as root, with the watchpost package installed
 #
@@ -64,6 +64,9 @@ prop() { systemctl show watchpost -p "$1" --value; }
 [ "$(prop Type)" = notify ] && [ "$(prop StatusText)" = serving ] ||
     fail "no READY=1: Type=$(prop Type), status '$(prop StatusText)'"
 ok "started at boot (enabled); Type=notify, READY=1 with status '$(prop StatusText)'"
+security=$(systemd-analyze security --threshold=49 watchpost 2>&1) ||
+    fail "systemd-analyze security rates the running unit above 4.9: $security"
+ok "systemd-analyze security of the running unit:$(echo "$security" | sed -n 's/.*Overall exposure level for [^:]*://p')"
 
 pid=$(prop MainPID)
 status() { sed -n "s/^$1:[[:space:]]*//p" /proc/"$pid"/status; }
