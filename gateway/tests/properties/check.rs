@@ -1,0 +1,943 @@
+//! The properties every input must satisfy, shared by the property tests (`cargo test`) and the
+//! coverage-guided fuzz targets (`fuzz/`, which include this file by path). Each function runs
+//! one decoder or parser on one input and panics, with the input in the message, if a property
+//! does not hold; a panic inside the code under test is a failure too.
+//!
+//! The expectations are written from the documented contract (DESIGN.md's payload table, the
+//! module docs), not copied from the implementation: where the two disagree, this file is the
+//! one that says so.
+#![allow(dead_code)] // each user (test binary, fuzz target) takes the part it needs
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+use serde::de::{self, MapAccess, Visitor};
+use serde_json::Value;
+use watchpost::codec::{self, DecodeError, Limits, Message, Readings};
+use watchpost::config::{self, Diagnostic, Level};
+use watchpost::replay;
+use watchpost::rules::{Kind, SilenceAfter, Threshold};
+use watchpost::sources::{Payload, Source};
+use watchpost::topic::TopicFilter;
+
+/// The last millisecond that `alert::rfc3339` can print (the end of year 9999).
+pub const LAST_PRINTABLE_MS: u64 = 253_402_300_800_000 - 1;
+
+/// A fuzz input or corpus file for a topic-and-payload target: the topic is the first line, the
+/// payload is everything after the first `\n`. `None` if there is no `\n` or the topic is not
+/// UTF-8 (MQTT topics are UTF-8; the broker drops others before any decoder sees them).
+pub fn split_message(data: &[u8]) -> Option<(&str, &[u8])> {
+    let nl = data.iter().position(|b| *b == b'\n')?;
+    let topic = std::str::from_utf8(&data[..nl]).ok()?;
+    Some((topic, &data[nl + 1..]))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Native payloads: `codec::decode`.
+
+/// The top-level fields of a JSON object in order, duplicates kept; `None` if `text` is not
+/// exactly one JSON object.
+pub fn object_fields(text: &str) -> Option<Vec<(String, Value)>> {
+    struct Fields(Vec<(String, Value)>);
+    impl<'de> Deserialize<'de> for Fields {
+        fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Fields;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some((k, v)) = map.next_entry::<String, Value>()? {
+                        out.push((k, v));
+                    }
+                    Ok(Fields(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    serde_json::from_str::<Fields>(text).ok().map(|f| f.0)
+}
+
+fn is_metric_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '+', '#'])
+}
+
+/// The readings of an object payload: values, the counter, and the rejected fields.
+type ObjectReadings = (Vec<(String, f64)>, Option<u64>, Vec<(String, DecodeError)>);
+
+/// What `decode` must give for a payload on `sensors/{device}` (an object of metrics), as
+/// (values, seq, rejected) or the error; `text` is the trimmed payload.
+fn expected_object(text: &str) -> Result<ObjectReadings, Option<DecodeError>> {
+    // `None`: some BadJson, whose message is the JSON library's.
+    let fields = object_fields(text)
+        .filter(|_| text.starts_with('{'))
+        .ok_or(None)?;
+    if fields.is_empty() {
+        return Err(Some(DecodeError::NoReadings));
+    }
+    let (mut values, mut seq, mut rejected) = (Vec::new(), None, Vec::new());
+    for (key, value) in fields {
+        if key == codec::SEQ_KEY {
+            match value.as_u64() {
+                Some(n) => seq = Some(n),
+                None => rejected.push((key, DecodeError::BadSeq)),
+            }
+        } else if !is_metric_name(&key) {
+            rejected.push((key, DecodeError::NoMetric));
+        } else if key == codec::STATUS_METRIC {
+            rejected.push((key, DecodeError::ReservedMetric));
+        } else {
+            match value.as_f64() {
+                Some(v) if v.is_finite() => values.push((key, v)),
+                Some(_) => rejected.push((key, DecodeError::NotFinite)),
+                None => rejected.push((key, DecodeError::NotNumeric)),
+            }
+        }
+    }
+    Ok((values, seq, rejected))
+}
+
+/// What `decode` must give for a payload on `sensors/{device}/{metric}`: (value, seq) or the
+/// error (`None`: some BadJson).
+fn expected_single(text: &str) -> Result<(f64, Option<u64>), Option<DecodeError>> {
+    if !text.starts_with('{') {
+        return match text.parse::<f64>() {
+            Err(_) => Err(Some(DecodeError::NotANumber)),
+            Ok(v) if !v.is_finite() => Err(Some(DecodeError::NotFinite)),
+            Ok(v) => Ok((v, None)),
+        };
+    }
+    let fields = object_fields(text).ok_or(None)?;
+    let (mut value, mut seq) = (None, None);
+    // The first unusable `v` or `seq` decides; otherwise the last of each counts.
+    for (key, field) in fields {
+        match key.as_str() {
+            "v" => match field.as_f64() {
+                Some(v) if v.is_finite() => value = Some(v),
+                Some(_) => return Err(Some(DecodeError::NotFinite)),
+                None => return Err(Some(DecodeError::NotNumeric)),
+            },
+            codec::SEQ_KEY => match field.as_u64() {
+                Some(n) => seq = Some(n),
+                None => return Err(Some(DecodeError::BadSeq)),
+            },
+            _ => {}
+        }
+    }
+    Ok((value.ok_or(Some(DecodeError::MissingValue))?, seq))
+}
+
+/// `codec::decode` of one message: never panics; an error names the device iff the topic does
+/// and says what is really wrong; a success holds exactly what the payload says, every field
+/// of an object accounted for once (a reading, the counter, or a rejection with its reason);
+/// surrounding whitespace and a limit anywhere at or above the size change nothing.
+pub fn codec(topic: &str, payload: &[u8]) {
+    let limits = Limits::default();
+    let got = codec::decode(topic, payload, limits);
+    let ctx = || {
+        format!(
+            "topic {topic:?}, payload {:?}",
+            String::from_utf8_lossy(payload)
+        )
+    };
+    let mut levels = topic.split('/').skip(1);
+    let device = levels.next().filter(|d| !d.is_empty());
+    let metric = levels.next();
+    let too_deep = levels.next().is_some();
+    let text = std::str::from_utf8(payload).ok().map(str::trim);
+
+    // What must happen, in the order the contract checks it.
+    let expected: Result<(), Option<DecodeError>> = if device.is_none() {
+        Err(Some(DecodeError::NoDevice))
+    } else if too_deep {
+        Err(Some(DecodeError::TooDeep))
+    } else if payload.len() > limits.max_payload_bytes {
+        Err(Some(DecodeError::TooLarge {
+            len: payload.len(),
+            max: limits.max_payload_bytes,
+        }))
+    } else if text.is_none() {
+        Err(Some(DecodeError::NotUtf8))
+    } else if text == Some("") {
+        Err(Some(DecodeError::Empty))
+    } else if metric == Some("") {
+        Err(Some(DecodeError::NoMetric))
+    } else {
+        Ok(())
+    };
+    let text = text.unwrap_or("");
+    match (&got, expected) {
+        (Err(r), Err(e)) => {
+            assert_eq!(r.device, device, "{}", ctx());
+            assert_eq!(Some(&r.error), e.as_ref(), "{}", ctx());
+        }
+        (Ok(m), Err(e)) => panic!("{}: decoded {m:?}, expected {e:?}", ctx()),
+        (_, Ok(())) => match metric {
+            None => match (expected_object(text), &got) {
+                (Ok((values, seq, rejected)), Ok(Message::Readings(r))) => {
+                    assert_eq!(r.device, device.unwrap(), "{}", ctx());
+                    assert_eq!(owned_values(r), values, "{}", ctx());
+                    assert_eq!(r.seq, seq, "{}", ctx());
+                    assert_eq!(owned_rejected(r), rejected, "{}", ctx());
+                }
+                (Err(e), Err(r)) => {
+                    assert_eq!(r.device, device, "{}", ctx());
+                    match e {
+                        Some(e) => assert_eq!(r.error, e, "{}", ctx()),
+                        None => assert!(
+                            matches!(r.error, DecodeError::BadJson(_)),
+                            "{}: {r:?}",
+                            ctx()
+                        ),
+                    }
+                }
+                (e, g) => panic!("{}: decoded {g:?}, expected {e:?}", ctx()),
+            },
+            Some(codec::STATUS_METRIC) => {
+                let online = match text {
+                    "online" => Some(true),
+                    "offline" => Some(false),
+                    _ => None,
+                };
+                match (&got, online) {
+                    (
+                        Ok(Message::Status {
+                            device: d,
+                            online: o,
+                        }),
+                        Some(online),
+                    ) => {
+                        assert_eq!((Some(*d), *o), (device, online), "{}", ctx())
+                    }
+                    (Err(r), None) => {
+                        assert_eq!((r.device, &r.error), (device, &DecodeError::BadStatus))
+                    }
+                    (g, e) => panic!("{}: decoded {g:?}, expected online = {e:?}", ctx()),
+                }
+            }
+            Some(metric) => match (expected_single(text), &got) {
+                (Ok((value, seq)), Ok(Message::Readings(r))) => {
+                    assert_eq!(r.device, device.unwrap(), "{}", ctx());
+                    assert_eq!(owned_values(r), [(metric.to_owned(), value)], "{}", ctx());
+                    assert_eq!(r.seq, seq, "{}", ctx());
+                    assert!(r.rejected.is_empty(), "{}", ctx());
+                }
+                (Err(e), Err(r)) => {
+                    assert_eq!(r.device, device, "{}", ctx());
+                    match e {
+                        Some(e) => assert_eq!(r.error, e, "{}", ctx()),
+                        None => assert!(
+                            matches!(r.error, DecodeError::BadJson(_)),
+                            "{}: {r:?}",
+                            ctx()
+                        ),
+                    }
+                }
+                (e, g) => panic!("{}: decoded {g:?}, expected {e:?}", ctx()),
+            },
+        },
+    }
+    if let Ok(Message::Readings(r)) = &got {
+        assert!(r.values.iter().all(|(_, v)| v.is_finite()), "{}", ctx());
+    }
+
+    // Metamorphic: whitespace around the payload, and the exact limit, change nothing.
+    if payload.len() + 3 <= limits.max_payload_bytes {
+        let mut padded = b" \t".to_vec();
+        padded.extend_from_slice(payload);
+        padded.push(b'\n');
+        let again = codec::decode(topic, &padded, limits);
+        assert_eq!(
+            again,
+            got,
+            "{}: surrounding whitespace changed the result",
+            ctx()
+        );
+    }
+    if payload.len() <= limits.max_payload_bytes {
+        let exact = Limits {
+            max_payload_bytes: payload.len(),
+        };
+        assert_eq!(codec::decode(topic, payload, exact), got, "{}", ctx());
+    }
+}
+
+fn owned_values(r: &Readings<'_>) -> Vec<(String, f64)> {
+    r.values.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+fn owned_rejected(r: &Readings<'_>) -> Vec<(String, DecodeError)> {
+    r.rejected
+        .iter()
+        .map(|(k, e)| (k.to_string(), e.clone()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Foreign payloads: `sources::Source::decode`.
+
+/// A source of the test fleet and where its topic pattern keeps the device and metric.
+pub struct FleetSource {
+    /// The checked source.
+    pub source: Source,
+    /// The topic pattern it was made from.
+    pub pattern: &'static str,
+    device_level: usize,
+    metric_level: Option<usize>,
+}
+
+/// The sources the shipped example configurations use (Tasmota, ESPHome, Shelly Gen1 and
+/// Gen2), plus Tasmota without a `metrics` map, so both JSON modes are exercised.
+pub fn fleet() -> &'static [FleetSource] {
+    static FLEET: OnceLock<Vec<FleetSource>> = OnceLock::new();
+    FLEET.get_or_init(|| {
+        let map = |pairs: &[(&str, &str)]| {
+            Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let defs: Vec<(&'static str, Payload, _, Option<String>)> = vec![
+            ("tele/{device}/SENSOR", Payload::Json, None, None),
+            (
+                "tasmota/{device}/SENSOR",
+                Payload::Json,
+                map(&[
+                    ("BME280.Temperature", "temperature"),
+                    ("BME280.Humidity", "humidity"),
+                    ("BME280.Pressure", "pressure"),
+                    ("AM2301.Temperature", "temperature"),
+                    ("DS18B20.Temperature", "temperature"),
+                    ("ENERGY.Power", "power"),
+                    ("ENERGY.Voltage", "voltage"),
+                ]),
+                None,
+            ),
+            (
+                "{device}/sensor/{metric}/state",
+                Payload::Number,
+                None,
+                None,
+            ),
+            (
+                "shellies/{device}/sensor/{metric}",
+                Payload::Number,
+                None,
+                None,
+            ),
+            (
+                "{device}/status/temperature:0",
+                Payload::Json,
+                map(&[("tC", "temperature")]),
+                None,
+            ),
+            (
+                "{device}/status/devicepower:0",
+                Payload::Json,
+                map(&[("battery.percent", "battery")]),
+                None,
+            ),
+            (
+                "shellies/{device}/relay/+/power",
+                Payload::Number,
+                None,
+                Some("power".to_owned()),
+            ),
+        ];
+        defs.into_iter()
+            .map(|(pattern, payload, metrics, metric)| {
+                let levels: Vec<&str> = pattern.split('/').collect();
+                FleetSource {
+                    source: Source::new(pattern, pattern, payload, metrics, metric)
+                        .expect("the fleet's patterns are valid"),
+                    pattern,
+                    device_level: levels.iter().position(|l| *l == "{device}").unwrap(),
+                    metric_level: levels.iter().position(|l| *l == "{metric}"),
+                }
+            })
+            .collect()
+    })
+}
+
+/// Every numeric or other leaf of a JSON value with its dotted path (arrays are not entered).
+fn leaves(value: &Value, path: String, out: &mut Vec<(String, Option<f64>)>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                leaves(v, p, out);
+            }
+        }
+        Value::Array(_) => {}
+        Value::Number(n) => out.push((path, n.as_f64())),
+        _ => out.push((path, None)),
+    }
+}
+
+/// `Source::decode` of one message, for every source of the fleet: never panics; a source
+/// claims a topic exactly when its subscription filter matches it; an error names the device
+/// and says what is really wrong; a success gives one reading per numeric leaf (or per mapped
+/// leaf, renamed, with unusable mapped leaves rejected), every value finite; surrounding
+/// whitespace changes nothing.
+pub fn sources(topic: &str, payload: &[u8]) {
+    let limits = Limits::default();
+    let ctx = |s: &FleetSource| {
+        format!(
+            "source {:?}, topic {topic:?}, payload {:?}",
+            s.pattern,
+            String::from_utf8_lossy(payload)
+        )
+    };
+    for s in fleet() {
+        let got = s.source.decode(topic, payload, limits);
+        let filter = TopicFilter::new(&s.source.filter()).expect("a source's filter is valid");
+        if !topic.starts_with('$') {
+            assert_eq!(got.is_some(), filter.matches(topic), "{}", ctx(s));
+        }
+        let Some(got) = got else { continue };
+        if payload.len() + 3 <= limits.max_payload_bytes {
+            let mut padded = b"\r\n ".to_vec();
+            padded.extend_from_slice(payload);
+            let again = s.source.decode(topic, &padded, limits);
+            assert_eq!(
+                again.as_ref(),
+                Some(&got),
+                "{}: surrounding whitespace changed the result",
+                ctx(s)
+            );
+        }
+        let levels: Vec<&str> = topic.split('/').collect();
+        let device = levels[s.device_level];
+        let text = std::str::from_utf8(payload).ok().map(str::trim);
+        let metric = match s.metric_level {
+            Some(i) => Some(levels[i].to_owned()),
+            None => s.source.metric.clone(),
+        };
+        let ctx = ctx(s);
+        let expected_err = if device.is_empty() {
+            Some(DecodeError::NoDevice)
+        } else if payload.len() > limits.max_payload_bytes {
+            Some(DecodeError::TooLarge {
+                len: payload.len(),
+                max: limits.max_payload_bytes,
+            })
+        } else if text.is_none() {
+            Some(DecodeError::NotUtf8)
+        } else {
+            None
+        };
+        let text = text.unwrap_or("");
+        if let Some(e) = expected_err {
+            let r = got.expect_err(&ctx);
+            let named = (!device.is_empty()).then_some(device);
+            assert_eq!((r.device, r.error), (named, e), "{ctx}");
+            continue;
+        }
+        match s.source.payload {
+            Payload::Number => {
+                let expected = match (metric.as_deref(), text.parse::<f64>()) {
+                    (Some("") | None, _) => Err(DecodeError::NoMetric),
+                    (_, Err(_)) => Err(DecodeError::NotANumber),
+                    (_, Ok(v)) if !v.is_finite() => Err(DecodeError::NotFinite),
+                    (Some(m), Ok(v)) => Ok(vec![(m.to_owned(), v)]),
+                };
+                match (got, expected) {
+                    (Ok(r), Ok(values)) => {
+                        assert_eq!((r.device, r.seq), (device, None), "{ctx}");
+                        assert_eq!(owned_values(&r), values, "{ctx}");
+                        assert!(r.rejected.is_empty(), "{ctx}");
+                    }
+                    (Err(r), Err(e)) => assert_eq!((r.device, r.error), (Some(device), e), "{ctx}"),
+                    (g, e) => panic!("{ctx}: decoded {g:?}, expected {e:?}"),
+                }
+            }
+            Payload::Json => {
+                let doc = serde_json::from_str::<Value>(text)
+                    .ok()
+                    .filter(Value::is_object);
+                let Some(doc) = doc else {
+                    let r = got.expect_err(&ctx);
+                    assert_eq!(r.device, Some(device), "{ctx}");
+                    assert!(matches!(r.error, DecodeError::BadJson(_)), "{ctx}: {r:?}");
+                    continue;
+                };
+                let mut all = Vec::new();
+                leaves(&doc, String::new(), &mut all);
+                let (mut values, mut rejected) = (Vec::new(), Vec::new());
+                for (path, value) in all {
+                    let name = match &s.source.metrics {
+                        None => path,
+                        Some(map) => match map.get(&path) {
+                            Some(m) => m.clone(),
+                            None => continue,
+                        },
+                    };
+                    match value {
+                        Some(v) if v.is_finite() => values.push((name, v)),
+                        Some(_) => rejected.push((name, DecodeError::NotFinite)),
+                        None if s.source.metrics.is_some() => {
+                            rejected.push((name, DecodeError::NotNumeric))
+                        }
+                        None => {}
+                    }
+                }
+                if values.is_empty() && rejected.is_empty() {
+                    let r = got.expect_err(&ctx);
+                    assert_eq!((r.device, r.error), (Some(device), DecodeError::NoReadings));
+                    continue;
+                }
+                let r = got.unwrap_or_else(|e| panic!("{ctx}: rejected {e:?}"));
+                assert_eq!((r.device, r.seq), (device, None), "{ctx}");
+                assert_eq!(owned_values(&r), values, "{ctx}");
+                assert_eq!(owned_rejected(&r), rejected, "{ctx}");
+                if let Some(map) = &s.source.metrics {
+                    assert!(
+                        r.values.iter().all(|(m, _)| map.values().any(|n| n == m)),
+                        "{ctx}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The configuration: `config::parse`.
+
+/// The name configurations are parsed under.
+pub const CONFIG_NAME: &str = "fuzz.toml";
+
+/// Lines of `source` as the diagnostics count them (1-based), as (line, its text without the
+/// line break); a final line break starts one more, empty line.
+fn line_texts(source: &str) -> Vec<&str> {
+    source
+        .split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .collect()
+}
+
+/// A diagnostic points into the file: a line that exists, a column (in characters, 1-based)
+/// within that line or just after its end, the file's name, and a message.
+fn check_position(source: &str, d: &Diagnostic) {
+    let lines = line_texts(source);
+    assert!(
+        d.line >= 1 && d.line <= lines.len(),
+        "{d:?}: line outside the file of {} lines\n{source:?}",
+        lines.len()
+    );
+    // A column may point at a line's '\r' (one past the text) or, for "end of input", just
+    // after the last character.
+    let width = lines[d.line - 1].chars().count() + 1;
+    let raw_width = source
+        .split('\n')
+        .nth(d.line - 1)
+        .map_or(0, |l| l.chars().count())
+        + 1;
+    assert!(
+        d.column >= 1 && d.column <= width.max(raw_width),
+        "{d:?}: column outside line {} of {width} characters\n{source:?}",
+        d.line
+    );
+    assert_eq!(d.file, CONFIG_NAME);
+    assert!(!d.message.trim().is_empty(), "{d:?}: empty message");
+    let shown = d.to_string();
+    let level = match d.level {
+        Level::Error => "error",
+        Level::Warning => "warning",
+    };
+    let head = format!("{}:{}:{}: {level}: ", d.file, d.line, d.column);
+    assert!(
+        shown.starts_with(&head),
+        "{shown:?} does not start with {head:?}"
+    );
+}
+
+fn sorted(ds: &[Diagnostic]) -> bool {
+    ds.windows(2)
+        .all(|w| (w[0].line, w[0].column) <= (w[1].line, w[1].column))
+}
+
+/// The outcome of a parse, in a form two parses can be compared by.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    /// Loaded: the configuration (as its `Debug` text) and the warnings.
+    Ok(String, Vec<Diagnostic>),
+    /// Refused: the errors.
+    Err(Vec<Diagnostic>),
+}
+
+/// Parses `source` and checks what holds for every outcome.
+pub fn parse_config(source: &str) -> Outcome {
+    match config::parse(source, CONFIG_NAME) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                assert_eq!(w.level, Level::Warning, "{w:?}");
+                check_position(source, w);
+            }
+            assert!(sorted(&loaded.warnings), "{:?}", loaded.warnings);
+            check_config_sound(&loaded.config, source);
+            Outcome::Ok(format!("{:?}", loaded.config), loaded.warnings)
+        }
+        Err(e) => {
+            assert!(
+                !e.errors.is_empty(),
+                "an error with no diagnostics\n{source:?}"
+            );
+            for d in &e.errors {
+                assert_eq!(d.level, Level::Error, "{d:?}");
+                check_position(source, d);
+            }
+            assert!(sorted(&e.errors), "{:?}", e.errors);
+            Outcome::Err(e.errors)
+        }
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn threshold_sound(t: &Threshold, source: &str) {
+    for v in [t.above, t.below, t.clear_below, t.clear_above]
+        .into_iter()
+        .flatten()
+    {
+        assert!(v.is_finite(), "{t:?}\n{source:?}");
+    }
+    assert!(t.above.is_some() || t.below.is_some(), "{t:?}\n{source:?}");
+    if let (Some(a), Some(b)) = (t.above, t.below) {
+        assert!(b < a, "{t:?}\n{source:?}");
+    }
+    if let (Some(a), Some(c)) = (t.above, t.clear_below) {
+        assert!(c <= a, "inverted hysteresis {t:?}\n{source:?}");
+    }
+    if let (Some(b), Some(c)) = (t.below, t.clear_above) {
+        assert!(c >= b, "inverted hysteresis {t:?}\n{source:?}");
+    }
+}
+
+/// What the checker promises about a configuration it accepts.
+fn check_config_sound(c: &config::Config, source: &str) {
+    let ctx = || format!("accepted\n{source:?}");
+    assert!(is_name(&c.gateway.id), "{}", ctx());
+    assert!(!c.gateway.data_dir.as_os_str().is_empty(), "{}", ctx());
+    let limits = c.broker.limits.max_payload_bytes;
+    assert!((16..=1024 * 1024).contains(&limits), "{}", ctx());
+    assert!(c.broker.max_connections >= 1, "{}", ctx());
+    assert!(c.broker.max_metrics_per_device >= 1, "{}", ctx());
+    if let Some(tls) = &c.broker.tls {
+        let plain = [Some(c.broker.listen), c.broker.listen_v5];
+        assert!(
+            tls.listen.port() == 0 || !plain.contains(&Some(tls.listen)),
+            "{}",
+            ctx()
+        );
+    }
+    assert!(
+        c.history.window >= std::time::Duration::from_secs(1),
+        "{}",
+        ctx()
+    );
+    assert!(c.history.max_db_bytes >= 1024 * 1024, "{}", ctx());
+    if let Some(u) = &c.uplink {
+        assert!(!u.host.is_empty() && u.port != 0, "{}", ctx());
+        assert!(is_name(&u.client_id), "{}", ctx());
+        assert!(
+            !u.topic_prefix.is_empty()
+                && !u.topic_prefix.contains(['+', '#', '\0'])
+                && !u.topic_prefix.starts_with('/')
+                && !u.topic_prefix.ends_with('/'),
+            "{}",
+            ctx()
+        );
+        let k = u.keep_alive;
+        assert!(
+            k.as_secs() >= 1 && k.as_secs() <= 65535 && k.subsec_nanos() == 0,
+            "{}",
+            ctx()
+        );
+        if let Some(s) = &u.summaries {
+            assert!(s.interval.as_secs() >= 1, "{}", ctx());
+            for (i, m) in s.metrics.iter().enumerate() {
+                assert!(
+                    is_metric_name(m) && m != "seq" && m != "status",
+                    "{}",
+                    ctx()
+                );
+                assert!(!s.metrics[..i].contains(m), "{}", ctx());
+            }
+        }
+    }
+    for (i, r) in c.rules.iter().enumerate() {
+        assert!(is_name(&r.name), "{}", ctx());
+        assert!(c.rules[..i].iter().all(|o| o.name != r.name), "{}", ctx());
+        assert!(r.labels.keys().all(|k| is_name(k)), "{}", ctx());
+        assert!(TopicFilter::new(r.filter.as_str()).is_ok(), "{}", ctx());
+        if let Some(n) = r.renotify {
+            assert!(n.as_secs() >= 1, "{}", ctx());
+        }
+        match &r.kind {
+            Kind::Threshold(t) => threshold_sound(t, source),
+            Kind::Rate {
+                threshold,
+                window,
+                per_seconds,
+            } => {
+                threshold_sound(threshold, source);
+                assert!(
+                    window.as_secs() >= 1 && [1.0, 60.0].contains(per_seconds),
+                    "{}",
+                    ctx()
+                );
+            }
+            Kind::Deviation {
+                threshold,
+                window,
+                min_samples,
+            } => {
+                threshold_sound(threshold, source);
+                assert!(threshold.above.is_some_and(|a| a > 0.0), "{}", ctx());
+                assert!(window.as_secs() >= 1 && *min_samples >= 2, "{}", ctx());
+            }
+            Kind::Silence { after, .. } => match after {
+                SilenceAfter::Fixed(d) => assert!(d.as_secs() >= 1, "{}", ctx()),
+                SilenceAfter::Learned {
+                    factor,
+                    min_samples,
+                } => {
+                    assert!(
+                        factor.is_finite() && *factor > 1.0 && *min_samples >= 2,
+                        "{}",
+                        ctx()
+                    )
+                }
+            },
+            Kind::Presence { .. } => {
+                assert!(r.filter.can_match_pattern("sensors/+/status"), "{}", ctx())
+            }
+        }
+    }
+    for (i, s) in c.sources.iter().enumerate() {
+        assert!(is_name(&s.name), "{}", ctx());
+        assert!(c.sources[..i].iter().all(|o| o.name != s.name), "{}", ctx());
+        assert!(
+            !s.filter().starts_with("sensors/") && s.filter() != "sensors",
+            "{}",
+            ctx()
+        );
+        let usable = |m: &String| is_metric_name(m) && m != "seq" && m != "status";
+        assert!(
+            s.metrics.iter().flat_map(|m| m.values()).all(usable),
+            "{}",
+            ctx()
+        );
+        assert!(s.metric.iter().all(usable), "{}", ctx());
+        match s.payload {
+            Payload::Number => assert!(
+                s.metrics.is_none() && (s.has_metric_level() || s.metric.is_some()),
+                "{}",
+                ctx()
+            ),
+            Payload::Json => assert!(!s.has_metric_level(), "{}", ctx()),
+        }
+    }
+}
+
+/// `config::parse` of one text: never panics; every diagnostic points into the file (line and
+/// character column, 1-based) and the list is in file order; an accepted configuration keeps
+/// the checker's promises. Then two layout-only edits: a blank line before the file moves every
+/// located diagnostic down one line and changes nothing else, and indenting every line (where
+/// no multi-line string makes indentation content) moves columns right by the indentation.
+pub fn config(source: &str) {
+    let outcome = parse_config(source);
+    // A byte-order mark is only allowed first; anything before it changes the file's meaning.
+    if source.starts_with('\u{feff}') {
+        return;
+    }
+    let down = parse_config(&format!("\n{source}"));
+    assert_moved(&outcome, &down, source, "a blank first line", |(l, c)| {
+        vec![(l + 1, c)]
+    });
+    if !source.contains("\"\"\"") && !source.contains("'''") {
+        let indented: String = source
+            .split_inclusive('\n')
+            .map(|l| format!("  {l}"))
+            .collect();
+        let right = parse_config(&indented);
+        assert_moved(
+            &outcome,
+            &right,
+            source,
+            "indenting every line",
+            |(l, c)| {
+                // A position at the very end (after a final line break) is on a line with no
+                // indentation of its own.
+                vec![(l, c + 2), (l, c)]
+            },
+        );
+    }
+}
+
+/// `after` is `before` with every diagnostic moved as `moved` allows; diagnostics that point
+/// at the start of the file (a missing section: no position of their own) may stay there.
+fn assert_moved(
+    before: &Outcome,
+    after: &Outcome,
+    source: &str,
+    edit: &str,
+    moved: impl Fn((usize, usize)) -> Vec<(usize, usize)>,
+) {
+    let (b, a) = match (before, after) {
+        (Outcome::Ok(cb, wb), Outcome::Ok(ca, wa)) => {
+            assert_eq!(cb, ca, "{edit} changed the configuration\n{source:?}");
+            (wb, wa)
+        }
+        (Outcome::Err(eb), Outcome::Err(ea)) => (eb, ea),
+        _ => panic!("{edit} changed the outcome\n{source:?}\nbefore: {before:?}\nafter: {after:?}"),
+    };
+    let strip = |d: &Diagnostic| (d.message.clone(), d.help.clone());
+    let mut bm: Vec<_> = b.iter().map(strip).collect();
+    let mut am: Vec<_> = a.iter().map(strip).collect();
+    bm.sort();
+    am.sort();
+    assert_eq!(bm, am, "{edit} changed the diagnostics\n{source:?}");
+    for d in b {
+        let options = moved((d.line, d.column));
+        let found = a.iter().any(|n| {
+            strip(n) == strip(d)
+                && (options.contains(&(n.line, n.column)) || (d.line, d.column) == (1, 1))
+        });
+        assert!(
+            found,
+            "{edit}: {d:?} did not move to one of {options:?}\n{source:?}\nafter: {a:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recorded readings and expected alerts: `replay::parse_readings`, `replay::parse_expected`.
+
+/// The line numbers (1-based) `parse_readings` reads: not blank, not a `#` comment.
+fn data_lines(text: &str) -> Vec<usize> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .map(|(i, _)| i + 1)
+        .collect()
+}
+
+/// The line number an error message starts with (`line N: ...`).
+fn error_line(e: &str) -> usize {
+    e.strip_prefix("line ")
+        .and_then(|r| r.split_once(':'))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("{e:?} does not start with `line N:`"))
+}
+
+/// A configuration with a rule of every kind, for replaying readings through.
+pub fn replay_config() -> &'static config::Config {
+    static CONFIG: OnceLock<config::Config> = OnceLock::new();
+    CONFIG.get_or_init(|| {
+        let src = "[gateway]\nid = \"fuzz\"\n[uplink]\nurl = \"mqtt://up\"\nforward = [\"critical\", \"warning\", \"info\"]\n\
+                   [[rule]]\nname = \"hot\"\nmatch = \"sensors/+/+\"\nabove = 90\nclear_below = 80\nfor = \"10s\"\ncooldown = \"1m\"\nseverity = \"critical\"\n\
+                   [[rule]]\nname = \"cold\"\nmatch = \"sensors/+/+\"\nbelow = 0\n\
+                   [[rule]]\nname = \"climb\"\nmatch = \"sensors/+/+\"\nrate_above = 5\nwindow = \"1m\"\n\
+                   [[rule]]\nname = \"odd\"\nmatch = \"sensors/+/+\"\ndeviation_above = 3\nmin_samples = 3\n\
+                   [[rule]]\nname = \"quiet\"\nmatch = \"sensors/+/+\"\nsilent_for = \"1m\"\n\
+                   [[rule]]\nname = \"learned\"\nmatch = \"sensors/+/+\"\nsilent_factor = 2\nmin_samples = 2\nscope = \"device\"\n";
+        config::parse(src, "replay.toml").expect("the replay configuration is valid").config
+    })
+}
+
+/// `parse_readings` of one text: never panics; success gives one reading per data line (the
+/// header aside), each with a device, a metric and a finite value; failure names each bad line
+/// once, in order, by a number that is a data line of the text. Readings it accepts replay
+/// through every rule kind without a panic.
+pub fn readings(text: &str) {
+    let lines = data_lines(text);
+    match replay::parse_readings(text) {
+        Ok(rs) => {
+            let first = text
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with('#'));
+            let header = first.is_some_and(|l| {
+                !l.starts_with('{')
+                    && l.split(',')
+                        .next()
+                        .is_some_and(|c| c.trim().eq_ignore_ascii_case("time"))
+            });
+            assert_eq!(rs.len() + usize::from(header), lines.len(), "{text:?}");
+            for r in &rs {
+                assert!(
+                    !r.device.is_empty() && !r.metric.is_empty(),
+                    "{r:?} from {text:?}"
+                );
+                assert!(r.value.is_finite(), "{r:?} from {text:?}");
+            }
+            // KNOWN ISSUE (see tests/properties/known_issues.rs): times after year 9999 are
+            // accepted and then panic when an alert document prints them. Left out here so that
+            // the fuzzer keeps looking for other problems; remove this filter with the fix.
+            let printable: Vec<_> = rs
+                .into_iter()
+                .filter(|r| r.at <= LAST_PRINTABLE_MS)
+                .collect();
+            // In file order, as `watchpost test-rules` replays them.
+            let outcome = replay::replay(replay_config(), &printable, None);
+            assert_eq!(outcome.readings, printable.len());
+            let devices: std::collections::BTreeSet<_> =
+                printable.iter().map(|r| &r.device).collect();
+            assert_eq!(outcome.devices, devices.len(), "{text:?}");
+        }
+        Err(errors) => {
+            assert!(!errors.is_empty());
+            let numbers: Vec<usize> = errors.iter().map(|e| error_line(e)).collect();
+            assert!(
+                numbers.windows(2).all(|w| w[0] < w[1]),
+                "{errors:?} from {text:?}"
+            );
+            assert!(
+                numbers.iter().all(|n| lines.contains(n)),
+                "{errors:?} from {text:?}"
+            );
+        }
+    }
+}
+
+/// `parse_expected` of one text: never panics; success gives one alert per non-blank line;
+/// failure names each bad line once, in order, by its number.
+pub fn expected(text: &str) {
+    let lines: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, _)| i + 1)
+        .collect();
+    match replay::parse_expected(text) {
+        Ok(es) => assert_eq!(es.len(), lines.len(), "{text:?}"),
+        Err(errors) => {
+            let numbers: Vec<usize> = errors.iter().map(|e| error_line(e)).collect();
+            assert!(!numbers.is_empty());
+            assert!(
+                numbers.windows(2).all(|w| w[0] < w[1]),
+                "{errors:?} from {text:?}"
+            );
+            assert!(
+                numbers.iter().all(|n| lines.contains(n)),
+                "{errors:?} from {text:?}"
+            );
+        }
+    }
+}

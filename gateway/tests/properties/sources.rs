@@ -1,0 +1,79 @@
+//! Foreign payloads (`Source::decode`) against their contract: the shipped Tasmota, ESPHome and
+//! Shelly sources on the seed corpus, mutations of it and generated nested JSON.
+
+use proptest::prelude::*;
+
+use crate::check;
+use crate::codec::{JSON_TOKENS, json, json_object, level, number};
+use crate::corpus::{cases, mutant, seeds};
+
+/// A topic of one of the fleet's sources with its placeholders (and `+`) filled in.
+fn fleet_topic() -> impl Strategy<Value = String> {
+    let patterns: Vec<&'static str> = check::fleet().iter().map(|s| s.pattern).collect();
+    (prop::sample::select(patterns), level(), level(), level()).prop_map(|(p, d, m, any)| {
+        p.replace("{device}", &d)
+            .replace("{metric}", &m)
+            .replace('+', &any)
+    })
+}
+
+/// A fleet topic, sometimes one level too many or too few.
+fn topic() -> impl Strategy<Value = String> {
+    prop_oneof![
+        8 => fleet_topic(),
+        1 => (fleet_topic(), level()).prop_map(|(t, l)| format!("{t}/{l}")),
+        1 => fleet_topic().prop_map(|t| t.rsplit_once('/').map_or(t.clone(), |(a, _)| a.to_owned())),
+    ]
+}
+
+#[test]
+fn every_seed_is_a_message_that_keeps_the_contract() {
+    let mut claimed = 0;
+    for (name, data) in seeds("sources") {
+        let (topic, payload) = check::split_message(&data)
+            .unwrap_or_else(|| panic!("{name}: a seed is `topic\\npayload`"));
+        check::sources(topic, payload);
+        let fleet = check::fleet();
+        claimed += usize::from(fleet.iter().any(|s| {
+            s.source
+                .decode(topic, payload, Default::default())
+                .is_some()
+        }));
+    }
+    assert!(
+        claimed >= 20,
+        "most seeds are for some source of the fleet ({claimed})"
+    );
+}
+
+proptest! {
+    #![proptest_config(cases(256))]
+
+    #[test]
+    fn mutated_seeds_keep_the_contract(data in mutant("sources", JSON_TOKENS)) {
+        if let Some((topic, payload)) = check::split_message(&data) {
+            check::sources(topic, payload);
+        }
+    }
+
+    #[test]
+    fn nested_json_gives_one_reading_per_numeric_leaf(topic in topic(), payload in json_object()) {
+        check::sources(&topic, payload.as_bytes());
+    }
+
+    #[test]
+    fn any_json_value_keeps_the_contract(topic in topic(), value in json()) {
+        check::sources(&topic, value.text().as_bytes());
+    }
+
+    #[test]
+    fn numbers_and_bytes_keep_the_contract(
+        topic in topic(),
+        payload in prop_oneof![
+            number().prop_map(String::into_bytes),
+            prop::collection::vec(any::<u8>(), 0..32),
+        ],
+    ) {
+        check::sources(&topic, &payload);
+    }
+}
