@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::broker::{BrokerError, Listeners, Router};
+use crate::broker::{self, BrokerError, Gate, Listeners, Router};
 use crate::config::Config;
 use crate::http::{self, Endpoint};
 use crate::ingest::{self, Control, Engine, EngineOptions, Outputs, ReloadOutcome};
@@ -29,13 +29,6 @@ pub const SHUTDOWN_BUDGET: Duration = Duration::from_millis(1800);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
-    /// The configuration asks for authentication, which this version cannot do yet.
-    #[error(
-        "broker.allow_anonymous is false, and this version of Watchpost has no per-device authentication yet, \
-         so no sensor could connect. Set `allow_anonymous = true` in [broker] to serve anonymous clients \
-         (only on a trusted network, ideally with listen on 127.0.0.1)"
-    )]
-    AuthenticationUnavailable,
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -59,6 +52,8 @@ pub enum StartError {
 pub struct Gateway {
     mqtt_addr: SocketAddr,
     mqtt_v5_addr: Option<SocketAddr>,
+    mqtt_tls_addr: Option<SocketAddr>,
+    gate: Arc<Gate>,
     http_addr: Option<SocketAddr>,
     stats: Arc<Stats>,
     trigger: Trigger,
@@ -80,9 +75,6 @@ pub enum ReloadError {
 
 /// Starts the gateway; returns once it serves.
 pub async fn start(config: Config) -> Result<Gateway, StartError> {
-    if !config.broker.allow_anonymous {
-        return Err(StartError::AuthenticationUnavailable);
-    }
     let stats = Arc::new(Stats::default());
     let started = crate::alert::now_millis();
     stats
@@ -97,6 +89,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     };
     let (store, store_thread) =
         Store::open(&config.gateway.data_dir, store_options, stats.clone())?;
+    let gate = broker::gate(&config.broker, config.sources.clone())?;
     let listeners = Listeners::bind(&config.broker).await?;
     let http_listener = match config.http.listen {
         Some(addr) => Some(
@@ -170,12 +163,24 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     let mqtt_addr = listeners.v4_addr();
     let mqtt_v5_addr = listeners.v5_addr();
+    let mqtt_tls_addr = listeners.tls_addr();
+    tasks.push(tokio::spawn(broker::gate::watch_credentials(
+        gate.clone(),
+        signal.clone(),
+    )));
+    let broker_gate = gate.clone();
     let broker_config = config.broker.clone();
     let broker_stats = stats.clone();
     let broker_signal = signal.clone();
     tasks.push(tokio::spawn(async move {
         listeners
-            .serve(router, &broker_config, broker_stats, broker_signal)
+            .serve(
+                router,
+                broker_gate,
+                &broker_config,
+                broker_stats,
+                broker_signal,
+            )
             .await
     }));
 
@@ -216,8 +221,9 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     info!(
         gateway = %config.gateway.id,
         mqtt = %mqtt_addr,
-                mqtt5 = %mqtt_v5_addr.map_or("off".to_owned(), |a| a.to_string()),
-        http = %http_addr.map_or("off".to_owned(), |a| a.to_string()),db = %config.gateway.data_dir.join(store::DB_FILE).display(),
+                        mqtt5 = %mqtt_v5_addr.map_or("off".to_owned(), |a| a.to_string()),
+        mqtts = %mqtt_tls_addr.map_or("off".to_owned(), |a| a.to_string()),
+        clients = if config.broker.allow_anonymous { "anonymous allowed" } else { "authenticated only" },http = %http_addr.map_or("off".to_owned(), |a| a.to_string()),db = %config.gateway.data_dir.join(store::DB_FILE).display(),
         rules = config.rules.len(),
         uplink = %uplink_text,
         "watchpost {} ready", env!("CARGO_PKG_VERSION"),
@@ -229,6 +235,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     Ok(Gateway {
         mqtt_addr,
         mqtt_v5_addr,
+        mqtt_tls_addr,
+        gate,
         http_addr,
         stats,
         trigger,
@@ -250,6 +258,11 @@ impl Gateway {
         self.mqtt_v5_addr
     }
 
+    /// The TLS listener's address, if configured.
+    pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_tls_addr
+    }
+
     /// The HTTP endpoint's address, if it is on.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
@@ -260,9 +273,9 @@ impl Gateway {
         &self.stats
     }
 
-    /// Swaps in the rules and sources of `config`, which has already been checked. Alerts of
-    /// rules that still exist keep their state. Other sections only take effect after a
-    /// restart; each one that changed is logged.
+    /// Swaps in the rules and sources of `config`, which has already been checked, and reads
+    /// the credentials file again. Alerts of rules that still exist keep their state. Other
+    /// sections only take effect after a restart; each one that changed is logged.
     pub async fn reload(&mut self, config: Config) -> Result<ReloadOutcome, ReloadError> {
         let sections = [
             (
@@ -305,6 +318,14 @@ impl Gateway {
             outcome.removed.len()
         );
         self.stats.record_reload(true, detail);
+        self.gate.set_sources(config.sources.clone());
+        match self.gate.reload() {
+            Ok(Some(names)) => info!(names, "credentials reloaded"),
+            Ok(None) => {}
+            Err(e) => error!(
+                "the credentials file has an error; the previous credentials stay in force: {e}"
+            ),
+        }
         self.config.rules = config.rules;
         self.config.sources = config.sources;
         info!(rules = outcome.rules, kept = outcome.kept, added = ?outcome.added, removed = ?outcome.removed, "rules reloaded");
@@ -333,15 +354,8 @@ impl Gateway {
 /// Pings systemd's watchdog at half its period, but only while ingest keeps going round:
 /// a stuck pipeline stops the pings, and systemd restarts the service.
 async fn watchdog(period: Duration, stats: Arc<Stats>, shutdown: crate::shutdown::Signal) {
-    let mut tick = tokio::time::interval(period / 2);
     let mut stalled = false;
-    let wait = shutdown.wait();
-    tokio::pin!(wait);
-    loop {
-        tokio::select! {
-            _ = &mut wait => return,
-            _ = tick.tick() => {}
-        }
+    shutdown.every(period / 2, || {
         let behind =
             crate::alert::now_millis().saturating_sub(Stats::get(&stats.ingest_heartbeat_ms));
         if behind <= crate::http::INGEST_STALL_MS {
@@ -353,10 +367,11 @@ async fn watchdog(period: Duration, stats: Arc<Stats>, shutdown: crate::shutdown
             stalled = true;
             error!(
                 behind_ms = behind,
-                "ingest is not making progress: watchdog pings stop, and systemd will restart the gateway"
+                                "ingest is not making progress: watchdog pings stop, and systemd will restart the gateway"
             );
         }
-    }
+    })
+    .await;
 }
 
 /// Runs the gateway until `shutdown` resolves.

@@ -35,12 +35,15 @@ pub const SEQ_KEY: &str = "seq";
 pub struct Limits {
     /// Largest payload accepted, in bytes.
     pub max_payload_bytes: usize,
+    /// Most distinct metrics one device may report; readings of more are malformed.
+    pub max_metrics_per_device: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_payload_bytes: 4096,
+            max_metrics_per_device: 256,
         }
     }
 }
@@ -101,6 +104,14 @@ pub enum DecodeError {
         /// Payload size.
         len: usize,
         /// Configured limit.
+        max: usize,
+    },
+    /// The device already reports as many metrics as it may.
+    #[error(
+        "the device already reports {max} metrics (broker.max_metrics_per_device); readings of a new metric are dropped"
+    )]
+    TooManyMetrics {
+        /// The limit.
         max: usize,
     },
     /// The payload is empty.
@@ -350,6 +361,7 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             max_payload_bytes: 64,
+            ..Limits::default()
         }
     }
 

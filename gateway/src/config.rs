@@ -92,8 +92,6 @@ pub struct BrokerConfig {
     pub credentials: PathBuf,
     /// Most publishes per second per device (anonymous: per connection); 0 for no limit.
     pub max_publish_rate: u32,
-    /// Most distinct metrics one device may report; more are counted as malformed.
-    pub max_metrics_per_device: usize,
     /// The TLS listener, if configured.
     pub tls: Option<TlsListener>,
 }
@@ -1088,10 +1086,12 @@ fn compile_broker(raw: &RawBroker, data_dir: &Path, sink: &mut Sink<'_>) -> Brok
         allow_anonymous,
         max_connections,
         connect_timeout,
-        limits: codec::Limits { max_payload_bytes },
+        limits: codec::Limits {
+            max_payload_bytes,
+            max_metrics_per_device,
+        },
         credentials,
         max_publish_rate,
-        max_metrics_per_device,
         tls,
     }
 }

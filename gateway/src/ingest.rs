@@ -458,12 +458,37 @@ impl Engine {
         out
     }
 
-    fn readings(&mut self, topic: &str, readings: Readings<'_>, now: Millis) -> Vec<Alert> {
+    fn readings(&mut self, topic: &str, mut readings: Readings<'_>, now: Millis) -> Vec<Alert> {
         for (field, error) in &readings.rejected {
             self.malformed(
                 Some(readings.device),
                 &format!("{topic} field {field:?}"),
                 error,
+                now,
+            );
+        }
+        // A device may report only so many metrics: each costs a stream, rollups and rows.
+        let max = self.options.limits.max_metrics_per_device;
+        let streams = self.devices.get(readings.device).map(|d| &d.streams);
+        let mut known = streams.map_or(0, HashMap::len);
+        let mut over = Vec::new();
+        readings.values.retain(|(metric, _)| {
+            if streams.is_some_and(|s| s.contains_key(metric.as_ref())) {
+                true
+            } else if known < max {
+                known += 1;
+                true
+            } else {
+                over.push(metric.to_string());
+                false
+            }
+        });
+        for metric in over {
+            let what = format!("{topic} metric {metric:?}");
+            self.malformed(
+                Some(readings.device),
+                &what,
+                &DecodeError::TooManyMetrics { max },
                 now,
             );
         }

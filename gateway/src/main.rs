@@ -108,10 +108,48 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage who may connect: devices and operators with their own secrets.
+    Device {
+        #[command(subcommand)]
+        action: DeviceAction,
+    },
     /// Show each device's counters: messages, malformed input, and what its seq says was
     /// lost, duplicated or late; plus the outbox.
     Devices {
         /// Configuration file whose data_dir holds the database (default: the quickstart).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceAction {
+    /// Add a device (or, with --operator, an operator) and print its secret, once.
+    Add {
+        /// The name: the device id in its topics (sensors/NAME/...), its MQTT username and
+        /// client id.
+        name: String,
+        /// An operator: may subscribe (e.g. to alerts/#) but never publish.
+        #[arg(long)]
+        operator: bool,
+        /// Configuration whose [broker] credentials file to change (default: the quickstart).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Remove a device or operator; its open connections are closed within a second.
+    Remove {
+        /// The name.
+        name: String,
+        /// Configuration whose [broker] credentials file to change (default: the quickstart).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// List devices and operators (never their secrets).
+    List {
+        /// Configuration whose [broker] credentials file to read (default: the quickstart).
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Print JSON instead of a table.
@@ -185,6 +223,7 @@ fn main() -> ExitCode {
             json,
         } => test_rules(config, readings, from_db, since, run_on, expect, json),
         Command::Status { config, json } => status(config, json),
+        Command::Device { action } => device(action),
         Command::Devices { config, json } => query(config, |r| {
             let records = r.devices()?;
             let (depth, oldest) = r.outbox()?;
@@ -402,6 +441,93 @@ fn query(path: Option<PathBuf>, run: impl FnOnce(&Reader) -> rusqlite::Result<St
         Err(e) => {
             eprintln!("watchpost: cannot read the database: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn device(action: DeviceAction) -> ExitCode {
+    use watchpost::access::{Credentials, Role};
+    let config = match &action {
+        DeviceAction::Add { config, .. }
+        | DeviceAction::Remove { config, .. }
+        | DeviceAction::List { config, .. } => config.clone(),
+    };
+    let path = match load(config.as_ref()) {
+        Ok(l) => l.config.broker.credentials,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("watchpost: {e}");
+        ExitCode::FAILURE
+    };
+    let mut credentials = match Credentials::load(&path) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    match action {
+        DeviceAction::Add { name, operator, .. } => {
+            let role = if operator {
+                Role::Operator
+            } else {
+                Role::Device
+            };
+            let secret = match credentials.add(&name, role) {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            };
+            if let Err(e) = credentials.save(&path) {
+                return fail(&e);
+            }
+            let what = if operator { "operator" } else { "device" };
+            println!("added {what} {name:?} to {}", path.display());
+            println!();
+            println!("  secret: {secret}");
+            println!();
+            println!("This is the only time the secret is shown: put it on the {what} now.");
+            println!(
+                "Connect with username {name:?} and the secret as password; the MQTT client id"
+            );
+            println!(
+                "must be {name:?} or start with \"{name}@\". A running gateway accepts it within a second."
+            );
+            ExitCode::SUCCESS
+        }
+        DeviceAction::Remove { name, .. } => {
+            if !credentials.remove(&name) {
+                return fail(&format!("{name:?} is not in {}", path.display()));
+            }
+            if let Err(e) = credentials.save(&path) {
+                return fail(&e);
+            }
+            println!(
+                "removed {name:?} from {}; a running gateway closes its connections within a second",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        DeviceAction::List { json, .. } => {
+            if json {
+                let list: Vec<_> = credentials.clients.iter().map(|(name, e)| serde_json::json!({"name": name, "role": e.role, "created": e.created})).collect();
+                print!("{}", query::json(&list));
+            } else if credentials.clients.is_empty() {
+                println!(
+                    "no devices or operators in {} yet; add one with `watchpost device add NAME`",
+                    path.display()
+                );
+            } else {
+                println!("{:<32} {:<9} created", "name", "role");
+                for (name, e) in &credentials.clients {
+                    let role = match e.role {
+                        Role::Device => "device",
+                        Role::Operator => "operator",
+                    };
+                    println!("{name:<32} {role:<9} {}", e.created);
+                }
+            }
+            ExitCode::SUCCESS
         }
     }
 }

@@ -1,13 +1,14 @@
 //! The gateway's counters in the Prometheus text exposition format (version 0.0.4), and the
 //! status summary that `watchpost status` prints. Pure: counters in, text out.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use crate::alert::now_millis;
 use crate::rules::Severity;
-use crate::stats::{ReloadRecord, Stats};
+use crate::stats::{ClientRefusals, ReloadRecord, Stats};
 
 /// What the endpoint knows besides the counters.
 #[derive(Debug, Clone)]
@@ -219,6 +220,53 @@ pub fn render(stats: &Stats, info: &Info) -> String {
         g(&stats.ingest_nanos) as f64 / 1e9,
     );
     o.sample("watchpost_ingest_seconds_count", "", g(&stats.ingest_count));
+    o.counter(
+        "watchpost_auth_failures_total",
+        "Clients refused at CONNECT: wrong or missing credentials, or a client id or last will that is not theirs.",
+        g(&stats.auth_failures),
+    );
+    o.counter(
+        "watchpost_tls_handshake_failures_total",
+        "TLS handshakes on the broker's TLS listener that failed.",
+        g(&stats.tls_failures),
+    );
+    o.counter(
+        "watchpost_protocol_errors_total",
+        "Client connections closed because the client broke the MQTT protocol.",
+        g(&stats.protocol_errors),
+    );
+    o.counter(
+        "watchpost_connections_refused_total",
+        "Connections refused because broker.max_connections were open.",
+        g(&stats.connections_refused),
+    );
+    let refusals = stats.client_refusals();
+    for (name, help, field) in [
+        (
+            "watchpost_publish_denied_total",
+            "Publishes refused because the topic is not the client's, by client.",
+            (|c: &ClientRefusals| c.publish_denied) as fn(&ClientRefusals) -> u64,
+        ),
+        (
+            "watchpost_subscribe_denied_total",
+            "Subscriptions refused because the filter is not the client's, by client.",
+            |c| c.subscribe_denied,
+        ),
+        (
+            "watchpost_rate_limited_total",
+            "Publishes dropped over broker.max_publish_rate, by client.",
+            |c| c.rate_limited,
+        ),
+    ] {
+        o.family(name, "counter", help);
+        for (client, counts) in &refusals {
+            o.sample(
+                name,
+                &format!("{{client=\"{}\"}}", label(client)),
+                field(counts),
+            );
+        }
+    }
     let reload = stats.last_reload();
     o.gauge(
         "watchpost_last_reload_success",
@@ -226,6 +274,14 @@ pub fn render(stats: &Stats, info: &Info) -> String {
         u8::from(reload.as_ref().is_none_or(|r| r.ok)),
     );
     o.0
+}
+
+/// `value` as a Prometheus label value: backslash, quote and newline escaped.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// What `GET /status` answers and `watchpost status` prints.
@@ -255,6 +311,12 @@ pub struct Status {
     pub alerts_active: u64,
     /// The last reload of the rules, if any.
     pub last_reload: Option<ReloadRecord>,
+    /// Clients refused at CONNECT.
+    #[serde(default)]
+    pub auth_failures: u64,
+    /// Publishes and subscriptions refused and publishes rate-limited, by client.
+    #[serde(default)]
+    pub refusals: BTreeMap<String, ClientRefusals>,
 }
 
 /// The status now.
@@ -281,6 +343,8 @@ pub fn status(stats: &Stats, info: &Info) -> Status {
         devices_stale: g(&stats.devices_stale),
         alerts_active: g(&stats.alerts_active),
         last_reload: stats.last_reload(),
+        auth_failures: g(&stats.auth_failures),
+        refusals: stats.client_refusals(),
     }
 }
 
@@ -324,6 +388,26 @@ pub fn summary(s: &Status) -> String {
         ),
     };
     let _ = writeln!(out, "reload:   {reload}");
+    let refused: Vec<String> = s
+        .refusals
+        .iter()
+        .map(|(client, c)| {
+            format!(
+                "{client} ({} publishes, {} subscriptions denied; {} over the rate limit)",
+                c.publish_denied, c.subscribe_denied, c.rate_limited
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "security: {} clients refused at connect; refused since start: {}",
+        s.auth_failures,
+        if refused.is_empty() {
+            "nothing".to_owned()
+        } else {
+            refused.join(", ")
+        }
+    );
     out
 }
 
@@ -358,6 +442,18 @@ mod tests {
         }
         assert!(
             text.contains("watchpost_alerts_raised_total{severity=\"critical\"} 1\n"),
+            "{text}"
+        );
+        stats.count_refusal("odd\"name", |c| c.publish_denied += 2);
+        let text = render(
+            &stats,
+            &Info {
+                gateway: "g".into(),
+                upstream: None,
+            },
+        );
+        assert!(
+            text.contains("watchpost_publish_denied_total{client=\"odd\\\"name\"} 2\n"),
             "{text}"
         );
     }

@@ -37,6 +37,19 @@ impl Signal {
     pub fn is_fired(&self) -> bool {
         *self.0.borrow()
     }
+
+    /// Calls `tick` every `period`, the first time at once, until the shutdown.
+    pub async fn every(self, period: std::time::Duration, mut tick: impl FnMut()) {
+        let mut interval = tokio::time::interval(period);
+        let wait = self.wait();
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = &mut wait => return,
+                _ = interval.tick() => tick(),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -53,6 +66,28 @@ mod tests {
         waiter.await.unwrap();
         assert!(signal.is_fired());
         signal.wait().await;
+    }
+
+    #[tokio::test]
+    async fn periodic_work_runs_until_the_shutdown() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::time::Duration;
+        let (trigger, signal) = channel();
+        let ticks = std::sync::Arc::new(AtomicU32::new(0));
+        let counted = ticks.clone();
+        let task = tokio::spawn(signal.every(Duration::from_millis(5), move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        }));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while ticks.load(Ordering::Relaxed) < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "no ticks");
+            tokio::task::yield_now().await;
+        }
+        trigger.fire();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops after the shutdown")
+            .unwrap();
     }
 
     #[tokio::test]

@@ -47,6 +47,17 @@ impl DeviceCounters {
     }
 }
 
+/// What was refused to one client (by name; anonymous clients together).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ClientRefusals {
+    /// Publishes on topics that are not the client's.
+    pub publish_denied: u64,
+    /// Subscriptions to filters that are not the client's.
+    pub subscribe_denied: u64,
+    /// Publishes over the rate limit.
+    pub rate_limited: u64,
+}
+
 /// The outcome of the last attempt to reload the rules.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ReloadRecord {
@@ -121,6 +132,21 @@ pub struct Stats {
     pub uplink_connected: AtomicBool,
     /// History rows dropped to keep the database within its budget.
     pub history_evicted: AtomicU64,
+    /// Clients refused at CONNECT: wrong or missing credentials, a name or will not theirs.
+    pub auth_failures: AtomicU64,
+    /// TLS handshakes that failed.
+    pub tls_failures: AtomicU64,
+    /// Connections closed because the client broke the MQTT protocol.
+    pub protocol_errors: AtomicU64,
+    /// Connections refused because `broker.max_connections` were open.
+    pub connections_refused: AtomicU64,
+    /// Publishes refused: a topic the client may not publish on.
+    pub publish_denied: AtomicU64,
+    /// Subscriptions refused: a filter the client may not subscribe to.
+    pub subscribe_denied: AtomicU64,
+    /// Publishes dropped by the per-device rate limit.
+    pub rate_limited: AtomicU64,
+    clients: Mutex<BTreeMap<String, ClientRefusals>>,
     devices: Mutex<BTreeMap<String, DeviceCounters>>,
     last_reload: Mutex<Option<ReloadRecord>>,
 }
@@ -199,6 +225,23 @@ impl Stats {
             Self::inc(&self.alerts_cleared);
             Self::inc(&self.cleared_by_severity[i]);
         }
+    }
+
+    /// Counts a refusal of `client` (a name, or the key of anonymous clients).
+    pub fn count_refusal(&self, client: &str, count: impl FnOnce(&mut ClientRefusals)) {
+        let mut map = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get_mut(client) {
+            Some(c) => count(c),
+            None => count(map.entry(client.to_owned()).or_default()),
+        }
+    }
+
+    /// Refusals by client.
+    pub fn client_refusals(&self) -> BTreeMap<String, ClientRefusals> {
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Every device's counters.

@@ -1,13 +1,14 @@
 //! The `watchpost` binary as an operator runs it: start, serve, stop on a signal; refuse to
-//! start with a reason; check configurations; query the database while the gateway runs.
+//! start with a reason; check configurations; add and remove devices and query the database
+//! while the gateway runs.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use rumqttc::QoS;
-use watchpost_e2e::{GatewayProcess, Publisher, wait_until};
+use rumqttc::{ConnectReturnCode, QoS};
+use watchpost_e2e::{GatewayProcess, Publisher, clients, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_watchpost");
 
@@ -66,8 +67,27 @@ fn run_serves_and_stops_cleanly_within_two_seconds_on_sigterm_and_sigint() {
     }
 }
 
-#[test]
-fn run_refuses_to_start_without_anonymous_access_and_says_why() {
+/// Runs `watchpost ARGS --config CONFIG`.
+fn output(args: &[&str], config: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+/// Runs `watchpost ARGS --config CONFIG`; returns whether it succeeded and what it printed
+/// (standard output, then standard error).
+fn cli(args: &[&str], config: &Path) -> (bool, String) {
+    let out = output(args, config);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn devices_come_and_go_with_the_cli_while_the_gateway_runs() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),
@@ -75,16 +95,64 @@ fn run_refuses_to_start_without_anonymous_access_and_says_why() {
         "",
     );
     let mut gateway = GatewayProcess::spawn(BIN, &config);
-    let (status, _) = gateway
-        .wait_exit(Duration::from_secs(10))
-        .expect("exits by itself");
-    assert_eq!(status.code(), Some(1));
-    let reason = gateway.wait_line("allow_anonymous = true", Duration::from_secs(1));
+    let addr = gateway.wait_ready(Duration::from_secs(20));
     assert!(
-        reason.is_some(),
-        "the reason names the fix: {:#?}",
+        gateway
+            .wait_line("no device may connect yet", Duration::from_secs(1))
+            .is_some(),
+        "an empty credentials file is pointed out: {:#?}",
         gateway.log()
     );
+    let anonymous = clients::connect(clients::options(addr, "anon", None))
+        .await
+        .unwrap();
+    assert_eq!(anonymous.refused(), Some(ConnectReturnCode::NotAuthorized));
+
+    let (ok, out) = cli(&["device", "add", "boiler-1"], &config);
+    assert!(ok, "{out}");
+    let secret = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("secret: "))
+        .unwrap_or_else(|| panic!("the secret is printed: {out}"))
+        .to_owned();
+    let stored = std::fs::read_to_string(dir.path().join("data/credentials.toml")).unwrap();
+    assert!(!stored.contains(&secret), "only a hash is stored");
+    let (ok, out) = cli(&["device", "add", "boiler-1"], &config);
+    assert!(!ok && out.contains("already exists"), "{out}");
+    let (ok, out) = cli(&["device", "list"], &config);
+    assert!(
+        ok && out.contains("boiler-1") && !out.contains(&secret),
+        "{out}"
+    );
+
+    // The running gateway picks the new device up by itself.
+    let login = Some(("boiler-1", secret.as_str()));
+    let mut device = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while device.is_none() && std::time::Instant::now() < deadline {
+        device = clients::Watched::connect(clients::options(addr, "boiler-1", login))
+            .await
+            .ok();
+    }
+    let device = device.expect("the new device is let in within 5 s");
+
+    let (ok, out) = cli(&["device", "remove", "boiler-1"], &config);
+    assert!(ok, "{out}");
+    device
+        .wait_for(Duration::from_secs(5), |s| {
+            matches!(s, clients::Seen::Error(_))
+        })
+        .await
+        .expect("the removed device is disconnected");
+    let again = clients::connect(clients::options(addr, "boiler-1", login))
+        .await
+        .unwrap();
+    assert_eq!(
+        again.refused(),
+        Some(ConnectReturnCode::BadUserNamePassword)
+    );
+    let (ok, out) = cli(&["device", "remove", "boiler-1"], &config);
+    assert!(!ok && out.contains("is not in"), "{out}");
 }
 
 #[test]
@@ -237,13 +305,9 @@ fn default_config_prints_the_quickstart() {
     );
 }
 
+/// Runs `watchpost ARGS --config CONFIG`, which must succeed; returns its standard output.
 fn watchpost(args: &[&str], config: &Path) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap();
+    let out = output(args, config);
     assert!(
         out.status.success(),
         "{args:?}: {}",

@@ -12,6 +12,8 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tempfile::TempDir;
 use watchpost::config::{self, Config};
 
+pub mod clients;
+
 /// Polls `condition` every 10 ms until it holds or `timeout` passes; returns whether it held.
 pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

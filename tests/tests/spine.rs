@@ -5,7 +5,12 @@ use std::time::Duration;
 
 use rumqttc::QoS;
 use watchpost::stats::{OTHER_DEVICES, Stats};
-use watchpost_e2e::{Collector, Mosquitto, OVERHEAT, Publisher, gateway_config, wait_until};
+use watchpost_e2e::{
+    Collector, Mosquitto, OVERHEAT, Publisher, gateway_config, gateway_config_with, wait_until,
+};
+
+/// One test client stands in for many devices here, faster than any device would publish.
+const UNLIMITED: &str = "max_publish_rate = 0";
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -33,9 +38,14 @@ async fn one_excursion_becomes_exactly_one_raised_and_one_cleared_alert_upstream
     let upstream = Mosquitto::start().unwrap();
     let upstream_sub = Collector::subscribe(upstream.addr(), "#").await.unwrap();
     let data = tempfile::tempdir().unwrap();
-    let gateway = watchpost::start(gateway_config(data.path(), Some(upstream.port()), OVERHEAT))
-        .await
-        .unwrap();
+    let gateway = watchpost::start(gateway_config_with(
+        data.path(),
+        Some(upstream.port()),
+        UNLIMITED,
+        OVERHEAT,
+    ))
+    .await
+    .unwrap();
     let stats = gateway.stats().clone();
     assert!(
         wait_until(DEADLINE, || stats
@@ -217,7 +227,7 @@ async fn severities_outside_forward_stay_local() {
 async fn a_hundred_thousand_readings_are_all_decoded() {
     const N: u64 = 100_000;
     let data = tempfile::tempdir().unwrap();
-    let gateway = watchpost::start(gateway_config(data.path(), None, OVERHEAT))
+    let gateway = watchpost::start(gateway_config_with(data.path(), None, UNLIMITED, OVERHEAT))
         .await
         .unwrap();
     let stats = gateway.stats().clone();

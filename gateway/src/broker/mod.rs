@@ -9,8 +9,13 @@
 //!
 //! Ingest reads from an internal link as well. Its client id carries an unguessable suffix
 //! and a reserved prefix that remote clients are refused, so no client can kick it off.
+//!
+//! Who may connect and what each client may do is decided by the [`gate`] and
+//! [`crate::access`], packet by packet, in [`connection`]; `SECURITY.md` has the threat model.
 
 mod connection;
+pub(crate) mod gate;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,11 +29,17 @@ use rumqttd::protocol::v5::V5;
 use rumqttd::{Notification, RouterConfig, SegmentConfig};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tracing::{error, warn};
 
+use crate::access::CredentialsError;
 use crate::config::BrokerConfig;
 use crate::shutdown::Signal;
+use crate::sources::Source;
 use crate::stats::Stats;
+
+pub use connection::MAX_TOPIC_BYTES;
+pub(crate) use gate::Gate;
 
 /// Client ids starting with this are reserved for the gateway's own links.
 pub const INTERNAL_PREFIX: &str = "watchpost-internal-";
@@ -53,6 +64,12 @@ pub enum BrokerError {
     /// The operating system gave no randomness for an internal client id.
     #[error("cannot draw random bytes for an internal client id: {0}")]
     Random(String),
+    /// The credentials file is unusable.
+    #[error("cannot read the broker's credentials: {0}")]
+    Credentials(#[from] CredentialsError),
+    /// The TLS listener cannot be set up.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// The router refused an internal link.
     #[error("the embedded broker refused the internal link {role}: {source}")]
     Link {
@@ -136,10 +153,12 @@ fn router_config(config: &BrokerConfig) -> RouterConfig {
 pub struct Listeners {
     v4: TcpListener,
     v5: Option<TcpListener>,
+    tls: Option<(TcpListener, TlsAcceptor)>,
 }
 
 impl Listeners {
-    /// Binds the configured listeners; errors name the address and the reason.
+    /// Binds the configured listeners and loads the TLS certificates; errors name the
+    /// address or file and the reason.
     pub async fn bind(config: &BrokerConfig) -> Result<Listeners, BrokerError> {
         let bind = |addr: SocketAddr, what: &'static str| async move {
             TcpListener::bind(addr)
@@ -151,7 +170,14 @@ impl Listeners {
             Some(addr) => Some(bind(addr, "MQTT 5").await?),
             None => None,
         };
-        Ok(Listeners { v4, v5 })
+        let tls = match &config.tls {
+            Some(t) => {
+                let acceptor = tls::acceptor(t)?;
+                Some((bind(t.listen, "MQTT 3.1.1 over TLS").await?, acceptor))
+            }
+            None => None,
+        };
+        Ok(Listeners { v4, v5, tls })
     }
 
     /// The MQTT 3.1.1 address actually bound (useful with port 0).
@@ -168,25 +194,38 @@ impl Listeners {
             .map(|l| l.local_addr().expect("a bound listener has an address"))
     }
 
+    /// The TLS address actually bound, if any.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls
+            .as_ref()
+            .map(|(l, _)| l.local_addr().expect("a bound listener has an address"))
+    }
+
     /// Serves clients until `shutdown`; then every client connection is closed.
-    pub async fn serve(
+    pub(crate) async fn serve(
         self,
         router: Router,
+        gate: Arc<Gate>,
         config: &BrokerConfig,
         stats: Arc<Stats>,
         shutdown: Signal,
     ) {
         let shared = Arc::new(connection::Shared {
             router,
+            gate,
             connect_timeout: config.connect_timeout,
             max_packet_bytes: config.max_packet_bytes(),
             max_connections: config.max_connections,
             stats,
+            refusal_logged_at: Default::default(),
         });
         let mut tasks = JoinSet::new();
-        tasks.spawn(accept_loop(self.v4, V4, shared.clone()));
+        tasks.spawn(accept_loop(self.v4, V4, None, shared.clone()));
         if let Some(v5) = self.v5 {
-            tasks.spawn(accept_loop(v5, V5, shared));
+            tasks.spawn(accept_loop(v5, V5, None, shared.clone()));
+        }
+        if let Some((listener, acceptor)) = self.tls {
+            tasks.spawn(accept_loop(listener, V4, Some(acceptor), shared));
         }
         shutdown.wait().await;
         // Dropping the set aborts the accept loops, and with them every connection task.
@@ -194,9 +233,28 @@ impl Listeners {
     }
 }
 
+/// The gate for `config`: its credentials file read, and a warning if it lets in no one or
+/// anyone.
+pub(crate) fn gate(config: &BrokerConfig, sources: Vec<Source>) -> Result<Arc<Gate>, BrokerError> {
+    let gate = Gate::new(
+        config.allow_anonymous,
+        &config.credentials,
+        sources,
+        config.max_publish_rate,
+    )?;
+    gate::warn_about(
+        &gate,
+        config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+    );
+    Ok(Arc::new(gate))
+}
+
+/// Accepts connections and gives each a task of its own. Nothing here waits on a client: the
+/// TLS handshake, like everything else a client does, runs in the connection's task.
 async fn accept_loop<P: connection::Wire>(
     listener: TcpListener,
     protocol: P,
+    tls: Option<TlsAcceptor>,
     shared: Arc<connection::Shared>,
 ) {
     let mut connections = JoinSet::new();
@@ -214,6 +272,7 @@ async fn accept_loop<P: connection::Wire>(
             }
         };
         if shared.stats.connections.load(Ordering::Relaxed) >= shared.max_connections as u64 {
+            Stats::inc(&shared.stats.connections_refused);
             let now = tokio::time::Instant::now();
             if refused_logged_at.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
                 refused_logged_at = Some(now);
@@ -222,11 +281,15 @@ async fn accept_loop<P: connection::Wire>(
             drop(stream);
             continue;
         }
+        // The place is taken before the task starts, so a burst cannot overshoot the limit.
+        let slot = connection::Slot::take(&shared.stats);
         connections.spawn(connection::serve(
             stream,
             peer,
             protocol.clone(),
             shared.clone(),
+            tls.clone(),
+            slot,
         ));
     }
 }

@@ -497,3 +497,45 @@ fn cursor_jumps_are_measured() {
     assert_eq!(c.observe(15), 3);
     assert_eq!(c.observe(16), 0);
 }
+
+#[test]
+fn a_device_reports_only_so_many_metrics_and_the_rest_are_counted() {
+    let stats = Arc::new(Stats::default());
+    let limited = EngineOptions {
+        limits: Limits {
+            max_metrics_per_device: 3,
+            ..Limits::default()
+        },
+        ..options(vec![overheat(0)])
+    };
+    let mut e = Engine::new(limited, stats.clone(), 0);
+    for i in 0..10 {
+        e.on_message(format!("sensors/noisy/m{i}").as_bytes(), b"1", 1);
+    }
+    // A known metric still counts, and its rules still judge it.
+    e.on_message(b"sensors/noisy/m1", b"2", 2);
+    assert_eq!(Stats::get(&stats.decode_errors), 7);
+    assert_eq!(Stats::get(&stats.readings), 4);
+    // The limit is per device: another device is not affected, nor are the noisy one's
+    // metrics that came first.
+    assert_eq!(
+        states(&e.on_message(b"sensors/calm/temperature", b"95", 3)),
+        [("calm", "overheat", Raised)]
+    );
+    let mut e2 = {
+        let limited = EngineOptions {
+            limits: Limits {
+                max_metrics_per_device: 1,
+                ..Limits::default()
+            },
+            ..options(vec![overheat(0)])
+        };
+        Engine::new(limited, Arc::new(Stats::default()), 0)
+    };
+    e2.on_message(b"sensors/x/temperature", b"20", 1);
+    assert!(e2.on_message(b"sensors/x/humidity", b"95", 2).is_empty());
+    assert_eq!(
+        states(&e2.on_message(b"sensors/x/temperature", b"95", 3)),
+        [("x", "overheat", Raised)]
+    );
+}

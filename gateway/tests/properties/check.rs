@@ -261,6 +261,7 @@ pub fn codec(topic: &str, payload: &[u8]) {
     if payload.len() <= limits.max_payload_bytes {
         let exact = Limits {
             max_payload_bytes: payload.len(),
+            ..limits
         };
         assert_eq!(codec::decode(topic, payload, exact), got, "{}", ctx());
     }
@@ -636,7 +637,7 @@ fn check_config_sound(c: &config::Config, source: &str) {
     let limits = c.broker.limits.max_payload_bytes;
     assert!((16..=1024 * 1024).contains(&limits), "{}", ctx());
     assert!(c.broker.max_connections >= 1, "{}", ctx());
-    assert!(c.broker.max_metrics_per_device >= 1, "{}", ctx());
+    assert!(c.broker.limits.max_metrics_per_device >= 1, "{}", ctx());
     if let Some(tls) = &c.broker.tls {
         let plain = [Some(c.broker.listen), c.broker.listen_v5];
         assert!(
