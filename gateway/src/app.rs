@@ -278,18 +278,9 @@ impl Gateway {
     /// sections only take effect after a restart; each one that changed is logged.
     pub async fn reload(&mut self, config: Config) -> Result<ReloadOutcome, ReloadError> {
         let sections = [
-            (
-                "[gateway]",
-                format!("{:?}", self.config.gateway) != format!("{:?}", config.gateway),
-            ),
-            (
-                "[broker]",
-                format!("{:?}", self.config.broker) != format!("{:?}", config.broker),
-            ),
-            (
-                "[uplink]",
-                format!("{:?}", self.config.uplink) != format!("{:?}", config.uplink),
-            ),
+            ("[gateway]", self.config.gateway != config.gateway),
+            ("[broker]", self.config.broker != config.broker),
+            ("[uplink]", self.config.uplink != config.uplink),
             ("[history]", self.config.history != config.history),
         ];
         for (section, changed) in sections {

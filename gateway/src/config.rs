@@ -48,7 +48,7 @@ pub struct Config {
 }
 
 /// `[gateway]`
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GatewayConfig {
     /// Site id: part of alert ids and the default upstream topic prefix.
     pub id: String,
@@ -74,7 +74,7 @@ pub struct HttpConfig {
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9183";
 
 /// `[broker]`
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BrokerConfig {
     /// MQTT 3.1.1 listener.
     pub listen: SocketAddr,
@@ -136,13 +136,13 @@ impl BrokerConfig {
 }
 
 /// `[uplink]`
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UplinkConfig {
     /// Upstream host name or address.
     pub host: String,
     /// Upstream port.
     pub port: u16,
-    /// `mqtts://`: TLS with the system's root certificates.
+    /// `mqtts://`: TLS, with the system's root certificates unless `ca_file` names a CA.
     pub tls: bool,
     /// MQTT client id on the upstream broker.
     pub client_id: String,
@@ -991,19 +991,6 @@ fn compile_broker(raw: &RawBroker, data_dir: &Path, sink: &mut Sink<'_>) -> Brok
         }
     }
     let allow_anonymous = raw.allow_anonymous.as_ref().is_some_and(|a| *a.get_ref());
-    if let Some(a) = raw.allow_anonymous.as_ref().filter(|a| *a.get_ref()) {
-        let exposed = [Some(listen), listen_v5]
-            .into_iter()
-            .flatten()
-            .any(|l| !l.ip().is_loopback());
-        if exposed {
-            sink.warn(
-                a.span(),
-                "anonymous clients are allowed on a listener that is not loopback: anyone on the network can publish readings",
-                Some("use this only on a trusted network".into()),
-            );
-        }
-    }
     let max_connections = match &raw.max_connections {
         Some(m) if *m.get_ref() == 0 => {
             sink.error(m.span(), "`max_connections` must be at least 1", None);
@@ -1080,6 +1067,19 @@ fn compile_broker(raw: &RawBroker, data_dir: &Path, sink: &mut Sink<'_>) -> Brok
             client_ca: r.client_ca.as_ref().map(|c| PathBuf::from(c.get_ref())),
         })
     });
+    if let Some(a) = raw.allow_anonymous.as_ref().filter(|a| *a.get_ref()) {
+        let exposed = [Some(listen), listen_v5, tls.as_ref().map(|t| t.listen)]
+            .into_iter()
+            .flatten()
+            .any(|l| !l.ip().is_loopback());
+        if exposed {
+            sink.warn(
+                a.span(),
+                "anonymous clients are allowed on a listener that is not loopback: anyone on the network can publish readings",
+                Some("use this only on a trusted network".into()),
+            );
+        }
+    }
     BrokerConfig {
         listen,
         listen_v5,
@@ -1791,6 +1791,61 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = "[gateway]\nid = \"site-1\"\n";
+
+    #[test]
+    fn security_settings_are_checked_where_they_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("x.pem");
+        std::fs::write(&pem, "not checked here").unwrap();
+        let pem = format!("{:?}", pem.display().to_string());
+        let ok = parse(
+            &format!(
+                "[gateway]\nid = \"s\"\ndata_dir = \"/d\"\n[broker]\nmax_publish_rate = 20\nmax_metrics_per_device = 8\n\
+                 [broker.tls]\nlisten = \"127.0.0.1:8883\"\ncert = {pem}\nkey = {pem}\nclient_ca = {pem}\n\
+                 [uplink]\nurl = \"mqtts://up:8883\"\nca_file = {pem}\nclient_cert = {pem}\nclient_key = {pem}\nusername = \"u\"\npassword = \"hunter2\"\n"
+            ),
+            "t.toml",
+        )
+        .unwrap()
+        .config;
+        assert_eq!(
+            ok.broker.credentials,
+            Path::new("/d").join(CREDENTIALS_FILE)
+        );
+        assert_eq!(ok.broker.max_publish_rate, 20);
+        assert_eq!(ok.broker.limits.max_metrics_per_device, 8);
+        assert!(
+            ok.broker
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.client_ca.is_some())
+        );
+        let uplink = ok.uplink.unwrap();
+        assert!(uplink.ca_file.is_some() && uplink.client_cert.is_some());
+        let (user, password) = uplink.login.clone().unwrap();
+        assert_eq!((user.as_str(), password.expose()), ("u", "hunter2"));
+        assert!(
+            !format!("{uplink:?}").contains("hunter2"),
+            "never in debug output"
+        );
+
+        let bad = errors(&format!(
+            "{MINIMAL}[broker]\nlisten = \"127.0.0.1:1883\"\nmax_metrics_per_device = 0\n\
+             [broker.tls]\nlisten = \"127.0.0.1:1883\"\ncert = \"/nope.pem\"\nkey = {pem}\n\
+             [uplink]\nurl = \"mqtt://up:1883\"\nca_file = {pem}\nclient_cert = {pem}\npassword = \"p\"\n"
+        ));
+        let expected = [
+            "`max_metrics_per_device` must be at least 1",
+            "`cert` file \"/nope.pem\" does not exist",
+            "the TLS listener needs a port of its own",
+            "`ca_file` needs a TLS uplink",
+            "add `client_key`",
+            "`password` needs `username`",
+        ];
+        for e in expected {
+            assert!(bad.iter().any(|b| b.contains(e)), "{e:?} not in {bad:#?}");
+        }
+    }
 
     fn errors(src: &str) -> Vec<String> {
         match parse(src, "t.toml") {

@@ -1113,6 +1113,41 @@ mod tests {
     }
 
     #[test]
+    fn qos_and_packet_id_are_read_from_the_raw_publish() {
+        for (qos, pkid) in [(1u8, 7u16), (2, 65535)] {
+            let p = Publish::new("sensors/a/t", "21.5", false);
+            // The fields are crate-private in rumqttd: build the bytes with its encoder.
+            let mut buf = BytesMut::new();
+            V4.write(Packet::Publish(p.clone(), None), &mut buf)
+                .unwrap();
+            buf[0] |= qos << 1;
+            let at = buf.len() - 4;
+            let mut with_id = buf[..at].to_vec();
+            with_id.extend_from_slice(&pkid.to_be_bytes());
+            with_id.extend_from_slice(b"21.5");
+            with_id[1] += 2;
+            assert_eq!(peek_publish(&with_id), Meta { qos, pkid });
+        }
+        assert_eq!(
+            peek_publish(&[0x30, 3, 0, 1, b'a']),
+            Meta::default(),
+            "QoS 0"
+        );
+        assert_eq!(peek_publish(&[0x32, 200]), Meta::default(), "cut short");
+        assert_eq!(peek_publish(&[]), Meta::default());
+        assert_eq!(peek_publish(&[0xC0, 0]), Meta::default(), "not a publish");
+    }
+
+    #[test]
+    fn retained_messages_only_on_status_topics() {
+        assert!(retain_allowed("sensors/boiler-1/status"));
+        assert!(!retain_allowed("sensors/boiler-1/temperature"));
+        assert!(!retain_allowed("sensors//status"));
+        assert!(!retain_allowed("sensors/a/status/x"));
+        assert!(!retain_allowed("alerts/critical/a/status"));
+    }
+
+    #[test]
     fn v5_only_return_codes_map_to_v4_ones() {
         let c = Packet::ConnAck(
             ConnAck {
