@@ -16,9 +16,17 @@
 //! `poll()` has no backoff of its own: failed connects are retried after a capped exponential
 //! delay with jitter ([`backoff`]). The gateway serves locally whether or not the upstream is
 //! reachable.
+//!
+//! With `mqtts://` the uplink trusts either the CA in `ca_file` alone or the system's roots,
+//! and may present a client certificate (`client_cert`, `client_key`); a login goes in the
+//! CONNECT packet. Files are read once, in [`Uplink::prepare`], so a bad path stops the start
+//! with a message naming the file. A failed connect is logged as what is wrong and what to
+//! check ([`describe`]), never with the options or packets themselves: `MqttOptions`' and
+//! `Login`'s `Debug` print the password.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -29,7 +37,9 @@ use rumqttc::{
     TlsConfiguration, Transport,
 };
 use tokio::time::Instant;
-use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+use tokio_rustls::rustls::pki_types::pem::{self, PemObject};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::{self, AlertDescription, CertificateError, ClientConfig, RootCertStore};
 use tracing::{debug, info, warn};
 
 use crate::config::UplinkConfig;
@@ -57,24 +67,62 @@ pub enum UplinkError {
         "mqtts:// needs the system's root certificates, but none could be loaded{0}; install the ca-certificates package"
     )]
     NoRootCertificates(String),
+    /// A PEM file named in `[uplink]` cannot be read or holds nothing usable.
+    #[error("[uplink] `{field}` {}: {problem}", path.display())]
+    File {
+        /// The configuration field that names the file.
+        field: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it and what to do.
+        problem: String,
+    },
+    /// The client certificate and key were read but rustls will not use them together.
+    #[error(
+        "[uplink] `client_cert` {} with `client_key` {} cannot be used: {source}; check that the key is the one the certificate was issued for",
+        cert.display(),
+        key.display()
+    )]
+    ClientAuth {
+        /// The certificate chain file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// Why rustls refused them.
+        source: rustls::Error,
+    },
     /// rustls refused the configuration.
     #[error("cannot set up TLS for the uplink: {0}")]
     Tls(#[from] rustls::Error),
 }
 
 /// A configured, not yet running uplink.
+///
+/// Deliberately not `Debug`: the options hold the upstream password.
 pub struct Uplink {
     options: MqttOptions,
     topic_prefix: String,
     target: String,
     keep_alive: Duration,
+    setup: Setup,
+}
+
+/// What the uplink trusts and presents, so that a failed connect can say what to check.
+/// Holds no secret.
+#[derive(Debug, Clone, Default)]
+struct Setup {
+    host: String,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    username: Option<String>,
 }
 
 type Poll = Pin<Box<dyn Future<Output = (EventLoop, Result<Event, ConnectionError>)> + Send>>;
 type Page = Pin<Box<dyn Future<Output = Vec<OutboxItem>> + Send>>;
 
 impl Uplink {
-    /// Checks the configuration (loads TLS roots) without connecting.
+    /// Checks the configuration without connecting: reads the CA, the client certificate and
+    /// its key (or the system's roots) and builds the TLS setup.
     pub fn prepare(config: &UplinkConfig) -> Result<Uplink, UplinkError> {
         let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
         options.set_keep_alive(config.keep_alive);
@@ -83,8 +131,11 @@ impl Uplink {
         options.set_inflight(WINDOW as u16);
         if config.tls {
             options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(system_tls()?),
+                Arc::new(tls_config(config)?),
             )));
+        }
+        if let Some((username, password)) = &config.login {
+            options.set_credentials(username, password.expose());
         }
         let scheme = if config.tls { "mqtts" } else { "mqtt" };
         Ok(Uplink {
@@ -92,6 +143,16 @@ impl Uplink {
             topic_prefix: config.topic_prefix.clone(),
             target: format!("{scheme}://{}:{}", config.host, config.port),
             keep_alive: config.keep_alive,
+            setup: Setup {
+                host: config.host.clone(),
+                ca_file: config.ca_file.clone().filter(|_| config.tls),
+                client_cert: config
+                    .client_cert
+                    .as_ref()
+                    .filter(|_| config.tls)
+                    .map(|(cert, _)| cert.clone()),
+                username: config.login.as_ref().map(|(user, _)| user.clone()),
+            },
         })
     }
 
@@ -102,6 +163,7 @@ impl Uplink {
             topic_prefix,
             target,
             keep_alive,
+            setup,
         } = self;
         let (mut client, eventloop) = AsyncClient::new(options.clone(), WINDOW * 2);
         let mut committed = store.committed();
@@ -149,12 +211,16 @@ impl Uplink {
                         Ok(Event::Outgoing(Outgoing::PingReq) | Event::Incoming(Packet::PingResp)) => Stats::add(&stats.upstream_bytes, 2),
                         Ok(_) => {}
                         Err(e) => {
-                            connected = false;
+                            let was_connected = std::mem::replace(&mut connected, false);
                             stats.uplink_connected.store(false, Ordering::Relaxed);
                             failures = failures.saturating_add(1);
                             delay = backoff(failures, fastrand::f64());
-                            let state = if failures == 1 { "lost" } else { "still down" };
-                            warn!(upstream = %target, queued = Stats::get(&stats.outbox_depth), "uplink {state}: {}; retrying in {:.1}s", describe(&e), delay.as_secs_f64());
+                            let state = match (failures, was_connected) {
+                                (1, true) => "lost",
+                                (1, false) => "cannot connect",
+                                _ => "still down",
+                            };
+                            warn!(upstream = %target, queued = Stats::get(&stats.outbox_depth), "uplink {state}: {}; retrying in {:.1}s", describe(&e, &setup), delay.as_secs_f64());
                             pending.restart();
                         }
                     }
@@ -242,11 +308,25 @@ async fn poll_after(
     (eventloop, event)
 }
 
-fn describe(e: &ConnectionError) -> String {
+/// One line for the operator: what went wrong connecting, and what to check. Never prints a
+/// packet (a CONNECT carries the password).
+fn describe(e: &ConnectionError, setup: &Setup) -> String {
+    if let Some(tls) = rustls_error(e) {
+        return describe_tls(tls, setup);
+    }
     match e {
+        ConnectionError::Tls(rumqttc::TlsError::DNSName(_)) => format!(
+            "TLS: {:?} is neither a host name nor an address a certificate can be checked against",
+            setup.host
+        ),
+        ConnectionError::Tls(rumqttc::TlsError::Io(io)) => {
+            format!("TLS handshake failed: {io}")
+        }
+        ConnectionError::Tls(other) => format!("TLS: {other}"),
         ConnectionError::Io(io) => format!("network error: {io}"),
-        ConnectionError::ConnectionRefused(code) => {
-            format!("the broker refused the connection ({code:?})")
+        ConnectionError::ConnectionRefused(code) => describe_refusal(*code, setup),
+        ConnectionError::NotConnAck(_) => {
+            "the upstream answered the connect with something other than CONNACK; is it an MQTT 3.1.1 broker?".into()
         }
         ConnectionError::NetworkTimeout => "connect timed out".into(),
         ConnectionError::MqttState(rumqttc::StateError::AwaitPingResp) => {
@@ -257,8 +337,223 @@ fn describe(e: &ConnectionError) -> String {
     }
 }
 
-/// TLS with the operating system's root certificates.
-fn system_tls() -> Result<ClientConfig, UplinkError> {
+/// The rustls error inside `e`, if any. rumqttc hands them over in several wrappings: its own
+/// TLS error, or an I/O error from tokio-rustls (during the handshake, or on the first read
+/// when a TLS 1.3 server rejects the client certificate after the handshake).
+fn rustls_error(e: &ConnectionError) -> Option<&rustls::Error> {
+    let mut current: &(dyn std::error::Error + 'static) = e;
+    loop {
+        if let Some(tls) = current.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        // `io::Error::source` skips the error it wraps; `get_ref` is that error.
+        current = match current.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref()?,
+            None => current.source()?,
+        };
+    }
+}
+
+fn describe_tls(e: &rustls::Error, setup: &Setup) -> String {
+    let trusted = match &setup.ca_file {
+        Some(ca) => format!(
+            "ca_file {}; check that it holds the CA that issued the broker's certificate",
+            ca.display()
+        ),
+        None => "the system's root certificates; if the broker's certificate comes from a private CA, set ca_file to that CA".into(),
+    };
+    match e {
+        rustls::Error::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => format!(
+                "TLS: the upstream's certificate is not signed by a trusted CA (trusting {trusted})"
+            ),
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                format!(
+                    "TLS: the upstream's certificate is not issued for {:?} ({e}); use a url with a name the certificate lists",
+                    setup.host
+                )
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                format!(
+                    "TLS: the upstream's certificate has expired, or this machine's clock is wrong ({e})"
+                )
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                format!(
+                    "TLS: the upstream's certificate is not valid yet; check this machine's clock ({e})"
+                )
+            }
+            _ => format!("TLS: the upstream's certificate was rejected: {e}"),
+        },
+        rustls::Error::AlertReceived(alert) => match (alert, &setup.client_cert) {
+            (AlertDescription::CertificateRequired, None) => {
+                "TLS: the upstream requires a client certificate; set client_cert and client_key"
+                    .into()
+            }
+            (
+                AlertDescription::BadCertificate
+                | AlertDescription::UnknownCA
+                | AlertDescription::CertificateUnknown
+                | AlertDescription::CertificateExpired
+                | AlertDescription::CertificateRevoked
+                | AlertDescription::UnsupportedCertificate
+                | AlertDescription::AccessDenied
+                | AlertDescription::DecryptError,
+                Some(cert),
+            ) => format!(
+                "TLS: the upstream rejected the client certificate in {} (alert {alert:?}); check that the broker trusts the CA that issued it and that it is still valid",
+                cert.display()
+            ),
+            (AlertDescription::HandshakeFailure, None) => format!(
+                "TLS: the upstream ended the handshake (alert {alert:?}); it may require a client certificate (client_cert, client_key)"
+            ),
+            (AlertDescription::ProtocolVersion | AlertDescription::InsufficientSecurity, _) => {
+                format!(
+                    "TLS: the upstream and the gateway share no TLS version or cipher suite (alert {alert:?}); the gateway speaks TLS 1.2 and 1.3"
+                )
+            }
+            _ => format!("TLS: the upstream ended the handshake (alert {alert:?})"),
+        },
+        other => format!("TLS: {other}"),
+    }
+}
+
+fn describe_refusal(code: rumqttc::ConnectReturnCode, setup: &Setup) -> String {
+    use rumqttc::ConnectReturnCode as Code;
+    match (code, &setup.username, &setup.client_cert) {
+        (Code::BadUserNamePassword, Some(user), _) => format!(
+            "the broker refused the username or password (user {user:?}); check username and password in [uplink]"
+        ),
+        // Mosquitto answers a wrong password this way too.
+        (Code::NotAuthorized, Some(user), _) => format!(
+            "the broker refused the login as user {user:?} (not authorized); check username and password in [uplink] and that the broker lets this user connect"
+        ),
+        (Code::BadUserNamePassword | Code::NotAuthorized, None, Some(cert)) => format!(
+            "the broker refused the identity of the client certificate in {} (not authorized); check that the broker lets it connect",
+            cert.display()
+        ),
+        (Code::BadUserNamePassword | Code::NotAuthorized, None, None) => {
+            "the broker refused a connection without a login (not authorized); set username and password, or client_cert and client_key, in [uplink]".into()
+        }
+        (Code::BadClientId, ..) => {
+            "the broker refused the client id; set another client_id in [uplink]".into()
+        }
+        (Code::ServiceUnavailable, ..) => {
+            "the broker refused the connection: service unavailable".into()
+        }
+        (Code::RefusedProtocolVersion, ..) => {
+            "the broker refused the connection: it does not speak MQTT 3.1.1".into()
+        }
+        (Code::Success, ..) => {
+            "the broker answered CONNACK with success but the connect failed".into()
+        }
+    }
+}
+
+/// The TLS setup of an `mqtts://` uplink: the roots it trusts and the certificate it shows.
+fn tls_config(config: &UplinkConfig) -> Result<ClientConfig, UplinkError> {
+    // The operator's own files first: their errors are the ones to fix.
+    let client_auth = match &config.client_cert {
+        Some((cert, key)) => Some((
+            cert,
+            key,
+            read_certificates("client_cert", cert)?,
+            read_key(key)?,
+        )),
+        None => None,
+    };
+    let roots = match &config.ca_file {
+        Some(path) => ca_roots(path)?,
+        None => system_roots()?,
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    match client_auth {
+        Some((cert, key, chain, private)) => {
+            builder
+                .with_client_auth_cert(chain, private)
+                .map_err(|source| UplinkError::ClientAuth {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    source,
+                })
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// Only the CA certificates in `path`.
+fn ca_roots(path: &Path) -> Result<RootCertStore, UplinkError> {
+    let certs = read_certificates("ca_file", path)?;
+    let found = certs.len();
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(UplinkError::File {
+            field: "ca_file",
+            path: path.to_owned(),
+            problem: format!(
+                "none of its {found} certificate(s) is a usable CA certificate; give the PEM file of the CA that issued the broker's certificate"
+            ),
+        });
+    }
+    Ok(roots)
+}
+
+/// The PEM certificates in `path`; at least one.
+fn read_certificates(
+    field: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, UplinkError> {
+    let error = |problem: String| UplinkError::File {
+        field,
+        path: path.to_owned(),
+        problem,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| error(pem_problem(&e)))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error(pem_problem(&e)))?;
+    if certs.is_empty() {
+        return Err(error(
+            "holds no certificate (no \"-----BEGIN CERTIFICATE-----\" block); give a PEM certificate file".into(),
+        ));
+    }
+    Ok(certs)
+}
+
+/// The first private key in `path`.
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, UplinkError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| UplinkError::File {
+        field: "client_key",
+        path: path.to_owned(),
+        problem: match e {
+            pem::Error::NoItemsFound => "holds no private key (no \"-----BEGIN PRIVATE KEY-----\", \"RSA PRIVATE KEY\" or \"EC PRIVATE KEY\" block); give the PEM key of the client certificate".into(),
+            other => pem_problem(&other),
+        },
+    })
+}
+
+/// What is wrong with a PEM file, without quoting any of it: the file may be a private key.
+fn pem_problem(e: &pem::Error) -> String {
+    match e {
+        pem::Error::Io(io) => format!("cannot be read: {io}"),
+        pem::Error::NoItemsFound => "holds nothing usable".into(),
+        pem::Error::MissingSectionEnd { .. } => {
+            "is not valid PEM: a block has no \"-----END ...-----\" line".into()
+        }
+        pem::Error::IllegalSectionStart { .. } => {
+            "is not valid PEM: a \"-----BEGIN ...-----\" line is malformed".into()
+        }
+        pem::Error::Base64Decode(_) => "is not valid PEM: a block is not valid base64".into(),
+        _ => "is not a valid PEM file".into(),
+    }
+}
+
+/// The operating system's root certificates.
+fn system_roots() -> Result<RootCertStore, UplinkError> {
     let found = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
     let (added, _unparsable) = roots.add_parsable_certificates(found.certs);
@@ -270,11 +565,7 @@ fn system_tls() -> Result<ClientConfig, UplinkError> {
             .unwrap_or_default();
         return Err(UplinkError::NoRootCertificates(why));
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    Ok(roots)
 }
 
 /// Bytes of one QoS 1 PUBLISH (topic and payload of the given lengths) and its PUBACK, in
@@ -407,6 +698,289 @@ mod tests {
                 retain: true,
             },
         }
+    }
+
+    /// An uplink configuration for `mqtts://127.0.0.1:8883` with the given files.
+    fn tls_uplink(ca_file: Option<&Path>, client_cert: Option<(&Path, &Path)>) -> UplinkConfig {
+        UplinkConfig {
+            host: "127.0.0.1".into(),
+            port: 8883,
+            tls: true,
+            client_id: "watchpost-t".into(),
+            topic_prefix: "site".into(),
+            forward: Vec::new(),
+            keep_alive: Duration::from_secs(30),
+            summaries: None,
+            ca_file: ca_file.map(Path::to_owned),
+            client_cert: client_cert.map(|(c, k)| (c.to_owned(), k.to_owned())),
+            login: None,
+        }
+    }
+
+    fn prepare_error(config: &UplinkConfig) -> String {
+        match Uplink::prepare(config) {
+            Ok(_) => panic!("prepare accepted {config:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// A PEM private key block with a recognisable body that is not a key.
+    const FAKE_KEY: &str =
+        "-----BEGIN PRIVATE KEY-----\nU0VDUkVUS0VZQk9EWQ==\n-----END PRIVATE KEY-----\n";
+
+    #[test]
+    fn a_pem_file_that_cannot_be_used_is_named_with_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let key_only = dir.path().join("key-only.pem");
+        std::fs::write(&key_only, FAKE_KEY).unwrap();
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, "this is not PEM\n").unwrap();
+        let truncated = dir.path().join("truncated.pem");
+        std::fs::write(&truncated, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+        let not_a_ca = dir.path().join("not-a-ca.pem");
+        std::fs::write(
+            &not_a_ca,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let cases: [(UplinkConfig, &str, &Path, &str); 7] = [
+            (
+                tls_uplink(Some(&missing), None),
+                "`ca_file`",
+                &missing,
+                "cannot be read",
+            ),
+            (
+                tls_uplink(Some(&key_only), None),
+                "`ca_file`",
+                &key_only,
+                "holds no certificate",
+            ),
+            (
+                tls_uplink(Some(&text), None),
+                "`ca_file`",
+                &text,
+                "holds no certificate",
+            ),
+            (
+                tls_uplink(Some(&truncated), None),
+                "`ca_file`",
+                &truncated,
+                "is not valid PEM",
+            ),
+            (
+                tls_uplink(Some(&not_a_ca), None),
+                "`ca_file`",
+                &not_a_ca,
+                "usable CA certificate",
+            ),
+            (
+                tls_uplink(None, Some((&missing, &key_only))),
+                "`client_cert`",
+                &missing,
+                "cannot be read",
+            ),
+            (
+                tls_uplink(None, Some((&key_only, &key_only))),
+                "`client_cert`",
+                &key_only,
+                "holds no certificate",
+            ),
+        ];
+        for (config, field, path, problem) in cases {
+            let message = prepare_error(&config);
+            assert!(message.contains(field), "{message}");
+            assert!(message.contains(&path.display().to_string()), "{message}");
+            assert!(message.contains(problem), "{problem:?} not in {message}");
+        }
+    }
+
+    #[test]
+    fn a_client_key_file_that_cannot_be_used_is_named_and_never_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.key");
+        let cert_only = dir.path().join("cert-only.pem");
+        std::fs::write(
+            &cert_only,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let broken = dir.path().join("broken.key");
+        std::fs::write(
+            &broken,
+            "-----BEGIN PRIVATE KEY-----\nU0VDUkVUS0VZQk9EWQ==\n",
+        )
+        .unwrap();
+        for (path, problem) in [
+            (&missing, "cannot be read"),
+            (&cert_only, "holds no private key"),
+            (&broken, "is not valid PEM"),
+        ] {
+            let message = match read_key(path) {
+                Ok(_) => panic!("{} was read as a key", path.display()),
+                Err(e) => e.to_string(),
+            };
+            assert!(message.contains("`client_key`"), "{message}");
+            assert!(message.contains(&path.display().to_string()), "{message}");
+            assert!(message.contains(problem), "{problem:?} not in {message}");
+            assert!(
+                !message.contains("U0VDUkVU"),
+                "the key is quoted: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_login_goes_into_the_connect_options_and_a_plain_uplink_reads_no_file() {
+        let source = "[gateway]\nid = \"site-1\"\n[uplink]\nurl = \"mqtt://127.0.0.1:8883\"\nusername = \"site-1\"\npassword = \"hunter2-secret\"\n";
+        let mut config = crate::config::parse(source, "t.toml")
+            .expect("a plain uplink with a login is allowed, with a warning")
+            .config
+            .uplink
+            .expect("[uplink]");
+        // A ca_file on a plain uplink is refused by the config check; here it is just unused.
+        config.ca_file = Some("/nonexistent/ca.pem".into());
+        let uplink = Uplink::prepare(&config).expect("mqtt:// reads no file");
+        let login = uplink.options.credentials().expect("the login is set");
+        assert_eq!(
+            (login.username.as_str(), login.password.as_str()),
+            ("site-1", "hunter2-secret")
+        );
+        assert_eq!(uplink.target, "mqtt://127.0.0.1:8883");
+        assert!(uplink.setup.ca_file.is_none());
+        assert!(!format!("{:?}", uplink.setup).contains("hunter2"));
+    }
+
+    fn setup() -> Setup {
+        Setup {
+            host: "broker.example.net".into(),
+            ca_file: Some("/etc/watchpost/upstream-ca.pem".into()),
+            client_cert: None,
+            username: Some("site-17".into()),
+        }
+    }
+
+    fn io_wrapped(e: rustls::Error) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn connect_failures_say_what_is_wrong_and_what_to_check() {
+        use rumqttc::{ConnectReturnCode, TlsError};
+        let with_cert = Setup {
+            client_cert: Some("/etc/watchpost/gw.crt".into()),
+            ..setup()
+        };
+        let anonymous = Setup {
+            username: None,
+            ..setup()
+        };
+        let unknown_issuer = || rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
+        let cases: Vec<(ConnectionError, Setup, &[&str])> = vec![
+            (
+                ConnectionError::Tls(TlsError::Io(io_wrapped(unknown_issuer()))),
+                setup(),
+                &[
+                    "not signed by a trusted CA",
+                    "ca_file /etc/watchpost/upstream-ca.pem",
+                ],
+            ),
+            (
+                ConnectionError::Tls(TlsError::TLS(unknown_issuer())),
+                Setup {
+                    ca_file: None,
+                    ..setup()
+                },
+                &[
+                    "not signed by a trusted CA",
+                    "system's root certificates",
+                    "set ca_file",
+                ],
+            ),
+            (
+                ConnectionError::Tls(TlsError::Io(io_wrapped(rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForName,
+                )))),
+                setup(),
+                &["not issued for \"broker.example.net\""],
+            ),
+            (
+                // TLS 1.3: the server rejects the client certificate after the handshake.
+                ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                    rumqttc::Error::Io(io_wrapped(rustls::Error::AlertReceived(
+                        AlertDescription::UnknownCA,
+                    ))),
+                )),
+                with_cert,
+                &[
+                    "rejected the client certificate in /etc/watchpost/gw.crt",
+                    "UnknownCA",
+                ],
+            ),
+            (
+                ConnectionError::Io(io_wrapped(rustls::Error::AlertReceived(
+                    AlertDescription::CertificateRequired,
+                ))),
+                setup(),
+                &[
+                    "requires a client certificate",
+                    "client_cert and client_key",
+                ],
+            ),
+            (
+                ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword),
+                setup(),
+                &[
+                    "refused the username or password",
+                    "\"site-17\"",
+                    "check username and password",
+                ],
+            ),
+            (
+                ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized),
+                setup(),
+                &[
+                    "refused the login as user \"site-17\"",
+                    "check username and password",
+                ],
+            ),
+            (
+                ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized),
+                Setup {
+                    client_cert: Some("/etc/watchpost/gw.crt".into()),
+                    ..anonymous.clone()
+                },
+                &["refused the identity of the client certificate in /etc/watchpost/gw.crt"],
+            ),
+            (
+                ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized),
+                anonymous,
+                &["without a login", "set username and password"],
+            ),
+        ];
+        for (error, setup, expected) in cases {
+            let line = describe(&error, &setup);
+            for part in expected {
+                assert!(
+                    line.contains(part),
+                    "{part:?} not in {line:?} (from {error:?})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_connect_failure_never_prints_a_packet() {
+        // rumqttc's own message for this error prints the packet with its Debug, which shows
+        // a login in the clear.
+        let mut connect = rumqttc::Connect::new("echo");
+        connect.login = Some(rumqttc::Login::new("site-17", "hunter2-secret"));
+        let error = ConnectionError::NotConnAck(rumqttc::Packet::Connect(connect));
+        assert!(error.to_string().contains("hunter2-secret"));
+        let line = describe(&error, &setup());
+        assert!(!line.contains("hunter2-secret"), "{line}");
+        assert!(line.contains("other than CONNACK"), "{line}");
     }
 
     #[test]
