@@ -38,7 +38,8 @@ pub struct Mosquitto {
     dir: TempDir,
 }
 
-fn mosquitto_binary() -> Result<PathBuf> {
+/// The Mosquitto binary: in `/usr/sbin` on Debian, which a non-root `PATH` may lack.
+pub fn mosquitto_binary() -> Result<PathBuf> {
     for candidate in [
         "/usr/sbin/mosquitto",
         "/usr/bin/mosquitto",
@@ -53,8 +54,9 @@ fn mosquitto_binary() -> Result<PathBuf> {
     )
 }
 
-/// A port that was free a moment ago (Mosquitto cannot bind port 0 and report it).
-fn free_port() -> Result<u16> {
+/// A port that was free a moment ago (Mosquitto cannot bind port 0 and report it): whoever
+/// binds it should try again with another if it is taken by then.
+pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -74,26 +76,56 @@ fn spawn_mosquitto(dir: &Path, port: u16, persistent: bool) -> Result<Child> {
         &conf,
         format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest none\n"),
     )?;
+    launch_mosquitto(&conf, &[port], None)
+}
+
+/// Starts Mosquitto with the configuration file `conf`, its stderr to `log` if given, and
+/// returns once it accepts connections on every one of `ports` on loopback (within 5 s).
+/// The error says whether it exited (a port taken?) or never listened, with its log.
+pub fn launch_mosquitto(conf: &Path, ports: &[u16], log: Option<&Path>) -> Result<Child> {
+    let stderr = match log {
+        Some(path) => Stdio::from(
+            std::fs::File::create(path)
+                .with_context(|| format!("creating mosquitto's log {}", path.display()))?,
+        ),
+        None => Stdio::null(),
+    };
     let mut child = Command::new(mosquitto_binary()?)
         .arg("-c")
-        .arg(&conf)
+        .arg(conf)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .context("starting mosquitto")?;
+    let logged = || match log {
+        Some(path) => format!(
+            "; its log:\n{}",
+            std::fs::read_to_string(path).unwrap_or_default()
+        ),
+        None => String::new(),
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if ports
+            .iter()
+            .all(|port| TcpStream::connect(("127.0.0.1", *port)).is_ok())
+        {
             return Ok(child);
         }
         if let Some(status) = child.try_wait()? {
-            bail!("mosquitto exited with {status} (port {port} taken?)");
+            bail!(
+                "mosquitto exited with {status} (port {ports:?} taken?){}",
+                logged()
+            );
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("mosquitto did not listen on port {port} within 5 s");
+            bail!(
+                "mosquitto did not listen on port {ports:?} within 5 s{}",
+                logged()
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }

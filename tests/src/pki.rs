@@ -1,6 +1,10 @@
 //! A certificate authority made at test time (nothing secret is committed): CA, server and
 //! client certificates as PEM files in a temporary directory.
+//!
+//! The directory is 0755 and every file 0644, keys included: a broker started as root that
+//! drops to its own user (Mosquitto) must still read them. Not for anything but tests.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
@@ -16,7 +20,8 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// A new CA named `name`; its certificate is written to `ca.pem`.
+    /// A new CA named `name`; its certificate is written to `ca.pem`. A second, unrelated CA
+    /// is a second `Pki::new`.
     pub fn new(name: &str) -> Result<Pki> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -24,8 +29,10 @@ impl Pki {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
         let dir = tempfile::tempdir()?;
-        std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
-        Ok(Pki { dir, ca })
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let pki = Pki { dir, ca };
+        pki.write("ca.pem", &pki.ca.pem())?;
+        Ok(pki)
     }
 
     /// The CA certificate file.
@@ -54,8 +61,8 @@ impl Pki {
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.ca)?;
         let (cert, key) = (cert.pem(), key.serialize_pem());
-        std::fs::write(self.dir.path().join(format!("{stem}.pem")), &cert)?;
-        std::fs::write(self.dir.path().join(format!("{stem}.key")), &key)?;
+        self.write(&format!("{stem}.pem"), &cert)?;
+        self.write(&format!("{stem}.key"), &key)?;
         Ok((cert, key))
     }
 
@@ -65,5 +72,13 @@ impl Pki {
             self.dir.path().join(format!("{stem}.pem")),
             self.dir.path().join(format!("{stem}.key")),
         )
+    }
+
+    /// Writes `text` to `name` in the directory, readable by every user.
+    fn write(&self, name: &str, text: &str) -> Result<()> {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        Ok(())
     }
 }
