@@ -22,7 +22,8 @@
 //! | [`ingest`] | the task that pulls from the link and drives codec → loss → rules and rollups → outputs |
 //! | [`alert`] | the alert document and its topic |
 //! | [`store`] | the one owner of the SQLite connection: migrations, batched writes, history within a disk budget, the outbox |
-//! | [`uplink`] | the upstream client task: drains the outbox with QoS 1, deletes a row only after its PUBACK, backoff with jitter |
+//! | [`uplink`] | the upstream client task: drains the outbox with QoS 1, deletes a row only after its PUBACK, backoff with jitter; TLS and login |
+//! | [`pem`] | certificates and keys from PEM files, with errors that never quote a key |
 //! | [`stats`] | counters every part updates |
 //! | [`metrics`], [`http`] | the counters as Prometheus text and a status summary; the loopback HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`) |
 //! | [`query`] | tables and JSON for the query commands (`alerts`, `history`, `devices`) |
@@ -41,6 +42,7 @@ pub mod http;
 pub mod ingest;
 pub mod loss;
 pub mod metrics;
+pub mod pem;
 pub mod query;
 pub mod replay;
 pub mod rules;

@@ -415,17 +415,18 @@ pub fn summary(s: &Status) -> String {
 mod tests {
     use super::*;
 
+    fn local() -> Info {
+        Info {
+            gateway: "g".into(),
+            upstream: None,
+        }
+    }
+
     #[test]
     fn every_family_is_declared_once_and_samples_follow_it() {
         let stats = Stats::default();
         stats.count_transition(Severity::Critical, true);
-        let text = render(
-            &stats,
-            &Info {
-                gateway: "g".into(),
-                upstream: None,
-            },
-        );
+        let text = render(&stats, &local());
         let mut declared = std::collections::HashSet::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -445,13 +446,7 @@ mod tests {
             "{text}"
         );
         stats.count_refusal("odd\"name", |c| c.publish_denied += 2);
-        let text = render(
-            &stats,
-            &Info {
-                gateway: "g".into(),
-                upstream: None,
-            },
-        );
+        let text = render(&stats, &local());
         assert!(
             text.contains("watchpost_publish_denied_total{client=\"odd\\\"name\"} 2\n"),
             "{text}"

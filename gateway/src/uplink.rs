@@ -37,7 +37,6 @@ use rumqttc::{
     TlsConfiguration, Transport,
 };
 use tokio::time::Instant;
-use tokio_rustls::rustls::pki_types::pem::{self, PemObject};
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::{self, AlertDescription, CertificateError, ClientConfig, RootCertStore};
 use tracing::{debug, info, warn};
@@ -507,49 +506,20 @@ fn read_certificates(
     field: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, UplinkError> {
-    let error = |problem: String| UplinkError::File {
+    crate::pem::certificates(path).map_err(|problem| UplinkError::File {
         field,
         path: path.to_owned(),
         problem,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| error(pem_problem(&e)))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| error(pem_problem(&e)))?;
-    if certs.is_empty() {
-        return Err(error(
-            "holds no certificate (no \"-----BEGIN CERTIFICATE-----\" block); give a PEM certificate file".into(),
-        ));
-    }
-    Ok(certs)
+    })
 }
 
 /// The first private key in `path`.
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, UplinkError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| UplinkError::File {
+    crate::pem::private_key(path).map_err(|problem| UplinkError::File {
         field: "client_key",
         path: path.to_owned(),
-        problem: match e {
-            pem::Error::NoItemsFound => "holds no private key (no \"-----BEGIN PRIVATE KEY-----\", \"RSA PRIVATE KEY\" or \"EC PRIVATE KEY\" block); give the PEM key of the client certificate".into(),
-            other => pem_problem(&other),
-        },
+        problem,
     })
-}
-
-/// What is wrong with a PEM file, without quoting any of it: the file may be a private key.
-fn pem_problem(e: &pem::Error) -> String {
-    match e {
-        pem::Error::Io(io) => format!("cannot be read: {io}"),
-        pem::Error::NoItemsFound => "holds nothing usable".into(),
-        pem::Error::MissingSectionEnd { .. } => {
-            "is not valid PEM: a block has no \"-----END ...-----\" line".into()
-        }
-        pem::Error::IllegalSectionStart { .. } => {
-            "is not valid PEM: a \"-----BEGIN ...-----\" line is malformed".into()
-        }
-        pem::Error::Base64Decode(_) => "is not valid PEM: a block is not valid base64".into(),
-        _ => "is not a valid PEM file".into(),
-    }
 }
 
 /// The operating system's root certificates.

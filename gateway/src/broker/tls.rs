@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 
@@ -35,28 +34,20 @@ pub enum TlsError {
 }
 
 fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let error = |why: String| TlsError::File {
+    crate::pem::certificates(path).map_err(|why| TlsError::File {
         what,
         path: path.to_owned(),
         why,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| error(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| error(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(error("no PEM certificate in it".into()));
-    }
-    Ok(certs)
+    })
 }
 
 /// Builds the acceptor for `config`.
 pub fn acceptor(config: &TlsListener) -> Result<TlsAcceptor, TlsError> {
     let chain = certificates("certificate file", &config.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|e| TlsError::File {
+    let key = crate::pem::private_key(&config.key).map_err(|why| TlsError::File {
         what: "key file",
         path: config.key.clone(),
-        why: e.to_string(),
+        why,
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -90,4 +81,39 @@ pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let cn = parsed.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unusable_files_are_named_and_never_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("key.pem");
+        std::fs::write(&text, "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n").unwrap();
+        let config = |cert: &Path, key: &Path| TlsListener {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            client_ca: None,
+        };
+        let missing = dir.path().join("nope.pem");
+        let e = acceptor(&config(&missing, &text))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("certificate file")
+                && e.contains("nope.pem")
+                && e.contains("cannot be read"),
+            "{e}"
+        );
+        let e = acceptor(&config(&text, &text)).err().unwrap().to_string();
+        assert!(e.contains("not valid PEM"), "{e}");
+        assert!(
+            !e.contains("c2VjcmV0"),
+            "the key's text is never quoted: {e}"
+        );
+    }
 }
