@@ -116,10 +116,27 @@ $(cat "$work/gateway.log")"
 $(cat "$work/gateway.log")"
 fi
 ok "gateway ready as user watchpost: $(grep ' ready ' "$work/gateway.log" | sed 's/.* ready //')"
+# The shipped configuration admits only named clients. Root adds them while the gateway runs;
+# the file must end up readable by the service user, and the gateway picks it up by itself.
+running=$config
+[ "$port" = 1883 ] || running=$work/port.toml
+secret() { /usr/bin/watchpost device add "$@" --config "$running" | sed -n 's/^  secret: //p'; }
+device_secret=$(secret package-test) && [ -n "$device_secret" ] || fail "watchpost device add printed no secret"
+ops_secret=$(secret package-ops --operator) && [ -n "$ops_secret" ] || fail "watchpost device add --operator printed no secret"
+[ "$(stat -c '%U %a' "$data/credentials.toml")" = "watchpost 600" ] ||
+    fail "credentials file: $(ls -la "$data/credentials.toml")"
+mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t sensors/package-test/temperature -m 1.0 2>/dev/null &&
+    fail "an anonymous client could publish"
+ok "credentials added by root are the service's (watchpost, 600); anonymous clients are refused"
 # A reading of 1.0 raises the shipped "freezing" rule; the alert is published retained.
-mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t sensors/package-test/temperature -m 1.0 ||
-    fail "cannot publish to the gateway on port $port"
-alert=$(mosquitto_sub -h 127.0.0.1 -p "$port" -t 'alerts/warning/package-test/freezing' -C 1 -W 10) ||
+deadline=$(($(date +%s) + 10))
+until mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -i package-test -u package-test -P "$device_secret" \
+    -t sensors/package-test/temperature -m 1.0 2>/dev/null; do
+    [ "$(date +%s)" -lt "$deadline" ] || fail "the new device cannot publish to the gateway on port $port"
+    sleep 0.2
+done
+alert=$(mosquitto_sub -h 127.0.0.1 -p "$port" -u package-ops -P "$ops_secret" \
+    -t 'alerts/warning/package-test/freezing' -C 1 -W 10) ||
     fail "no retained alert on alerts/warning/package-test/freezing within 10 s"
 echo "$alert" | grep -q '"state":"raised"' || fail "unexpected alert document: $alert"
 ok "serves MQTT: a reading raised the freezing alert ($alert)"

@@ -79,9 +79,17 @@ done
 [ "$(status Umask)" = 0077 ] || fail "umask $(status Umask)"
 ok "user watchpost, no capabilities, NoNewPrivs, seccomp filter, umask 0077"
 
-mosquitto_pub -h 127.0.0.1 -p 1883 -q 1 -t sensors/unit-test/temperature -m 1.0 ||
-    fail "cannot publish to the gateway"
-alert=$(mosquitto_sub -h 127.0.0.1 -p 1883 -t alerts/warning/unit-test/freezing -C 1 -W 10) ||
+secret() { watchpost device add "$@" --config /etc/watchpost/watchpost.toml | sed -n 's/^  secret: //p'; }
+device_secret=$(secret unit-test) && [ -n "$device_secret" ] || fail "watchpost device add printed no secret"
+ops_secret=$(secret unit-ops --operator) && [ -n "$ops_secret" ] || fail "no operator secret"
+deadline=$(($(date +%s) + 10))
+until mosquitto_pub -h 127.0.0.1 -p 1883 -q 1 -i unit-test -u unit-test -P "$device_secret" \
+    -t sensors/unit-test/temperature -m 1.0 2>/dev/null; do
+    [ "$(date +%s)" -lt "$deadline" ] || fail "the new device cannot publish to the gateway"
+    sleep 0.2
+done
+alert=$(mosquitto_sub -h 127.0.0.1 -p 1883 -u unit-ops -P "$ops_secret" \
+    -t alerts/warning/unit-test/freezing -C 1 -W 10) ||
     fail "no alert on alerts/warning/unit-test/freezing"
 ok "serves MQTT: $alert"
 [ "$(stat -c '%U %a' /var/lib/watchpost/watchpost.db)" = "watchpost 600" ] ||

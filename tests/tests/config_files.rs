@@ -44,9 +44,13 @@ fn the_packaged_config_fits_the_systemd_unit() {
         Path::new("/var/lib/watchpost")
     );
     assert_eq!(loaded.config.broker.listen, "0.0.0.0:1883".parse().unwrap());
-    assert!(loaded.config.broker.allow_anonymous);
-    // Anonymous clients on a network listener: the one warning, which the file explains.
-    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    // On the network, every client has credentials of its own.
+    assert!(!loaded.config.broker.allow_anonymous);
+    assert_eq!(
+        loaded.config.broker.credentials,
+        Path::new("/var/lib/watchpost/credentials.toml")
+    );
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
 }
 
 #[test]
