@@ -25,6 +25,9 @@ fn far_future_reading_times_are_refused_or_replayed() {
     // humantime's Display returns fmt::Error past 9999-12-31, and `to_string()` panics with
     // "a Display implementation returned an error unexpectedly".
     for text in [
+        // Found by the readings fuzz target (minimized): a millisecond time with two digits too
+        // many, after a reading that lets the silence rule raise; the clear is at year 27171.
+        "4,a,t,2\n795284952840250,a,t,2\n",
         "time,device,metric,value\n0,a,t,95\n1e15,a,t,96\n",
         "time,device,metric,value\n1e300,a,t,-5\n",
         "time,device,metric,value\n253402300800000,a,t,-5\n",
@@ -94,5 +97,29 @@ fn native_seq_topic_is_not_a_reading() {
     assert!(
         !matches!(got, Ok(Message::Readings(_))),
         "sensors/d/seq decoded as {got:?}"
+    );
+}
+
+#[test]
+#[ignore = "known issue: JSON numbers decode up to 2 ulp away from the value written (serde_json without float_roundtrip)"]
+fn json_numbers_decode_to_the_value_written() {
+    // Rust's parser (plain payloads, CSV) is exact; serde_json's default one is not: this value
+    // comes back 2 ulp off from `{"v":..}` and from a JSON-lines reading alike.
+    let written = "-1.0776287325534397e39";
+    let exact: f64 = written.parse().unwrap();
+    let value = |m: Result<Message<'_>, _>| match m {
+        Ok(Message::Readings(r)) => r.values[0].1,
+        other => panic!("{other:?}"),
+    };
+    let plain = codec::decode("sensors/d/t", written.as_bytes(), Limits::default());
+    assert_eq!(value(plain), exact);
+    let v = format!(r#"{{"v":{written}}}"#);
+    let object = codec::decode("sensors/d/t", v.as_bytes(), Limits::default());
+    assert_eq!(value(object), exact, "{v}");
+    let line = format!(r#"{{"time":0,"device":"d","metric":"t","value":{written}}}"#);
+    assert_eq!(
+        replay::parse_readings(&line).unwrap()[0].value,
+        exact,
+        "{line}"
     );
 }
