@@ -204,13 +204,6 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             signal.clone(),
         )));
     }
-    if let Some(period) = sd_notify::watchdog_enabled() {
-        tasks.push(tokio::spawn(watchdog(
-            period,
-            stats.clone(),
-            signal.clone(),
-        )));
-    }
     let uplink_text = config
         .uplink
         .as_ref()
@@ -221,9 +214,11 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     info!(
         gateway = %config.gateway.id,
         mqtt = %mqtt_addr,
-                        mqtt5 = %mqtt_v5_addr.map_or("off".to_owned(), |a| a.to_string()),
+        mqtt5 = %mqtt_v5_addr.map_or("off".to_owned(), |a| a.to_string()),
         mqtts = %mqtt_tls_addr.map_or("off".to_owned(), |a| a.to_string()),
-        clients = if config.broker.allow_anonymous { "anonymous allowed" } else { "authenticated only" },http = %http_addr.map_or("off".to_owned(), |a| a.to_string()),db = %config.gateway.data_dir.join(store::DB_FILE).display(),
+        clients = if config.broker.allow_anonymous { "anonymous allowed" } else { "authenticated only" },
+        http = %http_addr.map_or("off".to_owned(), |a| a.to_string()),
+        db = %config.gateway.data_dir.join(store::DB_FILE).display(),
         rules = config.rules.len(),
         uplink = %uplink_text,
         "watchpost {} ready", env!("CARGO_PKG_VERSION"),
@@ -231,6 +226,14 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     // The listeners accept and the store is open: tell systemd (Type=notify), if it asks.
     if let Err(e) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("serving")]) {
         warn!(error = %e, "cannot tell the service manager that the gateway is ready");
+    }
+    // Pings only after READY=1: systemd counts the watchdog from there.
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        tasks.push(tokio::spawn(watchdog(
+            period,
+            stats.clone(),
+            signal.clone(),
+        )));
     }
     Ok(Gateway {
         mqtt_addr,
@@ -358,7 +361,7 @@ async fn watchdog(period: Duration, stats: Arc<Stats>, shutdown: crate::shutdown
             stalled = true;
             error!(
                 behind_ms = behind,
-                                "ingest is not making progress: watchdog pings stop, and systemd will restart the gateway"
+                "ingest is not making progress: watchdog pings stop, and systemd will restart the gateway"
             );
         }
     })
