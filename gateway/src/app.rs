@@ -22,6 +22,9 @@ use crate::stats::Stats;
 use crate::store::{self, Store, StoreError, StoreOptions, StoreThread};
 use crate::uplink::{Uplink, UplinkError};
 
+/// Batches of publishes (of up to a few thousand each) waiting for ingest.
+const INGEST_QUEUE: usize = 16;
+
 /// How long shutdown waits for tasks before it stops waiting.
 pub const SHUTDOWN_BUDGET: Duration = Duration::from_millis(1800);
 
@@ -103,6 +106,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     let router = Router::spawn(&config.broker);
     let (mut link_tx, link_rx) = router.internal_link("ingest")?;
+    // Every client's publishes reach the router through this one link.
+    let injector = router.internal_link("publish")?;
 
     let (trigger, signal) = shutdown::channel();
     let mut tasks = Vec::new();
@@ -125,14 +130,6 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     };
     let now = crate::alert::now_millis();
     let mut engine = Engine::new(options, stats.clone(), now);
-    for filter in engine.filters() {
-        link_tx
-            .subscribe(filter)
-            .map_err(|source| BrokerError::Link {
-                role: "ingest",
-                source: Box::new(source),
-            })?;
-    }
     // Alerts outlive restarts: publish every alert's last document again (retained), and
     // take raised ones back so that they are not raised a second time.
     let saved = store.saved_alerts().await;
@@ -144,6 +141,9 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         info!(restored, "alerts still raised from before the restart");
     }
     let (control_tx, control_rx) = mpsc::channel(4);
+    // Batches of publishes from the broker's injector; when ingest is behind, the injector
+    // waits, and so do the clients.
+    let (readings_tx, readings_rx) = mpsc::channel(INGEST_QUEUE);
     let outputs = Outputs {
         store,
         forward: config.uplink.as_ref().map(|u| u.forward.clone()),
@@ -156,6 +156,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         engine,
         link_tx,
         link_rx,
+        readings_rx,
         outputs,
         control_rx,
         signal.clone().wait(),
@@ -175,7 +176,11 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     tasks.push(tokio::spawn(async move {
         listeners
             .serve(
-                router,
+                broker::Pipes {
+                    router,
+                    injector,
+                    readings: readings_tx,
+                },
                 broker_gate,
                 &broker_config,
                 broker_stats,

@@ -89,7 +89,9 @@ pub struct Engine {
     options: EngineOptions,
     window_ms: Millis,
     stats: Arc<Stats>,
-    devices: HashMap<Box<str>, Device>,
+    /// Boxed: the map's table has room for more devices than there are, and each slot of a
+    /// `Device` would be a few hundred bytes.
+    devices: HashMap<Box<str>, Box<Device>>,
     /// Deadlines of rule states (`for`, silence, grace, cooldown, renotify), earliest first.
     /// An entry may be early or stale: when it comes up, the state's real deadline decides.
     deadlines: BinaryHeap<Reverse<Deadline>>,
@@ -102,7 +104,7 @@ pub struct Engine {
 }
 
 struct Device {
-    streams: HashMap<Box<str>, Stream>,
+    streams: Streams,
     /// Rules kept per device (presence, device-wide silence), with their states.
     device_rules: Vec<(usize, RuleState)>,
     seq: SeqTracker,
@@ -113,6 +115,60 @@ struct Device {
     episodes: Vec<(usize, Millis)>,
     /// What the device last said on its status topic, if anything.
     online: Option<bool>,
+}
+
+/// A device's streams by metric name. Devices report a handful of metrics, so a list that
+/// holds exactly what it needs beats a hash map, which starts at four slots: at ten thousand
+/// devices that difference is megabytes.
+#[derive(Default)]
+struct Streams(Vec<(Box<str>, Stream)>);
+
+impl Streams {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Stream> {
+        self.0.iter().map(|(_, s)| s)
+    }
+
+    fn contains_key(&self, metric: &str) -> bool {
+        self.0.iter().any(|(m, _)| &**m == metric)
+    }
+
+    fn get_mut(&mut self, metric: &str) -> Option<&mut Stream> {
+        self.0
+            .iter_mut()
+            .find(|(m, _)| &**m == metric)
+            .map(|(_, s)| s)
+    }
+
+    fn insert(&mut self, metric: Box<str>, stream: Stream) {
+        self.0.reserve_exact(1);
+        self.0.push((metric, stream));
+    }
+}
+
+impl<'a> IntoIterator for &'a Streams {
+    type Item = (&'a Box<str>, &'a Stream);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (Box<str>, Stream)>,
+        fn(&'a (Box<str>, Stream)) -> (&'a Box<str>, &'a Stream),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(m, s)| (m, s))
+    }
+}
+
+impl<'a> IntoIterator for &'a mut Streams {
+    type Item = (&'a Box<str>, &'a mut Stream);
+    type IntoIter = std::iter::Map<
+        std::slice::IterMut<'a, (Box<str>, Stream)>,
+        fn(&'a mut (Box<str>, Stream)) -> (&'a Box<str>, &'a mut Stream),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter_mut().map(|(m, s)| (&*m, s))
+    }
 }
 
 /// One metric of one device.
@@ -267,6 +323,13 @@ impl StepContext<'_> {
     }
 }
 
+/// `v` without spare room: a filtered collect starts at four elements, and ten thousand
+/// devices each keep theirs for good.
+fn exact<T>(mut v: Vec<T>) -> Vec<T> {
+    v.shrink_to_fit();
+    v
+}
+
 fn new_device(rules: &[Rule], name: &str) -> Device {
     let status_topic = format!("{}/{name}/{}", codec::TOPIC_ROOT, codec::STATUS_METRIC);
     let any_metric = format!("{}/{name}/+", codec::TOPIC_ROOT);
@@ -281,8 +344,8 @@ fn new_device(rules: &[Rule], name: &str) -> Device {
         .map(|(i, r)| (i, r.new_state()))
         .collect();
     Device {
-        streams: HashMap::new(),
-        device_rules,
+        device_rules: exact(device_rules),
+        streams: Streams::default(),
         seq: SeqTracker::default(),
         counters: DeviceCounters::default(),
         published: DeviceCounters::default(),
@@ -313,8 +376,8 @@ fn new_stream(
         .map(|(pos, _)| pos)
         .collect();
     Stream {
-        rules: per_metric,
-        feeds,
+        rules: exact(per_metric),
+        feeds: exact(feeds),
         window: None,
         last: None,
     }
@@ -350,11 +413,15 @@ impl Engine {
         }
     }
 
-    /// The MQTT filters ingest must subscribe to: native sensors and every source.
-    pub fn filters(&self) -> Vec<String> {
-        std::iter::once(crate::broker::SENSOR_FILTER.to_owned())
-            .chain(self.options.sources.iter().map(Source::filter))
-            .collect()
+    /// True if a message on `topic` is for ingest: `sensors/...` or a source's topic. Clients
+    /// publish on other topics too (anything an operator's tools use); those are not readings.
+    pub fn handles(&self, topic: &[u8]) -> bool {
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            // Counted as malformed if it claims to be a sensor's.
+            return topic.starts_with(codec::TOPIC_ROOT.as_bytes());
+        };
+        topic.split('/').next() == Some(codec::TOPIC_ROOT)
+            || self.options.sources.iter().any(|s| s.matches(topic))
     }
 
     /// The rules in force.
@@ -427,7 +494,7 @@ impl Engine {
         } = self;
         let device = devices
             .entry(device_name.into())
-            .or_insert_with(|| new_device(&options.rules, device_name));
+            .or_insert_with(|| Box::new(new_device(&options.rules, device_name)));
         device.counters.messages += 1;
         device.counters.last_seen_ms = now;
         device.online = Some(online);
@@ -442,7 +509,7 @@ impl Engine {
             device_rules,
             episodes,
             ..
-        } = device;
+        } = &mut **device;
         for (rule_idx, state) in device_rules.iter_mut() {
             let rule = &options.rules[*rule_idx];
             if matches!(rule.kind, Kind::Presence { .. }) {
@@ -470,7 +537,7 @@ impl Engine {
         // A device may report only so many metrics: each costs a stream, rollups and rows.
         let max = self.options.limits.max_metrics_per_device;
         let streams = self.devices.get(readings.device).map(|d| &d.streams);
-        let mut known = streams.map_or(0, HashMap::len);
+        let mut known = streams.map_or(0, Streams::len);
         let mut over = Vec::new();
         readings.values.retain(|(metric, _)| {
             if streams.is_some_and(|s| s.contains_key(metric.as_ref())) {
@@ -507,7 +574,7 @@ impl Engine {
         } = self;
         let device = devices
             .entry(device_name.into())
-            .or_insert_with(|| new_device(&options.rules, device_name));
+            .or_insert_with(|| Box::new(new_device(&options.rules, device_name)));
         device.counters.messages += 1;
         device.counters.last_seen_ms = now;
         if device.online == Some(false) {
@@ -562,7 +629,7 @@ impl Engine {
             device_rules,
             episodes,
             ..
-        } = device;
+        } = &mut **device;
         for (metric, value) in &readings.values {
             let (metric, value) = (metric.as_ref(), *value);
             if !streams.contains_key(metric) {
@@ -675,11 +742,11 @@ impl Engine {
                 device_rules,
                 episodes,
                 ..
-            } = dev;
+            } = &mut **dev;
             let (slot, metric) = match &d.metric {
                 Some(m) => (
                     streams
-                        .get_mut(&**m)
+                        .get_mut(m)
                         .and_then(|s| s.rules.iter_mut().find(|(i, _)| *i == d.rule)),
                     &**m,
                 ),
@@ -739,7 +806,7 @@ impl Engine {
             let device = self
                 .devices
                 .entry(s.device.as_str().into())
-                .or_insert_with(|| new_device(rules, &s.device));
+                .or_insert_with(|| Box::new(new_device(rules, &s.device)));
             let state = if rules[rule_idx].kind.per_device() {
                 device
                     .device_rules
@@ -1043,7 +1110,7 @@ impl Engine {
         let d = self
             .devices
             .entry(key.into())
-            .or_insert_with(|| new_device(rules, key));
+            .or_insert_with(|| Box::new(new_device(rules, key)));
         d.counters.decode_errors += 1;
         d.counters.last_seen_ms = now;
         let logged_as = device.unwrap_or(OTHER_DEVICES);
@@ -1095,25 +1162,6 @@ impl LogLimit {
     }
 }
 
-/// Detects jumps of the broker's read cursor: messages the router dropped from its log before
-/// ingest read them. Offsets of one filter's log rise by one per message.
-#[derive(Debug, Default)]
-pub struct CursorWatch {
-    next: Option<u64>,
-}
-
-impl CursorWatch {
-    /// Notes the offset of a forwarded message; returns how many were skipped before it.
-    pub fn observe(&mut self, offset: u64) -> u64 {
-        let lost = match self.next {
-            Some(expected) if offset > expected => offset - expected,
-            _ => 0,
-        };
-        self.next = Some(offset + 1);
-        lost
-    }
-}
-
 /// Where alert transitions and history go.
 pub struct Outputs {
     /// The store: history, and the outbox for what goes upstream.
@@ -1137,19 +1185,18 @@ pub enum Control {
     },
 }
 
-/// The ingest task: pulls from the link until `shutdown` resolves or the broker goes away.
+/// The ingest task: judges the batches of publishes the broker's injector hands it, until
+/// `shutdown` resolves or the broker goes away; publishes alerts through its own link.
 pub async fn run(
     mut engine: Engine,
     mut link_tx: LinkTx,
     mut link_rx: LinkRx,
+    mut readings: mpsc::Receiver<Vec<Publish>>,
     outputs: Outputs,
     mut control: mpsc::Receiver<Control>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let stats = engine.stats.clone();
-    let mut filters = engine.filters();
-    let mut cursors: HashMap<String, CursorWatch> = HashMap::new();
-    let mut jumps_stored = (0, 0);
     tokio::pin!(shutdown);
     // One timer for the earliest deadline, re-armed only when that changes.
     let timer = tokio::time::sleep(Duration::ZERO);
@@ -1166,34 +1213,30 @@ pub async fn run(
             }
             armed = next;
         }
+        // Biased, with readings last: under a flood of readings, deadlines, reloads and
+        // housekeeping (the watchdog's heartbeat) still get their turn.
         let alerts = tokio::select! {
             biased;
             _ = &mut shutdown => break,
+            _ = &mut timer, if armed.is_some() => {
+                armed = None;
+                engine.on_tick(now_millis())
+            }
+            Some(Control::Reload { rules, sources, reply }) = control.recv() => {
+                let (cleared, outcome) = engine.replace_rules(rules, sources, now_millis());
+                let _ = reply.send(outcome);
+                cleared
+            }
+            _ = housekeeping.tick() => {
+                let now = now_millis();
+                stats.ingest_heartbeat_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+                let round = engine.housekeeping(now);
+                store_round(&outputs.store, round);
+                continue;
+            }
+            // Ingest's link only publishes; the router may still park it, or close it.
             n = link_rx.next() => match n {
-                Ok(Some(Notification::Forward(f))) => {
-                    if let Some((_, offset)) = f.cursor {
-                        // Each subscription has a log of its own, with its own offsets.
-                        let topic = std::str::from_utf8(&f.publish.topic).unwrap_or_default();
-                        let filter = filters.iter().find(|flt| crate::topic::TopicFilter::new(flt).is_ok_and(|t| t.matches(topic)));
-                        let lost = cursors.entry(filter.cloned().unwrap_or_default()).or_default().observe(offset);
-                        if lost > 0 {
-                            Stats::inc(&stats.cursor_jumps);
-                            Stats::add(&stats.cursor_jump_lost, lost);
-                            error!(lost, "the broker dropped {lost} sensor messages before ingest read them (read cursor jumped): ingest is falling behind the publish rate");
-                        }
-                    }
-                                        // What a bridge forwarding everything would send for this message.
-                    let baseline = crate::uplink::qos1_bytes(outputs.prefix_len + 1 + f.publish.topic.len(), f.publish.payload.len());
-                    Stats::add(&stats.forward_all_bytes, baseline);
-                    let started = std::time::Instant::now();
-                    let alerts = engine.on_message(&f.publish.topic, &f.publish.payload, now_millis());
-                    Stats::add(&stats.ingest_nanos, started.elapsed().as_nanos() as u64);
-                    Stats::inc(&stats.ingest_count);
-                    alerts
-                }
                 Ok(Some(Notification::Unschedule)) => {
-                    // The router parks a link whose buffer filled; it stays parked until told
-                    // we are ready again.
                     if link_rx.wake().await.is_err() {
                         error!("the embedded broker stopped; ingest ends");
                         break;
@@ -1206,39 +1249,28 @@ pub async fn run(
                     break;
                 }
             },
-            _ = &mut timer, if armed.is_some() => {
-                armed = None;
-                engine.on_tick(now_millis())
-            }
-            Some(Control::Reload { rules, sources, reply }) = control.recv() => {
-                let (cleared, outcome) = engine.replace_rules(rules, sources, now_millis());
-                let wanted = engine.filters();
-                for f in wanted.iter().filter(|f| !filters.contains(f)) {
-                    if let Err(e) = link_tx.subscribe(f.clone()) {
-                        error!(filter = %f, error = %e, "cannot subscribe to a new source's topics");
+            batch = readings.recv() => {
+                let Some(batch) = batch else {
+                    error!("the broker's connections stopped; ingest ends");
+                    break;
+                };
+                let mut alerts = Vec::new();
+                for publish in &batch {
+                    if !engine.handles(&publish.topic) {
+                        continue;
                     }
+                    // What a bridge forwarding everything would send for this message.
+                    let baseline = crate::uplink::qos1_bytes(
+                        outputs.prefix_len + 1 + publish.topic.len(),
+                        publish.payload.len(),
+                    );
+                    Stats::add(&stats.forward_all_bytes, baseline);
+                    let started = std::time::Instant::now();
+                    alerts.extend(engine.on_message(&publish.topic, &publish.payload, now_millis()));
+                    Stats::add(&stats.ingest_nanos, started.elapsed().as_nanos() as u64);
+                    Stats::inc(&stats.ingest_count);
                 }
-                for f in filters.iter().filter(|f| !wanted.contains(f)) {
-                    if let Err(e) = link_tx.unsubscribe(f.clone()) {
-                        warn!(filter = %f, error = %e, "cannot unsubscribe from a removed source's topics");
-                    }
-                    cursors.remove(f);
-                }
-                filters = wanted;
-                let _ = reply.send(outcome);
-                cleared
-            }
-                        _ = housekeeping.tick() => {
-                let now = now_millis();
-                stats.ingest_heartbeat_ms.store(now, std::sync::atomic::Ordering::Relaxed);
-                let round = engine.housekeeping(now);
-                store_round(&outputs.store, round);
-                let jumps = (Stats::get(&stats.cursor_jumps), Stats::get(&stats.cursor_jump_lost));
-                if jumps != jumps_stored {
-                    outputs.store.counters(vec![("cursor_jumps", jumps.0 - jumps_stored.0), ("cursor_jump_lost", jumps.1 - jumps_stored.1)]);
-                    jumps_stored = jumps;
-                }
-                continue;
+                alerts
             }
         };
         for alert in alerts {

@@ -227,13 +227,10 @@ fn main() -> ExitCode {
         Command::Devices { config, json } => query(config, |r| {
             let records = r.devices()?;
             let (depth, oldest) = r.outbox()?;
-            let jumps = (r.counter("cursor_jumps")?, r.counter("cursor_jump_lost")?);
             Ok(if json {
                 let doc = serde_json::json!({
                     "devices": records,
                     "outbox": { "depth": depth, "oldest": oldest.map(watchpost::alert::rfc3339) },
-                    "broker_cursor_jumps": jumps.0,
-                    "broker_cursor_jump_lost": jumps.1,
                 });
                 query::json(&doc)
             } else {
@@ -241,10 +238,8 @@ fn main() -> ExitCode {
                     format!(", oldest queued {}", watchpost::alert::rfc3339(t))
                 });
                 format!(
-                    "{}\noutbox: {depth} waiting for the upstream{oldest}\nbroker read cursor jumps: {} ({} messages lost before ingest read them)\n",
+                    "{}\noutbox: {depth} waiting for the upstream{oldest}\n",
                     query::devices(&records),
-                    jumps.0,
-                    jumps.1
                 )
             })
         }),

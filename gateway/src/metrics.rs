@@ -107,16 +107,6 @@ pub fn render(stats: &Stats, info: &Info) -> String {
         "Messages that arrived after a higher seq.",
         g(&stats.seq_late),
     );
-    o.counter(
-        "watchpost_broker_cursor_jumps_total",
-        "Times the broker dropped sensor messages before ingest read them.",
-        g(&stats.cursor_jumps),
-    );
-    o.counter(
-        "watchpost_broker_cursor_jump_lost_total",
-        "Sensor messages lost in those jumps.",
-        g(&stats.cursor_jump_lost),
-    );
     for (name, help, values) in [
         (
             "watchpost_alerts_raised_total",

@@ -127,6 +127,11 @@ impl Source {
             .join("/")
     }
 
+    /// True if `topic` is one of this source's.
+    pub fn matches(&self, topic: &str) -> bool {
+        self.captures(topic).is_some()
+    }
+
     /// The device a topic of this source belongs to, if the topic matches.
     pub fn device_of<'a>(&self, topic: &'a str) -> Option<&'a str> {
         self.captures(topic)

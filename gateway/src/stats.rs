@@ -96,10 +96,6 @@ pub struct Stats {
     pub ingest_count: AtomicU64,
     /// Last time the ingest loop went round, ms since the epoch: it must keep moving.
     pub ingest_heartbeat_ms: AtomicU64,
-    /// Times the broker's read cursor for ingest jumped ahead.
-    pub cursor_jumps: AtomicU64,
-    /// Messages skipped by those jumps.
-    pub cursor_jump_lost: AtomicU64,
     /// Alerts raised.
     pub alerts_raised: AtomicU64,
     /// Alerts cleared.

@@ -1274,8 +1274,8 @@ mod tests {
             device: "d".into(),
             add,
         }]);
-        store.counters(vec![("cursor_jumps", 1)]);
-        store.counters(vec![("cursor_jumps", 2)]);
+        store.counters(vec![("uplink_reconnects", 1)]);
+        store.counters(vec![("uplink_reconnects", 2)]);
         drop(store);
         thread.join();
         let reader = Reader::open(dir.path()).unwrap();
@@ -1287,7 +1287,7 @@ mod tests {
         let d = &reader.devices().unwrap()[0];
         assert_eq!((d.messages, d.lost), (6, 4));
         assert_eq!(d.last_seen, crate::alert::rfc3339(2000));
-        assert_eq!(reader.counter("cursor_jumps").unwrap(), 3);
+        assert_eq!(reader.counter("uplink_reconnects").unwrap(), 3);
     }
 
     #[tokio::test]

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use rumqttc::{ConnectionError, Event, LastWill, Packet, QoS};
-use watchpost_e2e::{Collector, OVERHEAT, Publisher, client, gateway_config, gateway_config_with};
+use watchpost_e2e::{
+    Collector, OVERHEAT, Publisher, client, clients, gateway_config, gateway_config_with,
+};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -94,6 +96,68 @@ async fn a_client_cannot_take_the_internal_links_client_id() {
     assert_eq!(
         alerts.wait_for(1, DEADLINE).await.unwrap()[0].json()["state"],
         "raised"
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_connection_with_the_same_client_id_takes_over() {
+    let data = tempfile::tempdir().unwrap();
+    let gateway = watchpost::start(gateway_config(data.path(), None, OVERHEAT))
+        .await
+        .unwrap();
+    let addr = gateway.mqtt_addr();
+    let watcher =
+        clients::Watched::subscribed(clients::options(addr, "watcher", None), "sensors/#")
+            .await
+            .unwrap();
+    // The first connection only publishes (no router link), the second subscribes too (it
+    // gets one): the takeover works across both kinds.
+    let mut will = clients::options(addr, "boiler", None);
+    will.set_last_will(LastWill::new(
+        "sensors/boiler/status",
+        "offline",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let old = clients::Watched::connect(will).await.unwrap();
+    old.client
+        .publish("sensors/boiler/temperature", QoS::AtLeastOnce, false, "20")
+        .await
+        .unwrap();
+    old.wait_for(DEADLINE, |s| matches!(s, clients::Seen::PubAck(_)))
+        .await
+        .unwrap();
+    let new = clients::Watched::subscribed(
+        clients::options(addr, "boiler", None),
+        "sensors/boiler/config",
+    )
+    .await
+    .unwrap();
+    old.wait_for(DEADLINE, |s| matches!(s, clients::Seen::Error(_)))
+        .await
+        .expect("the older connection is closed");
+    // rumqttc would reconnect and take the id back.
+    drop(old);
+    new.client
+        .publish("sensors/boiler/temperature", QoS::AtLeastOnce, false, "21")
+        .await
+        .unwrap();
+    watcher
+        .wait_for(
+            DEADLINE,
+            |s| matches!(s, clients::Seen::Publish(_, p) if p == b"21"),
+        )
+        .await
+        .unwrap();
+    // Taken over is not gone: the old connection's will is not published.
+    assert!(
+        !watcher
+            .seen()
+            .iter()
+            .any(|s| matches!(s, clients::Seen::Publish(t, _) if t == "sensors/boiler/status")),
+        "{:?}",
+        watcher.seen()
     );
     gateway.shutdown().await;
 }

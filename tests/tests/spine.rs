@@ -171,7 +171,6 @@ async fn one_excursion_becomes_exactly_one_raised_and_one_cleared_alert_upstream
     assert_eq!(retained[0].json(), cleared);
 
     assert_eq!(Stats::get(&stats.decode_errors), 0);
-    assert_eq!(Stats::get(&stats.cursor_jumps), 0);
     gateway.shutdown().await;
 }
 
@@ -246,17 +245,19 @@ async fn a_hundred_thousand_readings_are_all_decoded() {
             .unwrap();
     }
     let decoded = wait_until(Duration::from_secs(60), || Stats::get(&stats.readings) >= N).await;
-    eprintln!("{N} readings through the link in {:?}", started.elapsed());
+    eprintln!(
+        "{N} readings from one connection into ingest in {:?}",
+        started.elapsed()
+    );
     assert!(
         decoded,
-        "decoded {} of {N} readings; read cursor jumps: {}, messages lost in them: {}",
-        Stats::get(&stats.readings),
-        Stats::get(&stats.cursor_jumps),
-        Stats::get(&stats.cursor_jump_lost)
+        "decoded {} of {N} readings",
+        Stats::get(&stats.readings)
     );
+    // Nothing between the connection and ingest may drop a reading: a publisher faster than
+    // ingest is slowed down instead.
     assert_eq!(Stats::get(&stats.readings), N);
     assert_eq!(Stats::get(&stats.messages), N);
-    assert_eq!(Stats::get(&stats.cursor_jumps), 0, "no read cursor jump");
     assert_eq!(Stats::get(&stats.decode_errors), 0);
     gateway.shutdown().await;
 }

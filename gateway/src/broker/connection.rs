@@ -1,17 +1,19 @@
 //! One client connection: the only place that touches a client socket.
 //!
-//! Reads MQTT packets with rumqttd's codec, passes them to the router through the client's
-//! in-process link, and writes what the router sends back. Also does what the router leaves
-//! to its network layer: the TLS handshake and the CONNECT handshake under a timeout, who the
-//! client is ([`Gate`]), client id checks, keep-alive, and the client's last will when the
-//! connection ends without a DISCONNECT.
+//! Reads MQTT packets with rumqttd's codec and writes the answers. Also does what the router
+//! leaves to its network layer: the TLS handshake and the CONNECT handshake under a timeout,
+//! who the client is ([`Gate`]), client id checks, keep-alive, and the client's last will when
+//! the connection ends without a DISCONNECT.
 //!
-//! Every PUBLISH and SUBSCRIBE is checked here before the router sees it ([`crate::access`]):
-//! a refused or rate-limited PUBLISH never reaches the router, is counted, and is answered by
-//! this connection (PUBACK, or PUBREC and later PUBCOMP, with a reason code on MQTT 5) so
-//! that the client does not resend it forever.
+//! Every PUBLISH and SUBSCRIBE is checked here first ([`crate::access`]): a refused or
+//! rate-limited PUBLISH goes no further, is counted, and is answered by this connection
+//! (PUBACK, or PUBREC and later PUBCOMP, with a reason code on MQTT 5) so that the client does
+//! not resend it forever. Accepted QoS 0 and 1 publishes go to the shared [`inject`] task,
+//! which hands them to ingest and, when someone may be listening, to the router. Only a client
+//! that subscribes, keeps a persistent session or publishes with QoS 2 gets a router link of
+//! its own ([`Link`]): most devices never do, and cost a few KiB instead of the router's
+//! tens of KiB per link.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,19 +29,23 @@ use rumqttd::protocol::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, debug_span, info, warn};
 
-use super::gate::{Admitted, Gate, Proof, Refusal, SharedBucket};
+use super::gate::{Admitted, Gate, Refusal, Registration, SharedBucket};
 use super::{Router, client_id_allowed, tls};
-use crate::access::{self, Credentials, Identity};
+use crate::access::{self, Identity};
 use crate::codec;
 use crate::stats::Stats;
 
 /// Most packets handed to the router in one go; the rest wait for the next round.
 const BATCH: usize = 256;
+/// A connection's first read buffer.
+const READ_MIN: usize = 256;
+/// The largest read a busy connection grows to.
+const READ_MAX: usize = 64 * 1024;
 /// A client that takes nothing from its socket for this long is dropped.
 const WRITE_STALL: Duration = Duration::from_secs(30);
 /// Longest topic a client may publish on.
@@ -74,6 +80,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// What every connection shares.
 pub(crate) struct Shared {
     pub(crate) router: Router,
+    /// Publishes of every client into the router, a batch at a time ([`inject`]).
+    pub(crate) inject: mpsc::Sender<Vec<Packet>>,
+    /// Who may be listening to what devices publish ([`Watchers`]).
+    pub(crate) watchers: Arc<Watchers>,
     pub(crate) gate: Arc<Gate>,
     pub(crate) connect_timeout: Duration,
     pub(crate) max_packet_bytes: usize,
@@ -159,7 +169,7 @@ impl ConnError {
 enum End {
     /// The client sent DISCONNECT.
     Clean,
-    /// The router closed the link (another connection took the client id over).
+    /// Another connection took the client id over.
     Kicked,
     /// The client's name was removed from the credentials, or got a new secret.
     Revoked,
@@ -167,65 +177,112 @@ enum End {
     Lost(Option<ConnError>),
 }
 
-/// Serves one client until it leaves: the TLS handshake if `tls` is given, then the MQTT
-/// session. Never panics on client input; errors end this connection only.
+/// Serves one client on plain TCP until it leaves. Never panics on client input; errors end
+/// this connection only.
+///
+/// Plain and TLS connections are tasks of different types, so that ten thousand idle devices
+/// on plain TCP do not each carry room for a TLS session: a connection's memory is mostly its
+/// future.
 pub(crate) async fn serve<P: Wire>(
     stream: TcpStream,
     peer: SocketAddr,
     protocol: P,
     shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
     slot: Slot,
 ) {
+    // Small packets (readings, acks) must not wait for Nagle's algorithm.
+    let _ = stream.set_nodelay(true);
     let span = debug_span!("client", %peer, client_id = tracing::field::Empty);
     async {
-        // Small packets (readings, acks) must not wait for Nagle's algorithm.
-        let _ = stream.set_nodelay(true);
-        let result = match tls {
-            None => session(Io::new(stream, protocol, &shared), peer, &shared, None).await,
-            Some(acceptor) => {
-                // In this connection's task, under a deadline: a silent client holds up no one.
-                match timeout(shared.connect_timeout, acceptor.accept(stream)).await {
-                    Err(_) => Err(ConnError::HandshakeTimeout(shared.connect_timeout)),
-                    Ok(Err(e)) => {
-                        Stats::inc(&shared.stats.tls_failures);
-                        shared.log_refusal(peer, &format!("TLS handshake failed: {e}"));
-                        Err(ConnError::Handshake(e))
-                    }
-                    Ok(Ok(stream)) => {
-                        let certificate = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|chain| chain.first())
-                            .map(tls::common_name);
-                        let io = Io::new(stream, protocol, &shared);
-                        session(io, peer, &shared, certificate).await
-                    }
-                }
-            }
-        };
-        if let Err(e) = result {
-            if e.is_protocol() {
-                Stats::inc(&shared.stats.protocol_errors);
-            }
-            debug!(error = %e, "connection closed");
-        }
+        let mut io = Io::new(stream, protocol, &shared);
+        ended(session(&mut io, peer, &shared, None).await, &shared);
     }
     .instrument(span)
     .await;
     drop(slot);
 }
 
-/// The CONNECT handshake, then the session until it ends. `certificate` is the common name
-/// of the client's verified certificate (`Some(None)`: a certificate without one).
-async fn session<S: Stream, P: Wire>(
-    mut io: Io<S, P>,
+/// Serves one client on TLS until it leaves; see [`serve`].
+pub(crate) async fn serve_tls<P: Wire>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    protocol: P,
+    shared: Arc<Shared>,
+    acceptor: TlsAcceptor,
+    slot: Slot,
+) {
+    let _ = stream.set_nodelay(true);
+    let span = debug_span!("client", %peer, client_id = tracing::field::Empty);
+    async {
+        let result = over_tls(stream, acceptor, peer, protocol, &shared).await;
+        ended(result, &shared);
+    }
+    .instrument(span)
+    .await;
+    drop(slot);
+}
+
+/// Counts and logs how a connection ended.
+fn ended(result: Result<(), ConnError>, shared: &Shared) {
+    if let Err(e) = result {
+        if e.is_protocol() {
+            Stats::inc(&shared.stats.protocol_errors);
+        }
+        debug!(error = %e, "connection closed");
+    }
+}
+
+/// The TLS handshake, in this connection's task and under the CONNECT timeout (a silent client
+/// holds up no one), then the session.
+async fn over_tls<P: Wire>(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    peer: SocketAddr,
+    protocol: P,
+    shared: &Shared,
+) -> Result<(), ConnError> {
+    let stream = match timeout(shared.connect_timeout, acceptor.accept(stream)).await {
+        Err(_) => return Err(ConnError::HandshakeTimeout(shared.connect_timeout)),
+        Ok(Err(e)) => {
+            Stats::inc(&shared.stats.tls_failures);
+            shared.log_refusal(peer, &format!("TLS handshake failed: {e}"));
+            return Err(ConnError::Handshake(e));
+        }
+        Ok(Ok(stream)) => stream,
+    };
+    let certificate = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(tls::common_name);
+    let mut io = Io::new(stream, protocol, shared);
+    let session = Box::pin(session(&mut io, peer, shared, certificate));
+    session.await
+}
+
+/// What a client's CONNECT established.
+struct Accepted {
+    admitted: Admitted,
+    client_id: String,
+    /// The client id the server chose, if the client sent none.
+    assigned: Option<String>,
+    will: Option<LastWill>,
+    keep_alive: u16,
+    clean_session: bool,
+    /// Topic aliases the client accepts from the server.
+    alias_max: u16,
+}
+
+/// The CONNECT handshake: who the client is, and whether it may come in. A refusal is
+/// answered (CONNACK) and returned as an error. `certificate` is the common name of the
+/// client's verified certificate (`Some(None)`: a certificate without one).
+async fn handshake<S: Stream, P: Wire>(
+    io: &mut Io<S, P>,
     peer: SocketAddr,
     shared: &Shared,
     certificate: Option<Option<String>>,
-) -> Result<(), ConnError> {
-    let io = &mut io;
+) -> Result<Accepted, ConnError> {
     let first = match timeout(shared.connect_timeout, io.read_packet()).await {
         Ok(packet) => packet?.0,
         Err(_) => return Err(ConnError::ConnectTimeout(shared.connect_timeout)),
@@ -250,7 +307,9 @@ async fn session<S: Stream, P: Wire>(
         }
     };
     let login = login.map(|l| (l.username, l.password));
-    let admitted = match shared.gate.admit(certificate, login).await {
+    // Boxed: only needed at CONNECT, it should not size every connection's future.
+    let admit = Box::pin(shared.gate.admit(certificate, login));
+    let admitted = match admit.await {
         Ok(a) => a,
         Err(refusal) => {
             refused(&refusal.to_string());
@@ -325,75 +384,116 @@ async fn session<S: Stream, P: Wire>(
             }
         }
     };
+    Ok(Accepted {
+        admitted,
+        client_id,
+        assigned,
+        will,
+        keep_alive: connect.keep_alive,
+        clean_session: connect.clean_session,
+        alias_max: props.as_ref().and_then(|p| p.topic_alias_max).unwrap_or(0),
+    })
+}
 
-    // Topic aliases of the client are resolved here, so the router is never asked to keep any.
-    let alias_max = props.as_ref().and_then(|p| p.topic_alias_max).unwrap_or(0);
-    let connect_link = shared.router.connect.clone();
-    let (id, clean) = (client_id.clone(), connect.clean_session);
-    // Registering blocks until the router answers; keep that off the async workers.
-    let (mut link_tx, mut link_rx, ack) =
-        tokio::task::spawn_blocking(move || connect_link(&id, clean, alias_max))
-            .await
-            .map_err(|_| ConnError::LinkSetup)??;
-    let Some(Packet::ConnAck(connack, connack_props)) = Option::<Packet>::from(ack) else {
-        return Err(ConnError::LinkSetup);
-    };
-    let connack_props = P::V5.then(|| {
-        let mut p = connack_props.unwrap_or_default();
-        p.topic_alias_max = Some(TOPIC_ALIASES);
-        if assigned.is_some() {
-            p.assigned_client_identifier = assigned;
+/// The CONNECT handshake, then the session until it ends.
+async fn session<S: Stream, P: Wire>(
+    io: &mut Io<S, P>,
+    peer: SocketAddr,
+    shared: &Shared,
+    certificate: Option<Option<String>>,
+) -> Result<(), ConnError> {
+    // Boxed: what CONNECT needs is gone once it is answered, and must not size the session.
+    let handshake = Box::pin(handshake(io, peer, shared, certificate));
+    let Accepted {
+        admitted,
+        client_id,
+        assigned,
+        will,
+        keep_alive,
+        clean_session,
+        alias_max,
+    } = handshake.await?;
+
+    // One connection per client id: a newer one takes over (MQTT requires it), whether or not
+    // either has a router link.
+    let registration = shared.gate.register(&client_id, &admitted);
+    // The router keeps a session only for clients that ask for one; everyone else gets a link
+    // when they first need the router for more than publishing ([`Link`]).
+    let mut link = None;
+    let mut session_present = false;
+    if !clean_session {
+        let open = Box::pin(Link::open(shared, &client_id, false, alias_max));
+        match open.await {
+            Ok((opened, ack)) => {
+                session_present = ack.session_present;
+                link = Some(Box::new(opened));
+            }
+            Err(e) => {
+                shared.gate.unregister(&client_id, &registration);
+                return Err(e);
+            }
         }
-        p
+    }
+    let connack_props = P::V5.then(|| rumqttd::protocol::ConnAckProperties {
+        // Topic aliases of the client are resolved here, so the router is never asked to
+        // keep any.
+        topic_alias_max: Some(TOPIC_ALIASES),
+        assigned_client_identifier: assigned,
+        ..Default::default()
     });
-    // From here on the router knows the client: every way out goes through the cleanup below.
-    io.queue(Packet::ConnAck(connack, connack_props));
-    let keep_alive = (connect.keep_alive > 0)
-        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
-    let device = admitted.identity.name().unwrap_or(&client_id).to_owned();
+    io.queue(Packet::ConnAck(
+        ConnAck {
+            session_present,
+            code: ConnectReturnCode::Success,
+        },
+        connack_props,
+    ));
+    let keep_alive_secs = keep_alive;
+    let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let mut session = Session {
-        device_prefix: format!("{}/{device}/", codec::TOPIC_ROOT),
-        device,
+        client_id,
+        alias_max,
+        link,
         reports_as_device: false,
         bucket: shared.gate.bucket(&admitted.identity),
-        changes: matches!(admitted.proof, Proof::Secret(_)).then(|| shared.gate.changes()),
         admitted,
-        aliases: HashMap::new(),
+        aliases: Vec::new(),
         refused_qos2: Vec::new(),
+        reading_filters: Vec::new(),
         warned_at: None,
         unlogged: 0,
     };
+    // From here on every way out goes through the cleanup below.
     let end = match io.flush().await {
         Ok(()) => {
             debug!(
-                keep_alive = connect.keep_alive,
-                clean = connect.clean_session,
+                keep_alive = keep_alive_secs,
+                clean = clean_session,
                 who = session.admitted.identity.name().unwrap_or("anonymous"),
                 "client connected"
             );
-            run(
-                io,
-                &mut link_tx,
-                &mut link_rx,
-                keep_alive,
-                &mut session,
-                shared,
-            )
-            .await
+            run(io, keep_alive, &mut session, &registration, shared).await
         }
         Err(e) => End::Lost(Some(e.into())),
     };
+    shared.gate.unregister(&session.client_id, &registration);
+    if clean_session {
+        shared.watchers.remove(session.reading_filters.len());
+    } else if !session.reading_filters.is_empty() {
+        // The router keeps a persistent session's subscriptions while the client is away.
+        shared.watchers.keep_forever();
+    }
+    // A clean DISCONNECT went to the router with the client's other packets.
+    let router_told = matches!(end, End::Clean);
     let mut last = Vec::with_capacity(2);
     let error = match end {
-        End::Clean => return Ok(()),
-        End::Kicked => {
-            return Err(ConnError::Refused(
-                "taken over by a newer connection with the same client id".into(),
-            ));
-        }
+        End::Clean => None,
+        End::Kicked => Some(ConnError::Refused(
+            "taken over by a newer connection with the same client id".into(),
+        )),
         End::Revoked => {
             info!(
-                name = session.device,
+                name = session.device(),
                 "disconnected: the name was removed from the credentials or given a new secret"
             );
             if P::V5 {
@@ -409,8 +509,7 @@ async fn session<S: Stream, P: Wire>(
             None
         }
         End::Lost(error) => {
-            // The router only learns of the end from us: publish the will (it never holds
-            // one) and take the client off its books.
+            // The router never holds a will: publish it, or say the device is gone.
             if let Some(LastWill {
                 topic,
                 message,
@@ -418,34 +517,51 @@ async fn session<S: Stream, P: Wire>(
                 ..
             }) = will
             {
-                last.push(Packet::Publish(Publish::new(topic, message, retain), None));
+                last.push(Publish::new(topic, message, retain));
             } else if session.reports_as_device {
                 // A device without a will that drops off is still gone: say so on its status
                 // topic, as its will would have.
-                let topic = format!("{}{}", session.device_prefix, codec::STATUS_METRIC);
-                last.push(Packet::Publish(
-                    Publish::new(Bytes::from(topic), Bytes::from_static(b"offline"), false),
-                    None,
+                let topic = format!(
+                    "{}/{}/{}",
+                    codec::TOPIC_ROOT,
+                    session.device(),
+                    codec::STATUS_METRIC
+                );
+                last.push(Publish::new(
+                    Bytes::from(topic),
+                    Bytes::from_static(b"offline"),
+                    false,
                 ));
             }
             error
         }
     };
-    last.push(Packet::Disconnect(
-        protocol::Disconnect {
-            reason_code: protocol::DisconnectReasonCode::UnspecifiedError,
-        },
-        None,
-    ));
-    send_batch(&mut link_tx, last).await?;
+    if !last.is_empty() {
+        let last = last.into_iter().map(|p| Packet::Publish(p, None)).collect();
+        // The injector only goes away when the broker stops.
+        let _ = shared.inject.send(last).await;
+    }
+    if let Some(mut link) = session.link.take() {
+        // Take the client off the router's books.
+        if !router_told {
+            let disconnect = Packet::Disconnect(
+                protocol::Disconnect {
+                    reason_code: protocol::DisconnectReasonCode::UnspecifiedError,
+                },
+                None,
+            );
+            let _ = send_batch(&mut link.tx, vec![disconnect]).await;
+        }
+    }
     error.map_or(Ok(()), Err)
 }
 
-async fn refuse<S: Stream, P: Wire>(
+/// Answers CONNECT with a refusal; always an error.
+async fn refuse<S: Stream, P: Wire, T>(
     io: &mut Io<S, P>,
     code: ConnectReturnCode,
     why: &str,
-) -> Result<(), ConnError> {
+) -> Result<T, ConnError> {
     io.queue(Packet::ConnAck(
         ConnAck {
             session_present: false,
@@ -478,27 +594,31 @@ fn retain_allowed(topic: &str) -> bool {
 /// What the connection knows about its client.
 struct Session {
     admitted: Admitted,
-    /// The device name: the client's name, or (anonymous) its client id.
-    device: String,
-    /// `sensors/{device}/`.
-    device_prefix: String,
+    client_id: String,
+    /// Topic aliases the client accepts from the server (for its router link).
+    alias_max: u16,
+    /// The client's router link, once it needs one.
+    link: Option<Box<Link>>,
     /// The client published readings under its own name as device.
     reports_as_device: bool,
     bucket: Option<SharedBucket>,
-    /// Credential changes, for clients that proved a secret.
-    changes: Option<watch::Receiver<Arc<Credentials>>>,
-    /// MQTT 5 topic aliases the client set.
-    aliases: HashMap<u16, Bytes>,
+    /// MQTT 5 topic aliases the client set (at most [`TOPIC_ALIASES`]).
+    aliases: Vec<(u16, Bytes)>,
     /// Packet ids of refused QoS 2 publishes whose PUBREL is still to come (MQTT 3.1.1).
     refused_qos2: Vec<u16>,
+    /// This client's subscriptions that may match what devices publish.
+    reading_filters: Vec<String>,
     warned_at: Option<Instant>,
     unlogged: u64,
 }
 
 /// What becomes of a packet from the client.
 enum Verdict {
-    /// To the router.
+    /// To the router through the client's own link (opened if need be).
     Pass(Packet),
+    /// A QoS 0 or 1 publish, to the router through the shared injector; `Some(pkid)`: a QoS 1
+    /// publish to acknowledge once the injector has it.
+    Inject(Packet, Option<u16>),
     /// Not to the router; this answer goes back to the client.
     Answer(Packet),
     /// Dropped without an answer.
@@ -514,6 +634,39 @@ enum Refused {
 }
 
 impl Session {
+    /// Notes a subscription (`on`) or unsubscription of `filter`, for [`Watchers`].
+    fn watching(&mut self, filter: &str, on: bool, shared: &Shared) {
+        if !Watchers::hears_readings(filter) {
+            return;
+        }
+        let at = self.reading_filters.iter().position(|f| f == filter);
+        match (on, at) {
+            (true, None) => {
+                self.reading_filters.push(filter.to_owned());
+                shared.watchers.add(1);
+            }
+            (false, Some(i)) => {
+                self.reading_filters.swap_remove(i);
+                shared.watchers.remove(1);
+            }
+            _ => {}
+        }
+    }
+
+    /// The device name: the client's name, or (anonymous) its client id.
+    fn device(&self) -> &str {
+        self.admitted.identity.name().unwrap_or(&self.client_id)
+    }
+
+    /// True if `topic` is `sensors/{device}/...`.
+    fn is_own_reading(&self, topic: &str) -> bool {
+        topic
+            .strip_prefix(codec::TOPIC_ROOT)
+            .and_then(|t| t.strip_prefix('/'))
+            .and_then(|t| t.strip_prefix(self.device()))
+            .is_some_and(|t| t.starts_with('/'))
+    }
+
     fn name_for_counters(&self) -> &str {
         self.admitted.identity.name().unwrap_or(ANONYMOUS)
     }
@@ -549,13 +702,19 @@ impl Session {
             if alias == 0 || alias > TOPIC_ALIASES {
                 return Err(ConnError::BadPacket("topic alias out of range"));
             }
+            let known = self.aliases.iter_mut().find(|(a, _)| *a == alias);
             if publish.topic.is_empty() {
-                match self.aliases.get(&alias) {
-                    Some(topic) => publish.topic = topic.clone(),
+                match known {
+                    Some((_, topic)) => publish.topic = topic.clone(),
                     None => return Err(ConnError::BadPacket("unknown topic alias")),
                 }
             } else {
-                self.aliases.insert(alias, publish.topic.clone());
+                // A copy of its own: the alias outlives this packet's read buffer.
+                let topic = Bytes::copy_from_slice(&publish.topic);
+                match known {
+                    Some((_, t)) => *t = topic,
+                    None => self.aliases.push((alias, topic)),
+                }
             }
         }
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
@@ -586,11 +745,22 @@ impl Session {
             return self.refuse_publish(why, &shown, meta, shared, v5);
         }
         let keep_retain = retain_allowed(topic);
-        if !self.reports_as_device && topic.starts_with(&self.device_prefix) {
+        if !self.reports_as_device && self.is_own_reading(topic) {
             self.reports_as_device = true;
         }
         publish.retain &= keep_retain;
-        Ok(Verdict::Pass(Packet::Publish(publish, props)))
+        // Topic and payload are slices of this connection's read buffer; the router keeps
+        // messages for a while, and must not keep the whole buffer alive with them.
+        let (topic, payload) = own(&publish.topic, &publish.payload);
+        publish.topic = topic;
+        publish.payload = payload;
+        let packet = Packet::Publish(publish, props);
+        Ok(match meta.qos {
+            0 => Verdict::Inject(packet, None),
+            1 => Verdict::Inject(packet, Some(meta.pkid)),
+            // Exactly-once needs the router's bookkeeping for this client.
+            _ => Verdict::Pass(packet),
+        })
     }
 
     fn refuse_publish(
@@ -676,6 +846,9 @@ impl Session {
             .map(|f| access::may_subscribe(&self.admitted.identity, &f.path))
             .collect();
         if allowed.iter().all(|a| *a) {
+            for f in &subscribe.filters {
+                self.watching(&f.path, true, shared);
+            }
             return Verdict::Pass(Packet::Subscribe(subscribe, props));
         }
         Stats::inc(&shared.stats.subscribe_denied);
@@ -715,21 +888,107 @@ impl Session {
     }
 }
 
+/// Copies of `topic` and `payload` in one small allocation of their own.
+fn own(topic: &Bytes, payload: &Bytes) -> (Bytes, Bytes) {
+    let mut both = BytesMut::with_capacity(topic.len() + payload.len());
+    both.extend_from_slice(topic);
+    both.extend_from_slice(payload);
+    let mut both = both.freeze();
+    let topic = both.split_to(topic.len());
+    (topic, both)
+}
+
+/// The client's own router link. Most devices only publish, and their publishes go through
+/// the shared injector, so they never need one: a link costs about 40 KiB in the router. A
+/// client gets its link at CONNECT if it asks for a persistent session, else when it first
+/// subscribes, unsubscribes or publishes with QoS 2.
+struct Link {
+    tx: LinkTx,
+    rx: LinkRx,
+}
+
+impl Link {
+    async fn open(
+        shared: &Shared,
+        client_id: &str,
+        clean: bool,
+        alias_max: u16,
+    ) -> Result<(Link, ConnAck), ConnError> {
+        let connect_link = shared.router.connect.clone();
+        let id = client_id.to_owned();
+        // Registering blocks until the router answers; keep that off the async workers.
+        let (tx, rx, ack) =
+            tokio::task::spawn_blocking(move || connect_link(&id, clean, alias_max))
+                .await
+                .map_err(|_| ConnError::LinkSetup)??;
+        match Option::<Packet>::from(ack) {
+            Some(Packet::ConnAck(connack, _)) => Ok((Link { tx, rx }, connack)),
+            _ => Err(ConnError::LinkSetup),
+        }
+    }
+}
+
+/// Whether anyone may be listening, through the router, to what devices publish. Most sites
+/// only watch `alerts/#`; then readings go to ingest alone and cost the router nothing.
+/// Retained publishes (device status) always go to the router, so that a later subscriber
+/// sees them.
+#[derive(Default)]
+pub(crate) struct Watchers {
+    /// Live subscriptions whose filter may match a reading.
+    live: std::sync::atomic::AtomicUsize,
+    /// A persistent session subscribed to readings: the router may deliver to it at any time.
+    forever: std::sync::atomic::AtomicBool,
+}
+
+impl Watchers {
+    /// True if `filter` may match a topic a client publishes on (everything but the gateway's
+    /// own `alerts/...` and `$...`).
+    fn hears_readings(filter: &str) -> bool {
+        let first = filter.split('/').next().unwrap_or_default();
+        first != crate::alert::TOPIC_ROOT && !first.starts_with('$')
+    }
+
+    fn add(&self, n: usize) {
+        self.live.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn remove(&self, n: usize) {
+        self.live.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn keep_forever(&self) {
+        self.forever
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// True if readings must go to the router too.
+    pub(crate) fn any(&self) -> bool {
+        self.forever.load(std::sync::atomic::Ordering::Relaxed)
+            || self.live.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+}
+
 /// Counter key of anonymous clients.
 pub(crate) const ANONYMOUS: &str = "(anonymous)";
 
 async fn run<S: Stream, P: Wire>(
     io: &mut Io<S, P>,
-    link_tx: &mut LinkTx,
-    link_rx: &mut LinkRx,
     keep_alive: Option<Duration>,
     session: &mut Session,
+    registration: &Registration,
     shared: &Shared,
 ) -> End {
-    let mut deadline = keep_alive.map(|k| Instant::now() + k);
+    // One timer for the whole session, pushed back only when it fires: re-arming it on every
+    // read would cost a timer update per packet.
+    let mut last_read = Instant::now();
+    let keep_alive_timer = tokio::time::sleep(keep_alive.unwrap_or(Duration::from_secs(3600)));
+    tokio::pin!(keep_alive_timer);
     loop {
-        // Hand every complete packet already read to the router.
-        let mut batch = Vec::new();
+        // Hand every complete packet already read on: publishes to the injector, the rest to
+        // the client's router link.
+        let mut to_router = Vec::new();
+        let mut injected = Vec::new();
+        let mut acks = Vec::new();
         let mut disconnected = false;
         loop {
             let (packet, meta) = match io.parse() {
@@ -737,10 +996,13 @@ async fn run<S: Stream, P: Wire>(
                 Ok(None) => break,
                 Err(e) => return End::Lost(Some(e)),
             };
+            let linked = session.link.is_some();
             let verdict = match packet {
                 Packet::Disconnect(..) => {
-                    batch.push(packet);
                     disconnected = true;
+                    if linked {
+                        to_router.push(packet);
+                    }
                     break;
                 }
                 Packet::Publish(publish, props) => {
@@ -767,29 +1029,82 @@ async fn run<S: Stream, P: Wire>(
                         None => Verdict::Pass(Packet::PubRel(rel, props)),
                     }
                 }
-                Packet::Unsubscribe(..)
-                | Packet::PingReq(..)
+                // Without a link the router has no state for this client to ask about.
+                Packet::PingReq(_) if !linked => {
+                    Verdict::Answer(Packet::PingResp(protocol::PingResp))
+                }
+                Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..) if !linked => {
+                    Verdict::Drop
+                }
+                Packet::Unsubscribe(ref unsubscribe, _) => {
+                    for f in &unsubscribe.filters {
+                        session.watching(f, false, shared);
+                    }
+                    Verdict::Pass(packet)
+                }
+                Packet::PingReq(..)
                 | Packet::PubAck(..)
                 | Packet::PubRec(..)
                 | Packet::PubComp(..) => Verdict::Pass(packet),
                 other => return End::Lost(Some(ConnError::Unexpected(packet_name(&other)))),
             };
             match verdict {
-                Verdict::Pass(p) => batch.push(p),
+                Verdict::Pass(p) => to_router.push(p),
+                Verdict::Inject(p, ack) => {
+                    if injected.is_empty() {
+                        // Most rounds carry one reading, and a connection may wait with its
+                        // batch while ingest is behind: room for one, not the four a first
+                        // push makes (a packet is a few hundred bytes).
+                        injected.reserve_exact(1);
+                    }
+                    injected.push(p);
+                    acks.extend(ack);
+                }
                 Verdict::Answer(p) => io.queue(p),
                 Verdict::Drop => {}
             }
-            if batch.len() >= BATCH {
+            if to_router.len() + injected.len() >= BATCH {
                 break;
             }
         }
-        let more_buffered = batch.len() >= BATCH;
-        if !batch.is_empty() {
-            if let Err(e) = send_batch(link_tx, batch).await {
+        let more_buffered = to_router.len() + injected.len() >= BATCH;
+        if !injected.is_empty() {
+            // Waiting here is the backpressure: this client is not read while the router is
+            // behind. An error means the broker is stopping.
+            if shared.inject.send(injected).await.is_err() {
+                return End::Lost(None);
+            }
+            for pkid in acks.drain(..) {
+                io.queue(Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: PubAckReason::Success,
+                    },
+                    None,
+                ));
+            }
+        }
+        if !to_router.is_empty() {
+            if session.link.is_none() {
+                let open = Box::pin(Link::open(
+                    shared,
+                    &session.client_id,
+                    true,
+                    session.alias_max,
+                ));
+                match open.await {
+                    Ok((link, _)) => session.link = Some(Box::new(link)),
+                    Err(e) => return End::Lost(Some(e)),
+                }
+            }
+            let link = session.link.as_mut().expect("opened above");
+            // Boxed: rare for a device, and this future would make every connection larger.
+            let send = Box::pin(send_batch(&mut link.tx, to_router));
+            if let Err(e) = send.await {
                 return End::Lost(Some(e));
             }
         }
-        // Answers this connection gave itself (refusals).
+        // Answers this connection gave itself.
         if let Err(e) = io.flush().await {
             return End::Lost(Some(e.into()));
         }
@@ -800,43 +1115,109 @@ async fn run<S: Stream, P: Wire>(
             continue;
         }
 
-        let keep_alive_expired = async {
-            match deadline {
-                Some(d) => sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        let credentials_changed = async {
-            match session.changes.as_mut() {
-                Some(rx) => rx.changed().await.is_ok(),
+        let link = &mut session.link;
+        let from_router = async {
+            match link.as_mut() {
+                // Boxed, and the notification too, and the error dropped (each 800 bytes):
+                // only clients with a link pay for them.
+                Some(l) => Box::pin(l.rx.next())
+                    .await
+                    .map(|n| n.map(Box::new))
+                    .map_err(|_| ()),
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
             read = io.fill() => match read {
                 Ok(0) => return End::Lost(None),
-                Ok(_) => deadline = keep_alive.map(|k| Instant::now() + k),
+                Ok(_) => last_read = Instant::now(),
                 Err(e) => return End::Lost(Some(e.into())),
             },
-            notification = link_rx.next() => match notification {
-                Ok(Some(n)) => match forward_to_client(io, link_rx, n).await {
-                    Ok(Flow::Continue) => {}
-                    Ok(Flow::Kicked) => return End::Kicked,
-                    Err(e) => return End::Lost(Some(e)),
-                },
+            notification = from_router => match notification {
+                Ok(Some(n)) => {
+                    let rx = &mut session.link.as_mut().expect("a notification came from it").rx;
+                    let forward = Box::pin(forward_to_client(io, rx, *n));
+                    match forward.await {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::Kicked) => return End::Kicked,
+                        Err(e) => return End::Lost(Some(e)),
+                    }
+                }
                 Ok(None) => {}
-                Err(_) => return End::Kicked,
+                Err(()) => return End::Kicked,
             },
-            changed = credentials_changed => {
-                let Some(rx) = session.changes.as_mut() else { continue };
-                if !changed {
-                    // The gate is gone: the broker is stopping.
-                    session.changes = None;
-                } else if !Gate::still_valid(&session.admitted, &rx.borrow_and_update()) {
-                    return End::Revoked;
+            revoked = registration.kicked() => {
+                return if revoked { End::Revoked } else { End::Kicked };
+            }
+            () = &mut keep_alive_timer, if keep_alive.is_some() => {
+                let due = last_read + keep_alive.expect("guarded");
+                if Instant::now() >= due {
+                    return End::Lost(Some(ConnError::Refused("keep-alive expired".into())));
+                }
+                keep_alive_timer.as_mut().reset(due);
+            }
+        }
+    }
+}
+
+/// Hands every client's QoS 0 and 1 publishes, in batches, to ingest (which judges them) and
+/// to the router through one internal link (which delivers them to whoever subscribed), until
+/// every sender is gone. Waiting for ingest is the backpressure that slows publishers down
+/// when ingest is behind; nothing is dropped between a connection and ingest. Acknowledgements
+/// the router sends back to the link are read and dropped (the connection acknowledged its
+/// client when the injector took the message).
+pub(crate) async fn inject(
+    mut rx: mpsc::Receiver<Vec<Packet>>,
+    ingest: mpsc::Sender<Vec<Publish>>,
+    watchers: Arc<Watchers>,
+    mut tx: LinkTx,
+    mut acks: LinkRx,
+) {
+    let mut batches = Vec::with_capacity(16);
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batches, 16) => {
+                if n == 0 {
+                    return;
+                }
+                let mut arrived = batches.drain(..);
+                let mut all = arrived.next().expect("n > 0");
+                for more in arrived {
+                    all.extend(more);
+                }
+                let readings = all
+                    .iter()
+                    .filter_map(|p| match p {
+                        Packet::Publish(publish, _) => Some(publish.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                if ingest.send(readings).await.is_err() {
+                    // Ingest has stopped: the gateway is shutting down.
+                    return;
+                }
+                if !watchers.any() {
+                    all.retain(|p| matches!(p, Packet::Publish(publish, _) if publish.retain));
+                }
+                if let Err(e) = send_batch(&mut tx, all).await {
+                    tracing::error!(error = %e, "the broker's router refused the publish link; publishes are lost until restart");
+                    return;
                 }
             }
-            _ = keep_alive_expired => return End::Lost(Some(ConnError::Refused("keep-alive expired".into()))),
+            notification = acks.next() => {
+                let mut unscheduled = false;
+                let mut next = match notification {
+                    Ok(n) => n,
+                    Err(_) => return,
+                };
+                while let Some(n) = next {
+                    unscheduled |= matches!(n, Notification::Unschedule);
+                    next = acks.recv_deadline(std::time::Instant::now()).ok().flatten();
+                }
+                if unscheduled && acks.wake().await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }
@@ -954,6 +1335,8 @@ struct Io<S, P> {
     stats: Arc<Stats>,
     stream: S,
     read: BytesMut,
+    /// How much to read at once: small for a quiet device, growing for a busy client.
+    read_chunk: usize,
     write: BytesMut,
     protocol: P,
     max: usize,
@@ -964,8 +1347,9 @@ impl<S: Stream, P: Wire> Io<S, P> {
         Io {
             stats: shared.stats.clone(),
             stream,
-            read: BytesMut::with_capacity(1024),
-            write: BytesMut::with_capacity(1024),
+            read: BytesMut::with_capacity(READ_MIN),
+            read_chunk: READ_MIN,
+            write: BytesMut::with_capacity(64),
             protocol,
             max: shared.max_packet_bytes,
         }
@@ -982,11 +1366,20 @@ impl<S: Stream, P: Wire> Io<S, P> {
     }
 
     /// Reads more bytes; `Ok(0)` means the client closed the socket. Cancel-safe.
+    ///
+    /// Ten thousand quiet devices must not cost ten thousand large buffers, while one busy
+    /// client should not pay a system call per packet: the buffer starts at [`READ_MIN`] and
+    /// doubles, up to [`READ_MAX`], whenever a read fills it. Consumed bytes are reclaimed in
+    /// place, since no packet keeps a reference into the buffer ([`own`]).
     async fn fill(&mut self) -> std::io::Result<usize> {
-        if self.read.capacity() - self.read.len() < 512 {
-            self.read.reserve(4096);
+        if self.read.capacity() - self.read.len() < self.read_chunk / 2 {
+            self.read.reserve(self.read_chunk);
         }
+        let room = self.read.capacity() - self.read.len();
         let n = self.stream.read_buf(&mut self.read).await?;
+        if n == room && self.read_chunk < READ_MAX {
+            self.read_chunk *= 2;
+        }
         Stats::add(&self.stats.bytes_in, n as u64);
         Ok(n)
     }

@@ -37,8 +37,8 @@ pub(crate) const CREDENTIALS_POLL: Duration = Duration::from_secs(1);
 pub(crate) enum Proof {
     /// It did not: anonymous.
     None,
-    /// Its secret matched this hash (the credentials file's entry).
-    Secret(String),
+    /// Its secret matched the credentials file's entry with this hash (fingerprinted).
+    Secret(Fingerprint),
     /// A client certificate signed by the configured CA.
     Certificate,
 }
@@ -116,6 +116,7 @@ pub(crate) struct Gate {
     hasher: mpsc::Sender<Check>,
     rate: u32,
     buckets: Mutex<HashMap<String, SharedBucket>>,
+    clients: Clients,
 }
 
 impl Gate {
@@ -137,6 +138,7 @@ impl Gate {
             hasher: hasher(memo)?,
             rate,
             buckets: Mutex::new(HashMap::new()),
+            clients: Clients::default(),
         })
     }
 
@@ -145,9 +147,23 @@ impl Gate {
         self.credentials.borrow().clone()
     }
 
-    /// Tells when the credentials change.
-    pub(crate) fn changes(&self) -> watch::Receiver<Arc<Credentials>> {
-        self.credentials.subscribe()
+    /// Registers a connection of `admitted` under `client_id`; a connection with the same id
+    /// is told to go.
+    pub(crate) fn register(&self, client_id: &str, admitted: &Admitted) -> Registration {
+        let proved = match (&admitted.proof, &admitted.identity) {
+            (Proof::Secret(f), Identity::Named { name, .. }) => Some((name.as_str().into(), *f)),
+            _ => None,
+        };
+        let registration = self.clients.register(client_id, proved);
+        // Credentials reloaded between this client's admission and now were not checked
+        // against it: check them here (a reload swaps the credentials in before it revokes).
+        registration.revoke_unless(&self.credentials());
+        registration
+    }
+
+    /// Removes a connection's registration (unless a newer one took the id).
+    pub(crate) fn unregister(&self, client_id: &str, registration: &Registration) {
+        self.clients.unregister(client_id, registration);
     }
 
     /// The sources in force (their topics belong to devices too).
@@ -170,9 +186,18 @@ impl Gate {
             return Ok(None);
         }
         let names = fresh.clients.len();
-        // Forget outcomes for names that are gone or have a new secret.
+        // Forget outcomes for names that are gone or have a new secret, and show their
+        // connections the door.
         self.memo.forget_stale(&fresh);
-        self.credentials.send_replace(Arc::new(fresh));
+        let fresh = Arc::new(fresh);
+        self.credentials.send_replace(fresh.clone());
+        let revoked = self.clients.revoke(&fresh);
+        if revoked > 0 {
+            info!(
+                revoked,
+                "connections of removed or changed names are being closed"
+            );
+        }
         Ok(Some(names))
     }
 
@@ -224,7 +249,7 @@ impl Gate {
                 name: name.clone(),
                 role,
             },
-            proof: Proof::Secret(hash.clone()),
+            proof: Proof::Secret(fingerprint(&hash)),
         };
         let known = match self.memo.recall(&name, &hash, &digest) {
             Some(known) => known,
@@ -249,17 +274,6 @@ impl Gate {
             Ok(admitted)
         } else {
             Err(Refusal::BadCredentials)
-        }
-    }
-
-    /// True while `admitted` is still let in by `credentials` (its entry is there, unchanged).
-    pub(crate) fn still_valid(admitted: &Admitted, credentials: &Credentials) -> bool {
-        match (&admitted.proof, &admitted.identity) {
-            (Proof::Secret(hash), Identity::Named { name, .. }) => credentials
-                .clients
-                .get(name)
-                .is_some_and(|e| e.secret == *hash),
-            _ => true,
         }
     }
 
@@ -363,6 +377,114 @@ fn hasher(memo: Arc<Memo>) -> Result<mpsc::Sender<Check>, CredentialsError> {
         })
         .map_err(|e| CredentialsError::Secret(format!("cannot start the hashing thread: {e}")))?;
     Ok(tx)
+}
+
+/// Connected clients by client id, so that a newer connection takes over an older one with
+/// the same id (as MQTT requires), whether or not either has a router link, and so that a
+/// name removed from the credentials can be shown the door.
+#[derive(Default)]
+struct Clients {
+    by_id: Mutex<HashMap<String, Registration>>,
+    serial: std::sync::atomic::AtomicU64,
+}
+
+/// One connection's entry in [`Clients`].
+#[derive(Clone)]
+pub(crate) struct Registration {
+    serial: u64,
+    kick: Arc<Kick>,
+    /// For a client that proved a secret: its name and the fingerprint of the hash it proved.
+    proved: Option<(Box<str>, Fingerprint)>,
+}
+
+/// How a connection is told to go.
+#[derive(Default)]
+struct Kick {
+    notify: tokio::sync::Notify,
+    /// Set when the reason is revoked credentials (else: another connection took the id).
+    revoked: std::sync::atomic::AtomicBool,
+}
+
+impl Registration {
+    /// Resolves when the connection must go: `true` if its credentials were revoked, `false`
+    /// if a newer connection took its client id.
+    pub(crate) async fn kicked(&self) -> bool {
+        self.kick.notify.notified().await;
+        self.kick.revoked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Tells this connection to go if `credentials` no longer accept its proof; true if it
+    /// did.
+    fn revoke_unless(&self, credentials: &Credentials) -> bool {
+        let Some((name, proved)) = &self.proved else {
+            return false;
+        };
+        let valid = credentials
+            .clients
+            .get(&**name)
+            .is_some_and(|e| fingerprint(&e.secret) == *proved);
+        if !valid {
+            self.kick
+                .revoked
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.kick.notify.notify_one();
+        }
+        !valid
+    }
+}
+
+impl Clients {
+    /// Registers a connection under `client_id`, telling the one it replaces to go.
+    fn register(&self, client_id: &str, proved: Option<(Box<str>, Fingerprint)>) -> Registration {
+        let registration = Registration {
+            serial: self
+                .serial
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            kick: Arc::default(),
+            proved,
+        };
+        let old = self
+            .by_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(client_id.to_owned(), registration.clone());
+        if let Some(old) = old {
+            // Stored if the old connection is not waiting right now: it sees it next time.
+            old.kick.notify.notify_one();
+        }
+        registration
+    }
+
+    /// Removes the entry, unless a newer connection has taken the id since.
+    fn unregister(&self, client_id: &str, registration: &Registration) {
+        let mut by_id = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+        if by_id
+            .get(client_id)
+            .is_some_and(|r| r.serial == registration.serial)
+        {
+            by_id.remove(client_id);
+        }
+    }
+
+    /// Tells every connection whose proof `credentials` no longer accepts to go.
+    fn revoke(&self, credentials: &Credentials) -> usize {
+        let by_id = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+        by_id
+            .values()
+            .filter(|r| r.revoke_unless(credentials))
+            .count()
+    }
+}
+
+/// A short fingerprint of a secret's hash: enough to tell that an entry changed, without
+/// keeping the hash itself with every connection.
+pub(crate) type Fingerprint = [u8; 16];
+
+fn fingerprint(hash: &str) -> Fingerprint {
+    let digest = Sha256::digest(hash.as_bytes());
+    let mut out = [0; 16];
+    out.copy_from_slice(&digest[..16]);
+    out
 }
 
 /// Compares two digests in time independent of where they differ.
@@ -491,16 +613,19 @@ mod tests {
         let (gate, secret) = gate(dir.path(), false);
         let path = dir.path().join("credentials.toml");
         let admitted = gate.admit(None, login("boiler-1", &secret)).await.unwrap();
-        assert!(Gate::still_valid(&admitted, &gate.credentials()));
-        let mut changes = gate.changes();
+        let registration = gate.register("boiler-1", &admitted);
+        let kicked = tokio::spawn(async move { registration.kicked().await });
 
         let mut creds = Credentials::load(&path).unwrap();
         creds.remove("boiler-1");
         let new_secret = creds.add("boiler-1", Role::Device).unwrap();
         creds.save(&path).unwrap();
         assert_eq!(gate.reload().unwrap(), Some(1));
-        assert!(changes.has_changed().unwrap());
-        assert!(!Gate::still_valid(&admitted, &changes.borrow_and_update()));
+        let revoked = tokio::time::timeout(Duration::from_secs(5), kicked)
+            .await
+            .expect("the connection is told to go")
+            .unwrap();
+        assert!(revoked, "told why: its credentials were revoked");
         assert!(gate.admit(None, login("boiler-1", &secret)).await.is_err());
         assert!(
             gate.admit(None, login("boiler-1", &new_secret))
@@ -508,6 +633,30 @@ mod tests {
                 .is_ok()
         );
         assert_eq!(gate.reload().unwrap(), None, "unchanged file, no news");
+    }
+
+    #[tokio::test]
+    async fn a_newer_client_id_takes_over_and_unregistering_the_old_one_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gate, secret) = gate(dir.path(), false);
+        let admitted = gate.admit(None, login("boiler-1", &secret)).await.unwrap();
+        let first = gate.register("boiler-1", &admitted);
+        let second = gate.register("boiler-1", &admitted);
+        let revoked = tokio::time::timeout(Duration::from_secs(5), first.kicked())
+            .await
+            .expect("the older connection is told to go");
+        assert!(!revoked, "told why: its client id was taken");
+        // The old connection leaves after the new one came: the new one stays registered, so
+        // a revocation still reaches it.
+        gate.unregister("boiler-1", &first);
+        Credentials::default()
+            .save(&dir.path().join("credentials.toml"))
+            .unwrap();
+        assert_eq!(gate.reload().unwrap(), Some(0));
+        let revoked = tokio::time::timeout(Duration::from_secs(5), second.kicked())
+            .await
+            .expect("the newer connection is told to go");
+        assert!(revoked);
     }
 
     #[test]

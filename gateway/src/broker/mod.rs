@@ -1,14 +1,22 @@
 //! The embedded broker: rumqttd's router, with listeners and client connections owned by
 //! Watchpost.
 //!
-//! rumqttd does the MQTT routing: subscriptions, retained messages, QoS 1/2 acknowledgement,
-//! persistent sessions. Watchpost accepts the sockets itself ([`connection`]) and hands each
-//! client to the router through an in-process link, because owning the socket is the only way
-//! to bind `127.0.0.1:0` and report the port, to set `TCP_NODELAY`, to refuse client ids that
-//! would take over an internal link, and to enforce limits before the router sees a byte.
+//! rumqttd does the MQTT routing: subscriptions, retained messages, QoS 2 acknowledgement,
+//! persistent sessions. Watchpost accepts the sockets itself ([`connection`]), because owning
+//! the socket is the only way to bind `127.0.0.1:0` and report the port, to set `TCP_NODELAY`,
+//! to refuse client ids that would take over an internal link, to check every packet, and to
+//! enforce limits before the router sees a byte.
 //!
-//! Ingest reads from an internal link as well. Its client id carries an unguessable suffix
-//! and a reserved prefix that remote clients are refused, so no client can kick it off.
+//! Publishes (QoS 0 and 1) of every client go to one injector task, which hands each batch to
+//! ingest directly and to the router through one internal link, for the clients that
+//! subscribe. A client gets a router link of its own only when it needs the router for more:
+//! a subscription, a QoS 2 publish or a persistent session. Most sensors never do, which
+//! keeps a connection to a few KiB, and ingest is never behind a router log that could drop
+//! what it has not read yet.
+//!
+//! The gateway's internal links (the injector's, and ingest's for publishing alerts) have
+//! client ids with an unguessable suffix and a reserved prefix that remote clients are
+//! refused, so no client can kick them off.
 //!
 //! Who may connect and what each client may do is decided by the [`gate`] and
 //! [`crate::access`], packet by packet, in [`connection`]; `SECURITY.md` has the threat model.
@@ -17,7 +25,6 @@ mod connection;
 pub(crate) mod gate;
 pub mod tls;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,7 +33,7 @@ use std::time::Duration;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
-use rumqttd::{Notification, RouterConfig, SegmentConfig};
+use rumqttd::{Notification, RouterConfig};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -44,8 +51,9 @@ pub(crate) use gate::Gate;
 /// Client ids starting with this are reserved for the gateway's own links.
 pub const INTERNAL_PREFIX: &str = "watchpost-internal-";
 
-/// The filter ingest subscribes to.
-pub const SENSOR_FILTER: &str = "sensors/#";
+/// Batches of publishes (each of at most 256) waiting for the injector; a client that finds
+/// the queue full waits (and is not read meanwhile).
+const INJECT_QUEUE: usize = 16;
 
 /// Errors of the broker layer.
 #[derive(Debug, thiserror::Error)]
@@ -125,25 +133,18 @@ fn random_hex() -> Result<String, getrandom::Error> {
 /// Sizes the router's in-memory logs.
 ///
 /// Every subscription filter gets a log of `max_segment_count` segments; a subscriber that
-/// falls more than that far behind loses messages (the read cursor jumps). Ingest's filter
-/// gets a deep log so that a burst is absorbed while ingest catches up; other filters
-/// (operators watching `alerts/#`) get a small one.
+/// falls more than that far behind skips messages. Ingest is not a subscriber (the injector
+/// feeds it directly), so the logs only serve clients that subscribe, such as an operator
+/// watching `alerts/#` or a dashboard on `sensors/#`, and are kept small: every message in a
+/// log costs about three times its topic and payload in memory.
 fn router_config(config: &BrokerConfig) -> RouterConfig {
-    let mut custom = HashMap::new();
-    custom.insert(
-        SENSOR_FILTER.to_owned(),
-        SegmentConfig {
-            max_segment_size: 4 * 1024 * 1024,
-            max_segment_count: 4,
-        },
-    );
     RouterConfig {
         // Internal links count as connections too.
         max_connections: config.max_connections + 16,
         max_outgoing_packet_count: 256,
         max_segment_size: 256 * 1024,
         max_segment_count: 4,
-        custom_segment: Some(custom),
+        custom_segment: None,
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
     }
@@ -204,14 +205,23 @@ impl Listeners {
     /// Serves clients until `shutdown`; then every client connection is closed.
     pub(crate) async fn serve(
         self,
-        router: Router,
+        pipes: Pipes,
         gate: Arc<Gate>,
         config: &BrokerConfig,
         stats: Arc<Stats>,
         shutdown: Signal,
     ) {
+        let Pipes {
+            router,
+            injector,
+            readings,
+        } = pipes;
+        let (inject, injected) = tokio::sync::mpsc::channel(INJECT_QUEUE);
+        let watchers = Arc::new(connection::Watchers::default());
         let shared = Arc::new(connection::Shared {
             router,
+            inject,
+            watchers: watchers.clone(),
             gate,
             connect_timeout: config.connect_timeout,
             max_packet_bytes: config.max_packet_bytes(),
@@ -220,6 +230,9 @@ impl Listeners {
             refusal_logged_at: Default::default(),
         });
         let mut tasks = JoinSet::new();
+        tasks.spawn(connection::inject(
+            injected, readings, watchers, injector.0, injector.1,
+        ));
         tasks.spawn(accept_loop(self.v4, V4, None, shared.clone()));
         if let Some(v5) = self.v5 {
             tasks.spawn(accept_loop(v5, V5, None, shared.clone()));
@@ -231,6 +244,16 @@ impl Listeners {
         // Dropping the set aborts the accept loops, and with them every connection task.
         tasks.shutdown().await;
     }
+}
+
+/// Where the broker front sends what clients publish.
+pub(crate) struct Pipes {
+    /// The router, for clients that subscribe (they get links of their own).
+    pub(crate) router: Router,
+    /// The injector's link into the router, for publishes that someone subscribed to.
+    pub(crate) injector: (LinkTx, LinkRx),
+    /// Batches of publishes for ingest; full when ingest is behind, and then the front waits.
+    pub(crate) readings: tokio::sync::mpsc::Sender<Vec<rumqttd::protocol::Publish>>,
 }
 
 /// The gate for `config`: its credentials file read, and a warning if it lets in no one or
@@ -283,14 +306,23 @@ async fn accept_loop<P: connection::Wire>(
         }
         // The place is taken before the task starts, so a burst cannot overshoot the limit.
         let slot = connection::Slot::take(&shared.stats);
-        connections.spawn(connection::serve(
-            stream,
-            peer,
-            protocol.clone(),
-            shared.clone(),
-            tls.clone(),
-            slot,
-        ));
+        match &tls {
+            None => connections.spawn(connection::serve(
+                stream,
+                peer,
+                protocol.clone(),
+                shared.clone(),
+                slot,
+            )),
+            Some(acceptor) => connections.spawn(connection::serve_tls(
+                stream,
+                peer,
+                protocol.clone(),
+                shared.clone(),
+                acceptor.clone(),
+                slot,
+            )),
+        };
     }
 }
 
@@ -302,7 +334,6 @@ pub fn client_id_allowed(client_id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec;
 
     #[test]
     fn internal_and_invalid_client_ids_are_refused() {
@@ -310,11 +341,6 @@ mod tests {
         assert!(!client_id_allowed("watchpost-internal-ingest-00"));
         assert!(!client_id_allowed("a/b"));
         assert!(!client_id_allowed("$sys"));
-    }
-
-    #[test]
-    fn ingest_filter_covers_the_decoder_root() {
-        assert_eq!(SENSOR_FILTER, format!("{}/#", codec::TOPIC_ROOT));
     }
 
     #[test]
