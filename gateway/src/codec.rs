@@ -490,6 +490,20 @@ mod tests {
     }
 
     #[test]
+    fn json_numbers_decode_to_the_value_written() {
+        // serde_json's default float parser gives this one 2 ulp off; `float_roundtrip` (set
+        // in the workspace manifest) makes it exact, like the plain payload's parser.
+        let written = "-1.0776287325534397e39";
+        let exact: f64 = written.parse().unwrap();
+        let v = format!(r#"{{"v":{written}}}"#);
+        let m = decode("sensors/d/t", v.as_bytes(), limits()).unwrap();
+        assert_eq!(values(&m), [("t", exact)]);
+        let object = format!(r#"{{"t":{written}}}"#);
+        let m = decode("sensors/d", object.as_bytes(), limits()).unwrap();
+        assert_eq!(values(&m), [("t", exact)]);
+    }
+
+    #[test]
     fn escaped_keys_are_decoded() {
         let m = decode("sensors/d", br#"{"temp\u0065rature":1}"#, limits()).unwrap();
         assert_eq!(values(&m), [("temperature", 1.0)]);

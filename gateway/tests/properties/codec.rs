@@ -2,6 +2,8 @@
 //! mutations of it, arbitrary bytes and generated JSON.
 
 use proptest::prelude::*;
+use watchpost::codec::{self, Limits, Message};
+use watchpost::replay;
 
 use crate::check;
 use crate::corpus::{cases, mutant, seeds};
@@ -196,8 +198,49 @@ fn every_seed_is_a_message_that_keeps_the_contract() {
     }
 }
 
+/// The value of a message that holds one reading.
+fn single_value(m: Result<Message<'_>, codec::Rejected<'_>>) -> f64 {
+    match m {
+        Ok(Message::Readings(r)) if r.values.len() == 1 => r.values[0].1,
+        other => panic!("expected one reading, got {other:?}"),
+    }
+}
+
+/// Found by the readings round-trip property: without serde_json's `float_roundtrip` this
+/// value came back 2 ulp off from `{"v":..}` and from a JSON-lines reading alike, while the
+/// plain payload (Rust's parser) was exact.
+#[test]
+fn json_numbers_decode_to_the_value_written() {
+    let written = "-1.0776287325534397e39";
+    let exact: f64 = written.parse().unwrap();
+    let plain = codec::decode("sensors/d/t", written.as_bytes(), Limits::default());
+    assert_eq!(single_value(plain), exact);
+    let v = format!(r#"{{"v":{written}}}"#);
+    let object = codec::decode("sensors/d/t", v.as_bytes(), Limits::default());
+    assert_eq!(single_value(object), exact, "{v}");
+    let line = format!(r#"{{"time":0,"device":"d","metric":"t","value":{written}}}"#);
+    assert_eq!(
+        replay::parse_readings(&line).unwrap()[0].value,
+        exact,
+        "{line}"
+    );
+}
+
 proptest! {
     #![proptest_config(cases(256))]
+
+    #[test]
+    fn json_and_plain_numbers_decode_alike(n in number()) {
+        // Rust's parser is exact; a JSON number must come out as the same f64 (JSON refuses
+        // what overflows, where Rust's parser gives infinity and the codec NotFinite).
+        let plain = codec::decode("sensors/d/t", n.as_bytes(), Limits::default());
+        let v = format!(r#"{{"v":{n}}}"#);
+        let object = codec::decode("sensors/d/t", v.as_bytes(), Limits::default());
+        if let Some(exact) = n.parse::<f64>().ok().filter(|f| f.is_finite()) {
+            prop_assert_eq!(single_value(plain), exact, "{}", n);
+            prop_assert_eq!(single_value(object), exact, "{}", v);
+        }
+    }
 
     #[test]
     fn mutated_seeds_keep_the_contract(data in mutant("codec", JSON_TOKENS)) {
