@@ -93,9 +93,16 @@ impl AlertDoc {
     }
 }
 
-/// Formats milliseconds since the epoch as RFC 3339 UTC with milliseconds.
+/// The last instant RFC 3339 can write, 9999-12-31T23:59:59.999Z, in milliseconds since the
+/// epoch: its years have four digits.
+pub const LAST_RFC3339_MS: Millis = 253_402_300_799_999;
+
+/// Formats milliseconds since the epoch as RFC 3339 UTC with milliseconds. A time after
+/// 9999-12-31T23:59:59.999Z (a clock set far ahead, a corrupt row) is written as that instant,
+/// so that the field stays a time every consumer can parse; this never panics.
 pub fn rfc3339(ms: Millis) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    let at = UNIX_EPOCH + Duration::from_millis(ms.min(LAST_RFC3339_MS));
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 /// The wall clock in milliseconds since the epoch (0 if the clock is before 1970).
@@ -160,6 +167,43 @@ mod tests {
                 "gateway": "site-17"
             })
         );
+    }
+
+    #[test]
+    fn times_after_year_9999_are_written_as_its_last_instant() {
+        // humantime refuses years past 9999 with fmt::Error, and `to_string` would panic.
+        let last = "9999-12-31T23:59:59.999Z";
+        for ms in [
+            LAST_RFC3339_MS,
+            LAST_RFC3339_MS + 1,
+            1_000_000_000_000_000,
+            u64::MAX,
+        ] {
+            assert_eq!(rfc3339(ms), last, "{ms}");
+        }
+        assert_eq!(rfc3339(LAST_RFC3339_MS - 999), "9999-12-31T23:59:59.000Z");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn a_transition_after_year_9999_still_makes_a_document() {
+        let t = Transition {
+            since: 795_284_952_840_250,
+            at: u64::MAX,
+            ..raised(0)
+        };
+        let doc = AlertDoc::new(
+            "site-17",
+            &overheat(BTreeMap::new()),
+            "boiler-1",
+            "temperature",
+            &t,
+        );
+        assert_eq!(
+            (doc.since.as_str(), doc.at.as_str()),
+            ("9999-12-31T23:59:59.999Z", "9999-12-31T23:59:59.999Z")
+        );
+        assert_eq!(doc.id, "site-17:boiler-1:overheat:795284952840250");
     }
 
     #[test]

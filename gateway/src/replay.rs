@@ -3,7 +3,8 @@
 //!
 //! Readings come as CSV (`time,device,metric,value`) or JSON lines
 //! (`{"time":..,"device":..,"metric":..,"value":..}`); `time` is RFC 3339 or a number of
-//! seconds since the epoch (milliseconds if it is larger than 10^11). Deadlines (`for`,
+//! seconds since the epoch (milliseconds if it is larger than 10^11), and no later than
+//! 9999-12-31, the last day an RFC 3339 time in an alert can name. Deadlines (`for`,
 //! silence, grace periods, renotify) fire at their own virtual times between readings.
 //!
 //! Expected alerts are JSON lines with at least `at`, `device`, `rule`, `metric` and `state`:
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::alert::AlertDoc;
+use crate::alert::{AlertDoc, LAST_RFC3339_MS};
 use crate::config::Config;
 use crate::ingest::{self, Alert, Engine, EngineOptions};
 use crate::rules::{AlertState, Millis};
@@ -143,8 +144,22 @@ pub fn parse_readings(text: &str) -> Result<Vec<Recorded>, Vec<String>> {
     }
 }
 
-/// RFC 3339, or seconds (or, above 10^11, milliseconds) since the epoch.
+/// RFC 3339, or seconds (or, above 10^11, milliseconds) since the epoch; at most
+/// 9999-12-31T23:59:59.999Z, the last time an alert document can name.
 fn parse_time(s: &str) -> Result<Millis, String> {
+    let at = parse_any_time(s)?;
+    if at > LAST_RFC3339_MS {
+        let numeric = if s.parse::<f64>().is_ok() {
+            " (a number above 10^11 is milliseconds since the epoch: is there a digit too many?)"
+        } else {
+            ""
+        };
+        return Err(format!("time {s:?} is after 9999-12-31{numeric}"));
+    }
+    Ok(at)
+}
+
+fn parse_any_time(s: &str) -> Result<Millis, String> {
     if let Ok(n) = s.parse::<f64>() {
         if n.is_finite() && n >= 0.0 {
             return Ok(if n > 1e11 {
@@ -428,6 +443,60 @@ mod tests {
         assert!(
             bad[0].starts_with("line 2:") && bad[1].starts_with("line 3:"),
             "{bad:?}"
+        );
+    }
+
+    #[test]
+    fn times_after_year_9999_are_refused_with_their_line() {
+        // Found by fuzzing: a millisecond time with two digits too many (year 27171) was
+        // accepted, and replay panicked printing the alert it raised.
+        for (text, line) in [
+            ("4,a,t,2\n795284952840250,a,t,2\n", 2),
+            ("time,device,metric,value\n0,a,t,95\n1e15,a,t,96\n", 3),
+            ("time,device,metric,value\n1e300,a,t,-5\n", 2),
+            ("time,device,metric,value\n253402300800000,a,t,-5\n", 2),
+            (
+                r#"{"time":253402300800000,"device":"a","metric":"t","value":-5}"#,
+                1,
+            ),
+        ] {
+            let errors = parse_readings(text).unwrap_err();
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            let prefix = format!("line {line}: time ");
+            assert!(
+                errors[0].starts_with(&prefix) && errors[0].contains("is after 9999-12-31"),
+                "{errors:?}"
+            );
+        }
+        // The last millisecond of 9999 is a time, in any form.
+        for last in [
+            "253402300799999",
+            "9999-12-31T23:59:59.999Z",
+            "9999-12-31T23:59:59.999999999Z",
+        ] {
+            let text = format!("{last},a,t,1\n");
+            assert_eq!(
+                parse_readings(&text).unwrap()[0].at,
+                LAST_RFC3339_MS,
+                "{last}"
+            );
+        }
+    }
+
+    #[test]
+    fn readings_in_year_9999_replay_with_deadlines_after_it() {
+        // The hold of `hot` ends after 9999-12-31: the alert is written at its last instant.
+        let text = "time,device,metric,value\n253402300795000,a,t,95\n253402300799999,a,t,95\n";
+        let out = replay(&config(), &parse_readings(text).unwrap(), Some(u64::MAX));
+        let got: Vec<_> = out
+            .alerts
+            .iter()
+            .map(|a| (a.doc.at.as_str(), a.doc.state))
+            .collect();
+        assert_eq!(
+            got,
+            [("9999-12-31T23:59:59.999Z", AlertState::Raised)],
+            "{out:?}"
         );
     }
 

@@ -21,8 +21,9 @@ use watchpost::rules::{Kind, SilenceAfter, Threshold};
 use watchpost::sources::{Payload, Source};
 use watchpost::topic::TopicFilter;
 
-/// The last millisecond that `alert::rfc3339` can print (the end of year 9999).
-pub const LAST_PRINTABLE_MS: u64 = 253_402_300_800_000 - 1;
+/// The last millisecond RFC 3339 can name (the end of year 9999): the latest time a readings
+/// file may hold, as alert documents print times in RFC 3339.
+pub const LAST_RFC3339_MS: u64 = 253_402_300_800_000 - 1;
 
 /// A fuzz input or corpus file for a topic-and-payload target: the topic is the first line, the
 /// payload is everything after the first `\n`. `None` if there is no `\n` or the topic is not
@@ -863,7 +864,8 @@ pub fn replay_config() -> &'static config::Config {
 }
 
 /// `parse_readings` of one text: never panics; success gives one reading per data line (the
-/// header aside), each with a device, a metric and a finite value; failure names each bad line
+/// header aside), each with a device, a metric, a finite value and a time no later than the end
+/// of year 9999; failure names each bad line
 /// once, in order, by a number that is a data line of the text. Readings it accepts replay
 /// through every rule kind without a panic.
 pub fn readings(text: &str) {
@@ -887,19 +889,12 @@ pub fn readings(text: &str) {
                     "{r:?} from {text:?}"
                 );
                 assert!(r.value.is_finite(), "{r:?} from {text:?}");
+                assert!(r.at <= LAST_RFC3339_MS, "{r:?} from {text:?}");
             }
-            // KNOWN ISSUE (see tests/properties/known_issues.rs): times after year 9999 are
-            // accepted and then panic when an alert document prints them. Left out here so that
-            // the fuzzer keeps looking for other problems; remove this filter with the fix.
-            let printable: Vec<_> = rs
-                .into_iter()
-                .filter(|r| r.at <= LAST_PRINTABLE_MS)
-                .collect();
             // In file order, as `watchpost test-rules` replays them.
-            let outcome = replay::replay(replay_config(), &printable, None);
-            assert_eq!(outcome.readings, printable.len());
-            let devices: std::collections::BTreeSet<_> =
-                printable.iter().map(|r| &r.device).collect();
+            let outcome = replay::replay(replay_config(), &rs, None);
+            assert_eq!(outcome.readings, rs.len());
+            let devices: std::collections::BTreeSet<_> = rs.iter().map(|r| &r.device).collect();
             assert_eq!(outcome.devices, devices.len(), "{text:?}");
         }
         Err(errors) => {
