@@ -306,7 +306,7 @@ fn test_rules(
                 }
             }
         };
-    let until = run_on.map(|d| recorded.last().map_or(0, |r| r.at) + d.as_millis() as u64);
+    let until = run_on.map(|d| replay::run_on_until(&recorded, d));
     let outcome = replay::replay(&loaded.config, &recorded, until);
     if json {
         print!("{}", replay::json_lines(&outcome));

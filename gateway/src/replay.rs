@@ -176,6 +176,13 @@ fn parse_any_time(s: &str) -> Result<Millis, String> {
         .ok_or_else(|| format!("{s:?} is not a time (RFC 3339, or seconds since the epoch)"))
 }
 
+/// The time to replay `until` when time runs on for `run_on` after the last reading (the
+/// epoch if there is none); a span too long for the clock ends at its end instead of wrapping.
+pub fn run_on_until(readings: &[Recorded], run_on: std::time::Duration) -> Millis {
+    let last = readings.last().map_or(0, |r| r.at);
+    last.saturating_add(Millis::try_from(run_on.as_millis()).unwrap_or(Millis::MAX))
+}
+
 /// Replays `readings` (in the given order) through `config`'s rules; deadlines that fall up
 /// to `until` (default: the last reading) fire at their own times.
 pub fn replay(config: &Config, readings: &[Recorded], until: Option<Millis>) -> Outcome {
@@ -497,6 +504,20 @@ mod tests {
             got,
             [("9999-12-31T23:59:59.999Z", AlertState::Raised)],
             "{out:?}"
+        );
+    }
+
+    #[test]
+    fn time_runs_on_from_the_last_reading_and_stops_at_the_end_of_the_clock() {
+        use std::time::Duration;
+        let readings = parse_readings("5,a,t,1\n7,a,t,1\n").unwrap();
+        assert_eq!(run_on_until(&readings, Duration::from_secs(60)), 67_000);
+        assert_eq!(run_on_until(&[], Duration::from_millis(5)), 5);
+        // `--run-on` takes any duration humantime parses, up to u64::MAX seconds.
+        assert_eq!(run_on_until(&readings, Duration::MAX), Millis::MAX);
+        assert_eq!(
+            run_on_until(&readings, Duration::from_millis(Millis::MAX - 1)),
+            Millis::MAX
         );
     }
 
