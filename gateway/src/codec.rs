@@ -9,8 +9,13 @@
 //! | `sensors/{device}/{metric}` | JSON `{"v":21.5,"seq":1042}` |
 //! | `sensors/{device}` | JSON object `{"temperature":21.5,"humidity":40.1,"seq":1042}` |
 //!
-//! and one presence form, `sensors/{device}/status` with `online` or `offline`. `status` and
-//! `seq` are therefore reserved and are never metric names.
+//! and one presence form, `sensors/{device}/status` with `online` or `offline`.
+//!
+//! A metric name is what a topic level can be: never empty, never holding `/`, `+` or `#`.
+//! `status` and `seq` are reserved and are never metric names either. Every decoder applies
+//! this rule ([`check_metric_name`]) to the names it makes, from topic levels and JSON keys
+//! alike, and `config` to the names a configuration gives; a name that breaks it is rejected,
+//! never a reading.
 //!
 //! Foreign topic layouts (Tasmota, ESPHome, ...) are mapped onto these forms elsewhere; this
 //! module does not know them.
@@ -144,9 +149,26 @@ pub enum DecodeError {
     /// A status payload is neither `online` nor `offline`.
     #[error("status payload must be \"online\" or \"offline\"")]
     BadStatus,
-    /// An object payload uses the reserved name `status` as a metric.
+    /// A topic level or key names the reserved `status` as a metric.
     #[error("\"status\" is reserved for presence and cannot be a metric")]
     ReservedMetric,
+    /// A topic level or key names the reserved `seq` as a metric.
+    #[error("\"seq\" is reserved for the device's message counter and cannot be a metric")]
+    ReservedSeq,
+    /// A key (or a topic level) that would name a metric is empty or holds `/`, `+` or `#`.
+    #[error("a metric name must not be empty or hold '/', '+' or '#'")]
+    BadMetricName,
+}
+
+/// Whether `name` can be a metric: not empty, no `/`, `+` or `#` (a metric is one topic
+/// level), and not the reserved `status` or `seq`. The error says which rule it breaks.
+pub fn check_metric_name(name: &str) -> Result<(), DecodeError> {
+    match name {
+        STATUS_METRIC => Err(DecodeError::ReservedMetric),
+        SEQ_KEY => Err(DecodeError::ReservedSeq),
+        _ if name.is_empty() || name.contains(['/', '+', '#']) => Err(DecodeError::BadMetricName),
+        _ => Ok(()),
+    }
 }
 
 /// Decodes one MQTT message published under `sensors/`.
@@ -192,7 +214,10 @@ pub fn decode<'a>(
             }),
             _ => Err(reject(Some(device), DecodeError::BadStatus)),
         },
-        Some(metric) => decode_single(device, metric, text),
+        Some(metric) => {
+            check_metric_name(metric).map_err(|e| reject(Some(device), e))?;
+            decode_single(device, metric, text)
+        }
     }
 }
 
@@ -260,10 +285,8 @@ fn decode_object<'a>(device: &'a str, text: &'a str) -> Result<Message<'a>, Reje
                 Ok(seq) => readings.seq = Some(seq),
                 Err(e) => readings.rejected.push((key, e)),
             }
-        } else if key.is_empty() || key.contains(['/', '+', '#']) {
-            readings.rejected.push((key, DecodeError::NoMetric));
-        } else if key == STATUS_METRIC {
-            readings.rejected.push((key, DecodeError::ReservedMetric));
+        } else if let Err(e) = check_metric_name(&key) {
+            readings.rejected.push((key, e));
         } else {
             match field.number() {
                 Ok(v) => readings.values.push((key, v)),
@@ -407,6 +430,72 @@ mod tests {
                 (Cow::Borrowed("status"), DecodeError::ReservedMetric)
             ]
         );
+    }
+
+    #[test]
+    fn object_keys_that_cannot_be_metrics_are_rejected_by_name() {
+        let payload = br##"{"":1,"a/b":2,"+":3,"#":4,"ok":5,"a.b":6}"##;
+        let m = decode("sensors/b", payload, Limits::default()).unwrap();
+        assert_eq!(values(&m), [("ok", 5.0), ("a.b", 6.0)]);
+        let Message::Readings(r) = m else { panic!() };
+        let rejected: Vec<_> = r.rejected.iter().map(|(k, e)| (k.as_ref(), e)).collect();
+        assert_eq!(
+            rejected,
+            [
+                ("", &DecodeError::BadMetricName),
+                ("a/b", &DecodeError::BadMetricName),
+                ("+", &DecodeError::BadMetricName),
+                ("#", &DecodeError::BadMetricName),
+            ]
+        );
+    }
+
+    #[test]
+    fn reserved_names_are_not_metric_topics() {
+        // `seq` is the counter inside a payload, `status` is presence: neither is a metric,
+        // whatever the payload.
+        for (topic, payload, error) in [
+            ("sensors/d/seq", &b"1"[..], DecodeError::ReservedSeq),
+            (
+                "sensors/d/seq",
+                br#"{"v":1,"seq":2}"#,
+                DecodeError::ReservedSeq,
+            ),
+            ("sensors/d/status", b"1", DecodeError::BadStatus),
+            ("sensors/d/a+b", b"1", DecodeError::BadMetricName),
+            ("sensors/d/#", b"1", DecodeError::BadMetricName),
+        ] {
+            let got = decode(topic, payload, limits()).unwrap_err();
+            assert_eq!((got.device, got.error), (Some("d"), error), "{topic}");
+        }
+        assert_eq!(
+            DecodeError::ReservedSeq.to_string(),
+            "\"seq\" is reserved for the device's message counter and cannot be a metric"
+        );
+    }
+
+    #[test]
+    fn the_metric_name_rule() {
+        for good in [
+            "temperature",
+            "AM2301.Temperature",
+            "a b",
+            "é",
+            "Seq",
+            "status.x",
+        ] {
+            assert_eq!(check_metric_name(good), Ok(()), "{good:?}");
+        }
+        for (bad, error) in [
+            ("", DecodeError::BadMetricName),
+            ("a/b", DecodeError::BadMetricName),
+            ("+", DecodeError::BadMetricName),
+            ("t#", DecodeError::BadMetricName),
+            ("seq", DecodeError::ReservedSeq),
+            ("status", DecodeError::ReservedMetric),
+        ] {
+            assert_eq!(check_metric_name(bad), Err(error), "{bad:?}");
+        }
     }
 
     #[test]

@@ -895,12 +895,7 @@ fn compile_source(raw: &RawSource, sink: &mut Sink<'_>) -> Option<Source> {
             None
         }
     };
-    let metric_ok = |m: &str| {
-        !m.is_empty()
-            && !m.contains(['/', '+', '#'])
-            && m != crate::codec::SEQ_KEY
-            && m != crate::codec::STATUS_METRIC
-    };
+    let metric_ok = |m: &str| crate::codec::check_metric_name(m).is_ok();
     if let Some(map) = &raw.metrics {
         for (path, metric) in map.get_ref() {
             if !metric_ok(metric) {
@@ -1252,11 +1247,7 @@ fn compile_summaries(raw: &Spanned<RawSummaries>, sink: &mut Sink<'_>) -> Summar
     let mut metrics = Vec::new();
     for m in r.metrics.get_ref() {
         let name = m.get_ref();
-        if name.is_empty()
-            || name.contains(['/', '+', '#'])
-            || name == crate::codec::SEQ_KEY
-            || name == crate::codec::STATUS_METRIC
-        {
+        if crate::codec::check_metric_name(name).is_err() {
             sink.error(
                 m.span(),
                 format!("{name:?} is not a metric name"),

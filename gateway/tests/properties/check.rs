@@ -67,6 +67,32 @@ fn is_metric_name(name: &str) -> bool {
     !name.is_empty() && !name.contains(['/', '+', '#'])
 }
 
+/// What must be said of a name that is to be a metric (the codec's module doc): `None` if it
+/// can be one.
+fn metric_name_error(name: &str) -> Option<DecodeError> {
+    if name == codec::SEQ_KEY {
+        Some(DecodeError::ReservedSeq)
+    } else if name == codec::STATUS_METRIC {
+        Some(DecodeError::ReservedMetric)
+    } else if !is_metric_name(name) {
+        Some(DecodeError::BadMetricName)
+    } else {
+        None
+    }
+}
+
+/// Every reading of a decoded message is named by a usable metric name.
+fn assert_usable_names(r: &Readings<'_>, ctx: &dyn Fn() -> String) {
+    for (name, _) in &r.values {
+        assert_eq!(
+            metric_name_error(name),
+            None,
+            "{}: the metric {name:?}",
+            ctx()
+        );
+    }
+}
+
 /// The readings of an object payload: values, the counter, and the rejected fields.
 type ObjectReadings = (Vec<(String, f64)>, Option<u64>, Vec<(String, DecodeError)>);
 
@@ -87,10 +113,8 @@ fn expected_object(text: &str) -> Result<ObjectReadings, Option<DecodeError>> {
                 Some(n) => seq = Some(n),
                 None => rejected.push((key, DecodeError::BadSeq)),
             }
-        } else if !is_metric_name(&key) {
-            rejected.push((key, DecodeError::NoMetric));
-        } else if key == codec::STATUS_METRIC {
-            rejected.push((key, DecodeError::ReservedMetric));
+        } else if let Some(e) = metric_name_error(&key) {
+            rejected.push((key, e));
         } else {
             match value.as_f64() {
                 Some(v) if v.is_finite() => values.push((key, v)),
@@ -167,6 +191,11 @@ pub fn codec(topic: &str, payload: &[u8]) {
         Err(Some(DecodeError::Empty))
     } else if metric == Some("") {
         Err(Some(DecodeError::NoMetric))
+    } else if let Some(e) = metric
+        .filter(|m| *m != codec::STATUS_METRIC)
+        .and_then(metric_name_error)
+    {
+        Err(Some(e))
     } else {
         Ok(())
     };
@@ -244,6 +273,7 @@ pub fn codec(topic: &str, payload: &[u8]) {
     }
     if let Ok(Message::Readings(r)) = &got {
         assert!(r.values.iter().all(|(_, v)| v.is_finite()), "{}", ctx());
+        assert_usable_names(r, &ctx);
     }
 
     // Metamorphic: whitespace around the payload, and the exact limit, change nothing.
@@ -673,11 +703,7 @@ fn check_config_sound(c: &config::Config, source: &str) {
         if let Some(s) = &u.summaries {
             assert!(s.interval.as_secs() >= 1, "{}", ctx());
             for (i, m) in s.metrics.iter().enumerate() {
-                assert!(
-                    is_metric_name(m) && m != "seq" && m != "status",
-                    "{}",
-                    ctx()
-                );
+                assert_eq!(metric_name_error(m), None, "{}", ctx());
                 assert!(!s.metrics[..i].contains(m), "{}", ctx());
             }
         }
@@ -739,7 +765,7 @@ fn check_config_sound(c: &config::Config, source: &str) {
             "{}",
             ctx()
         );
-        let usable = |m: &String| is_metric_name(m) && m != "seq" && m != "status";
+        let usable = |m: &String| metric_name_error(m).is_none();
         assert!(
             s.metrics.iter().flat_map(|m| m.values()).all(usable),
             "{}",

@@ -226,6 +226,20 @@ fn json_numbers_decode_to_the_value_written() {
     );
 }
 
+/// `seq` is reserved (the codec's module doc), yet `sensors/{device}/seq` was read as a
+/// reading named `seq`.
+#[test]
+fn native_seq_topic_is_not_a_reading() {
+    for payload in ["1", r#"{"v":1}"#, r#"{"v":1,"seq":2}"#] {
+        check::codec("sensors/d/seq", payload.as_bytes());
+        let got = codec::decode("sensors/d/seq", payload.as_bytes(), Limits::default());
+        assert!(
+            !matches!(got, Ok(Message::Readings(_))),
+            "sensors/d/seq decoded as {got:?}"
+        );
+    }
+}
+
 proptest! {
     #![proptest_config(cases(256))]
 
