@@ -14,12 +14,15 @@
 //! A JSON payload gives one reading per numeric leaf, named by its path (`AM2301.Temperature`)
 //! or, if the source has a `metrics` map, only the mapped leaves under their new names. The
 //! readings then go through loss accounting, rules and history like native ones, under
-//! `sensors/{device}/{metric}`.
+//! `sensors/{device}/{metric}`. A name that cannot be a metric there (empty, holding `/`, `+`
+//! or `#`, or the reserved `status` or `seq`: [`check_metric_name`]) is not a reading: a
+//! number under such a key, or such a `{metric}` level, is rejected with the reason, as the
+//! native decoder rejects such keys.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use crate::codec::{DecodeError, Limits, Readings, Rejected};
+use crate::codec::{DecodeError, Limits, Readings, Rejected, check_metric_name};
 
 /// How a source's payload is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +215,7 @@ impl Source {
                 if name.is_empty() {
                     return Err(reject(DecodeError::NoMetric));
                 }
+                check_metric_name(&name).map_err(reject)?;
                 let value: f64 = text.parse().map_err(|_| reject(DecodeError::NotANumber))?;
                 if !value.is_finite() {
                     return Err(reject(DecodeError::NotFinite));
@@ -236,16 +240,19 @@ impl Source {
                         },
                         None => path,
                     };
+                    // Text, booleans and nulls are the product's own business, unless mapped.
+                    if value.is_none() && self.metrics.is_none() {
+                        continue;
+                    }
+                    let name = Cow::Owned(name);
+                    if let Err(e) = check_metric_name(&name) {
+                        readings.rejected.push((name, e));
+                        continue;
+                    }
                     match value {
-                        Some(v) if v.is_finite() => readings.values.push((Cow::Owned(name), v)),
-                        Some(_) => readings
-                            .rejected
-                            .push((Cow::Owned(name), DecodeError::NotFinite)),
-                        // Text, booleans and nulls are the product's own business, unless mapped.
-                        None if self.metrics.is_some() => readings
-                            .rejected
-                            .push((Cow::Owned(name), DecodeError::NotNumeric)),
-                        None => {}
+                        Some(v) if v.is_finite() => readings.values.push((name, v)),
+                        Some(_) => readings.rejected.push((name, DecodeError::NotFinite)),
+                        None => readings.rejected.push((name, DecodeError::NotNumeric)),
                     }
                 }
                 if readings.values.is_empty() && readings.rejected.is_empty() {
@@ -333,6 +340,92 @@ mod tests {
             s.decode("tele/kitchen/STATE", payload, Limits::default())
                 .is_none()
         );
+    }
+
+    #[test]
+    fn json_keys_that_cannot_be_metrics_are_rejected_and_the_rest_kept() {
+        let s = Source::new("tasmota", "tele/{device}/SENSOR", Payload::Json, None, None).unwrap();
+        let payload = br##"{"":1,"a/b":2,"+":3,"#":4,"status":5,"seq":6,"x":{"":7,"y/z":8},
+            "AM2301":{"Temperature":21.5},"status.ok":9,"note":{"":"text is ignored"}}"##;
+        let r = s
+            .decode("tele/k/SENSOR", payload, Limits::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            values(&r),
+            [
+                ("AM2301.Temperature".into(), 21.5),
+                ("status.ok".into(), 9.0),
+                ("x.".into(), 7.0)
+            ],
+            "nested keys still flatten to their path"
+        );
+        let rejected: Vec<_> = r.rejected.iter().map(|(k, e)| (k.as_ref(), e)).collect();
+        assert_eq!(
+            rejected,
+            [
+                ("", &DecodeError::BadMetricName),
+                ("#", &DecodeError::BadMetricName),
+                ("+", &DecodeError::BadMetricName),
+                ("a/b", &DecodeError::BadMetricName),
+                ("seq", &DecodeError::ReservedSeq),
+                ("status", &DecodeError::ReservedMetric),
+                ("x.y/z", &DecodeError::BadMetricName),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_json_message_with_no_usable_name_is_only_rejections() {
+        let s = Source::new("tasmota", "tele/{device}/SENSOR", Payload::Json, None, None).unwrap();
+        // Every number is under an unusable key: each is a decode error, none a reading.
+        let r = s
+            .decode(
+                "tele/k/SENSOR",
+                br#"{"status":1,"Time":"x"}"#,
+                Limits::default(),
+            )
+            .unwrap()
+            .unwrap();
+        assert!(r.values.is_empty());
+        assert_eq!(
+            r.rejected,
+            [(Cow::Borrowed("status"), DecodeError::ReservedMetric)]
+        );
+        // No number at all, whatever the keys: nothing to read.
+        let e = s
+            .decode(
+                "tele/k/SENSOR",
+                br#"{"":"x","seq":null}"#,
+                Limits::default(),
+            )
+            .unwrap()
+            .unwrap_err();
+        assert_eq!((e.device, e.error), (Some("k"), DecodeError::NoReadings));
+    }
+
+    #[test]
+    fn number_sources_refuse_reserved_metric_levels() {
+        let s = Source::new(
+            "esphome",
+            "{device}/sensor/{metric}/state",
+            Payload::Number,
+            None,
+            None,
+        )
+        .unwrap();
+        for (topic, error) in [
+            ("node/sensor/status/state", DecodeError::ReservedMetric),
+            ("node/sensor/seq/state", DecodeError::ReservedSeq),
+            ("node/sensor/a+b/state", DecodeError::BadMetricName),
+            ("node/sensor//state", DecodeError::NoMetric),
+        ] {
+            let e = s
+                .decode(topic, b"1", Limits::default())
+                .unwrap()
+                .unwrap_err();
+            assert_eq!((e.device, e.error), (Some("node"), error), "{topic}");
+        }
     }
 
     #[test]

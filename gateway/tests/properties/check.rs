@@ -419,7 +419,8 @@ fn leaves(value: &Value, path: String, out: &mut Vec<(String, Option<f64>)>) {
 /// `Source::decode` of one message, for every source of the fleet: never panics; a source
 /// claims a topic exactly when its subscription filter matches it; an error names the device
 /// and says what is really wrong; a success gives one reading per numeric leaf (or per mapped
-/// leaf, renamed, with unusable mapped leaves rejected), every value finite; surrounding
+/// leaf, renamed, with unusable mapped leaves rejected), every value finite and every name
+/// one a metric can have (numbers under other names are rejected with the reason); surrounding
 /// whitespace changes nothing.
 pub fn sources(topic: &str, payload: &[u8]) {
     let limits = Limits::default();
@@ -477,14 +478,18 @@ pub fn sources(topic: &str, payload: &[u8]) {
         }
         match s.source.payload {
             Payload::Number => {
-                let expected = match (metric.as_deref(), text.parse::<f64>()) {
-                    (Some("") | None, _) => Err(DecodeError::NoMetric),
-                    (_, Err(_)) => Err(DecodeError::NotANumber),
-                    (_, Ok(v)) if !v.is_finite() => Err(DecodeError::NotFinite),
-                    (Some(m), Ok(v)) => Ok(vec![(m.to_owned(), v)]),
+                let expected = match metric.as_deref() {
+                    Some("") | None => Err(DecodeError::NoMetric),
+                    Some(m) => match (metric_name_error(m), text.parse::<f64>()) {
+                        (Some(e), _) => Err(e),
+                        (None, Err(_)) => Err(DecodeError::NotANumber),
+                        (None, Ok(v)) if !v.is_finite() => Err(DecodeError::NotFinite),
+                        (None, Ok(v)) => Ok(vec![(m.to_owned(), v)]),
+                    },
                 };
                 match (got, expected) {
                     (Ok(r), Ok(values)) => {
+                        assert_usable_names(&r, &|| ctx.clone());
                         assert_eq!((r.device, r.seq), (device, None), "{ctx}");
                         assert_eq!(owned_values(&r), values, "{ctx}");
                         assert!(r.rejected.is_empty(), "{ctx}");
@@ -514,13 +519,19 @@ pub fn sources(topic: &str, payload: &[u8]) {
                             None => continue,
                         },
                     };
+                    // Text and the like is ignored, unless mapped; a name that cannot be a
+                    // metric is rejected before its value is looked at.
+                    if value.is_none() && s.source.metrics.is_none() {
+                        continue;
+                    }
+                    if let Some(e) = metric_name_error(&name) {
+                        rejected.push((name, e));
+                        continue;
+                    }
                     match value {
                         Some(v) if v.is_finite() => values.push((name, v)),
                         Some(_) => rejected.push((name, DecodeError::NotFinite)),
-                        None if s.source.metrics.is_some() => {
-                            rejected.push((name, DecodeError::NotNumeric))
-                        }
-                        None => {}
+                        None => rejected.push((name, DecodeError::NotNumeric)),
                     }
                 }
                 if values.is_empty() && rejected.is_empty() {
@@ -529,6 +540,7 @@ pub fn sources(topic: &str, payload: &[u8]) {
                     continue;
                 }
                 let r = got.unwrap_or_else(|e| panic!("{ctx}: rejected {e:?}"));
+                assert_usable_names(&r, &|| ctx.clone());
                 assert_eq!((r.device, r.seq), (device, None), "{ctx}");
                 assert_eq!(owned_values(&r), values, "{ctx}");
                 assert_eq!(owned_rejected(&r), rejected, "{ctx}");

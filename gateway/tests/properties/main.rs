@@ -12,6 +12,5 @@ mod check;
 mod codec;
 mod config;
 mod corpus;
-mod known_issues;
 mod readings;
 mod sources;

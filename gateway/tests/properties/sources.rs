@@ -2,6 +2,8 @@
 //! Shelly sources on the seed corpus, mutations of it and generated nested JSON.
 
 use proptest::prelude::*;
+use watchpost::codec::{self, Limits};
+use watchpost::sources::{Payload, Source};
 
 use crate::check;
 use crate::codec::{JSON_TOKENS, json, json_object, level, number};
@@ -44,6 +46,62 @@ fn every_seed_is_a_message_that_keeps_the_contract() {
         claimed >= 20,
         "most seeds are for some source of the fleet ({claimed})"
     );
+}
+
+/// A usable metric name, by the rule `config` applies to the names a source maps to and the
+/// module doc of `codec` states: not empty, no `/`, `+` or `#`, not `seq` or `status`.
+fn usable_metric(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains(['/', '+', '#'])
+        && name != codec::SEQ_KEY
+        && name != codec::STATUS_METRIC
+}
+
+/// Found while writing the property "a source's readings are readings the codec would
+/// accept": a JSON source without a `metrics` map made a metric of any key path, and a number
+/// source of any `{metric}` level, the reserved `status` and `seq` included.
+#[test]
+fn sources_give_only_usable_metric_names() {
+    let tasmota = Source::new("t", "tele/{device}/SENSOR", Payload::Json, None, None).unwrap();
+    for (payload, numbers) in [
+        (r#"{"":1}"#, 1),
+        (r#"{"a/b":2}"#, 1),
+        (r##"{"+":3,"#":4}"##, 2),
+        (r#"{"status":5}"#, 1),
+        (r#"{"seq":6}"#, 1),
+        (r#"{"x":{"":7}}"#, 1),
+        (r#"{"ok":1,"status":2}"#, 2),
+    ] {
+        check::sources("tele/k/SENSOR", payload.as_bytes());
+        let r = tasmota
+            .decode("tele/k/SENSOR", payload.as_bytes(), Limits::default())
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{payload}: {e:?}"));
+        for (metric, _) in &r.values {
+            assert!(
+                usable_metric(metric),
+                "{payload} gave the metric {metric:?}"
+            );
+        }
+        assert_eq!(
+            r.values.len() + r.rejected.len(),
+            numbers,
+            "{payload}: every number is a reading or a rejection"
+        );
+    }
+    let esphome = Source::new(
+        "e",
+        "{device}/sensor/{metric}/state",
+        Payload::Number,
+        None,
+        None,
+    )
+    .unwrap();
+    for topic in ["node/sensor/status/state", "node/sensor/seq/state"] {
+        check::sources(topic, b"1");
+        let r = esphome.decode(topic, b"1", Limits::default()).unwrap();
+        assert!(r.is_err(), "{topic} decoded as {r:?}");
+    }
 }
 
 proptest! {
