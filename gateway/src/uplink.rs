@@ -164,7 +164,7 @@ impl Uplink {
             keep_alive,
             setup,
         } = self;
-        let (mut client, eventloop) = AsyncClient::new(options.clone(), WINDOW * 2);
+        let (mut client, eventloop) = new_client(&options);
         let mut committed = store.committed();
         let mut committed_open = true;
         let mut pending = Pending::default();
@@ -242,7 +242,7 @@ impl Uplink {
                     failures = failures.saturating_add(1);
                     let delay = backoff(failures, fastrand::f64());
                     warn!(upstream = %target, in_flight = pending.in_flight(), "uplink stalled: nothing acknowledged for two keep-alives ({stall_limit:?}); reconnecting in {:.1}s", delay.as_secs_f64());
-                    let (new_client, eventloop) = AsyncClient::new(options.clone(), WINDOW * 2);
+                    let (new_client, eventloop) = new_client(&options);
                     client = new_client;
                     poll = Box::pin(poll_after(eventloop, delay));
                     pending.restart();
@@ -294,6 +294,17 @@ impl Uplink {
             info!(upstream = %target, queued = left, "uplink stopped; the outbox keeps what is not acknowledged for the next start");
         }
     }
+}
+
+/// A client and its event loop. Alerts are small and go one at a time: without TCP_NODELAY
+/// one could wait for the acknowledgement of the previous packet (Nagle's algorithm) and
+/// reach the upstream tens of milliseconds late.
+fn new_client(options: &MqttOptions) -> (AsyncClient, EventLoop) {
+    let (client, mut eventloop) = AsyncClient::new(options.clone(), WINDOW * 2);
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    (client, eventloop)
 }
 
 async fn poll_after(
