@@ -3,9 +3,10 @@
 //! UART, fed by a signal model instead of a sensor.
 //!
 //! What differs from a board is only what a board supplies: the clock ([`Instant`]), the sensor
-//! ([`Signal`]: noise, drift, rare excursions) and the link ([`TcpLink`]). Devices are shared
-//! out over a few threads that poll their nodes; [`run`] returns a [`Report`] of what was
-//! sampled, queued, sent and acknowledged, which benchmarks read.
+//! ([`Signal`]: noise, drift, rare excursions; optionally a third metric, pressure) and the link
+//! ([`TcpLink`]). Devices are shared out over a few threads that poll their nodes; [`run`]
+//! returns a [`Report`] of what was sampled, queued, sent and acknowledged, which benchmarks
+//! read.
 
 use std::io::{self, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -20,6 +21,12 @@ use watchpost_firmware::sensor::CLIMATE;
 /// Ring depth of every simulated node, as on the boards.
 pub const RING: usize = 64;
 
+/// Metric names of three-metric devices: the climate sensor's two and `pressure` (hPa).
+pub const CLIMATE_PRESSURE: [&str; 3] = [CLIMATE[0], CLIMATE[1], "pressure"];
+
+/// Excursion length, in samples, when nothing else is asked for.
+pub const EXCURSION_SAMPLES: (u32, u32) = (5, 20);
+
 /// What to simulate.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -30,8 +37,13 @@ pub struct Options {
     /// Samples per second per device.
     pub rate: f64,
     /// Probability, per sample, that a device starts an excursion (a value far outside its
-    /// normal range for a few samples).
+    /// normal range for [`Options::excursion`] samples).
     pub anomaly: f64,
+    /// Shortest and longest excursion, in samples (inclusive).
+    pub excursion: (u32, u32),
+    /// Metrics per device: 1 (temperature), 2 (and humidity, as the climate sensor) or 3 (and
+    /// pressure).
+    pub metrics: usize,
     /// How long to sample.
     pub duration: Duration,
     /// After sampling stops, how long to wait at most for queued messages to be acknowledged.
@@ -42,8 +54,9 @@ pub struct Options {
     pub threads: usize,
     /// Seed of every random choice, so runs can be repeated.
     pub seed: u64,
-    /// Report-by-exception rule for temperature and humidity (thousandths, ms).
-    pub deadband: [Deadband<i32>; 2],
+    /// Report-by-exception rule for temperature, humidity and pressure (thousandths, ms), as far
+    /// as [`Options::metrics`] goes. A `delta` of 0 reports every sample.
+    pub deadband: [Deadband<i32>; 3],
     /// MQTT keep-alive in ms.
     pub keep_alive_ms: u32,
 }
@@ -56,6 +69,8 @@ impl Options {
             devices,
             rate: 1.0,
             anomaly: 0.0,
+            excursion: EXCURSION_SAMPLES,
+            metrics: 2,
             duration: Duration::from_secs(10),
             drain: Duration::from_secs(10),
             prefix: "sim-".into(),
@@ -72,9 +87,42 @@ impl Options {
                     min_interval_ms: 0,
                     heartbeat_ms: 60_000,
                 },
+                Deadband {
+                    delta: 500,
+                    min_interval_ms: 0,
+                    heartbeat_ms: 60_000,
+                },
             ],
             keep_alive_ms: 30_000,
         }
+    }
+
+    /// Reports every sample of every metric: no report by exception.
+    pub fn every_sample(&mut self) {
+        for band in &mut self.deadband {
+            band.delta = 0;
+        }
+    }
+
+    /// Sets [`Options::anomaly`] and [`Options::excursion`] so that excursions last `min` to
+    /// `max` seconds (at [`Options::rate`]) and a `share` of all samples falls inside one.
+    pub fn excursions(&mut self, share: f64, min: Duration, max: Duration) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (0.0..1.0).contains(&share),
+            "the share of samples in excursions must be at least 0 and less than 1"
+        );
+        let samples = |d: Duration| (d.as_secs_f64() * self.rate).round().max(1.0) as u32;
+        let (lo, hi) = (samples(min), samples(max));
+        anyhow::ensure!(
+            lo <= hi,
+            "the shortest excursion is longer than the longest"
+        );
+        self.excursion = (lo, hi);
+        // A device alternates between a normal stretch (mean 1/p samples) and an excursion
+        // (mean L samples): the share inside is pL / (1 + pL), so p = share / (L (1 - share)).
+        let mean = f64::from(lo + hi) / 2.0;
+        self.anomaly = share / (mean * (1.0 - share));
+        Ok(())
     }
 }
 
@@ -103,6 +151,8 @@ pub struct Report {
     pub unsent: u64,
     /// Excursions started.
     pub excursions: u64,
+    /// Samples taken inside an excursion.
+    pub excursion_samples: u64,
     /// CONNECTs sent, and connections lost.
     pub connects: u64,
     /// Connections declared dead (keep-alive, missing acks, closed sockets).
@@ -112,7 +162,7 @@ pub struct Report {
 }
 
 impl Report {
-    fn add(&mut self, c: &Counters, excursions: u64, up: bool) {
+    fn add(&mut self, c: &Counters, signal: &Signal, up: bool) {
         self.samples += u64::from(c.samples);
         self.queued += u64::from(c.queued);
         self.values += u64::from(c.values);
@@ -120,7 +170,8 @@ impl Report {
         self.published += u64::from(c.mqtt.published);
         self.dropped += u64::from(c.dropped);
         self.unsent += u64::from(c.waiting);
-        self.excursions += excursions;
+        self.excursions += signal.excursions;
+        self.excursion_samples += signal.excursion_samples;
         self.connects += u64::from(c.mqtt.connects);
         self.links_lost += u64::from(c.mqtt.lost);
         self.bytes_out += c.mqtt.bytes_out;
@@ -142,6 +193,7 @@ impl Report {
             "dropped": self.dropped,
             "unsent": self.unsent,
             "excursions": self.excursions,
+            "excursion_samples": self.excursion_samples,
             "connects": self.connects,
             "links_lost": self.links_lost,
             "bytes_out": self.bytes_out,
@@ -170,10 +222,11 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "dropped {}, unsent {}, excursions {}, connects {}, links lost {}, bytes out {}",
+            "dropped {}, unsent {}, excursions {} ({} samples), connects {}, links lost {}, bytes out {}",
             self.dropped,
             self.unsent,
             self.excursions,
+            self.excursion_samples,
             self.connects,
             self.links_lost,
             self.bytes_out
@@ -190,8 +243,28 @@ pub struct Signal {
     excursion_left: u32,
     excursion_value: f64,
     anomaly: f64,
+    excursion: (u32, u32),
+    /// Pressure has a generator of its own, so that temperature and humidity are the same
+    /// for a seed whether or not pressure is simulated.
+    pressure: Option<Pressure>,
     /// Excursions started.
     pub excursions: u64,
+    /// Samples taken inside an excursion.
+    pub excursion_samples: u64,
+}
+
+/// A standard normal sample (Box-Muller).
+fn gauss(rng: &mut fastrand::Rng) -> f64 {
+    let u = rng.f64().max(f64::MIN_POSITIVE);
+    let v = rng.f64();
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+}
+
+#[derive(Debug, Clone)]
+struct Pressure {
+    rng: fastrand::Rng,
+    base: f64,
+    drift: f64,
 }
 
 impl Signal {
@@ -206,15 +279,34 @@ impl Signal {
             excursion_left: 0,
             excursion_value: 0.0,
             anomaly,
+            excursion: EXCURSION_SAMPLES,
+            pressure: None,
             excursions: 0,
+            excursion_samples: 0,
         }
     }
 
+    /// Excursions last `min` to `max` samples (inclusive) instead of [`EXCURSION_SAMPLES`].
+    pub fn with_excursions(mut self, (min, max): (u32, u32)) -> Self {
+        self.excursion = (min.max(1), max.max(min).max(1));
+        self
+    }
+
+    /// Adds a barometric pressure (hPa) to the signal: a per-device baseline near sea level,
+    /// slow drift and noise; see [`Signal::sample3`].
+    pub fn with_pressure(mut self) -> Self {
+        let mut rng = fastrand::Rng::with_seed(self.rng.get_seed() ^ 0x7072_6573_7375_7265);
+        let base = 995.0 + 30.0 * rng.f64();
+        self.pressure = Some(Pressure {
+            rng,
+            base,
+            drift: 0.0,
+        });
+        self
+    }
+
     fn gauss(&mut self) -> f64 {
-        // Box-Muller.
-        let u = self.rng.f64().max(f64::MIN_POSITIVE);
-        let v = self.rng.f64();
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+        gauss(&mut self.rng)
     }
 
     /// The next sample: temperature (m°C) and relative humidity (m%).
@@ -224,12 +316,13 @@ impl Signal {
             self.drift[i] = d.clamp(-bound, bound);
         }
         if self.excursion_left == 0 && self.rng.f64() < self.anomaly {
-            self.excursion_left = self.rng.u32(5..=20);
+            self.excursion_left = self.rng.u32(self.excursion.0..=self.excursion.1);
             self.excursion_value = 92.0 + 7.0 * self.rng.f64();
             self.excursions += 1;
         }
         let temperature = if self.excursion_left > 0 {
             self.excursion_left -= 1;
+            self.excursion_samples += 1;
             self.excursion_value + 0.3 * self.gauss()
         } else {
             self.base[0] + self.drift[0] + 0.05 * self.gauss()
@@ -239,6 +332,19 @@ impl Signal {
             (temperature * 1000.0).round() as i32,
             (humidity * 1000.0).round() as i32,
         ]
+    }
+
+    /// The next sample with pressure: temperature (m°C), relative humidity (m%) and pressure
+    /// (thousandths of a hPa). Without [`Signal::with_pressure`] the pressure is 0.
+    pub fn sample3(&mut self) -> [i32; 3] {
+        let [t, h] = self.sample();
+        let Some(p) = self.pressure.as_mut() else {
+            return [t, h, 0];
+        };
+        let step = 0.05 * gauss(&mut p.rng);
+        let noise = 0.05 * gauss(&mut p.rng);
+        p.drift = (p.drift + step).clamp(-5.0, 5.0);
+        [t, h, ((p.base + p.drift + noise) * 1000.0).round() as i32]
     }
 }
 
@@ -347,12 +453,19 @@ impl Link for TcpLink {
     }
 }
 
-struct Device<'a> {
-    node: Node<'a, 2, RING>,
+struct Device<'a, const M: usize> {
+    node: Node<'a, M, RING>,
     link: TcpLink,
     signal: Signal,
     next_sample: u64,
     last_poll: u64,
+}
+
+/// What differs between a fleet of climate sensors and one with pressure too.
+struct Sensor<'a, const M: usize> {
+    metrics: [&'a str; M],
+    deadband: [Deadband<i32>; M],
+    sample: fn(&mut Signal) -> [i32; M],
 }
 
 /// Runs the fleet: samples for `options.duration`, then waits up to `options.drain` for every
@@ -367,6 +480,14 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         (0.0..=1.0).contains(&options.anomaly),
         "--anomaly is a probability between 0 and 1"
     );
+    anyhow::ensure!(
+        (1..=3).contains(&options.metrics),
+        "--metrics is 1 (temperature), 2 (and humidity) or 3 (and pressure)"
+    );
+    anyhow::ensure!(
+        0 < options.excursion.0 && options.excursion.0 <= options.excursion.1,
+        "excursions last at least one sample, and the shortest is not longer than the longest"
+    );
     let ids: Vec<String> = (0..options.devices)
         .map(|i| format!("{}{i}", options.prefix))
         .collect();
@@ -378,7 +499,35 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
             .chunks(options.devices.div_ceil(threads))
             .enumerate()
             .map(|(shard, ids)| {
-                scope.spawn(move || run_shard(options, shard, ids, start, period_ms))
+                scope.spawn(move || {
+                    let [t, h, p] = options.deadband;
+                    match options.metrics {
+                        1 => {
+                            let sensor = Sensor {
+                                metrics: [CLIMATE[0]],
+                                deadband: [t],
+                                sample: |s: &mut Signal| [s.sample()[0]],
+                            };
+                            run_shard(options, &sensor, shard, ids, start, period_ms)
+                        }
+                        2 => {
+                            let sensor = Sensor {
+                                metrics: CLIMATE,
+                                deadband: [t, h],
+                                sample: Signal::sample,
+                            };
+                            run_shard(options, &sensor, shard, ids, start, period_ms)
+                        }
+                        _ => {
+                            let sensor = Sensor {
+                                metrics: CLIMATE_PRESSURE,
+                                deadband: [t, h, p],
+                                sample: Signal::sample3,
+                            };
+                            run_shard(options, &sensor, shard, ids, start, period_ms)
+                        }
+                    }
+                })
             })
             .collect();
         let mut total = Report::default();
@@ -405,13 +554,15 @@ fn merge(total: &mut Report, part: &Report) {
     total.dropped += part.dropped;
     total.unsent += part.unsent;
     total.excursions += part.excursions;
+    total.excursion_samples += part.excursion_samples;
     total.connects += part.connects;
     total.links_lost += part.links_lost;
     total.bytes_out += part.bytes_out;
 }
 
-fn run_shard(
+fn run_shard<const M: usize>(
     options: &Options,
+    sensor: &Sensor<'_, M>,
     shard: usize,
     ids: &[String],
     start: Instant,
@@ -421,11 +572,14 @@ fn run_shard(
     for (i, id) in ids.iter().enumerate() {
         let seed =
             options.seed ^ ((shard as u64) << 32 | i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let mut signal = Signal::new(seed, options.anomaly);
+        let mut signal = Signal::new(seed, options.anomaly).with_excursions(options.excursion);
+        if M == 3 {
+            signal = signal.with_pressure();
+        }
         let node = Node::new(Config {
             device: id,
-            metrics: CLIMATE,
-            deadband: options.deadband,
+            metrics: sensor.metrics,
+            deadband: sensor.deadband,
             credentials: None,
             keep_alive_ms: options.keep_alive_ms,
             ack_timeout_ms: 5_000,
@@ -455,7 +609,7 @@ fn run_shard(
         for d in &mut devices {
             let mut due = false;
             if sampling && now >= d.next_sample {
-                let values = d.signal.sample();
+                let values = (sensor.sample)(&mut d.signal);
                 d.node.sample(now, values);
                 d.next_sample += period_ms;
                 due = true;
@@ -477,7 +631,7 @@ fn run_shard(
     }
     let mut report = Report::default();
     for d in &devices {
-        report.add(&d.node.counters(), d.signal.excursions, d.node.is_up());
+        report.add(&d.node.counters(), &d.signal, d.node.is_up());
     }
     report.connected_at_end = connected_at_end.unwrap_or(report.connected_at_end);
     Ok(report)
@@ -512,6 +666,57 @@ mod tests {
         }
         // The sample that started the second excursion is not part of the first.
         assert!((5..=20).contains(&(length - 1)), "{length}");
+    }
+
+    #[test]
+    fn pressure_leaves_temperature_and_humidity_as_they_were() {
+        let mut plain = Signal::new(11, 0.01);
+        let mut with = Signal::new(11, 0.01).with_pressure();
+        for _ in 0..1_000 {
+            let [t, h] = plain.sample();
+            let [t3, h3, p] = with.sample3();
+            assert_eq!((t, h), (t3, h3));
+            assert!((985_000..=1_030_000).contains(&p), "{p}");
+        }
+    }
+
+    #[test]
+    fn excursions_last_as_long_as_asked() {
+        let mut s = Signal::new(5, 1.0).with_excursions((10, 12));
+        s.sample();
+        let mut length = 1;
+        while s.excursions == 1 {
+            s.sample();
+            length += 1;
+        }
+        assert!((10..=12).contains(&(length - 1)), "{length}");
+    }
+
+    #[test]
+    fn the_excursion_share_is_what_was_asked_for() {
+        let mut o = Options::new(([127, 0, 0, 1], 1883).into(), 1);
+        o.excursions(0.001, Duration::from_secs(10), Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(o.excursion, (10, 60));
+        let mut inside = 0;
+        let n = 4_000_000;
+        for seed in 0..40 {
+            let mut s = Signal::new(seed, o.anomaly).with_excursions(o.excursion);
+            for _ in 0..n / 40 {
+                s.sample();
+            }
+            inside += s.excursion_samples;
+        }
+        let share = inside as f64 / n as f64;
+        assert!((0.0007..0.0013).contains(&share), "{share}");
+        assert!(o.excursions(1.0, Duration::ZERO, Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn every_sample_reports_every_sample() {
+        let mut o = Options::new(([127, 0, 0, 1], 1883).into(), 1);
+        o.every_sample();
+        assert!(o.deadband.iter().all(|b| b.delta == 0));
     }
 
     #[test]

@@ -17,8 +17,23 @@ struct Args {
     #[arg(long, default_value_t = 1.0)]
     rate: f64,
     /// Probability per sample that a device starts an excursion above 90 °C.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, conflicts_with = "excursion_share")]
     anomaly: f64,
+    /// Instead of --anomaly: the share of samples that fall inside an excursion (e.g. 0.001).
+    #[arg(long, requires = "excursion_secs")]
+    excursion_share: Option<f64>,
+    /// With --excursion-share: shortest and longest excursion in seconds, e.g. 10-60.
+    #[arg(long, value_parser = seconds_range, requires = "excursion_share")]
+    excursion_secs: Option<(f64, f64)>,
+    /// Metrics per device: 1 (temperature), 2 (and humidity) or 3 (and pressure, hPa).
+    #[arg(long, default_value_t = 2)]
+    metrics: usize,
+    /// Send every sample of every metric (no report by exception).
+    #[arg(long)]
+    every_sample: bool,
+    /// MQTT keep-alive in seconds.
+    #[arg(long, default_value_t = 30)]
+    keep_alive: u32,
     /// The gateway's MQTT 3.1.1 listener.
     #[arg(long, default_value = "127.0.0.1:1883")]
     gateway: SocketAddr,
@@ -42,6 +57,19 @@ struct Args {
     json: bool,
 }
 
+/// `MIN-MAX` in seconds.
+fn seconds_range(s: &str) -> Result<(f64, f64), String> {
+    let (min, max) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not MIN-MAX seconds, e.g. 10-60"))?;
+    let number = |v: &str| {
+        v.trim()
+            .parse::<f64>()
+            .map_err(|_| format!("{v:?} is not a number of seconds"))
+    };
+    Ok((number(min)?, number(max)?))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let seconds = |s: f64, name: &str| {
@@ -51,6 +79,18 @@ fn main() -> anyhow::Result<()> {
     let mut options = watchpost_sim::Options::new(args.gateway, args.devices);
     options.rate = args.rate;
     options.anomaly = args.anomaly;
+    options.metrics = args.metrics;
+    options.keep_alive_ms = args.keep_alive.saturating_mul(1000);
+    if args.every_sample {
+        options.every_sample();
+    }
+    if let (Some(share), Some((min, max))) = (args.excursion_share, args.excursion_secs) {
+        options.excursions(
+            share,
+            seconds(min, "excursion-secs")?,
+            seconds(max, "excursion-secs")?,
+        )?;
+    }
     options.duration = seconds(args.duration, "duration")?;
     options.drain = seconds(args.drain, "drain")?;
     options.prefix = args.prefix;
