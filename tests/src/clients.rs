@@ -250,7 +250,13 @@ pub fn publish_packet(topic: &[u8], payload: &[u8]) -> Vec<u8> {
 /// `first` byte, remaining length, `body`.
 pub fn with_header(first: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![first];
-    let mut len = body.len();
+    put_remaining_length(&mut out, body.len());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Appends `len` as an MQTT remaining length (7 bits a byte, least significant first).
+pub fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
     loop {
         let mut byte = (len % 128) as u8;
         len /= 128;
@@ -262,6 +268,4 @@ pub fn with_header(first: u8, body: &[u8]) -> Vec<u8> {
             break;
         }
     }
-    out.extend_from_slice(body);
-    out
 }
