@@ -1,0 +1,253 @@
+//! The saturation load: N connections, each a thread that writes PUBLISH packets as fast as
+//! the broker takes them (or at a set rate), QoS 0 or QoS 1 with a window of packets in flight.
+//!
+//! Every connection stands for `devices` devices; each message is one reading on
+//! `sensors/{device}/{metric}` as `{"v":..,"seq":..}`, with the device's `seq` counting up by
+//! one per message, so that the gateway judges every one (no duplicates, no gaps). Values stay
+//! in the normal range: no alerts. Packets are formatted in the writing thread into batches of
+//! about 64 KiB, without allocating per message.
+//!
+//! Runs as a process of its own (`watchpost-bench flood ...`): prints `ready` once every
+//! connection is accepted, starts on a line on stdin, and prints a JSON report when done.
+
+use std::io::{BufRead, ErrorKind, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use watchpost_firmware::payload::{self, Writer};
+
+use crate::wire::{self, Conn, Incoming};
+
+/// Metric names of the flood's devices.
+pub const METRICS: [&str; 3] = ["temperature", "humidity", "pressure"];
+
+/// QoS 1 packets in flight per connection.
+pub const WINDOW: u64 = 64;
+
+/// What to flood.
+#[derive(Debug, Clone)]
+pub struct Flood {
+    /// The broker.
+    pub addr: SocketAddr,
+    /// Connections.
+    pub conns: usize,
+    /// 0 or 1.
+    pub qos: u8,
+    /// Messages per second over all connections; 0 for as fast as possible.
+    pub rate: f64,
+    /// How long to send.
+    pub seconds: f64,
+    /// Devices per connection.
+    pub devices: usize,
+    /// Client ids and device ids start with this.
+    pub prefix: String,
+}
+
+#[derive(Default)]
+struct Totals {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// The `flood` mode.
+pub fn main(flood: Flood) -> Result<()> {
+    let totals = Arc::new(Totals::default());
+    let go = Arc::new(Barrier::new(flood.conns + 1));
+    let mut conns = Vec::new();
+    for i in 0..flood.conns {
+        let id = format!("{}{i}", flood.prefix);
+        conns.push(Conn::connect(flood.addr, &id).with_context(|| format!("connection {id}"))?);
+    }
+    let mut threads = Vec::new();
+    for (i, conn) in conns.into_iter().enumerate() {
+        let (flood, totals, go) = (flood.clone(), totals.clone(), go.clone());
+        threads.push(std::thread::spawn(move || {
+            go.wait();
+            if let Err(e) = one(conn, i, &flood, &totals) {
+                eprintln!("connection {i}: {e:#}");
+                totals.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    println!("ready {} connections", flood.conns);
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let started = Instant::now();
+    go.wait();
+    for t in threads {
+        let _ = t.join();
+    }
+    let report = json!({
+        "sent": totals.sent.load(Ordering::Relaxed),
+        "acked": totals.acked.load(Ordering::Relaxed),
+        "errors": totals.errors.load(Ordering::Relaxed),
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    println!("{report}");
+    Ok(())
+}
+
+/// Writes `buf`, waiting as long as the socket takes it until `until`; returns how many
+/// bytes went out, fewer than all only when time was up.
+fn write_until(w: &mut TcpStream, buf: &[u8], until: Instant) -> Result<usize> {
+    let mut off = 0;
+    while off < buf.len() {
+        match w.write(&buf[off..]) {
+            Ok(0) => anyhow::bail!("the broker closed the connection"),
+            Ok(n) => off += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                if Instant::now() >= until {
+                    break;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(off)
+}
+
+/// The payload of message `k` of a connection with `devices` devices, as the firmware writes
+/// it: a value between 20.0 and 29.9 and the device's `seq`.
+fn payload(out: &mut Vec<u8>, k: u64, devices: u64) -> Result<()> {
+    let milli = 20_000 + (k.wrapping_mul(7) % 100) as i32 * 100;
+    let mut buf = [0u8; 48];
+    let mut w = Writer::new(&mut buf);
+    payload::single(&mut w, milli, (k / devices) as u32)
+        .map_err(|e| anyhow::anyhow!("formatting reading {k}: {e}"))?;
+    let n = w.len();
+    out.extend_from_slice(&buf[..n]);
+    Ok(())
+}
+
+fn one(mut conn: Conn, index: usize, flood: &Flood, totals: &Totals) -> Result<()> {
+    let devices = flood.devices.max(1) as u64;
+    // Topics of every device and metric, made once.
+    let topics: Vec<[Vec<u8>; 3]> = (0..devices)
+        .map(|d| METRICS.map(|m| format!("sensors/{}{index}-{d}/{m}", flood.prefix).into_bytes()))
+        .collect();
+    let per_conn = flood.rate / flood.conns as f64;
+    let until = Instant::now() + Duration::from_secs_f64(flood.seconds);
+    let start = Instant::now();
+    let mut writer = conn.stream().try_clone()?;
+    let acked = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = if flood.qos == 1 {
+        let (acked, done) = (acked.clone(), done.clone());
+        let me = std::thread::current();
+        Some(std::thread::spawn(move || {
+            while let Ok(Some(packet)) = conn.next() {
+                if matches!(packet, Incoming::PubAck) {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                    me.unpark();
+                }
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        }))
+    } else {
+        None
+    };
+    let mut batch = Vec::with_capacity(80 * 1024);
+    // Where each message of the batch ends, to count what a write cut short did send.
+    let mut ends = Vec::with_capacity(1024);
+    let mut body = Vec::with_capacity(64);
+    let mut k: u64 = 0;
+    let mut last_ping = Instant::now();
+    // A broker that stops reading must not hold the load past its time.
+    writer.set_write_timeout(Some(Duration::from_millis(100)))?;
+    let mut torn = false;
+    while Instant::now() < until {
+        let mut room = 1024u64;
+        if per_conn > 0.0 {
+            let allowed = (start.elapsed().as_secs_f64() * per_conn) as u64;
+            room = room.min(allowed.saturating_sub(k));
+        }
+        if flood.qos == 1 {
+            room = room.min(WINDOW.saturating_sub(k - acked.load(Ordering::Relaxed)));
+        }
+        if room == 0 {
+            if flood.qos == 1 {
+                std::thread::park_timeout(Duration::from_millis(1));
+            } else {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            continue;
+        }
+        batch.clear();
+        ends.clear();
+        let first = k;
+        for _ in 0..room {
+            let d = (k % devices) as usize;
+            let round = k / devices;
+            body.clear();
+            payload(&mut body, k, devices)?;
+            let pkid = (flood.qos == 1).then(|| (k % 65_535) as u16 + 1);
+            wire::put_publish(&mut batch, &topics[d][(round % 3) as usize], &body, pkid);
+            ends.push(batch.len());
+            k += 1;
+            if batch.len() >= 64 * 1024 {
+                break;
+            }
+        }
+        if last_ping.elapsed() >= wire::KEEP_ALIVE / 2 {
+            batch.extend_from_slice(&[0xc0, 0]);
+            last_ping = Instant::now();
+        }
+        let written = write_until(&mut writer, &batch, until)?;
+        if written < batch.len() {
+            // Time is up in the middle of the batch: count only whole messages, and send
+            // nothing more on a stream that ends inside a packet.
+            k = first + ends.iter().filter(|&&end| end <= written).count() as u64;
+            torn = true;
+            break;
+        }
+    }
+    if flood.qos == 1 && !torn {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while acked.load(Ordering::Relaxed) < k && Instant::now() < deadline {
+            std::thread::park_timeout(Duration::from_millis(10));
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    totals.sent.fetch_add(k, Ordering::Relaxed);
+    totals
+        .acked
+        .fetch_add(acked.load(Ordering::Relaxed), Ordering::Relaxed);
+    // DISCONNECT, then close; the reader ends with the connection.
+    if !torn {
+        let _ = writer.write_all(&[0xe0, 0]);
+    }
+    let _ = writer.shutdown(std::net::Shutdown::Both);
+    if let Some(r) = reader {
+        let _ = r.join();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_are_readings_with_a_rising_seq_per_device() {
+        let mut out = Vec::new();
+        payload(&mut out, 0, 10).unwrap();
+        assert_eq!(out, br#"{"v":20,"seq":0}"#);
+        out.clear();
+        payload(&mut out, 23, 10).unwrap();
+        assert_eq!(out, br#"{"v":26.1,"seq":2}"#);
+    }
+}

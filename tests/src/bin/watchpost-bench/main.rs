@@ -1,0 +1,524 @@
+//! `watchpost-bench`: Watchpost against a Mosquitto bridge, bare rumqttd and bare Mosquitto,
+//! real processes over loopback, in one run that rewrites `BENCHMARKS.md`.
+//!
+//! ```sh
+//! cargo run --release -p watchpost-e2e --bin watchpost-bench -- [--quick] [--runs N] [--out FILE]
+//! ```
+//!
+//! It builds the release gateway and simulator first (`cargo build --release -p watchpost -p
+//! watchpost-sim`), then runs the workloads ([`plant`], [`saturation`], [`fleet`]) `--runs`
+//! times, writes every raw figure as JSON next to the logs, and renders the tables
+//! ([`report`]). `--from-json` renders tables again from a saved run without running anything.
+//! Helper modes (`flood`, `rumqttd`, `count-sub`) are this binary started by itself as a
+//! separate process, so that load and counting never share a process with the harness.
+
+mod fleet;
+mod flood;
+mod peer;
+mod plant;
+mod probe;
+mod procs;
+mod proxy;
+mod report;
+mod saturation;
+mod setup;
+mod stats;
+mod wire;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+use crate::procs::Bins;
+use crate::saturation::{System, Timing};
+
+/// Benchmark Watchpost against a Mosquitto bridge, bare rumqttd and bare Mosquitto.
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(subcommand)]
+    helper: Option<Helper>,
+    /// A short run for CI (about 3 minutes, one run, smaller fleets).
+    #[arg(long)]
+    quick: bool,
+    /// Runs of every workload; figures are medians over them (default: 3, quick: 1).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Where to write the tables (default: BENCHMARKS.md at the workspace root).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only these workloads (the others' tables say "not run").
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Phase>,
+    /// Render the tables from a results.json of an earlier run instead of running.
+    #[arg(long)]
+    from_json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Phase {
+    Plant,
+    Summary,
+    Saturation,
+    Overload,
+    Latency,
+    Fleet,
+}
+
+#[derive(Debug, Subcommand)]
+enum Helper {
+    /// (helper) Flood a broker: ADDR CONNS QOS RATE SECONDS DEVICES_PER_CONN.
+    #[command(hide = true)]
+    Flood {
+        addr: SocketAddr,
+        conns: usize,
+        qos: u8,
+        rate: f64,
+        seconds: f64,
+        devices: usize,
+    },
+    /// (helper) Bare rumqttd on 127.0.0.1:PORT with a counting in-process subscriber.
+    #[command(hide = true)]
+    Rumqttd { port: u16 },
+    /// (helper) A counting subscriber: ADDR FILTER.
+    #[command(hide = true)]
+    CountSub { addr: SocketAddr, filter: String },
+}
+
+/// Sizes and durations of one invocation.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `--quick`.
+    pub quick: bool,
+    /// Runs.
+    pub runs: usize,
+    /// The plant.
+    pub plant: plant::Plan,
+    /// Summary measurement: interval and seconds.
+    pub summary: (&'static str, f64),
+    /// Saturation windows.
+    pub timing: Timing,
+    /// Connection counts of the saturation load.
+    pub conns: [usize; 2],
+    /// Seconds of QoS 1 overload.
+    pub overload_s: f64,
+    /// Connections of the QoS 1 overload.
+    pub overload_conns: usize,
+    /// Latency at half saturation: warm-up and probing.
+    pub half: (Duration, Duration),
+    /// Probe transitions per second.
+    pub probe_rate: f64,
+    /// The fleet at Watchpost.
+    pub fleet: fleet::Plan,
+    /// The fleet at the bare brokers (shorter window: memory is what they are compared on).
+    pub fleet_peers: fleet::Plan,
+}
+
+impl Config {
+    fn new(quick: bool, runs: Option<usize>) -> Config {
+        let probe_rate = 20.0;
+        // A third of the readings are temperatures: 0.3 % of them in an excursion puts about
+        // 0.1 % of all readings across the overheat rule.
+        let excursion_share = 0.003;
+        if quick {
+            Config {
+                quick,
+                runs: runs.unwrap_or(1),
+                plant: plant::Plan {
+                    devices: 300,
+                    window: Duration::from_secs(20),
+                    probe: Duration::from_secs(10),
+                    probe_rate,
+                    excursion_share,
+                    seed: 1,
+                },
+                summary: ("2s", 5.0),
+                timing: Timing {
+                    warm: Duration::from_secs(1),
+                    window: Duration::from_secs(2),
+                },
+                conns: [10, 100],
+                overload_s: 2.0,
+                overload_conns: 100,
+                half: (Duration::from_secs(1), Duration::from_secs(4)),
+                probe_rate,
+                fleet: fleet::Plan {
+                    devices: 1000,
+                    settle: Duration::from_secs(1),
+                    window: Duration::from_secs(3),
+                    seed: 1,
+                },
+                fleet_peers: fleet::Plan {
+                    devices: 1000,
+                    settle: Duration::from_secs(1),
+                    window: Duration::from_secs(3),
+                    seed: 1,
+                },
+            }
+        } else {
+            Config {
+                quick,
+                runs: runs.unwrap_or(3),
+                plant: plant::Plan {
+                    devices: 1000,
+                    window: Duration::from_secs(300),
+                    probe: Duration::from_secs(90),
+                    probe_rate,
+                    excursion_share,
+                    seed: 1,
+                },
+                summary: ("10s", 25.0),
+                timing: Timing {
+                    warm: Duration::from_secs(5),
+                    window: Duration::from_secs(10),
+                },
+                conns: [10, 100],
+                overload_s: 10.0,
+                overload_conns: 100,
+                half: (Duration::from_secs(5), Duration::from_secs(30)),
+                probe_rate,
+                fleet: fleet::Plan {
+                    devices: 10_000,
+                    settle: Duration::from_secs(10),
+                    window: Duration::from_secs(60),
+                    seed: 1,
+                },
+                fleet_peers: fleet::Plan {
+                    devices: 10_000,
+                    settle: Duration::from_secs(5),
+                    window: Duration::from_secs(30),
+                    seed: 1,
+                },
+            }
+        }
+    }
+
+    /// The configuration as JSON, for the report.
+    fn to_json(&self) -> Value {
+        json!({
+            "quick": self.quick,
+            "runs": self.runs,
+            "plant_devices": self.plant.devices,
+            "plant_window_s": self.plant.window.as_secs_f64(),
+            "plant_probe_s": self.plant.probe.as_secs_f64(),
+            "excursion_share": self.plant.excursion_share,
+            "summary_interval": self.summary.0,
+            "summary_s": self.summary.1,
+            "sat_warm_s": self.timing.warm.as_secs_f64(),
+            "sat_window_s": self.timing.window.as_secs_f64(),
+            "conns": self.conns,
+            "overload_s": self.overload_s,
+            "overload_conns": self.overload_conns,
+            "half_warm_s": self.half.0.as_secs_f64(),
+            "half_probe_s": self.half.1.as_secs_f64(),
+            "probe_rate": self.probe_rate,
+            "fleet_devices": self.fleet.devices,
+            "fleet_window_s": self.fleet.window.as_secs_f64(),
+            "fleet_peers_window_s": self.fleet_peers.window.as_secs_f64(),
+        })
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.helper {
+        Some(Helper::Flood {
+            addr,
+            conns,
+            qos,
+            rate,
+            seconds,
+            devices,
+        }) => {
+            return flood::main(flood::Flood {
+                addr,
+                conns,
+                qos,
+                rate,
+                seconds,
+                devices,
+                prefix: format!("flood{}-", std::process::id()),
+            });
+        }
+        Some(Helper::Rumqttd { port }) => return peer::rumqttd_main(port),
+        Some(Helper::CountSub { addr, filter }) => return peer::count_sub_main(addr, &filter),
+        None => {}
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the workspace root")?
+        .to_owned();
+    let (results, work) = match &cli.from_json {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let doc: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a results file", path.display()))?;
+            (doc, path.parent().unwrap_or(Path::new(".")).to_owned())
+        }
+        None => run_all(&cli, &root)?,
+    };
+    // A quick run's figures are not the project's: they go next to its logs.
+    let quick = results["config"]["quick"].as_bool().unwrap_or(false);
+    let out = cli.out.clone().unwrap_or_else(|| {
+        if quick {
+            work.join("BENCHMARKS.md")
+        } else {
+            root.join("BENCHMARKS.md")
+        }
+    });
+    // Sections of BENCHMARKS.md that other benchmarks wrote are kept.
+    let previous = std::fs::read_to_string(&out)
+        .or_else(|_| std::fs::read_to_string(root.join("BENCHMARKS.md")))
+        .unwrap_or_default();
+    let text = report::render(&results, &previous);
+    std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Runs every workload `runs` times; returns the raw figures and the directory of the logs.
+fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
+    let started = Instant::now();
+    let config = Config::new(cli.quick, cli.runs);
+    let wanted = |p: Phase| cli.only.is_empty() || cli.only.contains(&p);
+    let bins = Bins::build()?;
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .replace(':', "-");
+    let work = bins
+        .bench
+        .parent()
+        .and_then(Path::parent)
+        .context("target directory")?
+        .join("watchpost-bench")
+        .join(stamp);
+    std::fs::create_dir_all(&work)?;
+    eprintln!("logs and raw figures in {}", work.display());
+    let mut command = format!(
+        "cargo run --release -p watchpost-e2e --bin watchpost-bench --{}",
+        if cli.quick { " --quick" } else { "" }
+    );
+    if let Some(n) = cli.runs {
+        command.push_str(&format!(" --runs {n}"));
+    }
+    let mut doc = json!({
+        "command": command,
+        "machine": machine(&bins, root),
+        "config": config.to_json(),
+        "runs": [],
+    });
+    let save = |doc: &Value| -> Result<()> {
+        std::fs::write(
+            work.join("results.json"),
+            serde_json::to_string_pretty(doc)?,
+        )?;
+        Ok(())
+    };
+    for run in 0..config.runs {
+        let dir = work.join(format!("run-{}", run + 1));
+        let mut result = json!({});
+        let step = |name: &str| eprintln!("[{:>6.0?}] run {} {name}", started.elapsed(), run + 1);
+        if wanted(Phase::Plant) {
+            step("plant");
+            let mut plan = config.plant.clone();
+            plan.seed = run as u64 + 1;
+            result["plant"] = plant::run(&bins, &dir.join("plant"), &plan)?;
+        }
+        if wanted(Phase::Saturation) {
+            let mut all = Vec::new();
+            for conns in config.conns {
+                for system in [System::Watchpost, System::Rumqttd, System::Mosquitto] {
+                    step(&format!("saturation {} × {conns}", system.name()));
+                    let d = dir.join(format!("saturation-{}-{conns}", system.name()));
+                    all.push(saturation::saturate(
+                        &bins,
+                        &d,
+                        system,
+                        conns,
+                        config.timing,
+                    )?);
+                }
+            }
+            result["saturation"] = json!(all);
+        }
+        if wanted(Phase::Overload) {
+            let mut all = Vec::new();
+            for system in [System::Watchpost, System::Rumqttd, System::Mosquitto] {
+                step(&format!("QoS 1 overload {}", system.name()));
+                let d = dir.join(format!("overload-{}", system.name()));
+                all.push(saturation::overload(
+                    &bins,
+                    &d,
+                    system,
+                    config.overload_conns,
+                    config.overload_s,
+                )?);
+            }
+            result["overload"] = json!(all);
+        }
+        if wanted(Phase::Latency) {
+            let best = result["saturation"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|s| s["system"] == "watchpost")
+                .filter_map(|s| s["rate"].as_f64())
+                .fold(0.0, f64::max);
+            // Without a saturation figure in this invocation, a conservative fixed load.
+            let rate = if best > 0.0 { best / 2.0 } else { 20_000.0 };
+            let mut all = Vec::new();
+            for system in [System::Watchpost, System::Rumqttd, System::Mosquitto] {
+                step(&format!(
+                    "latency {} at {rate:.0} readings/s",
+                    system.name()
+                ));
+                all.push(saturation::half_latency(
+                    &bins,
+                    &dir.join(format!("half-saturation-{}", system.name())),
+                    system,
+                    rate,
+                    config.half.0,
+                    config.half.1,
+                    config.probe_rate,
+                )?);
+            }
+            result["half"] = json!(all);
+        }
+        if wanted(Phase::Fleet) {
+            let mut all = Vec::new();
+            for system in [System::Watchpost, System::Rumqttd, System::Mosquitto] {
+                step(&format!("fleet {}", system.name()));
+                let plan = if system == System::Watchpost {
+                    &config.fleet
+                } else {
+                    &config.fleet_peers
+                };
+                let d = dir.join(format!("fleet-{}", system.name()));
+                all.push(fleet::run(&bins, &d, system, plan)?);
+            }
+            result["fleet"] = json!(all);
+        }
+        doc["runs"].as_array_mut().expect("an array").push(result);
+        save(&doc)?;
+    }
+    if wanted(Phase::Summary) {
+        eprintln!("[{:>6.0?}] summaries", started.elapsed());
+        doc["summary"] = plant::summary(
+            &bins,
+            &work.join("summary"),
+            &config.plant,
+            config.summary.0,
+            config.summary.1,
+        )?;
+    }
+    doc["machine"]["load_after"] = json!(loadavg());
+    doc["elapsed_s"] = json!(started.elapsed().as_secs_f64());
+    save(&doc)?;
+    eprintln!(
+        "done in {:.0?}; raw figures in {}",
+        started.elapsed(),
+        work.join("results.json").display()
+    );
+    Ok((doc, work))
+}
+
+fn first_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.lines().next().map(str::to_owned)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The version of `package` in the workspace's `Cargo.lock`.
+fn locked_version(root: &Path, package: &str) -> String {
+    let lock = std::fs::read_to_string(root.join("Cargo.lock")).unwrap_or_default();
+    let name = format!("name = \"{package}\"");
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line == name {
+            if let Some(v) = lines.next().and_then(|l| l.strip_prefix("version = ")) {
+                return v.trim_matches('"').to_owned();
+            }
+        }
+    }
+    "unknown".into()
+}
+
+/// What the figures were measured on and with.
+fn machine(bins: &Bins, root: &Path) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(root)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    let size = std::fs::metadata(&bins.watchpost).map_or(0, |m| m.len());
+    let stripped = {
+        let tmp = std::env::temp_dir().join(format!("watchpost-stripped-{}", std::process::id()));
+        let ok = Command::new("strip")
+            .arg("-o")
+            .arg(&tmp)
+            .arg(&bins.watchpost)
+            .status()
+            .is_ok_and(|s| s.success());
+        let len = if ok {
+            std::fs::metadata(&tmp).map_or(0, |m| m.len())
+        } else {
+            0
+        };
+        let _ = std::fs::remove_file(&tmp);
+        len
+    };
+    json!({
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpu": model,
+        "memory_gib": mem_kib as f64 / 1024.0 / 1024.0,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "rustc": first_line("rustc", &["--version"]),
+        "mosquitto": setup::mosquitto_version(),
+        "rumqttd": locked_version(root, "rumqttd"),
+        "rumqttc": locked_version(root, "rumqttc"),
+        "watchpost": first_line(&bins.watchpost.to_string_lossy(), &["--version"]),
+        "commit": git(&["rev-parse", "--short=12", "HEAD"]),
+        "dirty": dirty,
+        "binary_bytes": size,
+        "binary_stripped_bytes": stripped,
+        "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        "load_before": loadavg(),
+    })
+}

@@ -1,0 +1,1249 @@
+//! Tables for `BENCHMARKS.md` from the raw figures of a run (`results.json`).
+//!
+//! Every figure is computed per run, then shown as the median over runs with the spread
+//! (smallest–largest) when there was more than one. A target from the issue stands next to the
+//! figure it is about, with "met" or "missed" judged on the median; when the runs disagree,
+//! the verdict says so. The generated part sits between two marker lines; whatever else the
+//! file holds (other benchmarks' sections) is kept.
+
+use serde_json::Value;
+
+use crate::stats::Spread;
+
+/// First line of the generated part.
+const BEGIN: &str = "<!-- watchpost-bench: begin. Written by the benchmark harness; edits up to the end marker are overwritten. -->";
+/// Last line of the generated part.
+const END: &str = "<!-- watchpost-bench: end -->";
+
+/// The whole file: `previous` with its generated part replaced (or, the first time, inserted
+/// after the title).
+pub fn render(results: &Value, previous: &str) -> String {
+    let generated = format!("{BEGIN}\n\n{}\n{END}\n", body(results));
+    if let (Some(a), Some(b)) = (previous.find(BEGIN), previous.find(END)) {
+        if a < b {
+            let rest = previous[b + END.len()..].trim_start_matches('\n');
+            let sep = if rest.is_empty() { "" } else { "\n" };
+            return format!("{}{generated}{sep}{rest}", &previous[..a]);
+        }
+    }
+    let (title, rest) = match previous.split_once('\n') {
+        Some((first, rest)) if first.starts_with("# ") => (first, rest),
+        _ => ("# Benchmarks", previous),
+    };
+    let rest = rest.trim_start_matches('\n');
+    let sep = if rest.is_empty() { "" } else { "\n" };
+    format!("{title}\n\n{generated}{sep}{rest}")
+}
+
+/// A figure over the runs, formatted by `unit`.
+struct Figure {
+    spread: Option<Spread>,
+    unit: fn(f64) -> String,
+}
+
+impl Figure {
+    fn over(
+        runs: &[Value],
+        unit: fn(f64) -> String,
+        f: impl FnMut(&Value) -> Option<f64>,
+    ) -> Figure {
+        Figure {
+            spread: Spread::of(runs.iter().filter_map(f)),
+            unit,
+        }
+    }
+
+    fn of(value: Option<f64>, unit: fn(f64) -> String) -> Figure {
+        Figure {
+            spread: Spread::of(value),
+            unit,
+        }
+    }
+
+    /// `median (min–max)`, or `median` of one run, or "–" without any.
+    fn show(&self) -> String {
+        match self.spread {
+            None => "–".into(),
+            Some(s) if s.n == 1 || s.min == s.max => (self.unit)(s.median),
+            Some(s) => format!(
+                "{} ({}–{})",
+                (self.unit)(s.median),
+                (self.unit)(s.min),
+                (self.unit)(s.max)
+            ),
+        }
+    }
+
+    /// "met" or "missed" for `ok` judged on the median, noting runs that disagree.
+    fn verdict(&self, ok: impl Fn(f64) -> bool) -> String {
+        let Some(s) = self.spread else {
+            return "not measured".into();
+        };
+        let (median, lo, hi) = (ok(s.median), ok(s.min), ok(s.max));
+        match (median, lo && hi) {
+            (true, true) => "**met**".into(),
+            (true, false) => "**met** (not in every run)".into(),
+            (false, _) if lo || hi => "**missed** (met in some runs)".into(),
+            (false, _) => "**missed**".into(),
+        }
+    }
+}
+
+fn ms(v: f64) -> String {
+    if v < 10.0 {
+        format!("{v:.2} ms")
+    } else {
+        format!("{v:.1} ms")
+    }
+}
+
+fn percent(v: f64) -> String {
+    let p = v * 100.0;
+    if p == 0.0 {
+        "0 %".into()
+    } else if p < 0.01 {
+        format!("{p:.4} %")
+    } else if p < 1.0 {
+        format!("{p:.3} %")
+    } else {
+        format!("{p:.1} %")
+    }
+}
+
+fn times(v: f64) -> String {
+    format!("{v:.2}×")
+}
+
+fn cores(v: f64) -> String {
+    format!("{v:.3}")
+}
+
+fn count(v: f64) -> String {
+    let n = v.round() as i64;
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+fn rate(v: f64) -> String {
+    format!("{}/s", count(v))
+}
+
+fn bytes(v: f64) -> String {
+    if v < 10_000.0 {
+        format!("{} B", count(v))
+    } else if v < 10.0 * 1024.0 * 1024.0 {
+        format!("{:.1} KiB", v / 1024.0)
+    } else if v < 10.0 * 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} MiB", v / 1024.0 / 1024.0)
+    } else {
+        format!("{:.2} GiB", v / 1024.0 / 1024.0 / 1024.0)
+    }
+}
+
+fn kib(v: f64) -> String {
+    bytes(v * 1024.0)
+}
+
+fn mib(v: f64) -> String {
+    format!("{:.1} MiB", v / 1024.0)
+}
+
+fn plain(v: f64) -> String {
+    format!("{v:.2}")
+}
+
+fn seconds(v: f64) -> String {
+    format!("{v:.1} s")
+}
+
+/// `x / y`, if `y` is not 0.
+fn ratio(x: Option<f64>, y: Option<f64>) -> Option<f64> {
+    match (x, y) {
+        (Some(x), Some(y)) if y != 0.0 => Some(x / y),
+        _ => None,
+    }
+}
+
+/// The element of the array `list` whose `system` (and `conns`, if given) match.
+fn find<'a>(list: &'a Value, system: &str, conns: Option<u64>) -> Option<&'a Value> {
+    list.as_array()?
+        .iter()
+        .find(|v| v["system"] == system && conns.is_none_or(|c| v["conns"].as_u64() == Some(c)))
+}
+
+/// A table with a header row.
+struct Table(String);
+
+impl Table {
+    fn new(header: &[&str]) -> Table {
+        let mut t = Table(String::new());
+        t.row(header.iter().map(|s| s.to_string()));
+        let align: Vec<String> = header
+            .iter()
+            .enumerate()
+            .map(|(i, _)| if i == 0 { "---" } else { "---:" }.to_owned())
+            .collect();
+        t.row(align);
+        t
+    }
+
+    fn row(&mut self, cells: impl IntoIterator<Item = String>) {
+        let cells: Vec<String> = cells.into_iter().collect();
+        self.0.push_str(&format!("| {} |\n", cells.join(" | ")));
+    }
+
+    fn done(self) -> String {
+        self.0
+    }
+}
+
+/// Everything between the markers.
+fn body(r: &Value) -> String {
+    let runs: Vec<Value> = r["runs"].as_array().cloned().unwrap_or_default();
+    let runs = runs.as_slice();
+    let c = &r["config"];
+    let m = &r["machine"];
+    let quick = c["quick"].as_bool().unwrap_or(false);
+    let mut out = String::new();
+
+    out.push_str("## Watchpost against a Mosquitto bridge, bare rumqttd and bare Mosquitto\n\n");
+    out.push_str(&format!(
+        "Written by `{}` on {}, in {:.0} minutes. Real processes over loopback on one machine: \
+         simulated devices (`watchpost-sim`, the firmware's own logic over TCP), the release \
+         `watchpost` binary, Mosquitto as the upstream broker and as the site's bridge, bare \
+         rumqttd with an in-process subscriber that only counts, and the harness's own load and \
+         measurement clients. Every figure is the median of {} run{}, with the spread \
+         (smallest–largest) in brackets. Nothing here is asserted by a test; CI runs `--quick` \
+         and does not check its figures.\n\n",
+        r["command"].as_str().unwrap_or("?"),
+        m["date"].as_str().unwrap_or("?"),
+        r["elapsed_s"].as_f64().unwrap_or(0.0) / 60.0,
+        runs.len(),
+        if runs.len() == 1 { "" } else { "s" },
+    ));
+    if quick {
+        out.push_str(
+            "**This is a `--quick` run**: smaller fleets and windows of seconds, one run. Its \
+             figures show that the harness works; they are not the project's figures.\n\n",
+        );
+    }
+
+    out.push_str("### Machine and versions\n\n");
+    let mut t = Table::new(&["", ""]);
+    let text = |v: &Value| v.as_str().unwrap_or("?").to_owned();
+    t.row(["CPU".into(), text(&m["cpu"])]);
+    t.row(["cores".into(), m["cores"].to_string()]);
+    t.row([
+        "memory".into(),
+        format!("{:.1} GiB", m["memory_gib"].as_f64().unwrap_or(0.0)),
+    ]);
+    t.row(["kernel".into(), text(&m["kernel"])]);
+    t.row([
+        "load average (1, 5, 15 min) before / after".into(),
+        format!("{} / {}", text(&m["load_before"]), text(&m["load_after"])),
+    ]);
+    t.row([
+        "watchpost".into(),
+        format!(
+            "{}, git {}{}",
+            text(&m["watchpost"]),
+            text(&m["commit"]),
+            if m["dirty"].as_bool().unwrap_or(false) {
+                " with uncommitted changes"
+            } else {
+                ""
+            }
+        ),
+    ]);
+    t.row(["rustc".into(), text(&m["rustc"])]);
+    t.row(["mosquitto".into(), text(&m["mosquitto"])]);
+    t.row([
+        "rumqttd".into(),
+        format!(
+            "{} (the bare peer, and Watchpost's embedded router)",
+            text(&m["rumqttd"])
+        ),
+    ]);
+    t.row([
+        "rumqttc".into(),
+        format!("{} (Watchpost's uplink client)", text(&m["rumqttc"])),
+    ]);
+    t.row([
+        "command".into(),
+        format!("`{}`", r["command"].as_str().unwrap_or("?")),
+    ]);
+    out.push_str(&t.done());
+    out.push('\n');
+
+    let plant = Plant::new(runs);
+    let latency = Latency::new(runs);
+    let saturation = Saturation::new(runs, c);
+    let overload = Overload::new(runs);
+    let fleet = Fleet::new(runs);
+    let summary = summary_ratio(r, runs);
+
+    out.push_str("### Targets\n\n");
+    let mut t = Table::new(&["target (issue 8)", "figure", "verdict"]);
+    t.row([
+        "upstream bytes on plant ≤ 0.1 % of the Mosquitto bridge, summaries off".into(),
+        plant.ratio.show(),
+        plant.ratio.verdict(|v| v <= 0.001),
+    ]);
+    t.row([
+        "critical alerts delivered upstream: 100 %".into(),
+        plant.delivered.show(),
+        plant.delivered.verdict(|v| v >= 1.0),
+    ]);
+    t.row([
+        "the same with 15-minute summaries on (reported, no target)".into(),
+        summary.show(),
+        "–".into(),
+    ]);
+    t.row([
+        "alert latency device → upstream subscriber, p99 ≤ 5 ms on plant".into(),
+        latency.plant_upstream.p99.show(),
+        latency.plant_upstream.p99.verdict(|v| v <= 5.0),
+    ]);
+    t.row([
+        "alert latency device → local `alerts/#` subscriber, p99 ≤ 2 ms on plant".into(),
+        latency.plant_local.p99.show(),
+        latency.plant_local.p99.verdict(|v| v <= 2.0),
+    ]);
+    for (i, conns) in saturation.conns.iter().enumerate() {
+        let s = &saturation.by_conns[i];
+        t.row([
+            format!("sustained ingest ≥ 150,000 readings/s ({conns} connections, QoS 0)"),
+            s.watchpost.show(),
+            s.watchpost.verdict(|v| v >= 150_000.0),
+        ]);
+        t.row([
+            format!("… and above bare Mosquitto ({conns} connections)"),
+            s.vs_mosquitto.show(),
+            s.vs_mosquitto.verdict(|v| v > 1.0),
+        ]);
+        t.row([
+            format!("… and ≥ 80 % of bare rumqttd ({conns} connections)"),
+            s.vs_rumqttd.show(),
+            s.vs_rumqttd.verdict(|v| v >= 0.8),
+        ]);
+    }
+    t.row([
+        "RSS ≤ 48 MB on fleet (10,000 connected devices)".into(),
+        fleet.watchpost_rss.show(),
+        if fleet.devices >= 10_000 {
+            fleet
+                .watchpost_rss
+                .verdict(|kib| kib * 1024.0 <= 48_000_000.0)
+        } else {
+            format!("not judged: {} devices in this run", fleet.devices)
+        },
+    ]);
+    t.row([
+        "under QoS 1 overload, nothing acknowledged is lost silently".into(),
+        format!("{} readings", overload.silently_lost.show()),
+        overload.silently_lost.verdict(|v| v <= 0.0),
+    ]);
+    out.push_str(&t.done());
+    out.push('\n');
+
+    out.push_str(&plant.section(c, &summary, r));
+    out.push_str(&latency.section(c));
+    out.push_str(&saturation.section(c));
+    out.push_str(&overload.section(c));
+    out.push_str(&fleet.section(c));
+    out.push_str(&startup_section(r, runs));
+    out.push_str(METHOD);
+    out
+}
+
+/// Plant figures.
+struct Plant {
+    ratio: Figure,
+    delivered: Figure,
+    readings_rate: Figure,
+    crossing: Figure,
+    wp_bytes: Figure,
+    br_bytes: Figure,
+    wp_per_hour: Figure,
+    br_per_hour: Figure,
+    br_per_reading: Figure,
+    raised: (Figure, Figure),
+    cleared: (Figure, Figure),
+    gw_cores: Figure,
+    gw_cores_per_k: Figure,
+    gw_rss: Figure,
+    gw_peak: Figure,
+    br_cores: Figure,
+    br_rss: Figure,
+    judged: Figure,
+    dropped: Figure,
+}
+
+impl Plant {
+    fn new(runs: &[Value]) -> Plant {
+        let p = |r: &Value| r.get("plant").cloned();
+        let f = |unit: fn(f64) -> String, g: fn(&Value) -> Option<f64>| {
+            Figure::over(runs, unit, |r| p(r).and_then(|v| g(&v)))
+        };
+        Plant {
+            ratio: f(percent, |v| {
+                ratio(
+                    v["upstream_bytes"]["watchpost"].as_f64(),
+                    v["upstream_bytes"]["bridge"].as_f64(),
+                )
+            }),
+            delivered: f(percent, |v| {
+                let a = &v["alerts"];
+                let expected = a["excursions"].as_f64()? + a["cleared_local"].as_f64()?;
+                let got = a["raised_delivered"].as_f64()? + a["cleared_delivered"].as_f64()?;
+                ratio(Some(got), Some(expected))
+            }),
+            readings_rate: f(rate, |v| v["readings_rate"].as_f64()),
+            crossing: f(percent, |v| {
+                ratio(
+                    v["sim_watchpost"]["excursion_samples"].as_f64(),
+                    v["sim_watchpost"]["values"].as_f64(),
+                )
+            }),
+            wp_bytes: f(bytes, |v| v["upstream_bytes"]["watchpost"].as_f64()),
+            br_bytes: f(bytes, |v| v["upstream_bytes"]["bridge"].as_f64()),
+            wp_per_hour: f(bytes, |v| per_hour(v, "watchpost")),
+            br_per_hour: f(bytes, |v| per_hour(v, "bridge")),
+            br_per_reading: f(plain, |v| {
+                ratio(
+                    v["upstream_bytes"]["bridge"].as_f64(),
+                    v["readings"].as_f64(),
+                )
+            }),
+            raised: (
+                f(count, |v| v["alerts"]["raised_delivered"].as_f64()),
+                f(count, |v| v["alerts"]["excursions"].as_f64()),
+            ),
+            cleared: (
+                f(count, |v| v["alerts"]["cleared_delivered"].as_f64()),
+                f(count, |v| v["alerts"]["cleared_local"].as_f64()),
+            ),
+            gw_cores: f(cores, |v| v["gateway"]["cores"].as_f64()),
+            gw_cores_per_k: f(cores, |v| {
+                ratio(
+                    v["gateway"]["cores"].as_f64(),
+                    v["readings_rate"].as_f64().map(|r| r / 1000.0),
+                )
+            }),
+            gw_rss: f(mib, |v| v["gateway"]["rss_kib"].as_f64()),
+            gw_peak: f(mib, |v| v["gateway"]["peak_rss_kib"].as_f64()),
+            br_cores: f(cores, |v| v["bridge_broker"]["cores"].as_f64()),
+            br_rss: f(mib, |v| v["bridge_broker"]["rss_kib"].as_f64()),
+            judged: f(percent, |v| {
+                let a = &v["accounting"];
+                ratio(a["readings_judged"].as_f64(), a["readings_sent"].as_f64())
+            }),
+            dropped: f(count, |v| v["accounting"]["dropped_counted"].as_f64()),
+        }
+    }
+
+    fn section(&self, c: &Value, summary: &Figure, r: &Value) -> String {
+        let mut out = String::from("### Plant: what goes upstream\n\n");
+        out.push_str(&format!(
+            "{} devices × 3 metrics (temperature, humidity, pressure), every reading sent, one per \
+             metric per second, as one JSON object per device and second (QoS 1). Excursions \
+             above the critical overheat rule (> 90 °C) come as episodes of 10 to 60 s. The same \
+             devices (same seed) run at the same time against Watchpost and against a Mosquitto \
+             that bridges `sensors/#` upstream at QoS 1. Bytes are counted by a TCP proxy on each \
+             uplink, both directions, over a window of {:.0} s after every device connected.\n\n",
+            c["plant_devices"],
+            c["plant_window_s"].as_f64().unwrap_or(0.0)
+        ));
+        let mut t = Table::new(&["", "Watchpost", "Mosquitto bridge", "target", "verdict"]);
+        let none = || "".to_owned();
+        t.row([
+            "readings/s into the site".into(),
+            self.readings_rate.show(),
+            "the same devices".into(),
+            none(),
+            none(),
+        ]);
+        t.row([
+            "readings across the critical rule".into(),
+            self.crossing.show(),
+            "the same".into(),
+            "about 0.1 %".into(),
+            none(),
+        ]);
+        t.row([
+            "upstream bytes in the window".into(),
+            self.wp_bytes.show(),
+            self.br_bytes.show(),
+            none(),
+            none(),
+        ]);
+        t.row([
+            "upstream bytes per hour".into(),
+            self.wp_per_hour.show(),
+            self.br_per_hour.show(),
+            none(),
+            none(),
+        ]);
+        t.row([
+            "upstream bytes, share of the bridge's".into(),
+            self.ratio.show(),
+            "100 %".into(),
+            "≤ 0.1 %".into(),
+            self.ratio.verdict(|v| v <= 0.001),
+        ]);
+        t.row([
+            "… with 15-minute summaries on".into(),
+            summary.show(),
+            "100 %".into(),
+            "(reported)".into(),
+            none(),
+        ]);
+        t.row([
+            "bridge: upstream bytes per reading".into(),
+            none(),
+            self.br_per_reading.show(),
+            none(),
+            none(),
+        ]);
+        t.row([
+            "critical alerts raised: delivered upstream / excursions the devices started".into(),
+            format!("{} / {}", self.raised.0.show(), self.raised.1.show()),
+            none(),
+            none(),
+            none(),
+        ]);
+        t.row([
+            "critical alerts cleared: delivered upstream / seen locally".into(),
+            format!("{} / {}", self.cleared.0.show(), self.cleared.1.show()),
+            none(),
+            none(),
+            none(),
+        ]);
+        t.row([
+            "critical alert transitions delivered".into(),
+            self.delivered.show(),
+            none(),
+            "100 %".into(),
+            self.delivered.verdict(|v| v >= 1.0),
+        ]);
+        t.row([
+            "CPU, cores".into(),
+            self.gw_cores.show(),
+            self.br_cores.show(),
+            none(),
+            none(),
+        ]);
+        t.row([
+            "CPU, cores per 1,000 readings/s".into(),
+            self.gw_cores_per_k.show(),
+            none(),
+            none(),
+            none(),
+        ]);
+        t.row([
+            "RSS at the end of the window".into(),
+            self.gw_rss.show(),
+            self.br_rss.show(),
+            none(),
+            none(),
+        ]);
+        t.row([
+            "RSS, largest seen (sampled every second)".into(),
+            self.gw_peak.show(),
+            none(),
+            none(),
+            none(),
+        ]);
+        t.row([
+            "readings judged, share of the readings devices sent and had acknowledged".into(),
+            self.judged.show(),
+            none(),
+            none(),
+            none(),
+        ]);
+        t.row([
+            "messages counted as dropped on `/metrics`".into(),
+            self.dropped.show(),
+            none(),
+            none(),
+            none(),
+        ]);
+        out.push_str(&t.done());
+        if let Some(s) = r.get("summary") {
+            out.push_str(&format!(
+                "\nWith summaries on, one summary per site and interval goes up: measured with \
+                 `[uplink.summaries]` every {} for all three metrics, the largest was {} of JSON \
+                 on `{}` ({} as a QoS 1 PUBLISH and its PUBACK). Four an hour are added to each \
+                 run's alert traffic for the figure above; 15 minutes are too long to wait for in \
+                 a benchmark.\n",
+                s["interval"].as_str().unwrap_or("?"),
+                bytes(s["payload_bytes"].as_f64().unwrap_or(0.0)),
+                format_args!("{}/summaries", crate::setup::SITE),
+                bytes(s["mqtt_bytes"].as_f64().unwrap_or(0.0)),
+            ));
+        }
+        out.push('\n');
+        out
+    }
+}
+
+/// Upstream bytes of `key` (`watchpost` or `bridge`) in a plant run, per hour.
+fn per_hour(v: &Value, key: &str) -> Option<f64> {
+    Some(v["upstream_bytes"][key].as_f64()? / v["window_s"].as_f64()? * 3600.0)
+}
+
+/// The upstream share with four summaries an hour, per run.
+fn summary_ratio(r: &Value, runs: &[Value]) -> Figure {
+    let Some(summary) = r["summary"]["mqtt_bytes"].as_f64() else {
+        return Figure::of(None, percent);
+    };
+    Figure::over(runs, percent, |run| {
+        let v = &run["plant"];
+        let window = v["window_s"].as_f64()?;
+        let watchpost = v["upstream_bytes"]["watchpost"].as_f64()? + summary * window / 900.0;
+        ratio(Some(watchpost), v["upstream_bytes"]["bridge"].as_f64())
+    })
+}
+
+/// p50, p99, p99.9 and the counts of one latency path over the runs.
+struct Percentiles {
+    p50: Figure,
+    p99: Figure,
+    p999: Figure,
+    n: Figure,
+    missing: Figure,
+}
+
+fn percentiles(runs: &[Value], path: impl Fn(&Value) -> Option<&Value>) -> Percentiles {
+    let q = |key: &'static str, unit: fn(f64) -> String| {
+        Figure::over(runs, unit, |r| path(r).and_then(|v| v[key].as_f64()))
+    };
+    Percentiles {
+        p50: q("p50", ms),
+        p99: q("p99", ms),
+        p999: q("p999", ms),
+        n: q("n", count),
+        missing: q("missing", count),
+    }
+}
+
+/// One row of the latency table: what travelled where, under which load, and the p99 target
+/// (text, limit in ms) if the issue set one.
+struct LatencyRow {
+    path: &'static str,
+    load: &'static str,
+    figures: Percentiles,
+    target: Option<(&'static str, f64)>,
+}
+
+/// Latency figures.
+struct Latency {
+    plant_upstream: Percentiles,
+    plant_local: Percentiles,
+    rows: Vec<LatencyRow>,
+    half_rate: Figure,
+}
+
+impl Latency {
+    fn new(runs: &[Value]) -> Latency {
+        let plant = |key: &'static str| {
+            percentiles(runs, move |r| r.get("plant").map(|p| &p["latency"][key]))
+        };
+        let half = |system: &'static str, key: &'static str| {
+            percentiles(runs, move |r| {
+                find(&r["half"], system, None).map(|v| &v[key])
+            })
+        };
+        let plant_upstream = plant("watchpost_upstream");
+        let plant_local = plant("watchpost_local");
+        let row = |path, load, figures, target| LatencyRow {
+            path,
+            load,
+            figures,
+            target,
+        };
+        let rows = vec![
+            row(
+                "Watchpost: alert, device → upstream subscriber",
+                "plant",
+                plant("watchpost_upstream"),
+                Some(("≤ 5 ms", 5.0)),
+            ),
+            row(
+                "Watchpost: alert, device → local `alerts/#` subscriber",
+                "plant",
+                plant("watchpost_local"),
+                Some(("≤ 2 ms", 2.0)),
+            ),
+            row(
+                "Mosquitto bridge: the reading, device → upstream subscriber",
+                "plant",
+                plant("bridge_upstream"),
+                None,
+            ),
+            row(
+                "Mosquitto at the site: the reading, device → local subscriber",
+                "plant",
+                plant("mosquitto_local"),
+                None,
+            ),
+            row(
+                "Watchpost: alert, device → upstream subscriber",
+                "half saturation",
+                half("watchpost", "latency_upstream"),
+                Some(("(p99 ≤ 5 ms on plant)", 5.0)),
+            ),
+            row(
+                "Watchpost: alert, device → local `alerts/#` subscriber",
+                "half saturation",
+                half("watchpost", "latency_local"),
+                Some(("(p99 ≤ 2 ms on plant)", 2.0)),
+            ),
+            row(
+                "bare rumqttd: the reading, device → subscriber",
+                "half saturation",
+                half("rumqttd", "latency_subscriber"),
+                None,
+            ),
+            row(
+                "bare Mosquitto: the reading, device → subscriber",
+                "half saturation",
+                half("mosquitto", "latency_subscriber"),
+                None,
+            ),
+        ];
+        Latency {
+            plant_upstream,
+            plant_local,
+            rows,
+            half_rate: Figure::over(runs, rate, |r| {
+                find(&r["half"], "watchpost", None).and_then(|v| v["offered_rate"].as_f64())
+            }),
+        }
+    }
+
+    fn section(&self, c: &Value) -> String {
+        let mut out = String::from("### Latency\n\n");
+        out.push_str(&format!(
+            "Probe devices in the harness raise and clear the overheat rule {} times a second \
+             (QoS 1, `95.0` then `20.0` on `sensors/probe-N/temperature`), for {:.0} s on the \
+             running plant and for {:.0} s under a steady QoS 0 load of half of Watchpost's \
+             saturation rate in the same run ({}, 10 connections) into each system. The \
+             harness notes the time right before writing the PUBLISH and right after reading \
+             what arrives, with one monotonic clock; at Watchpost what arrives is the alert \
+             document, at a plain broker or bridge the reading itself. All client sockets set \
+             TCP_NODELAY.\n\n",
+            c["probe_rate"],
+            c["plant_probe_s"].as_f64().unwrap_or(0.0),
+            c["half_probe_s"].as_f64().unwrap_or(0.0),
+            self.half_rate.show(),
+        ));
+        let mut t = Table::new(&[
+            "path",
+            "load",
+            "p50",
+            "p99",
+            "p99.9",
+            "samples (missing)",
+            "target (p99)",
+            "verdict",
+        ]);
+        for row in &self.rows {
+            let f = &row.figures;
+            let (target, verdict) = match row.target {
+                Some((text, limit)) if row.load == "plant" => {
+                    (text.to_owned(), f.p99.verdict(|v| v <= limit))
+                }
+                Some((text, _)) => (text.to_owned(), String::new()),
+                None => (String::new(), String::new()),
+            };
+            t.row([
+                row.path.to_owned(),
+                row.load.to_owned(),
+                f.p50.show(),
+                f.p99.show(),
+                f.p999.show(),
+                format!("{} ({})", f.n.show(), f.missing.show()),
+                target,
+                verdict,
+            ]);
+        }
+        out.push_str(&t.done());
+        out.push('\n');
+        out
+    }
+}
+
+/// Saturation figures at one connection count.
+struct AtConns {
+    watchpost: Figure,
+    rumqttd: Figure,
+    mosquitto: Figure,
+    vs_rumqttd: Figure,
+    vs_mosquitto: Figure,
+    rows: Vec<(String, Figure, Figure, Figure, Figure)>,
+}
+
+/// Saturation figures.
+struct Saturation {
+    conns: Vec<u64>,
+    by_conns: Vec<AtConns>,
+    qos1: Vec<(String, Figure)>,
+}
+
+impl Saturation {
+    fn new(runs: &[Value], c: &Value) -> Saturation {
+        let conns: Vec<u64> = c["conns"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        let by_conns = conns
+            .iter()
+            .map(|&n| {
+                let fig = |system: &'static str, key: &'static str, unit: fn(f64) -> String| {
+                    Figure::over(runs, unit, move |r| {
+                        find(&r["saturation"], system, Some(n)).and_then(|v| v[key].as_f64())
+                    })
+                };
+                let versus = |peer: &'static str| {
+                    Figure::over(runs, times, move |r| {
+                        let get =
+                            |s| find(&r["saturation"], s, Some(n)).and_then(|v| v["rate"].as_f64());
+                        ratio(get("watchpost"), get(peer))
+                    })
+                };
+                let rows = [
+                    ("Watchpost (rules, rollups, durable outbox)", "watchpost"),
+                    ("bare rumqttd, in-process counter", "rumqttd"),
+                    ("bare Mosquitto, one subscriber", "mosquitto"),
+                ]
+                .into_iter()
+                .map(|(name, system)| {
+                    (
+                        name.to_owned(),
+                        fig(system, "rate", rate),
+                        fig(system, "offered", rate),
+                        fig(system, "cores", cores),
+                        fig(system, "rss_kib", mib),
+                    )
+                })
+                .collect();
+                AtConns {
+                    watchpost: fig("watchpost", "rate", rate),
+                    rumqttd: fig("rumqttd", "rate", rate),
+                    mosquitto: fig("mosquitto", "rate", rate),
+                    vs_rumqttd: versus("rumqttd"),
+                    vs_mosquitto: versus("mosquitto"),
+                    rows,
+                }
+            })
+            .collect();
+        let qos1 = ["watchpost", "rumqttd", "mosquitto"]
+            .into_iter()
+            .map(|system| {
+                (
+                    system.to_owned(),
+                    Figure::over(runs, rate, move |r| {
+                        let v = find(&r["overload"], system, None)?;
+                        let consumed = v["consumed"].as_f64()?;
+                        ratio(Some(consumed), v["flood"]["seconds"].as_f64())
+                    }),
+                )
+            })
+            .collect();
+        Saturation {
+            conns,
+            by_conns,
+            qos1,
+        }
+    }
+
+    fn section(&self, c: &Value) -> String {
+        let mut out = String::from("### Saturation: sustained ingest\n\n");
+        out.push_str(&format!(
+            "Load processes of the harness write QoS 0 readings (`{{\"v\":..,\"seq\":..}}` on \
+             `sensors/{{device}}/{{metric}}`, 1,000 devices spread over the connections, `seq` \
+             rising by one per device) as fast as each system takes them, for {:.0} s of \
+             warm-up and a {:.0} s window. What counts is what was consumed in the window: \
+             readings decoded and judged by Watchpost (`watchpost_readings_total`: the \
+             overheat rule, 60 s rollups, SQLite history and the outbox all on, with the \
+             per-device publish rate limit off), messages given to bare rumqttd's in-process \
+             counting link, messages delivered to bare Mosquitto's one subscriber.\n\n",
+            c["sat_warm_s"].as_f64().unwrap_or(0.0),
+            c["sat_window_s"].as_f64().unwrap_or(0.0),
+        ));
+        let mut t = Table::new(&[
+            "system",
+            "connections",
+            "consumed readings/s",
+            "offered by the load",
+            "CPU, cores",
+            "RSS",
+        ]);
+        for (conns, at) in self.conns.iter().zip(&self.by_conns) {
+            for (name, consumed, offered, cpu, rss) in &at.rows {
+                t.row([
+                    name.clone(),
+                    conns.to_string(),
+                    consumed.show(),
+                    offered.show(),
+                    cpu.show(),
+                    rss.show(),
+                ]);
+            }
+        }
+        out.push_str(&t.done());
+        out.push('\n');
+        let mut t = Table::new(&[
+            "connections",
+            "Watchpost",
+            "÷ bare rumqttd",
+            "target",
+            "verdict",
+            "÷ bare Mosquitto",
+            "target",
+            "verdict",
+        ]);
+        for (conns, at) in self.conns.iter().zip(&self.by_conns) {
+            t.row([
+                conns.to_string(),
+                format!(
+                    "{} ({})",
+                    at.watchpost.show(),
+                    at.watchpost.verdict(|v| v >= 150_000.0)
+                ),
+                at.vs_rumqttd.show(),
+                "≥ 0.80×".into(),
+                at.vs_rumqttd.verdict(|v| v >= 0.8),
+                at.vs_mosquitto.show(),
+                "> 1×".into(),
+                at.vs_mosquitto.verdict(|v| v > 1.0),
+            ]);
+        }
+        out.push_str(&t.done());
+        out.push_str(&format!(
+            "\nTarget for Watchpost: ≥ 150,000 readings/s. Medians of the peers: rumqttd {} \
+             and {}, Mosquitto {} and {} (for {} connections).\n\n",
+            self.by_conns
+                .first()
+                .map_or("–".into(), |a| a.rumqttd.show()),
+            self.by_conns
+                .get(1)
+                .map_or("–".into(), |a| a.rumqttd.show()),
+            self.by_conns
+                .first()
+                .map_or("–".into(), |a| a.mosquitto.show()),
+            self.by_conns
+                .get(1)
+                .map_or("–".into(), |a| a.mosquitto.show()),
+            self.conns
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(" and "),
+        ));
+        out.push_str(&format!(
+            "With QoS 1 ({} connections, 64 PUBLISHes in flight each, as fast as PUBACKs come; \
+             the overload below), consumed readings/s: {}.\n\n",
+            c["overload_conns"],
+            self.qos1
+                .iter()
+                .map(|(s, f)| format!("{s} {}", f.show()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        out
+    }
+}
+
+/// QoS 1 overload figures.
+struct Overload {
+    silently_lost: Figure,
+    rows: Vec<(String, Figure, Figure, Figure, Figure)>,
+}
+
+impl Overload {
+    fn new(runs: &[Value]) -> Overload {
+        let get = |system: &'static str, g: fn(&Value) -> Option<f64>| {
+            Figure::over(runs, count, move |r| {
+                find(&r["overload"], system, None).and_then(g)
+            })
+        };
+        let rows = vec![
+            (
+                "Watchpost".to_owned(),
+                get("watchpost", |v| v["acked"].as_f64()),
+                get("watchpost", |v| v["watchpost"]["messages"].as_f64()),
+                get("watchpost", |v| {
+                    Some(
+                        v["watchpost"]["dropped_counted"].as_f64()?
+                            + v["watchpost"]["refused_counted"].as_f64()?,
+                    )
+                }),
+                get("watchpost", |v| v["watchpost"]["silently_lost"].as_f64()),
+            ),
+            (
+                "bare rumqttd".to_owned(),
+                get("rumqttd", |v| v["acked"].as_f64()),
+                get("rumqttd", |v| v["consumed"].as_f64()),
+                Figure::of(None, count),
+                get("rumqttd", |v| {
+                    Some(v["acked"].as_f64()? - v["consumed"].as_f64()?)
+                }),
+            ),
+            (
+                "bare Mosquitto".to_owned(),
+                get("mosquitto", |v| v["acked"].as_f64()),
+                get("mosquitto", |v| v["consumed"].as_f64()),
+                Figure::of(None, count),
+                get("mosquitto", |v| {
+                    Some(v["acked"].as_f64()? - v["consumed"].as_f64()?)
+                }),
+            ),
+        ];
+        Overload {
+            silently_lost: get("watchpost", |v| v["watchpost"]["silently_lost"].as_f64()),
+            rows,
+        }
+    }
+
+    fn section(&self, c: &Value) -> String {
+        let mut out = String::from("### QoS 1 overload: is anything lost silently?\n\n");
+        out.push_str(&format!(
+            "{} connections publish QoS 1 readings for {:.0} s, each with 64 in flight, as fast \
+             as PUBACKs come back. Afterwards, once the consumer stops counting, what was \
+             acknowledged to the publishers is compared with what was consumed (Watchpost: \
+             `watchpost_messages_total`; the peers: their counters) and, for Watchpost, with \
+             every counter on `/metrics` whose name says `dropped` or `lost` (outside the \
+             devices' own `seq` accounting) plus readings refused by rate limit or access \
+             rules.\n\n",
+            c["overload_conns"],
+            c["overload_s"].as_f64().unwrap_or(0.0)
+        ));
+        let mut t = Table::new(&[
+            "system",
+            "acknowledged",
+            "consumed",
+            "counted as dropped",
+            "acknowledged, not consumed, not counted",
+        ]);
+        for (name, acked, consumed, dropped, lost) in &self.rows {
+            t.row([
+                name.clone(),
+                acked.show(),
+                consumed.show(),
+                dropped.show(),
+                lost.show(),
+            ]);
+        }
+        out.push_str(&t.done());
+        out.push('\n');
+        out
+    }
+}
+
+/// Fleet figures.
+struct Fleet {
+    devices: u64,
+    watchpost_rss: Figure,
+    rows: Vec<[Figure; 7]>,
+}
+
+impl Fleet {
+    fn new(runs: &[Value]) -> Fleet {
+        let systems = ["watchpost", "rumqttd", "mosquitto"];
+        let rows = systems
+            .iter()
+            .map(|&system| {
+                let fig = |unit: fn(f64) -> String, g: fn(&Value) -> Option<f64>| {
+                    Figure::over(runs, unit, move |r| {
+                        find(&r["fleet"], system, None).and_then(g)
+                    })
+                };
+                [
+                    fig(count, |v| v["devices"].as_f64()),
+                    fig(seconds, |v| v["connect_s"].as_f64()),
+                    fig(plain, |v| v["readings_rate"].as_f64()),
+                    fig(mib, |v| v["rss_kib"].as_f64()),
+                    fig(kib, |v| {
+                        ratio(
+                            Some(v["rss_kib"].as_f64()? - v["idle_rss_kib"].as_f64()?),
+                            v["devices"].as_f64(),
+                        )
+                    }),
+                    fig(cores, |v| v["cores"].as_f64()),
+                    fig(cores, |v| {
+                        ratio(
+                            v["cores"].as_f64(),
+                            v["readings_rate"].as_f64().map(|r| r / 1000.0),
+                        )
+                    }),
+                ]
+            })
+            .collect::<Vec<_>>();
+        let devices = runs
+            .iter()
+            .filter_map(|r| find(&r["fleet"], "watchpost", None)?["devices"].as_u64())
+            .min()
+            .unwrap_or(0);
+        Fleet {
+            devices,
+            watchpost_rss: Figure::over(runs, mib, |r| {
+                find(&r["fleet"], "watchpost", None)?["rss_kib"].as_f64()
+            }),
+            rows,
+        }
+    }
+
+    fn section(&self, c: &Value) -> String {
+        let mut out = String::from("### Fleet: many connected devices\n\n");
+        out.push_str(&format!(
+            "{} simulated devices connect (keep-alive 60 s) and send one temperature reading a \
+             minute each (QoS 1), first samples spread over the minute. Memory is read from \
+             `/proc/PID/status` (VmRSS) at the end of a {:.0} s window (Watchpost; {:.0} s for \
+             the peers) that starts once every device is connected and has settled; CPU from \
+             `/proc/PID/stat` (utime + stime) over the window. Target for Watchpost: RSS ≤ 48 MB \
+             (45.8 MiB).\n\n",
+            c["fleet_devices"],
+            c["fleet_window_s"].as_f64().unwrap_or(0.0),
+            c["fleet_peers_window_s"].as_f64().unwrap_or(0.0),
+        ));
+        let mut t = Table::new(&[
+            "system",
+            "devices",
+            "all connected after",
+            "readings/s",
+            "RSS",
+            "RSS per connection (above idle)",
+            "CPU, cores",
+            "CPU, cores per 1,000 readings/s",
+        ]);
+        for (name, row) in ["Watchpost", "bare rumqttd", "bare Mosquitto"]
+            .iter()
+            .zip(&self.rows)
+        {
+            let mut cells = vec![name.to_string()];
+            cells.extend(row.iter().map(Figure::show));
+            t.row(cells);
+        }
+        out.push_str(&t.done());
+        out.push('\n');
+        out
+    }
+}
+
+/// Start-up and binary size.
+fn startup_section(r: &Value, runs: &[Value]) -> String {
+    // Every gateway start in a run: its median is that run's figure.
+    fn starts(v: &Value, out: &mut Vec<f64>) {
+        match v {
+            Value::Object(map) => {
+                for (k, x) in map {
+                    if k == "startup_ms" {
+                        out.extend(x.as_f64());
+                    } else {
+                        starts(x, out);
+                    }
+                }
+            }
+            Value::Array(list) => list.iter().for_each(|x| starts(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = 0;
+    let startup = Figure::over(runs, ms, |run| {
+        let mut v = Vec::new();
+        starts(run, &mut v);
+        all += v.len();
+        Spread::of(v).map(|s| s.median)
+    });
+    let m = &r["machine"];
+    let mut out = String::from("### Start-up and size\n\n");
+    let mut t = Table::new(&["", "Watchpost"]);
+    t.row([
+        format!(
+            "start-up: spawn → ready line on stderr (listeners accepting, store open), fresh data directory; median of {all} starts per run"
+        ),
+        startup.show(),
+    ]);
+    t.row([
+        "release binary (`target/release/watchpost`)".into(),
+        bytes(m["binary_bytes"].as_f64().unwrap_or(0.0)),
+    ]);
+    t.row([
+        "the same, stripped".into(),
+        bytes(m["binary_stripped_bytes"].as_f64().unwrap_or(0.0)),
+    ]);
+    out.push_str(&t.done());
+    out.push('\n');
+    out
+}
+
+const METHOD: &str = "### How it is measured, and what to keep in mind
+
+- Everything runs on the one machine, with the other processes of the run sharing its cores:
+  the simulator, the load and measurement clients and the peers compete with the system under
+  test. On plant, two simulators (one per site), Watchpost, the bridge and the upstream
+  Mosquitto run at once.
+- Raw figures of every run, and every process's log, are in
+  `target/watchpost-bench/<date>/`; `--from-json results.json` renders these tables again.
+- Upstream bytes are MQTT bytes on the uplink's TCP connection (CONNECT, PUBLISH, PUBACK,
+  PINGREQ, …), not IP or TCP headers, and not TLS: both uplinks run plain MQTT over loopback.
+  Watchpost uses its default keep-alive (30 s), Mosquitto's bridge its own (60 s).
+- Plant latency to the upstream passes the byte-counting proxy (two more loopback hops) on both
+  Watchpost's and the bridge's side; the half-saturation runs have no proxy.
+- An alert goes upstream only after its outbox row is committed with `synchronous = FULL`, so
+  upstream alert latency includes a disk sync; the local alert is published before.
+- Bare rumqttd is this harness's own code around rumqttd's `Broker` (its MQTT listener, router
+  sized like Watchpost's, and a local link subscribed to `sensors/#` that counts), started as a
+  process of its own so that its CPU and memory are read apart from the harness's.
+- Percentiles are by nearest rank over one run's samples; p99.9 of about a thousand samples is
+  close to the largest.
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generated_part_is_replaced_and_the_rest_kept() {
+        let first = render(
+            &Value::Null,
+            "# Benchmarks\n\nintro\n\n## Pipeline\n\ntable\n",
+        );
+        assert!(first.starts_with("# Benchmarks\n\n<!-- watchpost-bench: begin"));
+        assert!(first.ends_with("\nintro\n\n## Pipeline\n\ntable\n"));
+        let second = render(&Value::Null, &first);
+        assert_eq!(first, second);
+        assert_eq!(second.matches(BEGIN).count(), 1);
+    }
+
+    #[test]
+    fn verdicts_say_when_runs_disagree() {
+        let f = Figure::over(
+            &[Value::from(1.0), Value::from(3.0), Value::from(6.0)],
+            ms,
+            Value::as_f64,
+        );
+        assert_eq!(f.show(), "3.00 ms (1.00 ms–6.00 ms)");
+        assert_eq!(f.verdict(|v| v <= 10.0), "**met**");
+        assert_eq!(f.verdict(|v| v <= 5.0), "**met** (not in every run)");
+        assert_eq!(f.verdict(|v| v <= 2.0), "**missed** (met in some runs)");
+        assert_eq!(f.verdict(|v| v <= 0.5), "**missed**");
+    }
+
+    #[test]
+    fn counts_have_thousands_separators() {
+        assert_eq!(count(1234567.0), "1,234,567");
+        assert_eq!(count(999.0), "999");
+        assert_eq!(count(-1000.0), "-1,000");
+        assert_eq!(percent(0.0003), "0.030 %");
+    }
+}

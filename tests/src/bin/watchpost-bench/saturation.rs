@@ -1,0 +1,392 @@
+//! Saturation: as many readings per second as N connections can push (QoS 0), into Watchpost
+//! (rules, rollups and the durable outbox on) and into bare rumqttd and bare Mosquitto, each
+//! counted where it is consumed; QoS 1 overload, where every acknowledged reading must be
+//! processed or counted as dropped; and alert latency at half of Watchpost's saturation.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::peer::Counter;
+use crate::probe::{self, Target, Watch};
+use crate::procs::{self, Bins, Gateway, Proc, Usage};
+use crate::setup::{self, Broker, SITE};
+
+/// Devices the flood stands for, over all connections.
+pub const FLOOD_DEVICES: usize = 1000;
+
+/// Warm-up before a window, and the window.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Load runs this long before measuring starts.
+    pub warm: Duration,
+    /// The measured window.
+    pub window: Duration,
+}
+
+/// A system under load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum System {
+    /// Watchpost: rules, rollups, durable outbox, uplink to a Mosquitto.
+    Watchpost,
+    /// Bare rumqttd 0.20 with an in-process counting subscriber.
+    Rumqttd,
+    /// Bare Mosquitto with one counting subscriber.
+    Mosquitto,
+}
+
+impl System {
+    /// Its name in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Watchpost => "watchpost",
+            System::Rumqttd => "rumqttd",
+            System::Mosquitto => "mosquitto",
+        }
+    }
+}
+
+/// A started system: where to send load and how to count what it consumed. Its processes
+/// stop when it is dropped.
+pub struct Running {
+    /// Where devices connect.
+    pub addr: SocketAddr,
+    /// The process whose CPU and memory are measured.
+    pub pid: u32,
+    /// Watchpost, if that is the system.
+    pub gateway: Option<Gateway>,
+    counter: Option<Counter>,
+    /// Watchpost's upstream broker.
+    pub upstream: Option<Broker>,
+    _broker: Option<Broker>,
+}
+
+impl Running {
+    /// Starts `system` with its files in `dir`: Watchpost with an upstream Mosquitto, bare
+    /// rumqttd with its counting link, or bare Mosquitto with a counting subscriber.
+    pub fn start(bins: &Bins, dir: &Path, system: System) -> Result<Running> {
+        std::fs::create_dir_all(dir)?;
+        Ok(match system {
+            System::Watchpost => {
+                let upstream = setup::bare_mosquitto(&dir.join("upstream"))?;
+                let gw = setup::watchpost(bins, &dir.join("watchpost"), upstream.addr, None)?;
+                Running {
+                    addr: gw.mqtt,
+                    pid: gw.proc.pid(),
+                    gateway: Some(gw),
+                    counter: None,
+                    upstream: Some(upstream),
+                    _broker: None,
+                }
+            }
+            System::Rumqttd => {
+                let (counter, addr) = Counter::rumqttd(bins, &dir.join("rumqttd.log"))?;
+                Running {
+                    addr,
+                    pid: counter.proc.pid(),
+                    gateway: None,
+                    counter: Some(counter),
+                    upstream: None,
+                    _broker: None,
+                }
+            }
+            System::Mosquitto => {
+                let broker = setup::bare_mosquitto(&dir.join("mosquitto"))?;
+                let counter = Counter::subscriber(
+                    bins,
+                    broker.addr,
+                    "sensors/#",
+                    &dir.join("subscriber.log"),
+                )?;
+                Running {
+                    addr: broker.addr,
+                    pid: broker.proc.pid(),
+                    gateway: None,
+                    counter: Some(counter),
+                    upstream: None,
+                    _broker: Some(broker),
+                }
+            }
+        })
+    }
+
+    /// Readings consumed so far: processed by Watchpost, or counted by the subscriber.
+    pub fn count(&mut self) -> Result<f64> {
+        if let Some(gw) = &mut self.gateway {
+            gw.proc.check_alive()?;
+            return Ok(gw.metrics()?.sum("watchpost_readings_total"));
+        }
+        let counter = self
+            .counter
+            .as_mut()
+            .context("a bare broker without its counter")?;
+        Ok(counter.count()? as f64)
+    }
+
+    /// Waits until the count stops rising (1 s without change), at most 60 s.
+    fn settle(&mut self) -> Result<f64> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = self.count()?;
+        let mut since = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = self.count()?;
+            if now != last {
+                (last, since) = (now, Instant::now());
+            } else if since.elapsed() >= Duration::from_secs(1) {
+                return Ok(now);
+            }
+            if Instant::now() >= deadline {
+                return Ok(now);
+            }
+        }
+    }
+}
+
+/// A flood process, connected and waiting for the word.
+struct Flooder {
+    proc: Proc,
+    stdin: std::process::ChildStdin,
+}
+
+impl Flooder {
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        bins: &Bins,
+        addr: SocketAddr,
+        conns: usize,
+        qos: u8,
+        rate: f64,
+        seconds: f64,
+        log: &Path,
+    ) -> Result<Flooder> {
+        let args = [
+            "flood".to_owned(),
+            addr.to_string(),
+            conns.to_string(),
+            qos.to_string(),
+            format!("{rate:.0}"),
+            format!("{seconds:.2}"),
+            (FLOOD_DEVICES / conns).max(1).to_string(),
+        ];
+        let mut proc = procs::helper(bins, "flood", &args, log)?;
+        let stdin = proc.stdin().context("stdin")?;
+        let (_, reader) = procs::wait_ready(&mut proc, Duration::from_secs(60))?;
+        // The report comes on stdout after the run: hand the reader back.
+        proc.give_stdout(reader);
+        Ok(Flooder { proc, stdin })
+    }
+
+    fn go(&mut self) -> Result<()> {
+        writeln!(self.stdin)?;
+        Ok(self.stdin.flush()?)
+    }
+
+    fn report(mut self, timeout: Duration) -> Result<Value> {
+        let out = self.proc.wait_output(timeout)?;
+        let last = out.lines().last().unwrap_or_default();
+        serde_json::from_str(last).with_context(|| format!("the flood's report: {out:?}"))
+    }
+}
+
+/// Saturates `system` with `conns` QoS 0 connections; returns the figures of one window.
+pub fn saturate(
+    bins: &Bins,
+    dir: &Path,
+    system: System,
+    conns: usize,
+    timing: Timing,
+) -> Result<Value> {
+    let mut sut = Running::start(bins, dir, system)?;
+    let seconds = (timing.warm + timing.window).as_secs_f64() + 1.0;
+    let mut flood = Flooder::start(
+        bins,
+        sut.addr,
+        conns,
+        0,
+        0.0,
+        seconds,
+        &dir.join("flood.log"),
+    )?;
+    flood.go()?;
+    // The load runs for fixed durations: warm-up, then the window.
+    std::thread::sleep(timing.warm);
+    let (c0, u0) = (sut.count()?, Usage::of(sut.pid)?);
+    let m0 = sut.gateway.as_ref().map(|g| g.metrics()).transpose()?;
+    std::thread::sleep(timing.window);
+    let (c1, u1) = (sut.count()?, Usage::of(sut.pid)?);
+    let m1 = sut.gateway.as_ref().map(|g| g.metrics()).transpose()?;
+    let report = flood.report(Duration::from_secs(60))?;
+    let window = (u1.at - u0.at).as_secs_f64();
+    let dropped = match (&m0, &m1) {
+        (Some(a), Some(b)) => b.dropped_since(a),
+        _ => 0.0,
+    };
+    Ok(json!({
+        "system": system.name(),
+        "conns": conns,
+        "rate": (c1 - c0) / window,
+        "window_s": window,
+        "offered": report["sent"].as_f64().unwrap_or(0.0) / report["seconds"].as_f64().unwrap_or(1.0),
+        "flood": report,
+        "cores": u1.cores_since(&u0),
+        "rss_kib": u1.rss_kib,
+        "hwm_kib": u1.hwm_kib,
+        "dropped_in_window": dropped,
+        "startup_ms": sut.gateway.as_ref().map(|g| g.startup.as_secs_f64() * 1000.0),
+    }))
+}
+
+/// QoS 1 overload: `conns` connections publish QoS 1 as fast as acknowledgements come, for
+/// `seconds`; afterwards, what was acknowledged is compared with what was consumed and, for
+/// Watchpost, with what `/metrics` counts as dropped.
+pub fn overload(
+    bins: &Bins,
+    dir: &Path,
+    system: System,
+    conns: usize,
+    seconds: f64,
+) -> Result<Value> {
+    let mut sut = Running::start(bins, dir, system)?;
+    let m0 = sut.gateway.as_ref().map(|g| g.metrics()).transpose()?;
+    let c0 = sut.count()?;
+    let mut flood = Flooder::start(
+        bins,
+        sut.addr,
+        conns,
+        1,
+        0.0,
+        seconds,
+        &dir.join("flood.log"),
+    )?;
+    flood.go()?;
+    let report = flood.report(Duration::from_secs_f64(seconds) + Duration::from_secs(60))?;
+    let acked = report["acked"].as_f64().unwrap_or(0.0);
+    let consumed = sut.settle()? - c0;
+    let mut out = json!({
+        "system": system.name(),
+        "conns": conns,
+        "seconds": seconds,
+        "flood": report,
+        "acked": acked,
+        "consumed": consumed,
+    });
+    if let (Some(m0), Some(gw)) = (m0, sut.gateway.as_mut()) {
+        let m1 = gw.metrics()?;
+        let d = |n: &str| m1.sum(n) - m0.sum(n);
+        let dropped = m1.dropped_since(&m0);
+        let refused = d("watchpost_rate_limited_total") + d("watchpost_publish_denied_total");
+        out["watchpost"] = json!({
+            "messages": d("watchpost_messages_total"),
+            "readings": d("watchpost_readings_total"),
+            "dropped_counted": dropped,
+            "dropped_families": m1.dropped().into_iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            "refused_counted": refused,
+            "decode_errors": d("watchpost_decode_errors_total"),
+            // Acknowledged, and neither taken by ingest nor counted anywhere.
+            "silently_lost": acked - d("watchpost_messages_total") - dropped - refused,
+            "startup_ms": gw.startup.as_secs_f64() * 1000.0,
+        });
+        let log = std::fs::read_to_string(dir.join("watchpost").join("watchpost.log"))
+            .unwrap_or_default();
+        out["watchpost"]["log_lines_about_loss"] = json!(
+            log.lines()
+                .filter(|l| l.contains("dropped") || l.contains("lost"))
+                .count()
+        );
+    }
+    Ok(out)
+}
+
+/// Latency under a steady QoS 0 load of `rate` readings/s on 10 connections into `system`:
+/// after `warm`, probes raise and clear overheat `probe_rate` times a second for `probe`. At
+/// Watchpost that is alert latency (to `alerts/#` locally and to the upstream subscriber); at a
+/// bare broker, the probes' readings to a subscriber of their topics.
+pub fn half_latency(
+    bins: &Bins,
+    dir: &Path,
+    system: System,
+    rate: f64,
+    warm: Duration,
+    probe: Duration,
+    probe_rate: f64,
+) -> Result<Value> {
+    if rate.is_nan() || rate <= 0.0 {
+        bail!("no saturation rate to take half of");
+    }
+    let mut sut = Running::start(bins, dir, system)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (near, far) = (Arc::new(Watch::default()), Arc::new(Watch::default()));
+    let mut threads = Vec::new();
+    match (&sut.gateway, &sut.upstream) {
+        (Some(gw), Some(upstream)) => {
+            threads.push(probe::watch(
+                gw.mqtt,
+                "local-alerts",
+                &["alerts/#"],
+                near.clone(),
+                stop.clone(),
+            )?);
+            threads.push(probe::watch(
+                upstream.addr,
+                "upstream-alerts",
+                &[&format!("{SITE}/alerts/#")],
+                far.clone(),
+                stop.clone(),
+            )?);
+        }
+        _ => {
+            let topics = probe::reading_topics();
+            let filters: Vec<&str> = topics.iter().map(String::as_str).collect();
+            threads.push(probe::watch(
+                sut.addr,
+                "probe-readings",
+                &filters,
+                near.clone(),
+                stop.clone(),
+            )?);
+        }
+    }
+    let seconds = (warm + probe).as_secs_f64() + 3.0;
+    let mut flood = Flooder::start(bins, sut.addr, 10, 0, rate, seconds, &dir.join("flood.log"))?;
+    flood.go()?;
+    // The load runs for a fixed warm-up before probing.
+    std::thread::sleep(warm);
+    let (c0, u0) = (sut.count()?, Usage::of(sut.pid)?);
+    let mut watches = vec![near.clone()];
+    if sut.gateway.is_some() {
+        watches.push(far.clone());
+    }
+    let target = Target {
+        addr: sut.addr,
+        watches,
+    };
+    probe::run(&[target], probe_rate, probe)?;
+    let (c1, u1) = (sut.count()?, Usage::of(sut.pid)?);
+    flood.report(Duration::from_secs(60))?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(threads);
+    let window = (u1.at - u0.at).as_secs_f64();
+    let mut out = json!({
+        "system": system.name(),
+        "offered_rate": rate,
+        "rate": (c1 - c0) / window,
+        "cores": u1.cores_since(&u0),
+    });
+    if let Some(gw) = sut.gateway.as_mut() {
+        gw.proc.check_alive()?;
+        out["startup_ms"] = json!(gw.startup.as_secs_f64() * 1000.0);
+        out["latency_local"] = near.summary();
+        out["latency_upstream"] = far.summary();
+        gw.proc.stop();
+    } else {
+        out["latency_subscriber"] = near.summary();
+    }
+    Ok(out)
+}

@@ -1,0 +1,154 @@
+//! The systems under test as a benchmark starts them: Watchpost's configuration, the site
+//! Mosquitto that bridges to the upstream, and bare Mosquitto.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::procs::{Bins, Gateway, Proc};
+
+/// The site id and upstream topic prefix of the benchmarked gateway.
+pub const SITE: &str = "site-bench";
+
+/// The rule every Watchpost in the benchmark runs: critical above 90 °C, cleared below 85,
+/// raised at the first reading above (no `for`), as the quickstart's overheat otherwise.
+pub const OVERHEAT: &str = r#"[[rule]]
+name = "overheat"
+match = "sensors/+/temperature"
+above = 90.0
+clear_below = 85.0
+severity = "critical"
+"#;
+
+/// Writes a Watchpost configuration into `dir` and returns its path: anonymous clients on
+/// loopback (so that the local `alerts/#` subscriber needs no operator login), no publish rate
+/// limit (one load connection stands in for many devices), room for 20,000 connections, uplink
+/// to `upstream` forwarding critical alerts, history (rollups) as by default, and
+/// [`OVERHEAT`]. `summaries` adds `[uplink.summaries]` with that interval for all three
+/// metrics. Everything else is the default, as a site would run it.
+pub fn watchpost_config(
+    dir: &Path,
+    upstream: SocketAddr,
+    summaries: Option<&str>,
+) -> Result<PathBuf> {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data)?;
+    let summaries = summaries.map_or(String::new(), |interval| {
+        format!(
+            "\n[uplink.summaries]\ninterval = \"{interval}\"\nmetrics = [\"temperature\", \"humidity\", \"pressure\"]\n"
+        )
+    });
+    let text = format!(
+        r#"[gateway]
+id = "{SITE}"
+data_dir = {data:?}
+
+[broker]
+listen = "127.0.0.1:0"
+allow_anonymous = true
+max_publish_rate = 0
+max_connections = 20000
+
+[http]
+listen = "127.0.0.1:0"
+
+[uplink]
+url = "mqtt://{upstream}"
+topic_prefix = "{SITE}"
+forward = ["critical"]
+{summaries}
+{OVERHEAT}"#
+    );
+    let path = dir.join("watchpost.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// Starts Watchpost with [`watchpost_config`] in `dir` and waits until its uplink is up.
+pub fn watchpost(
+    bins: &Bins,
+    dir: &Path,
+    upstream: SocketAddr,
+    summaries: Option<&str>,
+) -> Result<Gateway> {
+    std::fs::create_dir_all(dir)?;
+    let config = watchpost_config(dir, upstream, summaries)?;
+    let mut gateway = Gateway::start(&bins.watchpost, &config, &dir.join("watchpost.log"))?;
+    gateway.wait_metrics("the uplink connects", Duration::from_secs(20), |m| {
+        m.get("watchpost_uplink_connected") == 1.0
+    })?;
+    Ok(gateway)
+}
+
+/// A Mosquitto started by the benchmark, and its MQTT address.
+pub struct Broker {
+    /// The process.
+    pub proc: Proc,
+    /// Its listener.
+    pub addr: SocketAddr,
+}
+
+/// Starts Mosquitto with `extra` configuration lines in `dir`, on a free port.
+fn mosquitto(dir: &Path, name: &str, extra: &str) -> Result<Broker> {
+    std::fs::create_dir_all(dir)?;
+    let mut last = None;
+    for _ in 0..5 {
+        let port = watchpost_e2e::free_port()?;
+        let conf = dir.join(format!("{name}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}"
+            ),
+        )?;
+        let log = dir.join(format!("{name}.log"));
+        // Launched through the tests' helper for its readiness check, then owned here.
+        match watchpost_e2e::launch_mosquitto(&conf, &[port], Some(&log)) {
+            Ok(child) => {
+                return Ok(Broker {
+                    proc: Proc::adopt(name, child, &log),
+                    addr: ([127, 0, 0, 1], port).into(),
+                });
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("tried"))
+}
+
+/// Bare Mosquitto: anonymous, no persistence, defaults otherwise.
+pub fn bare_mosquitto(dir: &Path) -> Result<Broker> {
+    mosquitto(dir, "mosquitto", "")
+}
+
+/// The site's Mosquitto bridging `sensors/#` to `upstream` at `qos`, as most sites run today.
+pub fn bridge(dir: &Path, upstream: SocketAddr, qos: u8) -> Result<Broker> {
+    mosquitto(
+        dir,
+        "site-bridge",
+        &format!(
+            "\nconnection upstream\naddress {upstream}\ntopic sensors/# out {qos}\nbridge_protocol_version mqttv311\ncleansession true\n"
+        ),
+    )
+}
+
+/// The version line of `mosquitto -h`.
+pub fn mosquitto_version() -> String {
+    let Ok(bin) = watchpost_e2e::mosquitto_binary() else {
+        return "not installed".into();
+    };
+    Command::new(bin)
+        .arg("-h")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
