@@ -5,12 +5,24 @@
 //! cargo run --release -p watchpost-e2e --bin watchpost-bench -- [--quick] [--runs N] [--out FILE]
 //! ```
 //!
-//! It builds the release gateway and simulator first (`cargo build --release -p watchpost -p
-//! watchpost-sim`), then runs the workloads ([`plant`], [`saturation`], [`fleet`]) `--runs`
-//! times, writes every raw figure as JSON next to the logs, and renders the tables
-//! ([`report`]). `--from-json` renders tables again from a saved run without running anything.
-//! Helper modes (`flood`, `rumqttd`, `count-sub`) are this binary started by itself as a
-//! separate process, so that load and counting never share a process with the harness.
+//! It builds the release gateway and the simulator first (`cargo build --release -p
+//! watchpost`, then `-p watchpost-sim`), runs the workloads ([`plant`], [`saturation`],
+//! [`fleet`]) `--runs` times, writes every raw figure as JSON next to the logs, and renders the
+//! tables ([`report`]). `--from-json` renders tables again from a saved run without running
+//! anything. Helper modes (`flood`, `rumqttd`, `count-sub`) are this binary started by itself
+//! as a separate process, so that load and counting never share a process with the harness or
+//! with the system under test.
+//!
+//! | module | one job |
+//! |---|---|
+//! | [`setup`] | configurations and start of Watchpost, the bridge and bare Mosquitto |
+//! | [`procs`] | child processes, `/proc` memory and CPU, `/metrics` |
+//! | [`wire`] | just enough MQTT over blocking sockets for load and measurement clients |
+//! | [`proxy`] | the byte-counting TCP proxy on the uplinks |
+//! | [`flood`], [`peer`] | helper modes: load, bare rumqttd, a counting subscriber |
+//! | [`probe`] | latency probes and the subscribers that time them |
+//! | [`plant`], [`saturation`], [`fleet`] | the workloads |
+//! | [`stats`], [`report`] | percentiles and medians; the tables |
 
 mod fleet;
 mod flood;
@@ -42,16 +54,18 @@ use crate::saturation::{System, Timing};
 struct Cli {
     #[command(subcommand)]
     helper: Option<Helper>,
-    /// A short run for CI (about 3 minutes, one run, smaller fleets).
+    /// A short run for CI (2-3 minutes, one run, smaller fleets); its tables go next to its
+    /// logs unless --out says otherwise.
     #[arg(long)]
     quick: bool,
     /// Runs of every workload; figures are medians over them (default: 3, quick: 1).
     #[arg(long)]
     runs: Option<usize>,
-    /// Where to write the tables (default: BENCHMARKS.md at the workspace root).
+    /// Where to write the tables (default: BENCHMARKS.md at the workspace root, or with
+    /// --quick beside the run's logs).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Only these workloads (the others' tables say "not run").
+    /// Only these workloads (the others' figures show as "–").
     #[arg(long, value_delimiter = ',')]
     only: Vec<Phase>,
     /// Render the tables from a results.json of an earlier run instead of running.
@@ -362,17 +376,18 @@ fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
             result["overload"] = json!(all);
         }
         if wanted(Phase::Latency) {
-            let best = result["saturation"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|s| s["system"] == "watchpost")
-                .filter_map(|s| s["rate"].as_f64())
-                .fold(0.0, f64::max);
-            // Without a saturation figure in this invocation, a conservative fixed load.
-            let rate = if best > 0.0 { best / 2.0 } else { 20_000.0 };
             let mut all = Vec::new();
             for system in [System::Watchpost, System::Rumqttd, System::Mosquitto] {
+                // Half of what this system sustained in this run, whichever connection count
+                // did best; without a saturation figure, a conservative fixed load.
+                let best = result["saturation"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|s| s["system"] == system.name())
+                    .filter_map(|s| s["rate"].as_f64())
+                    .fold(0.0, f64::max);
+                let rate = if best > 0.0 { best / 2.0 } else { 20_000.0 };
                 step(&format!(
                     "latency {} at {rate:.0} readings/s",
                     system.name()

@@ -639,6 +639,8 @@ fn percentiles(runs: &[Value], path: impl Fn(&Value) -> Option<&Value>) -> Perce
 struct LatencyRow {
     path: &'static str,
     load: &'static str,
+    /// At half saturation: the system whose load it was.
+    system: Option<&'static str>,
     figures: Percentiles,
     target: Option<(&'static str, f64)>,
 }
@@ -648,7 +650,7 @@ struct Latency {
     plant_upstream: Percentiles,
     plant_local: Percentiles,
     rows: Vec<LatencyRow>,
-    half_rate: Figure,
+    runs: Vec<Value>,
 }
 
 impl Latency {
@@ -666,6 +668,14 @@ impl Latency {
         let row = |path, load, figures, target| LatencyRow {
             path,
             load,
+            system: None,
+            figures,
+            target,
+        };
+        let half_row = |path, system, figures, target| LatencyRow {
+            path,
+            load: "half saturation",
+            system: Some(system),
             figures,
             target,
         };
@@ -694,27 +704,27 @@ impl Latency {
                 plant("mosquitto_local"),
                 None,
             ),
-            row(
+            half_row(
                 "Watchpost: alert, device → upstream subscriber",
-                "half saturation",
+                "watchpost",
                 half("watchpost", "latency_upstream"),
                 Some(("(p99 ≤ 5 ms on plant)", 5.0)),
             ),
-            row(
+            half_row(
                 "Watchpost: alert, device → local `alerts/#` subscriber",
-                "half saturation",
+                "watchpost",
                 half("watchpost", "latency_local"),
                 Some(("(p99 ≤ 2 ms on plant)", 2.0)),
             ),
-            row(
+            half_row(
                 "bare rumqttd: the reading, device → subscriber",
-                "half saturation",
+                "rumqttd",
                 half("rumqttd", "latency_subscriber"),
                 None,
             ),
-            row(
+            half_row(
                 "bare Mosquitto: the reading, device → subscriber",
-                "half saturation",
+                "mosquitto",
                 half("mosquitto", "latency_subscriber"),
                 None,
             ),
@@ -723,9 +733,7 @@ impl Latency {
             plant_upstream,
             plant_local,
             rows,
-            half_rate: Figure::over(runs, rate, |r| {
-                find(&r["half"], "watchpost", None).and_then(|v| v["offered_rate"].as_f64())
-            }),
+            runs: runs.to_vec(),
         }
     }
 
@@ -734,16 +742,15 @@ impl Latency {
         out.push_str(&format!(
             "Probe devices in the harness raise and clear the overheat rule {} times a second \
              (QoS 1, `95.0` then `20.0` on `sensors/probe-N/temperature`), for {:.0} s on the \
-             running plant and for {:.0} s under a steady QoS 0 load of half of Watchpost's \
-             saturation rate in the same run ({}, 10 connections) into each system. The \
-             harness notes the time right before writing the PUBLISH and right after reading \
-             what arrives, with one monotonic clock; at Watchpost what arrives is the alert \
+             running plant and for {:.0} s under a steady QoS 0 load (10 connections) of half \
+             of what each system sustained in the saturation test of the same run. The harness \
+             notes the time right before writing the PUBLISH and right after reading what \
+             arrives, with one monotonic clock; at Watchpost what arrives is the alert \
              document, at a plain broker or bridge the reading itself. All client sockets set \
              TCP_NODELAY.\n\n",
             c["probe_rate"],
             c["plant_probe_s"].as_f64().unwrap_or(0.0),
             c["half_probe_s"].as_f64().unwrap_or(0.0),
-            self.half_rate.show(),
         ));
         let mut t = Table::new(&[
             "path",
@@ -764,9 +771,20 @@ impl Latency {
                 Some((text, _)) => (text.to_owned(), String::new()),
                 None => (String::new(), String::new()),
             };
+            let load = match row.system {
+                Some(system) => format!(
+                    "{} ({} offered)",
+                    row.load,
+                    Figure::over(&self.runs, rate, |r| {
+                        find(&r["half"], system, None)?["offered_rate"].as_f64()
+                    })
+                    .show()
+                ),
+                None => row.load.to_owned(),
+            };
             t.row([
                 row.path.to_owned(),
-                row.load.to_owned(),
+                load,
                 f.p50.show(),
                 f.p99.show(),
                 f.p999.show(),
@@ -788,7 +806,18 @@ struct AtConns {
     mosquitto: Figure,
     vs_rumqttd: Figure,
     vs_mosquitto: Figure,
-    rows: Vec<(String, Figure, Figure, Figure, Figure)>,
+    rows: Vec<SaturationRow>,
+}
+
+/// One system at one connection count.
+struct SaturationRow {
+    name: &'static str,
+    consumed: Figure,
+    offered: Figure,
+    cores: Figure,
+    rss: Figure,
+    /// Share of what the load sent that was never consumed, once the load stopped.
+    unconsumed: Figure,
 }
 
 /// Saturation figures.
@@ -825,14 +854,16 @@ impl Saturation {
                     ("bare Mosquitto, one subscriber", "mosquitto"),
                 ]
                 .into_iter()
-                .map(|(name, system)| {
-                    (
-                        name.to_owned(),
-                        fig(system, "rate", rate),
-                        fig(system, "offered", rate),
-                        fig(system, "cores", cores),
-                        fig(system, "rss_kib", mib),
-                    )
+                .map(|(name, system)| SaturationRow {
+                    name,
+                    consumed: fig(system, "rate", rate),
+                    offered: fig(system, "offered", rate),
+                    cores: fig(system, "cores", cores),
+                    rss: fig(system, "rss_kib", mib),
+                    unconsumed: Figure::over(runs, percent, move |r| {
+                        let v = find(&r["saturation"], system, Some(n))?;
+                        ratio(v["sent_not_consumed"].as_f64(), v["flood"]["sent"].as_f64())
+                    }),
                 })
                 .collect();
                 AtConns {
@@ -875,7 +906,9 @@ impl Saturation {
              readings decoded and judged by Watchpost (`watchpost_readings_total`: the \
              overheat rule, 60 s rollups, SQLite history and the outbox all on, with the \
              per-device publish rate limit off), messages given to bare rumqttd's in-process \
-             counting link, messages delivered to bare Mosquitto's one subscriber.\n\n",
+             counting link, messages delivered to bare Mosquitto's one subscriber. QoS 0 has \
+             no acknowledgement; the last column says what the load wrote and was never \
+             consumed, counted once the load stopped and consumption settled.\n\n",
             c["sat_warm_s"].as_f64().unwrap_or(0.0),
             c["sat_window_s"].as_f64().unwrap_or(0.0),
         ));
@@ -886,16 +919,18 @@ impl Saturation {
             "offered by the load",
             "CPU, cores",
             "RSS",
+            "sent, never consumed",
         ]);
         for (conns, at) in self.conns.iter().zip(&self.by_conns) {
-            for (name, consumed, offered, cpu, rss) in &at.rows {
+            for row in &at.rows {
                 t.row([
-                    name.clone(),
+                    row.name.to_owned(),
                     conns.to_string(),
-                    consumed.show(),
-                    offered.show(),
-                    cpu.show(),
-                    rss.show(),
+                    row.consumed.show(),
+                    row.offered.show(),
+                    row.cores.show(),
+                    row.rss.show(),
+                    row.unconsumed.show(),
                 ]);
             }
         }
@@ -1177,9 +1212,14 @@ fn startup_section(r: &Value, runs: &[Value]) -> String {
         "release binary (`target/release/watchpost`)".into(),
         bytes(m["binary_bytes"].as_f64().unwrap_or(0.0)),
     ]);
+    let stripped = m["binary_stripped_bytes"].as_f64().unwrap_or(0.0);
     t.row([
         "the same, stripped".into(),
-        bytes(m["binary_stripped_bytes"].as_f64().unwrap_or(0.0)),
+        if stripped > 0.0 {
+            bytes(stripped)
+        } else {
+            "not measured (no `strip`)".into()
+        },
     ]);
     out.push_str(&t.done());
     out.push('\n');

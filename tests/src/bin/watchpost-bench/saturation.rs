@@ -214,19 +214,24 @@ pub fn saturate(
         seconds,
         &dir.join("flood.log"),
     )?;
+    let (c_start, m_start) = (
+        sut.count()?,
+        sut.gateway.as_ref().map(|g| g.metrics()).transpose()?,
+    );
     flood.go()?;
     // The load runs for fixed durations: warm-up, then the window.
     std::thread::sleep(timing.warm);
     let (c0, u0) = (sut.count()?, Usage::of(sut.pid)?);
-    let m0 = sut.gateway.as_ref().map(|g| g.metrics()).transpose()?;
     std::thread::sleep(timing.window);
     let (c1, u1) = (sut.count()?, Usage::of(sut.pid)?);
-    let m1 = sut.gateway.as_ref().map(|g| g.metrics()).transpose()?;
     let report = flood.report(Duration::from_secs(60))?;
     let window = (u1.at - u0.at).as_secs_f64();
-    let dropped = match (&m0, &m1) {
-        (Some(a), Some(b)) => b.dropped_since(a),
-        _ => 0.0,
+    // QoS 0 has no acknowledgement, but what was sent and never consumed is worth knowing.
+    let consumed = sut.settle()? - c_start;
+    let m_end = sut.gateway.as_ref().map(|g| g.metrics()).transpose()?;
+    let dropped = match (&m_start, &m_end) {
+        (Some(a), Some(b)) => Some(b.dropped_since(a)),
+        _ => None,
     };
     Ok(json!({
         "system": system.name(),
@@ -238,7 +243,9 @@ pub fn saturate(
         "cores": u1.cores_since(&u0),
         "rss_kib": u1.rss_kib,
         "hwm_kib": u1.hwm_kib,
-        "dropped_in_window": dropped,
+        "consumed_in_all": consumed,
+        "sent_not_consumed": report["sent"].as_f64().unwrap_or(0.0) - consumed,
+        "dropped_counted": dropped,
         "startup_ms": sut.gateway.as_ref().map(|g| g.startup.as_secs_f64() * 1000.0),
     }))
 }

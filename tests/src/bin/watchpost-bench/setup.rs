@@ -25,8 +25,8 @@ severity = "critical"
 
 /// Writes a Watchpost configuration into `dir` and returns its path: anonymous clients on
 /// loopback (so that the local `alerts/#` subscriber needs no operator login), no publish rate
-/// limit (one load connection stands in for many devices), room for 20,000 connections, uplink
-/// to `upstream` forwarding critical alerts, history (rollups) as by default, and
+/// limit (one load connection stands in for many devices), uplink to `upstream` forwarding
+/// critical alerts, connection limit (10,000) and history (rollups) as by default, and
 /// [`OVERHEAT`]. `summaries` adds `[uplink.summaries]` with that interval for all three
 /// metrics. Everything else is the default, as a site would run it.
 pub fn watchpost_config(
@@ -50,7 +50,6 @@ data_dir = {data:?}
 listen = "127.0.0.1:0"
 allow_anonymous = true
 max_publish_rate = 0
-max_connections = 20000
 
 [http]
 listen = "127.0.0.1:0"
