@@ -144,8 +144,8 @@ impl Config {
                 runs: runs.unwrap_or(1),
                 plant: plant::Plan {
                     devices: 300,
-                    window: Duration::from_secs(20),
-                    probe: Duration::from_secs(10),
+                    window: Duration::from_secs(15),
+                    probe: Duration::from_secs(8),
                     probe_rate,
                     excursion_share,
                     seed: 1,
@@ -154,22 +154,23 @@ impl Config {
                 timing: Timing {
                     warm: Duration::from_secs(1),
                     window: Duration::from_secs(2),
+                    drain: Duration::from_secs(8),
                 },
                 conns: [10, 100],
                 overload_s: 2.0,
                 overload_conns: 100,
-                half: (Duration::from_secs(1), Duration::from_secs(4)),
+                half: (Duration::from_secs(1), Duration::from_secs(3)),
                 probe_rate,
                 fleet: fleet::Plan {
                     devices: 1000,
                     settle: Duration::from_secs(1),
-                    window: Duration::from_secs(3),
+                    window: Duration::from_secs(2),
                     seed: 1,
                 },
                 fleet_peers: fleet::Plan {
                     devices: 1000,
                     settle: Duration::from_secs(1),
-                    window: Duration::from_secs(3),
+                    window: Duration::from_secs(2),
                     seed: 1,
                 },
             }
@@ -189,6 +190,7 @@ impl Config {
                 timing: Timing {
                     warm: Duration::from_secs(5),
                     window: Duration::from_secs(10),
+                    drain: Duration::from_secs(60),
                 },
                 conns: [10, 100],
                 overload_s: 10.0,
@@ -224,6 +226,7 @@ impl Config {
             "summary_s": self.summary.1,
             "sat_warm_s": self.timing.warm.as_secs_f64(),
             "sat_window_s": self.timing.window.as_secs_f64(),
+            "drain_s": self.timing.drain.as_secs_f64(),
             "conns": self.conns,
             "overload_s": self.overload_s,
             "overload_conns": self.overload_conns,
@@ -371,6 +374,7 @@ fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
                     system,
                     config.overload_conns,
                     config.overload_s,
+                    config.timing.drain,
                 )?);
             }
             result["overload"] = json!(all);

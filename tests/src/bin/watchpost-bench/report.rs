@@ -818,6 +818,8 @@ struct SaturationRow {
     rss: Figure,
     /// Share of what the load sent that was never consumed, once the load stopped.
     unconsumed: Figure,
+    /// Whether consumption was still going on in some run when the harness stopped waiting.
+    unsettled: bool,
 }
 
 /// Saturation figures.
@@ -860,6 +862,10 @@ impl Saturation {
                     offered: fig(system, "offered", rate),
                     cores: fig(system, "cores", cores),
                     rss: fig(system, "rss_kib", mib),
+                    unsettled: runs.iter().any(|r| {
+                        find(&r["saturation"], system, Some(n))
+                            .is_some_and(|v| v["settled"] == false)
+                    }),
                     unconsumed: Figure::over(runs, percent, move |r| {
                         let v = find(&r["saturation"], system, Some(n))?;
                         ratio(v["sent_not_consumed"].as_f64(), v["flood"]["sent"].as_f64())
@@ -908,9 +914,11 @@ impl Saturation {
              per-device publish rate limit off), messages given to bare rumqttd's in-process \
              counting link, messages delivered to bare Mosquitto's one subscriber. QoS 0 has \
              no acknowledgement; the last column says what the load wrote and was never \
-             consumed, counted once the load stopped and consumption settled.\n\n",
+             consumed, counted once the load stopped and consumption settled (or after {:.0} s, \
+             if it had not).\n\n",
             c["sat_warm_s"].as_f64().unwrap_or(0.0),
             c["sat_window_s"].as_f64().unwrap_or(0.0),
+            c["drain_s"].as_f64().unwrap_or(0.0),
         ));
         let mut t = Table::new(&[
             "system",
@@ -930,7 +938,11 @@ impl Saturation {
                     row.offered.show(),
                     row.cores.show(),
                     row.rss.show(),
-                    row.unconsumed.show(),
+                    if row.unsettled {
+                        format!("{} (still consuming when counted)", row.unconsumed.show())
+                    } else {
+                        row.unconsumed.show()
+                    },
                 ]);
             }
         }
@@ -1002,6 +1014,8 @@ impl Saturation {
 struct Overload {
     silently_lost: Figure,
     rows: Vec<(String, Figure, Figure, Figure, Figure)>,
+    /// Systems whose consumer was still going in some run when the harness stopped waiting.
+    unsettled: Vec<String>,
 }
 
 impl Overload {
@@ -1043,9 +1057,19 @@ impl Overload {
                 }),
             ),
         ];
+        let unsettled = ["watchpost", "rumqttd", "mosquitto"]
+            .into_iter()
+            .filter(|system| {
+                runs.iter().any(|r| {
+                    find(&r["overload"], system, None).is_some_and(|v| v["settled"] == false)
+                })
+            })
+            .map(str::to_owned)
+            .collect();
         Overload {
             silently_lost: get("watchpost", |v| v["watchpost"]["silently_lost"].as_f64()),
             rows,
+            unsettled,
         }
     }
 
@@ -1079,6 +1103,13 @@ impl Overload {
             ]);
         }
         out.push_str(&t.done());
+        if !self.unsettled.is_empty() {
+            out.push_str(&format!(
+                "\nStill consuming when counted (the last column may shrink with a longer wait): \
+                 {}.\n",
+                self.unsettled.join(", ")
+            ));
+        }
         out.push('\n');
         out
     }

@@ -21,13 +21,16 @@ use crate::setup::{self, Broker, SITE};
 /// Devices the flood stands for, over all connections.
 pub const FLOOD_DEVICES: usize = 1000;
 
-/// Warm-up before a window, and the window.
+/// Warm-up before a window, the window, and how long consumption may go on afterwards.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
     /// Load runs this long before measuring starts.
     pub warm: Duration,
     /// The measured window.
     pub window: Duration,
+    /// After the load stops, how long to wait at most for the consumer to finish what is
+    /// still queued (in the broker, or in socket buffers) before counting what never came.
+    pub drain: Duration,
 }
 
 /// A system under load.
@@ -129,9 +132,10 @@ impl Running {
         Ok(counter.count()? as f64)
     }
 
-    /// Waits until the count stops rising (1 s without change), at most 60 s.
-    fn settle(&mut self) -> Result<f64> {
-        let deadline = Instant::now() + Duration::from_secs(60);
+    /// Waits until the count stops rising (1 s without change), at most `max`; returns the
+    /// count and whether it did stop.
+    fn settle(&mut self, max: Duration) -> Result<(f64, bool)> {
+        let deadline = Instant::now() + max;
         let mut last = self.count()?;
         let mut since = Instant::now();
         loop {
@@ -140,10 +144,10 @@ impl Running {
             if now != last {
                 (last, since) = (now, Instant::now());
             } else if since.elapsed() >= Duration::from_secs(1) {
-                return Ok(now);
+                return Ok((now, true));
             }
             if Instant::now() >= deadline {
-                return Ok(now);
+                return Ok((now, false));
             }
         }
     }
@@ -227,7 +231,8 @@ pub fn saturate(
     let report = flood.report(Duration::from_secs(60))?;
     let window = (u1.at - u0.at).as_secs_f64();
     // QoS 0 has no acknowledgement, but what was sent and never consumed is worth knowing.
-    let consumed = sut.settle()? - c_start;
+    let (settled_at, settled) = sut.settle(timing.drain)?;
+    let consumed = settled_at - c_start;
     let m_end = sut.gateway.as_ref().map(|g| g.metrics()).transpose()?;
     let dropped = match (&m_start, &m_end) {
         (Some(a), Some(b)) => Some(b.dropped_since(a)),
@@ -244,6 +249,7 @@ pub fn saturate(
         "rss_kib": u1.rss_kib,
         "hwm_kib": u1.hwm_kib,
         "consumed_in_all": consumed,
+        "settled": settled,
         "sent_not_consumed": report["sent"].as_f64().unwrap_or(0.0) - consumed,
         "dropped_counted": dropped,
         "startup_ms": sut.gateway.as_ref().map(|g| g.startup.as_secs_f64() * 1000.0),
@@ -259,6 +265,7 @@ pub fn overload(
     system: System,
     conns: usize,
     seconds: f64,
+    drain: Duration,
 ) -> Result<Value> {
     let mut sut = Running::start(bins, dir, system)?;
     let m0 = sut.gateway.as_ref().map(|g| g.metrics()).transpose()?;
@@ -275,7 +282,8 @@ pub fn overload(
     flood.go()?;
     let report = flood.report(Duration::from_secs_f64(seconds) + Duration::from_secs(60))?;
     let acked = report["acked"].as_f64().unwrap_or(0.0);
-    let consumed = sut.settle()? - c0;
+    let (settled_at, settled) = sut.settle(drain)?;
+    let consumed = settled_at - c0;
     let mut out = json!({
         "system": system.name(),
         "conns": conns,
@@ -283,6 +291,7 @@ pub fn overload(
         "flood": report,
         "acked": acked,
         "consumed": consumed,
+        "settled": settled,
     });
     if let (Some(m0), Some(gw)) = (m0, sut.gateway.as_mut()) {
         let m1 = gw.metrics()?;
