@@ -138,78 +138,71 @@ impl Config {
         // A third of the readings are temperatures: 0.3 % of them in an excursion puts about
         // 0.1 % of all readings across the overheat rule.
         let excursion_share = 0.003;
-        if quick {
-            Config {
-                quick,
-                runs: runs.unwrap_or(1),
-                plant: plant::Plan {
-                    devices: 300,
-                    window: Duration::from_secs(15),
-                    probe: Duration::from_secs(8),
-                    probe_rate,
-                    excursion_share,
-                    seed: 1,
-                },
-                summary: ("2s", 5.0),
-                timing: Timing {
-                    warm: Duration::from_secs(1),
-                    window: Duration::from_secs(2),
-                    drain: Duration::from_secs(8),
-                },
-                conns: [10, 100],
-                overload_s: 2.0,
-                overload_conns: 100,
-                half: (Duration::from_secs(1), Duration::from_secs(3)),
+        let full = Config {
+            quick: false,
+            runs: runs.unwrap_or(3),
+            plant: plant::Plan {
+                devices: 1000,
+                window: Duration::from_secs(300),
+                probe: Duration::from_secs(90),
                 probe_rate,
-                fleet: fleet::Plan {
-                    devices: 1000,
-                    settle: Duration::from_secs(1),
-                    window: Duration::from_secs(2),
-                    seed: 1,
-                },
-                fleet_peers: fleet::Plan {
-                    devices: 1000,
-                    settle: Duration::from_secs(1),
-                    window: Duration::from_secs(2),
-                    seed: 1,
-                },
-            }
-        } else {
-            Config {
-                quick,
-                runs: runs.unwrap_or(3),
-                plant: plant::Plan {
-                    devices: 1000,
-                    window: Duration::from_secs(300),
-                    probe: Duration::from_secs(90),
-                    probe_rate,
-                    excursion_share,
-                    seed: 1,
-                },
-                summary: ("10s", 25.0),
-                timing: Timing {
-                    warm: Duration::from_secs(5),
-                    window: Duration::from_secs(10),
-                    drain: Duration::from_secs(60),
-                },
-                conns: [10, 100],
-                overload_s: 10.0,
-                overload_conns: 100,
-                half: (Duration::from_secs(5), Duration::from_secs(30)),
-                probe_rate,
-                fleet: fleet::Plan {
-                    devices: 10_000,
-                    settle: Duration::from_secs(10),
-                    window: Duration::from_secs(60),
-                    seed: 1,
-                },
-                fleet_peers: fleet::Plan {
-                    devices: 10_000,
-                    settle: Duration::from_secs(5),
-                    window: Duration::from_secs(30),
-                    seed: 1,
-                },
-            }
+                excursion_share,
+                seed: 1,
+            },
+            summary: ("10s", 25.0),
+            timing: Timing {
+                warm: Duration::from_secs(5),
+                window: Duration::from_secs(10),
+                drain: Duration::from_secs(60),
+            },
+            conns: [10, 100],
+            overload_s: 10.0,
+            overload_conns: 100,
+            half: (Duration::from_secs(5), Duration::from_secs(30)),
+            probe_rate,
+            fleet: fleet::Plan {
+                devices: 10_000,
+                settle: Duration::from_secs(10),
+                window: Duration::from_secs(60),
+                seed: 1,
+            },
+            fleet_peers: fleet::Plan {
+                devices: 10_000,
+                settle: Duration::from_secs(5),
+                window: Duration::from_secs(30),
+                seed: 1,
+            },
+        };
+        if !quick {
+            return full;
+        }
+        // The same workloads, smaller and shorter: every phase and peer, in minutes.
+        let fleet = fleet::Plan {
+            devices: 1000,
+            settle: Duration::from_secs(1),
+            window: Duration::from_secs(2),
+            ..full.fleet
+        };
+        Config {
+            quick: true,
+            runs: runs.unwrap_or(1),
+            plant: plant::Plan {
+                devices: 300,
+                window: Duration::from_secs(15),
+                probe: Duration::from_secs(8),
+                ..full.plant
+            },
+            summary: ("2s", 5.0),
+            timing: Timing {
+                warm: Duration::from_secs(1),
+                window: Duration::from_secs(2),
+                drain: Duration::from_secs(8),
+            },
+            overload_s: 2.0,
+            half: (Duration::from_secs(1), Duration::from_secs(3)),
+            fleet_peers: fleet.clone(),
+            fleet,
+            ..full
         }
     }
 
@@ -300,10 +293,13 @@ fn main() -> Result<()> {
 
 /// Runs every workload `runs` times; returns the raw figures and the directory of the logs.
 fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
-    let started = Instant::now();
+    let building = Instant::now();
     let config = Config::new(cli.quick, cli.runs);
     let wanted = |p: Phase| cli.only.is_empty() || cli.only.contains(&p);
     let bins = Bins::build()?;
+    let build_s = building.elapsed().as_secs_f64();
+    // The figures' time: from here, without building.
+    let started = Instant::now();
     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
         .to_string()
         .replace(':', "-");
@@ -339,7 +335,12 @@ fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
     for run in 0..config.runs {
         let dir = work.join(format!("run-{}", run + 1));
         let mut result = json!({});
-        let step = |name: &str| eprintln!("[{:>6.0?}] run {} {name}", started.elapsed(), run + 1);
+        // The one-minute load average as each step starts: whatever else ran on the machine.
+        let loads = std::cell::RefCell::new(Vec::new());
+        let step = |name: &str| {
+            eprintln!("[{:>6.0?}] run {} {name}", started.elapsed(), run + 1);
+            loads.borrow_mut().push(json!([name, loadavg()]));
+        };
         if wanted(Phase::Plant) {
             step("plant");
             let mut plan = config.plant.clone();
@@ -422,7 +423,10 @@ fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
             }
             result["fleet"] = json!(all);
         }
-        doc["runs"].as_array_mut().expect("an array").push(result);
+        result["load_at_steps"] = json!(loads.take());
+        if let Some(list) = doc["runs"].as_array_mut() {
+            list.push(result);
+        }
         save(&doc)?;
     }
     if wanted(Phase::Summary) {
@@ -437,6 +441,7 @@ fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
     }
     doc["machine"]["load_after"] = json!(loadavg());
     doc["elapsed_s"] = json!(started.elapsed().as_secs_f64());
+    doc["build_s"] = json!(build_s);
     save(&doc)?;
     eprintln!(
         "done in {:.0?}; raw figures in {}",

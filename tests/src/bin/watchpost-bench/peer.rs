@@ -171,7 +171,7 @@ impl Counter {
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.expect("tried"))
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("rumqttd was never started")))
     }
 
     /// Starts a counting subscriber to `filter` at `addr`.

@@ -251,7 +251,10 @@ impl Gateway {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting watchpost")?;
-        let stderr = child.stderr.take().expect("piped");
+        let stderr = child
+            .stderr
+            .take()
+            .context("watchpost's stderr is not piped")?;
         let (tx, rx) = mpsc::channel();
         // The gateway must never block on its stderr: this thread reads it to the end.
         std::thread::spawn(move || {

@@ -215,8 +215,8 @@ fn body(r: &Value) -> String {
 
     out.push_str("## Watchpost against a Mosquitto bridge, bare rumqttd and bare Mosquitto\n\n");
     out.push_str(&format!(
-        "Written by `{}` on {}, in {:.0} minutes. Real processes over loopback on one machine: \
-         simulated devices (`watchpost-sim`, the firmware's own logic over TCP), the release \
+        "Written by `{}` on {}, in {:.1} minutes (after building). Real processes over \
+         loopback on one machine: simulated devices (`watchpost-sim`, the firmware's own logic over TCP), the release \
          `watchpost` binary, Mosquitto as the upstream broker and as the site's bridge, bare \
          rumqttd with an in-process subscriber that only counts, and the harness's own load and \
          measurement clients. Every figure is the median of {} run{}, with the spread \
@@ -249,6 +249,17 @@ fn body(r: &Value) -> String {
         "load average (1, 5, 15 min) before / after".into(),
         format!("{} / {}", text(&m["load_before"]), text(&m["load_after"])),
     ]);
+    let loads: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r["load_at_steps"].as_array().cloned().unwrap_or_default())
+        .filter_map(|step| step[1].as_str()?.split_whitespace().next()?.parse().ok())
+        .collect();
+    if let Some(s) = Spread::of(loads) {
+        t.row([
+            "load average (1 min) as each step started".into(),
+            format!("{:.2}–{:.2}, median {:.2}", s.min, s.max, s.median),
+        ]);
+    }
     t.row([
         "watchpost".into(),
         format!(

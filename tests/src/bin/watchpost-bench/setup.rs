@@ -115,7 +115,7 @@ fn mosquitto(dir: &Path, name: &str, extra: &str) -> Result<Broker> {
             Err(e) => last = Some(e),
         }
     }
-    Err(last.expect("tried"))
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("{name} was never started")))
 }
 
 /// Bare Mosquitto: anonymous, no persistence, defaults otherwise.
