@@ -143,29 +143,41 @@ fn one(mut conn: Conn, index: usize, flood: &Flood, totals: &Totals) -> Result<(
     let mut writer = conn.stream().try_clone()?;
     let acked = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
-    let reader = if flood.qos == 1 {
+    // Everything the broker sends is read, PUBACKs counted, until the load is done and the
+    // broker has been quiet for a moment. Nothing may be left unread at the close: that would
+    // make it a reset, and a reset makes the broker's kernel discard what it had received and
+    // not yet read, readings lost to the harness rather than to the broker. For the same
+    // reason the load sends no PINGREQ (its PUBLISHes keep the connection alive), so that no
+    // PINGRESP can arrive after the reader stopped.
+    conn.stream()
+        .set_read_timeout(Some(Duration::from_millis(500)))?;
+    let reader = {
         let (acked, done) = (acked.clone(), done.clone());
         let me = std::thread::current();
-        Some(std::thread::spawn(move || {
-            while let Ok(Some(packet)) = conn.next() {
-                if matches!(packet, Incoming::PubAck) {
-                    acked.fetch_add(1, Ordering::Relaxed);
-                    me.unpark();
-                }
-                if done.load(Ordering::Relaxed) {
-                    break;
+        std::thread::spawn(move || {
+            loop {
+                match conn.next() {
+                    Ok(Some(Incoming::PubAck)) => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        me.unpark();
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return,
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        if done.load(Ordering::Relaxed) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
                 }
             }
-        }))
-    } else {
-        None
+        })
     };
     let mut batch = Vec::with_capacity(80 * 1024);
     // Where each message of the batch ends, to count what a write cut short did send.
     let mut ends = Vec::with_capacity(1024);
     let mut body = Vec::with_capacity(64);
     let mut k: u64 = 0;
-    let mut last_ping = Instant::now();
     // A broker that stops reading must not hold the load past its time.
     writer.set_write_timeout(Some(Duration::from_millis(100)))?;
     let mut torn = false;
@@ -202,10 +214,6 @@ fn one(mut conn: Conn, index: usize, flood: &Flood, totals: &Totals) -> Result<(
                 break;
             }
         }
-        if last_ping.elapsed() >= wire::KEEP_ALIVE / 2 {
-            batch.extend_from_slice(&[0xc0, 0]);
-            last_ping = Instant::now();
-        }
         let written = write_until(&mut writer, &batch, until)?;
         if written < batch.len() {
             // Time is up in the middle of the batch: count only whole messages, and send
@@ -222,18 +230,16 @@ fn one(mut conn: Conn, index: usize, flood: &Flood, totals: &Totals) -> Result<(
         }
     }
     done.store(true, Ordering::Relaxed);
+    // Once the reader has drained what came back: DISCONNECT and close, in order.
+    let _ = reader.join();
     totals.sent.fetch_add(k, Ordering::Relaxed);
     totals
         .acked
         .fetch_add(acked.load(Ordering::Relaxed), Ordering::Relaxed);
-    // DISCONNECT, then close; the reader ends with the connection.
     if !torn {
         let _ = writer.write_all(&[0xe0, 0]);
     }
-    let _ = writer.shutdown(std::net::Shutdown::Both);
-    if let Some(r) = reader {
-        let _ = r.join();
-    }
+    let _ = writer.shutdown(std::net::Shutdown::Write);
     Ok(())
 }
 

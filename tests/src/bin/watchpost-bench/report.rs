@@ -1027,6 +1027,8 @@ struct Overload {
     rows: Vec<(String, Figure, Figure, Figure, Figure)>,
     /// Systems whose consumer was still going in some run when the harness stopped waiting.
     unsettled: Vec<String>,
+    /// Lines of Watchpost's log that speak of dropped or lost readings.
+    log_lines: Figure,
 }
 
 impl Overload {
@@ -1081,6 +1083,9 @@ impl Overload {
             silently_lost: get("watchpost", |v| v["watchpost"]["silently_lost"].as_f64()),
             rows,
             unsettled,
+            log_lines: get("watchpost", |v| {
+                v["watchpost"]["log_lines_about_loss"].as_f64()
+            }),
         }
     }
 
@@ -1114,6 +1119,10 @@ impl Overload {
             ]);
         }
         out.push_str(&t.done());
+        out.push_str(&format!(
+            "\nWatchpost's log lines that mention dropped or lost readings in this test: {}.\n",
+            self.log_lines.show()
+        ));
         if !self.unsettled.is_empty() {
             out.push_str(&format!(
                 "\nStill consuming when counted (the last column may shrink with a longer wait): \
