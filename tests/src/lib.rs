@@ -433,6 +433,17 @@ impl Publisher {
         Ok(())
     }
 
+    /// Publishes `payload` on `topic` with `qos` and the retain flag.
+    pub async fn publish_retained(
+        &self,
+        topic: &str,
+        qos: QoS,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<()> {
+        self.client.publish(topic, qos, true, payload).await?;
+        Ok(())
+    }
+
     /// QoS 1 publishes acknowledged by the broker so far.
     pub fn acked(&self) -> u64 {
         *self.acked.lock().unwrap()

@@ -208,6 +208,74 @@ async fn a_lost_client_s_last_will_is_published() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_subscriber_gets_each_device_s_newest_retained_status() {
+    let data = tempfile::tempdir().unwrap();
+    let gateway = watchpost::start(gateway_config(data.path(), None, OVERHEAT))
+        .await
+        .unwrap();
+    let addr = gateway.mqtt_addr();
+    let device = Publisher::connect(addr, "d1").await.unwrap();
+    let retained = [
+        ("sensors/d1/status", "online"),
+        ("sensors/d2/status", "online"),
+        ("sensors/d2/status", "offline"),
+        ("sensors/d3/status", "online"),
+        // An empty retained message clears the topic's.
+        ("sensors/d3/status", ""),
+    ];
+    for (topic, payload) in retained {
+        device
+            .publish_retained(topic, QoS::AtLeastOnce, payload)
+            .await
+            .unwrap();
+    }
+    // Retained only on status topics: a retained reading is delivered but not kept.
+    device
+        .publish_retained("sensors/d1/temperature", QoS::AtLeastOnce, "21.5")
+        .await
+        .unwrap();
+    device.wait_acked(6, DEADLINE).await.unwrap();
+
+    let late = Collector::subscribe(addr, "sensors/#").await.unwrap();
+    // A live status afterwards comes after the retained ones, without the flag.
+    device
+        .publish("sensors/d4/status", QoS::AtLeastOnce, "online")
+        .await
+        .unwrap();
+    let got = late.wait_for(3, DEADLINE).await.unwrap();
+    let seen: Vec<_> = got
+        .iter()
+        .map(|m| {
+            (
+                m.topic.as_str(),
+                String::from_utf8_lossy(&m.payload).into_owned(),
+                m.retain,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("sensors/d1/status", "online".to_owned(), true),
+            ("sensors/d2/status", "offline".to_owned(), true),
+            ("sensors/d4/status", "online".to_owned(), false),
+        ]
+    );
+    // A subscription that matches none of them gets none.
+    let other = Collector::subscribe(addr, "sensors/d9/#").await.unwrap();
+    device
+        .publish("sensors/d9/status", QoS::AtLeastOnce, "online")
+        .await
+        .unwrap();
+    let got = other.wait_for(1, DEADLINE).await.unwrap();
+    assert_eq!(
+        (got[0].topic.as_str(), got[0].retain),
+        ("sensors/d9/status", false)
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_pings_are_answered() {
     let data = tempfile::tempdir().unwrap();
     let gateway = watchpost::start(gateway_config(data.path(), None, OVERHEAT))

@@ -24,8 +24,9 @@ use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
-    self, ConnAck, ConnectReturnCode, LastWill, Packet, Protocol, PubAck, PubAckReason, PubComp,
-    PubCompReason, PubRec, PubRecReason, Publish, PublishProperties, SubAck, SubscribeReasonCode,
+    self, ConnAck, ConnectReturnCode, Filter, LastWill, Packet, Protocol, PubAck, PubAckReason,
+    PubComp, PubCompReason, PubRec, PubRecReason, Publish, PublishProperties, RetainForwardRule,
+    SubAck, SubscribeReasonCode,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,6 +36,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, debug_span, info, warn};
 
 use super::gate::{Admitted, Gate, Refusal, Registration, SharedBucket};
+use super::retained::Retained;
 use super::{Router, client_id_allowed, tls};
 use crate::access::{self, Identity};
 use crate::codec;
@@ -90,6 +92,8 @@ pub(crate) struct Shared {
     pub(crate) max_connections: usize,
     pub(crate) stats: Arc<Stats>,
     pub(crate) refusal_logged_at: Mutex<Option<Instant>>,
+    /// Devices' retained status ([`Retained`]).
+    pub(crate) retained: Retained,
 }
 
 impl Shared {
@@ -517,7 +521,9 @@ async fn session<S: Stream, P: Wire>(
                 ..
             }) = will
             {
-                last.push(Publish::new(topic, message, retain));
+                let mut will = Publish::new(topic, message, retain);
+                shared.retained.take(&mut will);
+                last.push(will);
             } else if session.reports_as_device {
                 // A device without a will that drops off is still gone: say so on its status
                 // topic, as its will would have.
@@ -754,6 +760,7 @@ impl Session {
         let (topic, payload) = own(&publish.topic, &publish.payload);
         publish.topic = topic;
         publish.payload = payload;
+        shared.retained.take(&mut publish);
         let packet = Packet::Publish(publish, props);
         Ok(match meta.qos {
             0 => Verdict::Inject(packet, None),
@@ -846,7 +853,20 @@ impl Session {
             .map(|f| access::may_subscribe(&self.admitted.identity, &f.path))
             .collect();
         if allowed.iter().all(|a| *a) {
-            for f in &subscribe.filters {
+            let mut subscribe = subscribe;
+            for f in &mut subscribe.filters {
+                // Retained status is sent by this connection after the SUBACK ([`Link`]);
+                // whether the subscription is new is known only here. (Filters that cannot
+                // match a status topic keep their rule for the router's retained alerts.)
+                if f.retain_forward_rule == RetainForwardRule::OnNewSubscribe
+                    && Watchers::hears_readings(&f.path)
+                {
+                    f.retain_forward_rule = if self.reading_filters.contains(&f.path) {
+                        RetainForwardRule::Never
+                    } else {
+                        RetainForwardRule::OnEverySubscribe
+                    };
+                }
                 self.watching(&f.path, true, shared);
             }
             return Verdict::Pass(Packet::Subscribe(subscribe, props));
@@ -905,6 +925,9 @@ fn own(topic: &Bytes, payload: &Bytes) -> (Bytes, Bytes) {
 struct Link {
     tx: LinkTx,
     rx: LinkRx,
+    /// SUBSCRIBEs sent to the router and not yet acknowledged: packet id, filters, and
+    /// subscription identifier. Their retained status goes to the client after the SUBACK.
+    subscribing: Vec<(u16, Vec<Filter>, Option<usize>)>,
 }
 
 impl Link {
@@ -922,16 +945,62 @@ impl Link {
                 .await
                 .map_err(|_| ConnError::LinkSetup)??;
         match Option::<Packet>::from(ack) {
-            Some(Packet::ConnAck(connack, _)) => Ok((Link { tx, rx }, connack)),
+            Some(Packet::ConnAck(connack, _)) => Ok((
+                Link {
+                    tx,
+                    rx,
+                    subscribing: Vec::new(),
+                },
+                connack,
+            )),
             _ => Err(ConnError::LinkSetup),
+        }
+    }
+
+    /// Notes the SUBSCRIBEs in `batch`, on their way to the router.
+    fn subscribing(&mut self, batch: &[Packet]) {
+        for packet in batch {
+            if let Packet::Subscribe(subscribe, props) = packet {
+                let id = props.as_ref().and_then(|p| p.id);
+                self.subscribing
+                    .push((subscribe.pkid, subscribe.filters.clone(), id));
+            }
+        }
+    }
+
+    /// Queues, after the router's SUBACK, the retained status that each granted filter of the
+    /// SUBSCRIBE it answers matches.
+    fn send_retained<S: Stream, P: Wire>(
+        &mut self,
+        io: &mut Io<S, P>,
+        suback: &SubAck,
+        retained: &Retained,
+    ) {
+        let Some(i) = self.subscribing.iter().position(|s| s.0 == suback.pkid) else {
+            return;
+        };
+        let (_, filters, id) = self.subscribing.swap_remove(i);
+        for (filter, code) in filters.iter().zip(&suback.return_codes) {
+            let granted = matches!(
+                code,
+                SubscribeReasonCode::Success(_)
+                    | SubscribeReasonCode::QoS0
+                    | SubscribeReasonCode::QoS1
+                    | SubscribeReasonCode::QoS2
+            );
+            if granted {
+                for (publish, props) in retained.for_subscription(filter, id) {
+                    io.queue(Packet::Publish(publish, props));
+                }
+            }
         }
     }
 }
 
 /// Whether anyone may be listening, through the router, to what devices publish. Most sites
 /// only watch `alerts/#`; then readings go to ingest alone and cost the router nothing.
-/// Retained publishes (device status) always go to the router, so that a later subscriber
-/// sees them.
+/// Retained device status is kept apart ([`Retained`]) and sent to each new subscriber by its
+/// connection.
 #[derive(Default)]
 pub(crate) struct Watchers {
     /// Live subscriptions whose filter may match a reading.
@@ -1098,6 +1167,7 @@ async fn run<S: Stream, P: Wire>(
                 }
             }
             let link = session.link.as_mut().expect("opened above");
+            link.subscribing(&to_router);
             // Boxed: rare for a device, and this future would make every connection larger.
             let send = Box::pin(send_batch(&mut link.tx, to_router));
             if let Err(e) = send.await {
@@ -1135,8 +1205,8 @@ async fn run<S: Stream, P: Wire>(
             },
             notification = from_router => match notification {
                 Ok(Some(n)) => {
-                    let rx = &mut session.link.as_mut().expect("a notification came from it").rx;
-                    let forward = Box::pin(forward_to_client(io, rx, *n));
+                    let link = session.link.as_mut().expect("a notification came from it");
+                    let forward = Box::pin(forward_to_client(io, link, &shared.retained, *n));
                     match forward.await {
                         Ok(Flow::Continue) => {}
                         Ok(Flow::Kicked) => return End::Kicked,
@@ -1196,12 +1266,11 @@ pub(crate) async fn inject(
                     // Ingest has stopped: the gateway is shutting down.
                     return;
                 }
-                if !watchers.any() {
-                    all.retain(|p| matches!(p, Packet::Publish(publish, _) if publish.retain));
-                }
-                if let Err(e) = send_batch(&mut tx, all).await {
-                    tracing::error!(error = %e, "the broker's router refused the publish link; publishes are lost until restart");
-                    return;
+                if watchers.any() {
+                    if let Err(e) = send_batch(&mut tx, all).await {
+                        tracing::error!(error = %e, "the broker's router refused the publish link; publishes are lost until restart");
+                        return;
+                    }
                 }
             }
             notification = acks.next() => {
@@ -1230,7 +1299,8 @@ enum Flow {
 /// Writes `first` and whatever else the router has queued for this client, then flushes.
 async fn forward_to_client<S: Stream, P: Wire>(
     io: &mut Io<S, P>,
-    link_rx: &mut LinkRx,
+    link: &mut Link,
+    retained: &Retained,
     first: Notification,
 ) -> Result<Flow, ConnError> {
     let mut unscheduled = false;
@@ -1248,12 +1318,20 @@ async fn forward_to_client<S: Stream, P: Wire>(
             }
             other => {
                 if let Some(packet) = Option::<Packet>::from(other) {
+                    let suback = match &packet {
+                        Packet::SubAck(suback, _) => Some(suback.clone()),
+                        _ => None,
+                    };
                     io.queue(packet);
+                    if let Some(suback) = suback {
+                        link.send_retained(io, &suback, retained);
+                    }
                 }
             }
         }
         // Drain without waiting.
-        next = link_rx
+        next = link
+            .rx
             .recv_deadline(std::time::Instant::now())
             .ok()
             .flatten();
@@ -1264,7 +1342,7 @@ async fn forward_to_client<S: Stream, P: Wire>(
     }
     if unscheduled {
         // The router parked this link because its buffer filled; tell it we have room.
-        link_rx.wake().await.map_err(Box::new)?;
+        link.rx.wake().await.map_err(Box::new)?;
     }
     Ok(Flow::Continue)
 }

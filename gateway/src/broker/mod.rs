@@ -1,11 +1,13 @@
 //! The embedded broker: rumqttd's router, with listeners and client connections owned by
 //! Watchpost.
 //!
-//! rumqttd does the MQTT routing: subscriptions, retained messages, QoS 2 acknowledgement,
-//! persistent sessions. Watchpost accepts the sockets itself ([`connection`]), because owning
-//! the socket is the only way to bind `127.0.0.1:0` and report the port, to set `TCP_NODELAY`,
-//! to refuse client ids that would take over an internal link, to check every packet, and to
-//! enforce limits before the router sees a byte.
+//! rumqttd does the MQTT routing: subscriptions, the gateway's retained alerts, QoS 2
+//! acknowledgement, persistent sessions. Devices' retained status is kept by the front
+//! ([`retained`]), at a fraction of the router's cost per message. Watchpost accepts the
+//! sockets itself ([`connection`]), because owning the socket is the only way to bind
+//! `127.0.0.1:0` and report the port, to set `TCP_NODELAY`, to refuse client ids that would
+//! take over an internal link, to check every packet, and to enforce limits before the router
+//! sees a byte.
 //!
 //! Publishes (QoS 0 and 1) of every client go to one injector task, which hands each batch to
 //! ingest directly and to the router through one internal link, for the clients that
@@ -23,6 +25,7 @@
 
 mod connection;
 pub(crate) mod gate;
+mod retained;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -228,6 +231,7 @@ impl Listeners {
             max_connections: config.max_connections,
             stats,
             refusal_logged_at: Default::default(),
+            retained: Default::default(),
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(connection::inject(
