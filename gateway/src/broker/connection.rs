@@ -187,23 +187,25 @@ enum End {
 /// Plain and TLS connections are tasks of different types, so that ten thousand idle devices
 /// on plain TCP do not each carry room for a TLS session: a connection's memory is mostly its
 /// future.
-pub(crate) async fn serve<P: Wire>(
+///
+/// Not an `async fn`: the socket and the rest are moved into the future once, instead of
+/// being kept both as arguments and as locals.
+pub(crate) fn serve<P: Wire>(
     stream: TcpStream,
     peer: SocketAddr,
     protocol: P,
     shared: Arc<Shared>,
     slot: Slot,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
     // Small packets (readings, acks) must not wait for Nagle's algorithm.
     let _ = stream.set_nodelay(true);
     let span = debug_span!("client", %peer, client_id = tracing::field::Empty);
-    async {
-        let mut io = Io::new(stream, protocol, &shared);
+    let mut io = Io::new(stream, protocol, &shared);
+    async move {
         ended(session(&mut io, peer, &shared, None).await, &shared);
+        drop(slot);
     }
     .instrument(span)
-    .await;
-    drop(slot);
 }
 
 /// Serves one client on TLS until it leaves; see [`serve`].
@@ -399,15 +401,14 @@ async fn handshake<S: Stream, P: Wire>(
     })
 }
 
-/// The CONNECT handshake, then the session until it ends.
-async fn session<S: Stream, P: Wire>(
+/// The CONNECT handshake, the client id's registration, a router link for a persistent
+/// session, and the CONNACK queued.
+async fn open<S: Stream, P: Wire>(
     io: &mut Io<S, P>,
     peer: SocketAddr,
     shared: &Shared,
     certificate: Option<Option<String>>,
-) -> Result<(), ConnError> {
-    // Boxed: what CONNECT needs is gone once it is answered, and must not size the session.
-    let handshake = Box::pin(handshake(io, peer, shared, certificate));
+) -> Result<Opened, ConnError> {
     let Accepted {
         admitted,
         client_id,
@@ -416,8 +417,7 @@ async fn session<S: Stream, P: Wire>(
         keep_alive,
         clean_session,
         alias_max,
-    } = handshake.await?;
-
+    } = handshake(io, peer, shared, certificate).await?;
     // One connection per client id: a newer one takes over (MQTT requires it), whether or not
     // either has a router link.
     let registration = shared.gate.register(&client_id, &admitted);
@@ -452,9 +452,7 @@ async fn session<S: Stream, P: Wire>(
         },
         connack_props,
     ));
-    let keep_alive_secs = keep_alive;
-    let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-    let mut session = Session {
+    let session = Session {
         client_id,
         alias_max,
         link,
@@ -467,6 +465,42 @@ async fn session<S: Stream, P: Wire>(
         warned_at: None,
         unlogged: 0,
     };
+    Ok(Opened {
+        session,
+        registration,
+        will,
+        keep_alive,
+        clean_session,
+    })
+}
+
+/// What [`open`] leaves for the rest of the session.
+struct Opened {
+    session: Session,
+    registration: Registration,
+    will: Option<LastWill>,
+    keep_alive: u16,
+    clean_session: bool,
+}
+
+/// The CONNECT handshake, then the session until it ends.
+async fn session<S: Stream, P: Wire>(
+    io: &mut Io<S, P>,
+    peer: SocketAddr,
+    shared: &Shared,
+    certificate: Option<Option<String>>,
+) -> Result<(), ConnError> {
+    // Boxed: what CONNECT needs is gone once it is answered, and must not size the session,
+    // which waits for the client most of its life.
+    let Opened {
+        mut session,
+        registration,
+        will,
+        keep_alive,
+        clean_session,
+    } = Box::pin(open(io, peer, shared, certificate)).await?;
+    let keep_alive_secs = keep_alive;
+    let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     // From here on every way out goes through the cleanup below.
     let end = match io.flush().await {
         Ok(()) => {
@@ -556,7 +590,8 @@ async fn session<S: Stream, P: Wire>(
                 },
                 None,
             );
-            let _ = send_batch(&mut link.tx, vec![disconnect]).await;
+            // Boxed: only clients with a link get here.
+            let _ = Box::pin(send_batch(&mut link.tx, vec![disconnect])).await;
         }
     }
     error.map_or(Ok(()), Err)
@@ -1425,9 +1460,9 @@ impl<S: Stream, P: Wire> Io<S, P> {
         Io {
             stats: shared.stats.clone(),
             stream,
-            read: BytesMut::with_capacity(READ_MIN),
+            read: BytesMut::new(),
             read_chunk: READ_MIN,
-            write: BytesMut::with_capacity(64),
+            write: BytesMut::new(),
             protocol,
             max: shared.max_packet_bytes,
         }
@@ -1445,11 +1480,29 @@ impl<S: Stream, P: Wire> Io<S, P> {
 
     /// Reads more bytes; `Ok(0)` means the client closed the socket. Cancel-safe.
     ///
-    /// Ten thousand quiet devices must not cost ten thousand large buffers, while one busy
-    /// client should not pay a system call per packet: the buffer starts at [`READ_MIN`] and
-    /// doubles, up to [`READ_MAX`], whenever a read fills it. Consumed bytes are reclaimed in
-    /// place, since no packet keeps a reference into the buffer ([`own`]).
+    /// Ten thousand quiet devices must not cost ten thousand buffers. With nothing buffered,
+    /// a connection waits without a buffer of its own: the read goes into scratch space on
+    /// the stack of the poll that finds data, and only what arrived is kept. Behind a partial
+    /// packet, a busy client should not pay a system call per packet: the buffer grows from
+    /// [`READ_MIN`], doubling up to [`READ_MAX`] whenever a read fills it. Consumed bytes are
+    /// reclaimed in place, since no packet keeps a reference into the buffer ([`own`]).
     async fn fill(&mut self) -> std::io::Result<usize> {
+        if self.read.is_empty() {
+            if self.read.capacity() > 0 {
+                self.read = BytesMut::new();
+            }
+            let Io { stream, read, .. } = self;
+            let n = std::future::poll_fn(|cx| {
+                let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); READ_MAX];
+                let mut buf = tokio::io::ReadBuf::uninit(&mut scratch);
+                std::task::ready!(std::pin::Pin::new(&mut *stream).poll_read(cx, &mut buf))?;
+                read.extend_from_slice(buf.filled());
+                std::task::Poll::Ready(Ok::<_, std::io::Error>(buf.filled().len()))
+            })
+            .await?;
+            Stats::add(&self.stats.bytes_in, n as u64);
+            return Ok(n);
+        }
         if self.read.capacity() - self.read.len() < self.read_chunk / 2 {
             self.read.reserve(self.read_chunk);
         }
@@ -1495,7 +1548,8 @@ impl<S: Stream, P: Wire> Io<S, P> {
             .map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading")
             })??;
-            self.write.clear();
+            // An idle connection keeps no write buffer either.
+            self.write = BytesMut::new();
         }
         Ok(())
     }
