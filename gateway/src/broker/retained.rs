@@ -2,9 +2,9 @@
 //!
 //! The only retained messages a client may leave are on its status topic
 //! (`sensors/{device}/status`, `online` or `offline`). rumqttd's router keeps each retained
-//! message as a full publish record of about 1 KiB; with ten thousand devices that was a fifth
-//! of the gateway's memory. Here a status costs its topic and payload in one small allocation
-//! and a map entry: about 150 bytes.
+//! message as a full publish record of about 1 KiB; with ten thousand devices that was about
+//! 8 MB of the gateway's 58 MiB. Here a status costs its topic and payload in one small
+//! allocation and a map entry: about 150 bytes.
 //!
 //! A retained status is sent to a client right after the SUBACK of a subscription that
 //! matches it, as MQTT asks, with the retain flag set. It goes at QoS 0: the router numbers
@@ -62,8 +62,8 @@ impl Retained {
         let Ok(matcher) = TopicFilter::new(&filter.path) else {
             return Vec::new();
         };
-        let map = self.lock();
-        let mut out: Vec<_> = map
+        let mut out: Vec<_> = self
+            .lock()
             .iter()
             .filter(|(topic, _)| {
                 std::str::from_utf8(topic).is_ok_and(|topic| matcher.matches(topic))
