@@ -429,8 +429,7 @@ impl Publisher {
 
     /// Publishes `payload` on `topic` with `qos`.
     pub async fn publish(&self, topic: &str, qos: QoS, payload: impl Into<Vec<u8>>) -> Result<()> {
-        self.client.publish(topic, qos, false, payload).await?;
-        Ok(())
+        Ok(self.client.publish(topic, qos, false, payload).await?)
     }
 
     /// Publishes `payload` on `topic` with `qos` and the retain flag.
@@ -440,8 +439,7 @@ impl Publisher {
         qos: QoS,
         payload: impl Into<Vec<u8>>,
     ) -> Result<()> {
-        self.client.publish(topic, qos, true, payload).await?;
-        Ok(())
+        Ok(self.client.publish(topic, qos, true, payload).await?)
     }
 
     /// QoS 1 publishes acknowledged by the broker so far.

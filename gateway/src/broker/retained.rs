@@ -62,6 +62,10 @@ impl Retained {
         let Ok(matcher) = TopicFilter::new(&filter.path) else {
             return Vec::new();
         };
+        let props = id.map(|id| PublishProperties {
+            subscription_identifiers: vec![id],
+            ..Default::default()
+        });
         let mut out: Vec<_> = self
             .lock()
             .iter()
@@ -69,11 +73,8 @@ impl Retained {
                 std::str::from_utf8(topic).is_ok_and(|topic| matcher.matches(topic))
             })
             .map(|(topic, payload)| {
-                let props = id.map(|id| PublishProperties {
-                    subscription_identifiers: vec![id],
-                    ..Default::default()
-                });
-                (Publish::new(topic.clone(), payload.clone(), true), props)
+                let publish = Publish::new(topic.clone(), payload.clone(), true);
+                (publish, props.clone())
             })
             .collect();
         // In topic order: the same order for every subscriber, and easy to read.

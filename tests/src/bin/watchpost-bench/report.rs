@@ -178,6 +178,13 @@ fn find<'a>(list: &'a Value, system: &str, conns: Option<u64>) -> Option<&'a Val
         .find(|v| v["system"] == system && conns.is_none_or(|c| v["conns"].as_u64() == Some(c)))
 }
 
+/// True if, in some run, `system`'s consumer in `phase` was still going when the harness
+/// stopped waiting for it.
+fn unsettled(runs: &[Value], phase: &str, system: &str, conns: Option<u64>) -> bool {
+    runs.iter()
+        .any(|r| find(&r[phase], system, conns).is_some_and(|v| v["settled"] == false))
+}
+
 /// A table with a header row.
 struct Table(String);
 
@@ -216,8 +223,8 @@ fn body(r: &Value) -> String {
     out.push_str("## Watchpost against a Mosquitto bridge, bare rumqttd and bare Mosquitto\n\n");
     out.push_str(&format!(
         "Written by `{}` on {}, in {:.1} minutes (after building). Real processes over \
-         loopback on one machine: simulated devices (`watchpost-sim`, the firmware's own logic over TCP), the release \
-         `watchpost` binary, Mosquitto as the upstream broker and as the site's bridge, bare \
+         loopback on one machine: simulated devices (`watchpost-sim`, the firmware's own logic \
+         over TCP), the release `watchpost` binary, Mosquitto as the upstream broker and as the site's bridge, bare \
          rumqttd with an in-process subscriber that only counts, and the harness's own load and \
          measurement clients. Every figure is the median of {} run{}, with the spread \
          (smallest–largest) in brackets. Nothing here is asserted by a test; CI runs `--quick` \
@@ -873,10 +880,7 @@ impl Saturation {
                     offered: fig(system, "offered", rate),
                     cores: fig(system, "cores", cores),
                     rss: fig(system, "rss_kib", mib),
-                    unsettled: runs.iter().any(|r| {
-                        find(&r["saturation"], system, Some(n))
-                            .is_some_and(|v| v["settled"] == false)
-                    }),
+                    unsettled: unsettled(runs, "saturation", system, Some(n)),
                     unconsumed: Figure::over(runs, percent, move |r| {
                         let v = find(&r["saturation"], system, Some(n))?;
                         ratio(v["sent_not_consumed"].as_f64(), v["flood"]["sent"].as_f64())
@@ -1072,11 +1076,7 @@ impl Overload {
         ];
         let unsettled = ["watchpost", "rumqttd", "mosquitto"]
             .into_iter()
-            .filter(|system| {
-                runs.iter().any(|r| {
-                    find(&r["overload"], system, None).is_some_and(|v| v["settled"] == false)
-                })
-            })
+            .filter(|system| unsettled(runs, "overload", system, None))
             .map(str::to_owned)
             .collect();
         Overload {
