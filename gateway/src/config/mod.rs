@@ -23,7 +23,7 @@ use crate::sources::{Payload, Source};
 use crate::topic::TopicFilter;
 
 /// The quickstart configuration, embedded in the binary (`config/watchpost.toml`).
-pub const QUICKSTART: &str = include_str!("../../config/watchpost.toml");
+pub const QUICKSTART: &str = include_str!("../../../config/watchpost.toml");
 
 /// Name under which the embedded quickstart configuration appears in diagnostics.
 pub const QUICKSTART_NAME: &str = "<embedded config/watchpost.toml>";
