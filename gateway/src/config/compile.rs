@@ -1,0 +1,628 @@
+//! Compilation: the raw sections into a checked `Config`, every error collected. The gateway,
+//! HTTP, broker, uplink (with its summaries), history and source sections are compiled here;
+//! each `[[rule]]` goes to `rules`.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::diagnostics::Sink;
+use super::raw::{Raw, RawBroker, RawGateway, RawHistory, RawSource, RawSummaries, RawUplink};
+use super::rules::compile_rule;
+use super::{
+    BrokerConfig, CREDENTIALS_FILE, Config, DEFAULT_DATA_DIR, DEFAULT_HTTP_LISTEN, DEFAULT_LISTEN,
+    DEFAULT_LOG, DEFAULT_MAX_PUBLISH_RATE, GatewayConfig, HistoryConfig, HttpConfig, Secret,
+    SummaryConfig, TlsListener, UplinkConfig,
+};
+use crate::codec;
+use crate::rules::Severity;
+use crate::sources::{Payload, Source};
+
+pub(super) fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+pub(super) const NAME_HELP: &str = "use letters, digits, '-', '_' and '.' only";
+
+pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) -> Config {
+    let id = raw_gateway.id.get_ref().clone();
+    if !is_name(&id) {
+        sink.error(
+            raw_gateway.id.span(),
+            format!("gateway id {id:?} is not a valid name"),
+            Some(NAME_HELP.into()),
+        );
+    }
+    let data_dir = match &raw_gateway.data_dir {
+        Some(d) if d.get_ref().trim().is_empty() => {
+            sink.error(
+                d.span(),
+                "`data_dir` is empty",
+                Some("name a directory, e.g. \"/var/lib/watchpost\"".into()),
+            );
+            PathBuf::new()
+        }
+        Some(d) => PathBuf::from(d.get_ref()),
+        None => PathBuf::from(DEFAULT_DATA_DIR),
+    };
+    let log = match &raw_gateway.log {
+        Some(l) => {
+            if let Err(e) = tracing_subscriber::EnvFilter::try_new(l.get_ref()) {
+                sink.error(
+                    l.span(),
+                    format!("`log` is not a log filter: {e}"),
+                    Some("e.g. \"info\", \"debug\" or \"info,watchpost::ingest=debug\"".into()),
+                );
+            }
+            l.get_ref().clone()
+        }
+        None => DEFAULT_LOG.to_owned(),
+    };
+    let stale_after = sink.duration(
+        &raw_gateway.stale_after,
+        "stale_after",
+        Duration::from_secs(600),
+    );
+    let gateway = GatewayConfig {
+        id,
+        data_dir,
+        watch_config: raw_gateway.watch_config.unwrap_or(false),
+        log,
+        stale_after,
+    };
+    let http = HttpConfig {
+        listen: match &raw.http.listen {
+            Some(l) if l.get_ref() == "off" => None,
+            Some(l) => sink.socket_addr(l, "listen"),
+            None => DEFAULT_HTTP_LISTEN.parse().ok(),
+        },
+    };
+    if let (Some(addr), Some(l)) = (http.listen, &raw.http.listen) {
+        if !addr.ip().is_loopback() {
+            sink.warn(l.span(), "the HTTP endpoint listens beyond loopback: metrics and status are readable by anyone who can reach it", None);
+        }
+    }
+    let broker = compile_broker(&raw.broker, &gateway.data_dir, sink);
+    let uplink = raw
+        .uplink
+        .as_ref()
+        .map(|u| compile_uplink(u, &gateway.id, sink));
+    let history = compile_history(&raw.history, sink);
+
+    let mut names = HashSet::new();
+    let mut rules = Vec::with_capacity(raw.rules.len());
+    for (span, raw_rule) in &raw.rules {
+        let name = &raw_rule.name;
+        if !names.insert(name.get_ref().as_str()) {
+            sink.error(
+                name.span(),
+                format!("two rules are named {:?}", name.get_ref()),
+                Some(
+                    "rule names appear in alert topics and ids: give each rule its own name".into(),
+                ),
+            );
+        }
+        if let Some(rule) = compile_rule(span.clone(), raw_rule, sink) {
+            if rule.forward == Some(true) && uplink.is_none() {
+                sink.warn(
+                    raw_rule.forward.as_ref().map_or(span.clone(), |f| f.span()),
+                    format!(
+                        "rule {:?} asks to forward, but there is no [uplink]",
+                        rule.name
+                    ),
+                    None,
+                );
+            }
+            rules.push(rule);
+        }
+    }
+    if raw.rules.is_empty() {
+        sink.warn(
+            0..0,
+            "the configuration has no [[rule]]: no alert will ever be raised",
+            None,
+        );
+    }
+    let mut source_names = HashSet::new();
+    let mut sources = Vec::new();
+    for (_, raw_source) in &raw.sources {
+        if !source_names.insert(raw_source.name.get_ref().as_str()) {
+            sink.error(
+                raw_source.name.span(),
+                format!("two sources are named {:?}", raw_source.name.get_ref()),
+                None,
+            );
+        }
+        if let Some(source) = compile_source(raw_source, sink) {
+            sources.push(source);
+        }
+    }
+    Config {
+        gateway,
+        broker,
+        uplink,
+        history,
+        http,
+        rules,
+        sources,
+    }
+}
+
+fn compile_source(raw: &RawSource, sink: &mut Sink<'_>) -> Option<Source> {
+    let errors_before = sink.errors.len();
+    let name = raw.name.get_ref();
+    if !is_name(name) {
+        sink.error(
+            raw.name.span(),
+            format!("source name {name:?} is not a valid name"),
+            Some(NAME_HELP.into()),
+        );
+    }
+    let payload = match raw.payload.get_ref().as_str() {
+        "number" => Some(Payload::Number),
+        "json" => Some(Payload::Json),
+        other => {
+            sink.error(raw.payload.span(), format!("unknown payload {other:?}"), Some("payload is \"number\" (a plain number) or \"json\" (numeric fields of a JSON object)".into()));
+            None
+        }
+    };
+    let metric_ok = |m: &str| crate::codec::check_metric_name(m).is_ok();
+    if let Some(map) = &raw.metrics {
+        for (path, metric) in map.get_ref() {
+            if !metric_ok(metric) {
+                sink.error(
+                    map.span(),
+                    format!("{metric:?} (for {path:?}) is not a usable metric name"),
+                    Some(
+                        "metric names cannot be empty, contain '/', '+', '#', or be seq or status"
+                            .into(),
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(m) = raw.metric.as_ref().filter(|m| !metric_ok(m.get_ref())) {
+        sink.error(
+            m.span(),
+            format!("{:?} is not a usable metric name", m.get_ref()),
+            None,
+        );
+    }
+    let metrics = raw.metrics.as_ref().map(|m| m.get_ref().clone());
+    let metric = raw.metric.as_ref().map(|m| m.get_ref().clone());
+    let source = match Source::new(
+        name,
+        raw.topic.get_ref(),
+        payload.unwrap_or(Payload::Number),
+        metrics,
+        metric,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            sink.error(
+                raw.topic.span(),
+                format!("`topic` {:?}: {e}", raw.topic.get_ref()),
+                Some("e.g. \"tele/{device}/SENSOR\" or \"{device}/sensor/{metric}/state\"".into()),
+            );
+            return None;
+        }
+    };
+    match (
+        payload,
+        source.has_metric_level(),
+        &raw.metric,
+        &raw.metrics,
+    ) {
+        (Some(Payload::Number), false, None, _) => sink.error(
+            raw.topic.span(),
+            "a number payload needs the metric: put {metric} in the topic or set `metric`",
+            None,
+        ),
+        (Some(Payload::Json), true, _, _) => sink.error(
+            raw.topic.span(),
+            "a JSON payload names its metrics by its fields: remove {metric} from the topic",
+            Some(
+                "use `metrics = { \"path.in.payload\" = \"metric\" }` to choose and rename fields"
+                    .into(),
+            ),
+        ),
+        (Some(Payload::Number), _, _, Some(m)) => sink.error(
+            m.span(),
+            "`metrics` maps JSON fields; a number payload has none",
+            None,
+        ),
+        _ => {}
+    }
+    (sink.errors.len() == errors_before).then_some(source)
+}
+
+fn compile_broker(raw: &RawBroker, data_dir: &Path, sink: &mut Sink<'_>) -> BrokerConfig {
+    let default_listen: SocketAddr = DEFAULT_LISTEN.parse().expect("constant address");
+    let listen = raw
+        .listen
+        .as_ref()
+        .and_then(|l| sink.socket_addr(l, "listen"))
+        .unwrap_or(default_listen);
+    let listen_v5 = raw
+        .listen_v5
+        .as_ref()
+        .and_then(|l| sink.socket_addr(l, "listen_v5"));
+    if let (Some(v5), Some(raw_v5)) = (listen_v5, &raw.listen_v5) {
+        if v5 == listen && v5.port() != 0 {
+            sink.error(
+                raw_v5.span(),
+                "`listen_v5` is the same address as `listen`",
+                Some("MQTT 5 needs a port of its own, e.g. 1884".into()),
+            );
+        }
+    }
+    let allow_anonymous = raw.allow_anonymous.as_ref().is_some_and(|a| *a.get_ref());
+    let max_connections = match &raw.max_connections {
+        Some(m) if *m.get_ref() == 0 => {
+            sink.error(m.span(), "`max_connections` must be at least 1", None);
+            1
+        }
+        Some(m) => *m.get_ref(),
+        None => 10_000,
+    };
+    let max_payload_bytes = match &raw.max_payload_bytes {
+        Some(m) if *m.get_ref() < 16 || *m.get_ref() > 1024 * 1024 => {
+            sink.error(
+                m.span(),
+                "`max_payload_bytes` must be between 16 and 1048576",
+                None,
+            );
+            codec::Limits::default().max_payload_bytes
+        }
+        Some(m) => *m.get_ref(),
+        None => codec::Limits::default().max_payload_bytes,
+    };
+    let connect_timeout = sink.duration(
+        &raw.connect_timeout,
+        "connect_timeout",
+        Duration::from_secs(5),
+    );
+    let credentials = raw.credentials.as_ref().map_or_else(
+        || data_dir.join(CREDENTIALS_FILE),
+        |c| PathBuf::from(c.get_ref()),
+    );
+    let max_publish_rate = raw
+        .max_publish_rate
+        .as_ref()
+        .map_or(DEFAULT_MAX_PUBLISH_RATE, |r| *r.get_ref());
+    let max_metrics_per_device = match &raw.max_metrics_per_device {
+        Some(m) if *m.get_ref() == 0 => {
+            sink.error(
+                m.span(),
+                "`max_metrics_per_device` must be at least 1",
+                None,
+            );
+            1
+        }
+        Some(m) => *m.get_ref(),
+        None => 256,
+    };
+    let plain = [Some(listen), listen_v5];
+    let tls = raw.tls.as_ref().and_then(|t| {
+        let r = t.get_ref();
+        let tls_listen = sink.socket_addr(&r.listen, "listen")?;
+        for (field, path) in [
+            ("cert", Some(&r.cert)),
+            ("key", Some(&r.key)),
+            ("client_ca", r.client_ca.as_ref()),
+        ] {
+            if let Some(p) = path.filter(|p| !Path::new(p.get_ref()).is_file()) {
+                sink.error(
+                    p.span(),
+                    format!("`{field}` file {:?} does not exist", p.get_ref()),
+                    Some("give the path of a PEM file".into()),
+                );
+            }
+        }
+        if plain.contains(&Some(tls_listen)) && tls_listen.port() != 0 {
+            sink.error(
+                r.listen.span(),
+                "the TLS listener needs a port of its own, e.g. 8883",
+                None,
+            );
+        }
+        Some(TlsListener {
+            listen: tls_listen,
+            cert: PathBuf::from(r.cert.get_ref()),
+            key: PathBuf::from(r.key.get_ref()),
+            client_ca: r.client_ca.as_ref().map(|c| PathBuf::from(c.get_ref())),
+        })
+    });
+    if let Some(a) = raw.allow_anonymous.as_ref().filter(|a| *a.get_ref()) {
+        let exposed = [Some(listen), listen_v5, tls.as_ref().map(|t| t.listen)]
+            .into_iter()
+            .flatten()
+            .any(|l| !l.ip().is_loopback());
+        if exposed {
+            sink.warn(
+                a.span(),
+                "anonymous clients are allowed on a listener that is not loopback: anyone on the network can publish readings",
+                Some("use this only on a trusted network".into()),
+            );
+        }
+    }
+    BrokerConfig {
+        listen,
+        listen_v5,
+        allow_anonymous,
+        max_connections,
+        connect_timeout,
+        limits: codec::Limits {
+            max_payload_bytes,
+            max_metrics_per_device,
+        },
+        credentials,
+        max_publish_rate,
+        tls,
+    }
+}
+
+fn compile_uplink(raw: &RawUplink, gateway_id: &str, sink: &mut Sink<'_>) -> UplinkConfig {
+    let (tls, host, port) = match parse_url(raw.url.get_ref()) {
+        Ok(parts) => parts,
+        Err(why) => {
+            sink.error(
+                raw.url.span(),
+                format!("`url` {:?} is not a broker URL: {why}", raw.url.get_ref()),
+                Some("write mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS)".into()),
+            );
+            (false, String::new(), 0)
+        }
+    };
+    let client_id = match &raw.client_id {
+        Some(c) if !is_name(c.get_ref()) => {
+            sink.error(
+                c.span(),
+                format!("client id {:?} is not a valid name", c.get_ref()),
+                Some(NAME_HELP.into()),
+            );
+            String::new()
+        }
+        Some(c) => c.get_ref().clone(),
+        None => format!("watchpost-{gateway_id}"),
+    };
+    let topic_prefix = match &raw.topic_prefix {
+        Some(p) => {
+            let prefix = p.get_ref().trim_end_matches('/').to_owned();
+            if prefix.is_empty() || prefix.contains(['+', '#', '\0']) || prefix.starts_with('/') {
+                sink.error(
+                    p.span(),
+                    format!("topic prefix {:?} is not usable", p.get_ref()),
+                    Some(
+                        "use one or more plain topic levels without wildcards, e.g. \"site-17\""
+                            .into(),
+                    ),
+                );
+            }
+            prefix
+        }
+        None => gateway_id.to_owned(),
+    };
+    let forward = match &raw.forward {
+        Some(f) => {
+            if f.get_ref().is_empty() {
+                sink.warn(
+                    f.span(),
+                    "`forward` is empty: no alert will go upstream",
+                    None,
+                );
+            }
+            f.get_ref().clone()
+        }
+        None => vec![Severity::Critical],
+    };
+    let keep_alive = sink.duration(&raw.keep_alive, "keep_alive", Duration::from_secs(30));
+    if let Some(k) = &raw.keep_alive {
+        if keep_alive < Duration::from_secs(1)
+            || keep_alive > Duration::from_secs(65535)
+            || keep_alive.subsec_nanos() != 0
+        {
+            sink.error(
+                k.span(),
+                "`keep_alive` must be whole seconds between 1s and 18h",
+                None,
+            );
+        }
+    }
+    let file = |sink: &mut Sink<'_>, field: &str, v: &Option<Spanned<String>>| {
+        let v = v.as_ref()?;
+        if !tls {
+            sink.error(
+                v.span(),
+                format!("`{field}` needs a TLS uplink"),
+                Some("use an mqtts:// url".into()),
+            );
+        } else if !Path::new(v.get_ref()).is_file() {
+            sink.error(
+                v.span(),
+                format!("`{field}` file {:?} does not exist", v.get_ref()),
+                Some("give the path of a PEM file".into()),
+            );
+        }
+        Some(PathBuf::from(v.get_ref()))
+    };
+    let ca_file = file(sink, "ca_file", &raw.ca_file);
+    let client_cert = match (
+        file(sink, "client_cert", &raw.client_cert),
+        file(sink, "client_key", &raw.client_key),
+    ) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (c, _) => {
+            let (present, missing) = if c.is_some() {
+                (&raw.client_cert, "client_key")
+            } else {
+                (&raw.client_key, "client_cert")
+            };
+            sink.error(present.as_ref().map_or(0..0, |p| p.span()), format!("a client certificate needs both `client_cert` and `client_key`: add `{missing}`"), None);
+            None
+        }
+    };
+    let login = match (&raw.username, &raw.password) {
+        (Some(u), Some(p)) => Some((u.get_ref().clone(), Secret(p.get_ref().clone()))),
+        (Some(u), None) => Some((u.get_ref().clone(), Secret(String::new()))),
+        (None, Some(p)) => {
+            sink.error(p.span(), "`password` needs `username`", None);
+            None
+        }
+        (None, None) => None,
+    };
+    if login.is_some() && !tls {
+        sink.warn(
+            raw.username.as_ref().map_or(0..0, |u| u.span()),
+            "the upstream password would travel in the clear over mqtt://",
+            Some("use an mqtts:// url".into()),
+        );
+    }
+    let summaries = raw.summaries.as_ref().map(|s| compile_summaries(s, sink));
+    UplinkConfig {
+        host,
+        port,
+        tls,
+        client_id,
+        topic_prefix,
+        forward,
+        keep_alive,
+        summaries,
+        ca_file,
+        client_cert,
+        login,
+    }
+}
+
+fn compile_summaries(raw: &Spanned<RawSummaries>, sink: &mut Sink<'_>) -> SummaryConfig {
+    let r = raw.get_ref();
+    let interval = sink.duration(
+        &Some(r.interval.clone()),
+        "interval",
+        Duration::from_secs(900),
+    );
+    if interval < Duration::from_secs(1) {
+        sink.error(
+            r.interval.span(),
+            "summary `interval` must be at least 1s",
+            Some("e.g. \"15m\"".into()),
+        );
+    }
+    let mut metrics = Vec::new();
+    for m in r.metrics.get_ref() {
+        let name = m.get_ref();
+        if crate::codec::check_metric_name(name).is_err() {
+            sink.error(
+                m.span(),
+                format!("{name:?} is not a metric name"),
+                Some("name a metric as it appears in sensors/{device}/{metric}".into()),
+            );
+        } else if metrics.contains(name) {
+            sink.warn(m.span(), format!("metric {name:?} is listed twice"), None);
+        } else {
+            metrics.push(name.clone());
+        }
+    }
+    if r.metrics.get_ref().is_empty() {
+        sink.warn(
+            r.metrics.span(),
+            "`metrics` is empty: summaries will carry nothing",
+            Some("name the metrics to summarize, e.g. [\"temperature\"]".into()),
+        );
+    }
+    SummaryConfig { interval, metrics }
+}
+
+fn compile_history(raw: &RawHistory, sink: &mut Sink<'_>) -> HistoryConfig {
+    let defaults = HistoryConfig::default();
+    let window = sink.duration(&raw.window, "window", defaults.window);
+    if let Some(w) = &raw.window {
+        if window < Duration::from_secs(1) {
+            sink.error(w.span(), "the rollup `window` must be at least 1s", None);
+        }
+    }
+    // "0s" switches raw history off, like leaving it out.
+    let raw_retention = raw
+        .raw_retention
+        .as_ref()
+        .map(|r| sink.duration(&Some(r.clone()), "raw_retention", Duration::ZERO))
+        .filter(|d| !d.is_zero());
+    let max_db_bytes = match &raw.max_db_mb {
+        Some(m) if *m.get_ref() < 1 => {
+            sink.error(m.span(), "`max_db_mb` must be at least 1", None);
+            defaults.max_db_bytes
+        }
+        Some(m) => m.get_ref().saturating_mul(1024 * 1024),
+        None => defaults.max_db_bytes,
+    };
+    HistoryConfig {
+        window,
+        raw_retention,
+        max_db_bytes,
+    }
+}
+
+/// Splits `mqtt[s]://host[:port][/]` into (tls, host, port).
+fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
+    let (scheme, rest) = url.split_once("://").ok_or("it has no scheme")?;
+    let tls = match scheme {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" => true,
+        other => return Err(format!("unknown scheme {other:?}")),
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '?', '@']) {
+        return Err("paths, queries and credentials do not belong in the URL".into());
+    }
+    let default_port = if tls { 8883 } else { 1883 };
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or("unclosed '[' in IPv6 address")?;
+        match after.strip_prefix(':') {
+            Some(p) => (host, p),
+            None if after.is_empty() => (host, ""),
+            None => return Err("unexpected text after the IPv6 address".into()),
+        }
+    } else {
+        rest.split_once(':').unwrap_or((rest, ""))
+    };
+    if host.is_empty() {
+        return Err("it has no host".into());
+    }
+    let port = if port.is_empty() {
+        default_port
+    } else {
+        port.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("port {port:?} is not a number from 1 to 65535"))?
+    };
+    Ok((tls, host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let cases = [
+            ("mqtt://h", Ok((false, "h".to_owned(), 1883))),
+            ("mqtts://h:9", Ok((true, "h".to_owned(), 9))),
+            ("mqtt://[::1]:1884/", Ok((false, "::1".to_owned(), 1884))),
+            ("http://h", Err("unknown scheme \"http\"".to_owned())),
+            (
+                "mqtt://h:0",
+                Err("port \"0\" is not a number from 1 to 65535".to_owned()),
+            ),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(parse_url(url), expected, "{url}");
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The raw shape of the file: serde structs that mirror the TOML (`deny_unknown_fields`), and
+//! the readers that take each section and `[[array]]` on its own, with its span.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use serde::Deserialize;
+use serde::de::IntoDeserializer;
+use toml::Spanned;
+use toml::de::DeValue;
+
+use super::diagnostics::{Sink, check_keys, explain_toml_error};
+use crate::rules::Severity;
+
+/// Top-level keys of the file.
+pub(super) const TOP_LEVEL: &[&str] = &[
+    "gateway", "broker", "uplink", "history", "http", "rule", "source",
+];
+
+/// The sections of the file, read independently.
+pub(super) struct Raw {
+    pub(super) broker: RawBroker,
+    pub(super) uplink: Option<RawUplink>,
+    pub(super) history: RawHistory,
+    pub(super) http: RawHttp,
+    pub(super) rules: Vec<(Range<usize>, RawRule)>,
+    pub(super) sources: Vec<(Range<usize>, RawSource)>,
+}
+
+/// The field names serde's derive gives a struct, found by asking it to deserialize from a
+/// probe that only records them.
+fn fields_of<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    use serde::de::value::Error;
+    struct Probe<'a>(&'a std::cell::Cell<&'static [&'static str]>);
+    impl<'de> serde::Deserializer<'de> for Probe<'_> {
+        type Error = Error;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+            Err(serde::de::Error::custom("probe"))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Error> {
+            self.0.set(fields);
+            Err(serde::de::Error::custom("probe"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let cell = std::cell::Cell::new(&[][..]);
+    let _ = T::deserialize(Probe(&cell));
+    cell.get()
+}
+
+/// Reads one table into `T`: unknown keys are reported (all of them) and left out, then the
+/// rest is deserialized; a type error is reported where it is.
+pub(super) fn section<'de, T: Deserialize<'de>>(
+    value: &Spanned<DeValue<'de>>,
+    what: &str,
+    sink: &mut Sink<'_>,
+) -> Option<T> {
+    let Some(table) = value.get_ref().as_table() else {
+        sink.error(value.span(), format!("{what} must be a table"), None);
+        return None;
+    };
+    let fields = fields_of::<T>();
+    check_keys(table, fields, what, sink);
+    let mut known = table.clone();
+    let unknown: Vec<String> = table
+        .iter()
+        .map(|(k, _)| k.get_ref().to_string())
+        .filter(|k| !fields.contains(&k.as_str()))
+        .collect();
+    for key in &unknown {
+        known.remove(key.as_str());
+    }
+    match T::deserialize(Spanned::new(value.span(), DeValue::Table(known)).into_deserializer()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            let (message, help) = explain_toml_error(e.message());
+            sink.error(
+                e.span().unwrap_or(value.span()),
+                format!("in {what}: {message}"),
+                help,
+            );
+            None
+        }
+    }
+}
+
+/// Reads an array of tables (`[[rule]]`), each on its own; returns each with its span.
+pub(super) fn array<'de, T: Deserialize<'de>>(
+    value: Option<&Spanned<DeValue<'de>>>,
+    what: &str,
+    sink: &mut Sink<'_>,
+) -> Vec<(Range<usize>, T)> {
+    let Some(value) = value else {
+        return Vec::new();
+    };
+    let Some(items) = value.get_ref().as_array() else {
+        sink.error(
+            value.span(),
+            format!(
+                "{what} must be an array of tables: write [[{}]]",
+                what.trim_matches(['[', ']'])
+            ),
+            None,
+        );
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| section(item, what, sink).map(|t| (item.span(), t)))
+        .collect()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGateway {
+    pub(super) id: Spanned<String>,
+    pub(super) data_dir: Option<Spanned<String>>,
+    pub(super) watch_config: Option<bool>,
+    pub(super) log: Option<Spanned<String>>,
+    pub(super) stale_after: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHttp {
+    pub(super) listen: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBroker {
+    pub(super) listen: Option<Spanned<String>>,
+    pub(super) listen_v5: Option<Spanned<String>>,
+    pub(super) allow_anonymous: Option<Spanned<bool>>,
+    pub(super) max_connections: Option<Spanned<usize>>,
+    pub(super) connect_timeout: Option<Spanned<String>>,
+    pub(super) max_payload_bytes: Option<Spanned<usize>>,
+    pub(super) credentials: Option<Spanned<String>>,
+    pub(super) max_publish_rate: Option<Spanned<u32>>,
+    pub(super) max_metrics_per_device: Option<Spanned<usize>>,
+    pub(super) tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) listen: Spanned<String>,
+    pub(super) cert: Spanned<String>,
+    pub(super) key: Spanned<String>,
+    pub(super) client_ca: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUplink {
+    pub(super) url: Spanned<String>,
+    pub(super) client_id: Option<Spanned<String>>,
+    pub(super) topic_prefix: Option<Spanned<String>>,
+    pub(super) forward: Option<Spanned<Vec<Severity>>>,
+    pub(super) keep_alive: Option<Spanned<String>>,
+    pub(super) summaries: Option<Spanned<RawSummaries>>,
+    pub(super) ca_file: Option<Spanned<String>>,
+    pub(super) client_cert: Option<Spanned<String>>,
+    pub(super) client_key: Option<Spanned<String>>,
+    pub(super) username: Option<Spanned<String>>,
+    pub(super) password: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSummaries {
+    pub(super) interval: Spanned<String>,
+    pub(super) metrics: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHistory {
+    pub(super) window: Option<Spanned<String>>,
+    pub(super) raw_retention: Option<Spanned<String>>,
+    pub(super) max_db_mb: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    pub(super) name: Spanned<String>,
+    #[serde(rename = "match")]
+    pub(super) filter: Option<Spanned<String>>,
+    pub(super) kind: Option<Spanned<String>>,
+    pub(super) above: Option<Spanned<f64>>,
+    pub(super) below: Option<Spanned<f64>>,
+    pub(super) clear_below: Option<Spanned<f64>>,
+    pub(super) clear_above: Option<Spanned<f64>>,
+    pub(super) rate_above: Option<Spanned<f64>>,
+    pub(super) rate_below: Option<Spanned<f64>>,
+    pub(super) rate_per: Option<Spanned<String>>,
+    pub(super) deviation_above: Option<Spanned<f64>>,
+    pub(super) clear_within: Option<Spanned<f64>>,
+    pub(super) window: Option<Spanned<String>>,
+    pub(super) min_samples: Option<Spanned<u32>>,
+    pub(super) silent_for: Option<Spanned<String>>,
+    pub(super) silent_factor: Option<Spanned<f64>>,
+    pub(super) scope: Option<Spanned<String>>,
+    pub(super) offline_for: Option<Spanned<String>>,
+    #[serde(rename = "for")]
+    pub(super) hold: Option<Spanned<String>>,
+    pub(super) severity: Option<Spanned<Severity>>,
+    pub(super) renotify: Option<Spanned<String>>,
+    pub(super) cooldown: Option<Spanned<String>>,
+    pub(super) forward: Option<Spanned<bool>>,
+    pub(super) labels: Option<Spanned<BTreeMap<String, String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSource {
+    pub(super) name: Spanned<String>,
+    pub(super) topic: Spanned<String>,
+    pub(super) payload: Spanned<String>,
+    pub(super) metrics: Option<Spanned<BTreeMap<String, String>>>,
+    pub(super) metric: Option<Spanned<String>>,
+}

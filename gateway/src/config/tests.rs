@@ -1,0 +1,263 @@
+//! Tests of the whole path, from text to a checked `Config` or to diagnostics.
+
+use super::*;
+use crate::rules::{Kind, Scope, SilenceAfter, Threshold};
+
+const MINIMAL: &str = "[gateway]\nid = \"site-1\"\n";
+
+#[test]
+fn security_settings_are_checked_where_they_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("x.pem");
+    std::fs::write(&pem, "not checked here").unwrap();
+    let pem = format!("{:?}", pem.display().to_string());
+    let ok = parse(
+        &format!(
+            "[gateway]\nid = \"s\"\ndata_dir = \"/d\"\n[broker]\nmax_publish_rate = 20\nmax_metrics_per_device = 8\n\
+             [broker.tls]\nlisten = \"127.0.0.1:8883\"\ncert = {pem}\nkey = {pem}\nclient_ca = {pem}\n\
+             [uplink]\nurl = \"mqtts://up:8883\"\nca_file = {pem}\nclient_cert = {pem}\nclient_key = {pem}\nusername = \"u\"\npassword = \"hunter2\"\n"
+        ),
+        "t.toml",
+    )
+    .unwrap()
+    .config;
+    assert_eq!(
+        ok.broker.credentials,
+        Path::new("/d").join(CREDENTIALS_FILE)
+    );
+    assert_eq!(ok.broker.max_publish_rate, 20);
+    assert_eq!(ok.broker.limits.max_metrics_per_device, 8);
+    assert!(
+        ok.broker
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca.is_some())
+    );
+    let uplink = ok.uplink.unwrap();
+    assert!(uplink.ca_file.is_some() && uplink.client_cert.is_some());
+    let (user, password) = uplink.login.clone().unwrap();
+    assert_eq!((user.as_str(), password.expose()), ("u", "hunter2"));
+    assert!(
+        !format!("{uplink:?}").contains("hunter2"),
+        "never in debug output"
+    );
+
+    let bad = errors(&format!(
+        "{MINIMAL}[broker]\nlisten = \"127.0.0.1:1883\"\nmax_metrics_per_device = 0\n\
+         [broker.tls]\nlisten = \"127.0.0.1:1883\"\ncert = \"/nope.pem\"\nkey = {pem}\n\
+         [uplink]\nurl = \"mqtt://up:1883\"\nca_file = {pem}\nclient_cert = {pem}\npassword = \"p\"\n"
+    ));
+    let expected = [
+        "`max_metrics_per_device` must be at least 1",
+        "`cert` file \"/nope.pem\" does not exist",
+        "the TLS listener needs a port of its own",
+        "`ca_file` needs a TLS uplink",
+        "add `client_key`",
+        "`password` needs `username`",
+    ];
+    for e in expected {
+        assert!(bad.iter().any(|b| b.contains(e)), "{e:?} not in {bad:#?}");
+    }
+}
+
+fn errors(src: &str) -> Vec<String> {
+    match parse(src, "t.toml") {
+        Ok(_) => vec![],
+        Err(e) => e
+            .errors
+            .iter()
+            .map(|d| format!("{}:{} {}", d.line, d.column, d.message))
+            .collect(),
+    }
+}
+
+#[test]
+fn minimal_config_gets_safe_defaults() {
+    let loaded = parse(MINIMAL, "t.toml").unwrap();
+    let c = loaded.config;
+    assert_eq!(c.broker.listen, DEFAULT_LISTEN.parse().unwrap());
+    assert!(!c.broker.allow_anonymous);
+    assert!(c.uplink.is_none());
+    assert_eq!(c.gateway.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+    assert_eq!(loaded.warnings.len(), 1, "no rules warns");
+}
+
+#[test]
+fn full_rule_compiles() {
+    let src = format!(
+        "{MINIMAL}[uplink]\nurl = \"mqtts://broker.example.net\"\nforward = [\"critical\", \"warning\"]\n\
+         [[rule]]\nname = \"overheat\"\nmatch = \"sensors/+/temperature\"\nabove = 90\nclear_below = 85.0\n\
+         for = \"10s\"\nseverity = \"critical\"\n"
+    );
+    let c = parse(&src, "t.toml").unwrap().config;
+    let u = c.uplink.unwrap();
+    assert_eq!(
+        (u.tls, u.host.as_str(), u.port, u.topic_prefix.as_str()),
+        (true, "broker.example.net", 8883, "site-1")
+    );
+    assert!(u.forwards(Severity::Warning) && !u.forwards(Severity::Info));
+    let r = &c.rules[0];
+    assert!(matches!(
+        r.kind,
+        Kind::Threshold(Threshold {
+            above: Some(90.0),
+            ..
+        })
+    ));
+    assert_eq!(r.hold, Duration::from_secs(10));
+    assert_eq!(r.severity, Severity::Critical);
+}
+
+#[test]
+fn every_semantic_error_is_reported_with_its_position() {
+    let src = format!(
+        "{MINIMAL}\
+         [[rule]]\nname = \"a\"\nmatch = \"alerts/#\"\nabove = 1.0\n\
+         [[rule]]\nname = \"b\"\nmatch = \"sensors/+/t\"\nabove = 90.0\nclear_below = 95.0\n\
+         [[rule]]\nname = \"b\"\nmatch = \"sensors/+/t\"\nbelow = 1.0\nfor = \"soon\"\n"
+    );
+    assert_eq!(
+        errors(&src),
+        [
+            "5:9 `match` filter \"alerts/#\" can never match a reading topic",
+            "11:15 inverted hysteresis band: `clear_below` (95) is greater than `above` (90)",
+            "13:8 two rules are named \"b\"",
+            "16:7 `for` is not a duration: \"soon\"",
+        ]
+    );
+}
+
+#[test]
+fn unknown_field_points_at_the_field() {
+    let src = format!("{MINIMAL}[broker]\nlisten = \"127.0.0.1:1883\"\nallow_anonymus = true\n");
+    let e = parse(&src, "t.toml").unwrap_err();
+    let d = &e.errors[0];
+    assert_eq!((d.line, d.column), (5, 1));
+    assert!(
+        d.message.contains("unknown field `allow_anonymus`"),
+        "{}",
+        d.message
+    );
+}
+
+#[test]
+fn every_rule_kind_and_lifecycle_option_compiles() {
+    let src = format!(
+        "{MINIMAL}[uplink]\nurl = \"mqtt://up\"\n\
+         [[rule]]\nname = \"climb\"\nmatch = \"sensors/+/t\"\nrate_above = 2.0\nrate_per = \"minute\"\nwindow = \"5m\"\n\
+         [[rule]]\nname = \"odd\"\nmatch = \"sensors/+/t\"\ndeviation_above = 4.0\nclear_within = 3.0\nmin_samples = 20\n\
+         [[rule]]\nname = \"quiet\"\nmatch = \"sensors/+/+\"\nsilent_factor = 3.0\nscope = \"device\"\n\
+         [[rule]]\nname = \"gone\"\noffline_for = \"2m\"\nrenotify = \"1h\"\ncooldown = \"5m\"\nforward = false\nlabels = {{ team = \"ops\" }}\n"
+    );
+    let rules = parse(&src, "t.toml").unwrap().config.rules;
+    let kinds: Vec<_> = rules.iter().map(|r| r.kind.name()).collect();
+    assert_eq!(kinds, ["rate", "deviation", "silence", "presence"]);
+    assert!(
+        matches!(rules[0].kind, Kind::Rate { per_seconds, window, .. } if per_seconds == 60.0 && window == Duration::from_secs(300))
+    );
+    assert!(matches!(
+        rules[1].kind,
+        Kind::Deviation {
+            threshold: Threshold {
+                above: Some(4.0),
+                clear_below: Some(3.0),
+                ..
+            },
+            min_samples: 20,
+            ..
+        }
+    ));
+    assert!(
+        matches!(rules[2].kind, Kind::Silence { after: SilenceAfter::Learned { factor, .. }, scope: Scope::Device } if factor == 3.0)
+    );
+    let gone = &rules[3];
+    assert_eq!(
+        gone.filter.as_str(),
+        "sensors/+/status",
+        "presence watches status topics by default"
+    );
+    assert_eq!(
+        (gone.renotify, gone.cooldown, gone.forward),
+        (
+            Some(Duration::from_secs(3600)),
+            Some(Duration::from_secs(300)),
+            Some(false)
+        )
+    );
+    assert_eq!(gone.labels.get("team").map(String::as_str), Some("ops"));
+}
+
+#[test]
+fn rule_kinds_are_not_mixed_up() {
+    let src = format!(
+        "{MINIMAL}[[rule]]\nname = \"a\"\nmatch = \"sensors/+/t\"\nabove = 1.0\nrate_above = 2.0\n\
+         [[rule]]\nname = \"b\"\nmatch = \"sensors/+/t\"\nkind = \"trend\"\nabove = 1.0\n\
+         [[rule]]\nname = \"c\"\nmatch = \"sensors/+/t\"\nsilent_for = \"1m\"\nsilent_factor = 2.0\nfor = \"1s\"\n\
+         [[rule]]\nname = \"d\"\nmatch = \"sensors/+/t\"\n"
+    );
+    assert_eq!(
+        errors(&src),
+        [
+            "7:14 `rate_above` belongs to rate rules, and this is a threshold rule",
+            "11:8 unknown rule kind \"trend\"",
+            "17:17 give `silent_for` or `silent_factor`, not both",
+            "18:7 `for` does not apply to silence rules",
+            "19:1 rule \"d\" has no condition",
+        ]
+    );
+}
+
+#[test]
+fn all_unknown_fields_of_all_sections_are_reported_at_once() {
+    let src = "[gateway]\nid = \"s\"\nname = \"x\"\n[broker]\nlisten = \"127.0.0.1:1\"\nalow_anonymous = true\nmax_conections = 5\n[stuff]\na = 1\n";
+    let e = errors(src);
+    assert_eq!(e.len(), 4, "{e:#?}");
+    assert!(
+        e[0].starts_with("3:1 unknown field `name` in [gateway]"),
+        "{e:#?}"
+    );
+    assert!(
+        e[1].starts_with("6:1 unknown field `alow_anonymous`"),
+        "{e:#?}"
+    );
+    assert!(
+        e[2].starts_with("7:1 unknown field `max_conections`"),
+        "{e:#?}"
+    );
+    assert!(
+        e[3].starts_with("8:2 unknown field `stuff` in the top level"),
+        "{e:#?}"
+    );
+    let d = parse(src, "t.toml").unwrap_err();
+    assert_eq!(
+        d.errors[1]
+            .help
+            .as_deref()
+            .map(|h| h.starts_with("did you mean `allow_anonymous`?")),
+        Some(true)
+    );
+}
+
+#[test]
+fn sources_are_checked() {
+    let src = format!(
+        "{MINIMAL}[[source]]\nname = \"t\"\ntopic = \"tele/{{device}}/SENSOR\"\npayload = \"json\"\n\
+         [[source]]\nname = \"e\"\ntopic = \"{{device}}/sensor/+/state\"\npayload = \"number\"\n\
+         [[source]]\nname = \"x\"\ntopic = \"sensors/{{device}}\"\npayload = \"yaml\"\n"
+    );
+    let e = errors(&src);
+    assert_eq!(e.len(), 3, "{e:#?}");
+    assert!(
+        e[0].starts_with("9:9 a number payload needs the metric"),
+        "{e:#?}"
+    );
+    assert!(e[1].starts_with("13:9 `topic`"), "{e:#?}");
+    assert!(e[2].starts_with("14:11 unknown payload \"yaml\""), "{e:#?}");
+}
+
+#[test]
+fn syntax_errors_stop_before_the_rest() {
+    let e = errors("[gateway\nid = \"s\"\n");
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert!(e[0].starts_with("1:"), "{e:#?}");
+}
