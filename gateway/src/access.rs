@@ -89,10 +89,13 @@ fn under(topic: &str, root: &str) -> bool {
 }
 
 /// The device a topic belongs to: `sensors/{device}/...`, or a source's `{device}`.
-fn owner<'a>(topic: &'a str, sources: &[Source]) -> Option<&'a str> {
+fn owner<'a>(topic: &'a str, sources: &[Source]) -> Option<std::borrow::Cow<'a, str>> {
     let mut levels = topic.split('/');
     if levels.next() == Some(codec::TOPIC_ROOT) {
-        return levels.next().filter(|d| !d.is_empty());
+        return levels
+            .next()
+            .filter(|d| !d.is_empty())
+            .map(std::borrow::Cow::Borrowed);
     }
     sources.iter().find_map(|s| s.device_of(topic))
 }
@@ -112,7 +115,7 @@ pub fn may_publish(who: &Identity, topic: &str, sources: &[Source]) -> Result<()
             name,
             role: Role::Device,
         } => match owner(topic, sources) {
-            Some(device) if device == name => Ok(()),
+            Some(device) if device == name.as_str() => Ok(()),
             _ => Err(Denied::NotYours),
         },
     }

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::rules::{AlertState, Millis, Rule, Severity, Transition};
+use crate::value::Value;
 
 /// First topic level of local alerts.
 pub const TOPIC_ROOT: &str = "alerts";
@@ -35,10 +36,11 @@ pub struct AlertDoc {
     pub severity: Severity,
     /// Raised or cleared.
     pub state: AlertState,
-    /// The reading that caused the transition.
-    pub value: f64,
-    /// The bound that was crossed.
-    pub threshold: f64,
+    /// The reading that caused the transition: a number, or a state (`true`, `"open"`).
+    pub value: Value,
+    /// The bound that was crossed; absent for state rules, which have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
     /// When the episode began, RFC 3339 UTC with milliseconds.
     pub since: String,
     /// When this transition happened, RFC 3339 UTC with milliseconds.
@@ -67,7 +69,7 @@ impl AlertDoc {
             metric: metric.to_owned(),
             severity: rule.severity,
             state: t.state,
-            value: t.value,
+            value: t.value.clone(),
             threshold: t.threshold,
             since: rfc3339(t.since),
             at: rfc3339(t.at),
@@ -140,8 +142,8 @@ mod tests {
             state: AlertState::Raised,
             since: 1_795_284_345_123,
             at: 1_795_284_355_130,
-            value: 95.2,
-            threshold: 90.0,
+            value: Value::Number(95.2),
+            threshold: Some(90.0),
             repeat,
         }
     }
@@ -167,6 +169,45 @@ mod tests {
                 "gateway": "site-17"
             })
         );
+    }
+
+    #[test]
+    fn a_numeric_document_is_byte_for_byte_what_it_always_was() {
+        let doc = AlertDoc::new(
+            "site-17",
+            &overheat(BTreeMap::new()),
+            "boiler-1",
+            "temperature",
+            &raised(0),
+        );
+        assert_eq!(
+            String::from_utf8(doc.to_json()).unwrap(),
+            r#"{"id":"site-17:boiler-1:overheat:1795284345123","rule":"overheat","device":"boiler-1","metric":"temperature","severity":"critical","state":"raised","value":95.2,"threshold":90.0,"since":"2026-11-21T18:05:45.123Z","at":"2026-11-21T18:05:55.130Z","gateway":"site-17"}"#
+        );
+    }
+
+    #[test]
+    fn a_state_document_carries_the_state_and_no_threshold() {
+        let mut rule = overheat(BTreeMap::new());
+        rule.name = "leak".into();
+        for (value, json) in [
+            (Value::Bool(true), "true"),
+            (Value::Text("open".into()), r#""open""#),
+        ] {
+            let t = Transition {
+                value,
+                threshold: None,
+                ..raised(0)
+            };
+            let doc = AlertDoc::new("site-17", &rule, "basement", "water_leak", &t);
+            let text = String::from_utf8(doc.to_json()).unwrap();
+            assert!(
+                text.contains(&format!(r#""state":"raised","value":{json},"since""#)),
+                "{text}"
+            );
+            let back: AlertDoc = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, doc);
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::aggregate::{SiteSummary, Window, window_start};
+use crate::aggregate::{Closed, SiteSummary, StreamWindow, window_start};
 use crate::alert::{AlertDoc, now_millis, rfc3339};
 use crate::codec::{self, DecodeError, Limits, Message, Readings};
 use crate::config::SummaryConfig;
@@ -31,6 +31,7 @@ use crate::rules::{AlertState, Input, Kind, Millis, Rule, RuleState, Severity, S
 use crate::sources::Source;
 use crate::stats::{DeviceCounters, OTHER_DEVICES, Stats};
 use crate::store::{DeviceDelta, OutboxEntry, RawRow, RollupRow, SavedAlert, Store};
+use crate::value::Value;
 
 /// How often one device's malformed input (or lost messages) is logged.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
@@ -177,9 +178,10 @@ struct Stream {
     rules: Vec<(usize, RuleState)>,
     /// Positions in the device's `device_rules` that a reading of this metric feeds.
     feeds: Vec<usize>,
-    window: Option<Window>,
-    /// The last value, for documents of rules removed while raised.
-    last: Option<f64>,
+    window: Option<StreamWindow>,
+    /// The last value, for documents of rules removed while raised, and the state a state
+    /// window starts in.
+    last: Option<Value>,
 }
 
 struct Summary {
@@ -296,14 +298,21 @@ impl StepContext<'_> {
         match (t.state, t.repeat) {
             (AlertState::Raised, 0) => {
                 self.stats.count_transition(rule.severity, true);
-                info!(device, metric, rule = %rule.name, kind = rule.kind.name(), value = t.value, threshold = t.threshold, severity = rule.severity.as_str(), "alert raised");
+                match t.threshold {
+                    Some(threshold) => {
+                        info!(device, metric, rule = %rule.name, kind = rule.kind.name(), value = %t.value, threshold, severity = rule.severity.as_str(), "alert raised")
+                    }
+                    None => {
+                        info!(device, metric, rule = %rule.name, kind = rule.kind.name(), value = %t.value, severity = rule.severity.as_str(), "alert raised")
+                    }
+                }
             }
             (AlertState::Raised, n) => {
                 debug!(device, metric, rule = %rule.name, repeat = n, "alert still raised (renotify)")
             }
             (AlertState::Cleared, _) => {
                 self.stats.count_transition(rule.severity, false);
-                info!(device, metric, rule = %rule.name, value = t.value, "alert cleared");
+                info!(device, metric, rule = %rule.name, value = %t.value, "alert cleared");
             }
         }
         let _ = now;
@@ -441,13 +450,23 @@ impl Engine {
         let decoded = if native {
             codec::decode(topic, payload, self.options.limits)
         } else {
-            match self
-                .options
-                .sources
-                .iter()
-                .find_map(|s| s.decode(topic, payload, self.options.limits))
-            {
-                Some(result) => result.map(Message::Readings),
+            let limits = self.options.limits;
+            match self.options.sources.iter().find_map(|s| {
+                let decoded = s.decode(topic, payload, limits)?;
+                if let Ok(Message::Readings(r)) = &decoded {
+                    if r.unmapped > 0 {
+                        *self
+                            .stats
+                            .unmapped_by_source
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .entry(s.name.clone())
+                            .or_default() += u64::from(r.unmapped);
+                    }
+                }
+                Some(decoded)
+            }) {
+                Some(result) => result,
                 None => {
                     debug!(topic, "message on a topic no source matches");
                     return Vec::new();
@@ -456,9 +475,9 @@ impl Engine {
         };
         match decoded {
             Ok(Message::Readings(r)) => self.readings(topic, r, now),
-            Ok(Message::Status { device, online }) => self.presence(device, online, now),
+            Ok(Message::Status { device, online }) => self.presence(&device, online, now),
             Err(rejected) => {
-                self.malformed(rejected.device, topic, &rejected.error, now);
+                self.malformed(rejected.device.as_deref(), topic, &rejected.error, now);
                 Vec::new()
             }
         }
@@ -469,15 +488,16 @@ impl Engine {
         &mut self,
         device: &str,
         metric: &str,
-        value: f64,
+        value: Value,
         now: Millis,
     ) -> Vec<Alert> {
         Stats::inc(&self.stats.messages);
         let readings = Readings {
-            device,
+            device: device.into(),
             seq: None,
             values: vec![(metric.into(), value)],
             rejected: Vec::new(),
+            unmapped: 0,
         };
         self.readings("<replay>", readings, now)
     }
@@ -525,10 +545,18 @@ impl Engine {
         out
     }
 
-    fn readings(&mut self, topic: &str, mut readings: Readings<'_>, now: Millis) -> Vec<Alert> {
-        for (field, error) in &readings.rejected {
+    fn readings(&mut self, topic: &str, readings: Readings<'_>, now: Millis) -> Vec<Alert> {
+        let Readings {
+            device: device_name,
+            seq,
+            mut values,
+            rejected,
+            unmapped,
+        } = readings;
+        let device_name: &str = &device_name;
+        for (field, error) in &rejected {
             self.malformed(
-                Some(readings.device),
+                Some(device_name),
                 &format!("{topic} field {field:?}"),
                 error,
                 now,
@@ -536,10 +564,10 @@ impl Engine {
         }
         // A device may report only so many metrics: each costs a stream, rollups and rows.
         let max = self.options.limits.max_metrics_per_device;
-        let streams = self.devices.get(readings.device).map(|d| &d.streams);
+        let streams = self.devices.get(device_name).map(|d| &d.streams);
         let mut known = streams.map_or(0, Streams::len);
         let mut over = Vec::new();
-        readings.values.retain(|(metric, _)| {
+        values.retain(|(metric, _)| {
             if streams.is_some_and(|s| s.contains_key(metric.as_ref())) {
                 true
             } else if known < max {
@@ -553,13 +581,12 @@ impl Engine {
         for metric in over {
             let what = format!("{topic} metric {metric:?}");
             self.malformed(
-                Some(readings.device),
+                Some(device_name),
                 &what,
                 &DecodeError::TooManyMetrics { max },
                 now,
             );
         }
-        let device_name = readings.device;
         let Engine {
             options,
             window_ms,
@@ -577,6 +604,7 @@ impl Engine {
             .or_insert_with(|| Box::new(new_device(&options.rules, device_name)));
         device.counters.messages += 1;
         device.counters.last_seen_ms = now;
+        device.counters.unmapped += u64::from(unmapped);
         if device.online == Some(false) {
             // Readings mean it is back, whatever its last will said.
             device.online = Some(true);
@@ -584,7 +612,7 @@ impl Engine {
 
         // The device's own counter: drop duplicates; late messages go to history, not rules,
         // which judge the present.
-        let judge = match readings.seq.map(|s| (s, device.seq.observe(s))) {
+        let judge = match seq.map(|s| (s, device.seq.observe(s))) {
             None => true,
             Some((s, outcome)) => {
                 device.counters.loss.count(outcome);
@@ -622,23 +650,22 @@ impl Engine {
             deadlines,
             out: &mut out,
         };
-        Stats::add(&ctx.stats.readings, readings.values.len() as u64);
-        device.counters.readings += readings.values.len() as u64;
+        Stats::add(&ctx.stats.readings, values.len() as u64);
+        device.counters.readings += values.len() as u64;
         let Device {
             streams,
             device_rules,
             episodes,
             ..
         } = &mut **device;
-        for (metric, value) in &readings.values {
-            let (metric, value) = (metric.as_ref(), *value);
+        for (metric, value) in &values {
+            let metric = metric.as_ref();
             if !streams.contains_key(metric) {
                 // A new stream: find the rules that watch it, once.
                 let stream = new_stream(&options.rules, device_rules, device_name, metric);
                 streams.insert(metric.into(), stream);
             }
             let stream = streams.get_mut(metric).expect("inserted above");
-            stream.last = Some(value);
             match &mut stream.window {
                 Some(w) => {
                     if let Some(closed) = w.add(value, now, *window_ms) {
@@ -649,20 +676,30 @@ impl Engine {
                         });
                     }
                 }
-                None => stream.window = Some(Window::new(value, now, *window_ms)),
+                None => {
+                    stream.window = Some(StreamWindow::new(
+                        value,
+                        stream.last.as_ref(),
+                        now,
+                        *window_ms,
+                    ))
+                }
+            }
+            if stream.last.as_ref() != Some(value) {
+                stream.last = Some(value.clone());
             }
             if options.keep_raw {
                 raw.push(RawRow {
                     device: device_name.into(),
                     metric: metric.into(),
                     at: now,
-                    value,
-                    seq: readings.seq,
+                    value: value.clone(),
+                    seq,
                 });
             }
-            if let Some(summary) = summary {
+            if let (Some(summary), Value::Number(n)) = (summary.as_mut(), value) {
                 if let Some((_, s)) = summary.metrics.iter_mut().find(|(m, _)| m == metric) {
-                    s.add(device_name, value);
+                    s.add(device_name, *n);
                 }
             }
             if !judge {
@@ -830,7 +867,10 @@ impl Engine {
                     since: s.since,
                     threshold: s.threshold,
                 };
-                state.value = s.threshold;
+                // What the last document said, so that a renotification repeats it.
+                state.value = serde_json::from_str::<AlertDoc>(&s.doc)
+                    .map(|d| d.value)
+                    .unwrap_or_else(|_| Value::Number(s.threshold.unwrap_or_default()));
                 state.notified_at = now;
                 device.episodes.retain(|(r, _)| *r != rule_idx);
                 device.episodes.push((rule_idx, s.since));
@@ -888,14 +928,14 @@ impl Engine {
                      device: &str,
                      metric: &str,
                      state: &RuleState,
-                     last: Option<f64>,
+                     last: Option<&Value>,
                      out: &mut Vec<Alert>| {
             if let State::Raised { since, threshold } = state.core {
                 let t = crate::rules::Transition {
                     state: AlertState::Cleared,
                     since,
                     at: now,
-                    value: last.unwrap_or(state.value),
+                    value: last.unwrap_or(&state.value).clone(),
                     threshold,
                     repeat: 0,
                 };
@@ -940,7 +980,14 @@ impl Engine {
                 }
                 for (old_idx, state) in &stream.rules {
                     if carried(*old_idx).is_none() {
-                        clear(&old[*old_idx], name, metric, state, stream.last, &mut out);
+                        clear(
+                            &old[*old_idx],
+                            name,
+                            metric,
+                            state,
+                            stream.last.as_ref(),
+                            &mut out,
+                        );
                     }
                 }
                 stream.rules = next.rules;
@@ -1055,15 +1102,12 @@ impl Engine {
     /// Everything that would be lost by stopping now: open windows as partial rollups (they
     /// merge with the rest of their window after a restart) and unpublished counters.
     pub fn finish(&mut self, now: Millis) -> Housekeeping {
-        self.close_windows(|w, len| Some(w.rollup(len)));
+        self.close_windows(|w, len| Some(w.rollup(now, len)));
         self.next_window_scan = Millis::MAX;
         self.housekeeping(now)
     }
 
-    fn close_windows(
-        &mut self,
-        mut close: impl FnMut(&Window, Millis) -> Option<crate::aggregate::Rollup>,
-    ) {
+    fn close_windows(&mut self, mut close: impl FnMut(&StreamWindow, Millis) -> Option<Closed>) {
         for (device, d) in &mut self.devices {
             for (metric, s) in &mut d.streams {
                 if let Some(rollup) = s.window.as_ref().and_then(|w| close(w, self.window_ms)) {

@@ -13,6 +13,7 @@
 //! | [`config`] | raw serde structs, then `compile()` into a checked [`config::Config`] plus warnings, with file:line:column diagnostics |
 //! | [`access`] | identities (credentials file, client certificates, anonymous) and what each may publish and subscribe to |
 //! | [`broker`] | rumqttd's router plus Watchpost's own listeners and client connections; hands ingest its in-process link |
+//! | [`value`] | a reading's value, a number or a state; how text becomes one; value maps |
 //! | [`codec`] | pure bytes → readings; no I/O |
 //! | [`sources`] | foreign topic layouts (Tasmota, ESPHome, Shelly, ...) mapped onto readings by configuration |
 //! | [`topic`] | MQTT topic filter syntax and matching |
@@ -52,6 +53,7 @@ pub mod stats;
 pub mod store;
 pub mod topic;
 pub mod uplink;
+pub mod value;
 
 pub use app::{Gateway, StartError, run, start};
 pub use config::Config;

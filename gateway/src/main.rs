@@ -205,11 +205,24 @@ fn main() -> ExitCode {
                     query::readings(&records)
                 }
             } else {
+                // A stream's windows are numbers or states, as its readings were.
                 let records = r.rollups(&device, &metric, from)?;
-                if json {
-                    query::json(&records)
-                } else {
-                    query::rollups(&records)
+                let states = r.state_rollups(&device, &metric, from)?;
+                match (json, records.is_empty(), states.is_empty()) {
+                    (true, _, true) => query::json(&records),
+                    (true, true, false) => query::json(&states),
+                    (true, false, false) => {
+                        query::json(&serde_json::json!({"numbers": records, "states": states}))
+                    }
+                    (false, _, true) => query::rollups(&records),
+                    (false, true, false) => query::state_rollups(&states),
+                    (false, false, false) => {
+                        format!(
+                            "{}\n{}",
+                            query::rollups(&records),
+                            query::state_rollups(&states)
+                        )
+                    }
                 }
             })
         }),

@@ -92,6 +92,22 @@ pub fn render(stats: &Stats, info: &Info) -> String {
         "Malformed sensor messages and fields.",
         g(&stats.decode_errors),
     );
+    let unmapped = stats
+        .unmapped_by_source
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if !unmapped.is_empty() {
+        let name = "watchpost_unmapped_fields_total";
+        o.family(
+            name,
+            "counter",
+            "Fields of foreign payloads that are neither numbers nor known states (not read, not errors), by source.",
+        );
+        for (source, n) in &unmapped {
+            o.sample(name, &format!("{{source=\"{source}\"}}"), n);
+        }
+    }
     o.counter(
         "watchpost_seq_gap_messages_total",
         "Messages missing from devices' seq when a gap was seen.",

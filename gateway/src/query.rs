@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::store::{AlertRecord, DeviceRecord, ReadingRecord, RollupRecord};
+use crate::store::{AlertRecord, DeviceRecord, ReadingRecord, RollupRecord, StateRollupRecord};
+use crate::value::Value;
 
 /// Lays out `rows` under `headers` in left-aligned columns.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -43,6 +44,14 @@ fn num(v: f64) -> String {
     }
 }
 
+/// A value for tables: numbers as [`num`], states as written.
+fn val(v: &Value) -> String {
+    match v {
+        Value::Number(n) => num(*n),
+        other => other.to_string(),
+    }
+}
+
 /// `watchpost alerts`.
 pub fn alerts(records: &[AlertRecord]) -> String {
     let rows: Vec<Vec<String>> = records
@@ -55,8 +64,8 @@ pub fn alerts(records: &[AlertRecord]) -> String {
                 a.device.clone(),
                 a.rule.clone(),
                 a.metric.clone(),
-                num(a.value),
-                num(a.threshold),
+                val(&a.value),
+                a.threshold.map_or("-".into(), num),
                 a.id.clone(),
             ]
         })
@@ -107,6 +116,39 @@ pub fn rollups(records: &[RollupRecord]) -> String {
     )
 }
 
+/// `watchpost history` of a state stream: changes and the time spent in each state.
+pub fn state_rollups(records: &[StateRollupRecord]) -> String {
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|r| {
+            let time_in: Vec<String> = r
+                .time_in
+                .iter()
+                .map(|(v, s)| format!("{} {}s", val(v), num((s * 10.0).round() / 10.0)))
+                .collect();
+            vec![
+                r.start.clone(),
+                num(r.seconds),
+                r.count.to_string(),
+                r.changes.to_string(),
+                val(&r.last),
+                time_in.join(", "),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "WINDOW START",
+            "SECONDS",
+            "COUNT",
+            "CHANGES",
+            "LAST",
+            "TIME IN EACH STATE",
+        ],
+        &rows,
+    )
+}
+
 /// `watchpost history --raw`.
 pub fn readings(records: &[ReadingRecord]) -> String {
     let rows: Vec<Vec<String>> = records
@@ -114,7 +156,7 @@ pub fn readings(records: &[ReadingRecord]) -> String {
         .map(|r| {
             vec![
                 r.at.clone(),
-                num(r.value),
+                val(&r.value),
                 r.seq.map_or("-".into(), |s| s.to_string()),
             ]
         })
@@ -137,6 +179,7 @@ pub fn devices(records: &[DeviceRecord]) -> String {
                 d.duplicated.to_string(),
                 d.out_of_order.to_string(),
                 d.restarts.to_string(),
+                d.unmapped.to_string(),
             ]
         })
         .collect();
@@ -151,6 +194,7 @@ pub fn devices(records: &[DeviceRecord]) -> String {
             "DUPLICATED",
             "LATE",
             "RESTARTS",
+            "UNMAPPED",
         ],
         &rows,
     )

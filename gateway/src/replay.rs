@@ -2,7 +2,9 @@
 //! virtual time, so that operators can test rules offline and in their own CI.
 //!
 //! Readings come as CSV (`time,device,metric,value`) or JSON lines
-//! (`{"time":..,"device":..,"metric":..,"value":..}`); `time` is RFC 3339 or a number of
+//! (`{"time":..,"device":..,"metric":..,"value":..}`). A value is a number or a state: in CSV
+//! as a payload would write it (`21.5`, `open`, `true`: [`Value::parse`]), in JSON a number,
+//! a boolean or a string. `time` is RFC 3339 or a number of
 //! seconds since the epoch (milliseconds if it is larger than 10^11), and no later than
 //! 9999-12-31, the last day an RFC 3339 time in an alert can name. Deadlines (`for`,
 //! silence, grace periods, renotify) fire at their own virtual times between readings.
@@ -21,6 +23,7 @@ use crate::ingest::{self, Alert, Engine, EngineOptions};
 use crate::rules::{AlertState, Millis};
 use crate::stats::Stats;
 use crate::uplink::qos1_bytes;
+use crate::value::Value;
 
 /// One recorded reading.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,8 +34,8 @@ pub struct Recorded {
     pub device: String,
     /// Metric name.
     pub metric: String,
-    /// Value.
-    pub value: f64,
+    /// Value: a number or a state.
+    pub value: Value,
 }
 
 /// What a replay produced.
@@ -71,7 +74,7 @@ pub fn parse_readings(text: &str) -> Result<Vec<Recorded>, Vec<String>> {
         time: serde_json::Value,
         device: String,
         metric: String,
-        value: f64,
+        value: Value,
     }
     let mut header_seen = false;
     for (i, line) in lines {
@@ -110,9 +113,8 @@ pub fn parse_readings(text: &str) -> Result<Vec<Recorded>, Vec<String>> {
             header_seen = true;
             match cells.as_slice() {
                 [time, device, metric, value] => parse_time(time).and_then(|at| {
-                    let value: f64 = value
-                        .parse()
-                        .map_err(|_| format!("{value:?} is not a number"))?;
+                    let value = Value::parse(value)
+                        .map_err(|e| format!("{value:?} is not a value: {e}"))?;
                     Ok(Recorded {
                         at,
                         device: (*device).to_owned(),
@@ -129,9 +131,6 @@ pub fn parse_readings(text: &str) -> Result<Vec<Recorded>, Vec<String>> {
         match parsed {
             Ok(r) if r.device.is_empty() || r.metric.is_empty() => {
                 errors.push(format!("line {n}: device and metric must not be empty"))
-            }
-            Ok(r) if !r.value.is_finite() => {
-                errors.push(format!("line {n}: the value must be finite"))
             }
             Ok(r) => out.push(r),
             Err(e) => errors.push(format!("line {n}: {e}")),
@@ -212,7 +211,7 @@ pub fn replay(config: &Config, readings: &[Recorded], until: Option<Millis>) -> 
     let mut devices = BTreeSet::new();
     for r in readings {
         run_deadlines(&mut engine, r.at, &mut alerts);
-        alerts.extend(engine.on_reading(&r.device, &r.metric, r.value, r.at));
+        alerts.extend(engine.on_reading(&r.device, &r.metric, r.value.clone(), r.at));
         devices.insert(r.device.as_str());
         let topic = format!("{prefix}/sensors/{}/{}", r.device, r.metric);
         forward_all_bytes += qos1_bytes(topic.len(), r.value.to_string().len());
@@ -241,7 +240,7 @@ pub fn replay(config: &Config, readings: &[Recorded], until: Option<Millis>) -> 
 }
 
 /// One expected (or produced) alert transition, as compared.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Expected {
     /// When, RFC 3339.
     pub at: String,
@@ -253,6 +252,10 @@ pub struct Expected {
     pub metric: String,
     /// `raised` or `cleared`.
     pub state: AlertState,
+    /// The value (a number, or a state such as `true` or `"open"`); an expectation without
+    /// one matches any value.
+    #[serde(default)]
+    pub value: Option<Value>,
 }
 
 impl Expected {
@@ -264,12 +267,23 @@ impl Expected {
             rule: doc.rule.clone(),
             metric: doc.metric.clone(),
             state: doc.state,
+            value: Some(doc.value.clone()),
         }
     }
 
+    /// True if `got` is what `self` expects.
+    fn matches(&self, got: &Expected) -> bool {
+        (&self.at, &self.device, &self.rule, &self.metric, self.state)
+            == (&got.at, &got.device, &got.rule, &got.metric, got.state)
+            && (self.value.is_none() || self.value == got.value)
+    }
+
     fn line(&self) -> String {
+        let value = self.value.as_ref().map_or(String::new(), |v| {
+            format!("  value {}", serde_json::json!(v))
+        });
         format!(
-            "{}  {:<7}  {}  {}  {}",
+            "{}  {:<7}  {}  {}  {}{value}",
             self.at,
             state_name(self.state),
             self.device,
@@ -310,7 +324,7 @@ pub fn parse_expected(text: &str) -> Result<Vec<Expected>, Vec<String>> {
 /// The differences between expected and produced alerts, as readable lines (empty if none).
 /// Order matters: the sequences are compared position by position after the common prefix.
 pub fn compare(expected: &[Expected], got: &[Expected]) -> Vec<String> {
-    if expected == got {
+    if expected.len() == got.len() && expected.iter().zip(got).all(|(e, g)| e.matches(g)) {
         return Vec::new();
     }
     // Longest common subsequence, so that one missing alert shows as one line, not as a
@@ -319,7 +333,7 @@ pub fn compare(expected: &[Expected], got: &[Expected]) -> Vec<String> {
     let mut lcs = vec![vec![0u32; m + 1]; n + 1];
     for i in (0..n).rev() {
         for j in (0..m).rev() {
-            lcs[i][j] = if expected[i] == got[j] {
+            lcs[i][j] = if expected[i].matches(&got[j]) {
                 lcs[i + 1][j + 1] + 1
             } else {
                 lcs[i + 1][j].max(lcs[i][j + 1])
@@ -329,7 +343,7 @@ pub fn compare(expected: &[Expected], got: &[Expected]) -> Vec<String> {
     let (mut i, mut j) = (0, 0);
     let mut out = Vec::new();
     while i < n || j < m {
-        if i < n && j < m && expected[i] == got[j] {
+        if i < n && j < m && expected[i].matches(&got[j]) {
             i += 1;
             j += 1;
         } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
@@ -362,7 +376,7 @@ pub fn report(outcome: &Outcome) -> String {
                 d.rule.clone(),
                 d.metric.clone(),
                 d.value.to_string(),
-                d.threshold.to_string(),
+                d.threshold.map_or("-".into(), |t| t.to_string()),
             ]
         })
         .collect();
@@ -564,6 +578,7 @@ mod tests {
             rule: "hot".into(),
             metric: "t".into(),
             state,
+            value: None,
         };
         let expected = vec![
             e("1", AlertState::Raised),

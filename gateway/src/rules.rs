@@ -20,6 +20,12 @@
 //! | deviation | distance from the stream's own mean, in standard deviations (exponentially weighted over `window`) | mean, variance, count |
 //! | silence | seconds since the last reading; fires after `silent_for`, or a multiple of the learned interval | last reading, mean interval |
 //! | presence | fires when a device has been `offline` for its grace period | none |
+//! | state | the reading is (`equals`, `in`) or is not (`not_in`) one of the given values | none |
+//! | flapping | more than `changes_above` changes of value within `window` | times of the changes |
+//!
+//! A reading's value is a number or a state ([`Value`]). The numeric kinds (threshold, rate,
+//! deviation) pass over states as they pass over NaN; state and flapping rules judge any
+//! value; silence and presence rules count any reading.
 //!
 //! Rules of the threshold family use strict bounds (a value exactly at `above` does not fire),
 //! hysteresis (`clear_below`/`clear_above`) and `for`, which also elapses on an
@@ -32,6 +38,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::topic::TopicFilter;
+use crate::value::Value;
 
 /// Milliseconds since the Unix epoch: the clock every rule runs on.
 pub type Millis = u64;
@@ -121,6 +128,49 @@ pub enum Kind {
         /// How long a device may be offline before the alert fires.
         grace: Duration,
     },
+    /// The reading is, or is not, one of some values (a leak is `true`, a door is `open`).
+    State(StateTest),
+    /// The value changes too often: a chattering contact, a relay cycling.
+    Flapping {
+        /// Fires when more changes than this happen within `window`.
+        changes: u32,
+        /// How far back changes count.
+        window: Duration,
+    },
+}
+
+/// What a state rule asks of a reading.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateTest {
+    /// Holds when the value is this one.
+    Equals(Value),
+    /// Holds when the value is one of these.
+    In(Vec<Value>),
+    /// Holds when the value is none of these.
+    NotIn(Vec<Value>),
+}
+
+impl StateTest {
+    /// True if `value` meets the test. Text compares without regard to ASCII case.
+    pub fn holds(&self, value: &Value) -> bool {
+        let same = |a: &Value| match (a, value) {
+            (Value::Text(a), Value::Text(b)) => a.eq_ignore_ascii_case(b),
+            _ => a == value,
+        };
+        match self {
+            StateTest::Equals(v) => same(v),
+            StateTest::In(vs) => vs.iter().any(same),
+            StateTest::NotIn(vs) => !vs.iter().any(same),
+        }
+    }
+
+    /// The values the test names.
+    pub fn values(&self) -> &[Value] {
+        match self {
+            StateTest::Equals(v) => std::slice::from_ref(v),
+            StateTest::In(vs) | StateTest::NotIn(vs) => vs,
+        }
+    }
 }
 
 /// When a silence rule fires.
@@ -156,7 +206,17 @@ impl Kind {
             Kind::Deviation { .. } => "deviation",
             Kind::Silence { .. } => "silence",
             Kind::Presence { .. } => "presence",
+            Kind::State(_) => "state",
+            Kind::Flapping { .. } => "flapping",
         }
+    }
+
+    /// True if the rule judges numbers only (states pass it by).
+    pub fn numeric(&self) -> bool {
+        matches!(
+            self,
+            Kind::Threshold(_) | Kind::Rate { .. } | Kind::Deviation { .. }
+        )
     }
 
     /// True if the rule keeps one state per device rather than per metric.
@@ -219,20 +279,19 @@ pub enum State {
     #[default]
     Normal,
     /// The condition holds; waiting for `for` (or a cooldown, or a grace period) to pass.
+    /// The latest value judged is [`RuleState::value`].
     Pending {
         /// When the condition started to hold.
         since: Millis,
-        /// The latest value judged while pending.
-        value: f64,
-        /// The bound it crosses.
-        threshold: f64,
+        /// The bound it crosses (none for a state rule).
+        threshold: Option<f64>,
     },
     /// The alert is raised.
     Raised {
         /// When the condition started to hold; names the episode.
         since: Millis,
-        /// The bound that was crossed.
-        threshold: f64,
+        /// The bound that was crossed (none for a state rule).
+        threshold: Option<f64>,
     },
 }
 
@@ -254,6 +313,13 @@ pub enum Memory {
         n: u32,
         /// Time of the last reading.
         last: Millis,
+    },
+    /// Changes of value, for flapping.
+    Flapping {
+        /// The last value seen.
+        last: Option<Value>,
+        /// When the value changed, oldest first, within the window.
+        changes: VecDeque<Millis>,
     },
     /// Reporting rhythm.
     Silence {
@@ -279,15 +345,15 @@ pub struct RuleState {
     pub notified_at: Millis,
     /// Renotifications of the current episode so far.
     pub repeats: u32,
-    /// The latest value judged (what a renotification reports).
-    pub value: f64,
+    /// The latest value judged (what a raise and a renotification report).
+    pub value: Value,
 }
 
 /// What a rule is told.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Input {
+pub enum Input<'a> {
     /// A new reading of the stream.
-    Reading(f64),
+    Reading(&'a Value),
     /// Time passed without a reading; lets deadlines (`for`, silence, grace, cooldown,
     /// renotify) fire.
     Tick,
@@ -306,7 +372,7 @@ pub enum AlertState {
 }
 
 /// A change of alert state, to be published.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Transition {
     /// Raised or cleared.
     pub state: AlertState,
@@ -315,9 +381,9 @@ pub struct Transition {
     /// When this transition happened.
     pub at: Millis,
     /// The value that caused it.
-    pub value: f64,
-    /// The bound that was crossed.
-    pub threshold: f64,
+    pub value: Value,
+    /// The bound that was crossed (none for a state rule).
+    pub threshold: Option<f64>,
     /// 0 for the raise itself; 1, 2, ... for renotifications of the same episode.
     pub repeat: u32,
 }
@@ -342,7 +408,11 @@ impl Rule {
                 interval: 0.0,
                 samples: 0,
             },
-            Kind::Threshold(_) | Kind::Presence { .. } => Memory::None,
+            Kind::Flapping { .. } => Memory::Flapping {
+                last: None,
+                changes: VecDeque::new(),
+            },
+            Kind::Threshold(_) | Kind::Presence { .. } | Kind::State(_) => Memory::None,
         };
         RuleState {
             memory,
@@ -359,11 +429,19 @@ impl Rule {
     }
 
     /// One step of the rule; returns the transition to publish, if any.
-    pub fn step(&self, s: &mut RuleState, input: Input, now: Millis) -> Option<Transition> {
+    pub fn step(&self, s: &mut RuleState, input: Input<'_>, now: Millis) -> Option<Transition> {
         match (&self.kind, input) {
-            (_, Input::Reading(v)) if v.is_nan() => None,
             (_, Input::Tick) => self.tick(s, now),
-            (Kind::Threshold(th), Input::Reading(v)) => self.judge(th, s, Some(v), now),
+            // The numeric kinds pass over what they cannot judge: NaN and states.
+            (kind, Input::Reading(v))
+                if kind.numeric() && v.as_number().is_none_or(f64::is_nan) =>
+            {
+                None
+            }
+            (Kind::Threshold(th), Input::Reading(v)) => {
+                let n = v.as_number()?;
+                self.judge(s, Verdict::of(th, n), v.clone(), now)
+            }
             (
                 Kind::Rate {
                     threshold,
@@ -372,8 +450,14 @@ impl Rule {
                 },
                 Input::Reading(v),
             ) => {
-                let rate = rate_of_change(&mut s.memory, v, now, ms(*window), *per_seconds);
-                self.judge(threshold, s, rate, now)
+                let rate = rate_of_change(
+                    &mut s.memory,
+                    v.as_number()?,
+                    now,
+                    ms(*window),
+                    *per_seconds,
+                )?;
+                self.judge(s, Verdict::of(threshold, rate), Value::Number(rate), now)
             }
             (
                 Kind::Deviation {
@@ -383,8 +467,26 @@ impl Rule {
                 },
                 Input::Reading(v),
             ) => {
-                let z = deviation(&mut s.memory, v, now, ms(*window), *min_samples);
-                self.judge(threshold, s, z, now)
+                let z = deviation(
+                    &mut s.memory,
+                    v.as_number()?,
+                    now,
+                    ms(*window),
+                    *min_samples,
+                )?;
+                self.judge(s, Verdict::of(threshold, z), Value::Number(z), now)
+            }
+            (Kind::State(test), Input::Reading(v)) => {
+                let holds = test.holds(v);
+                let verdict = Verdict {
+                    fires: holds.then_some(None),
+                    clears: !holds,
+                };
+                self.judge(s, verdict, v.clone(), now)
+            }
+            (Kind::Flapping { changes, window }, Input::Reading(v)) => {
+                let n = count_changes(&mut s.memory, Some(v), now, ms(*window));
+                self.judge(s, flapping(*changes, n), Value::Number(n as f64), now)
             }
             (Kind::Silence { .. }, Input::Reading(_)) => {
                 if let Memory::Silence {
@@ -405,7 +507,7 @@ impl Rule {
                 match s.core {
                     State::Raised { since, threshold } => {
                         let silent = now.saturating_sub(since) as f64 / 1000.0;
-                        Some(clear(s, self, since, now, silent, threshold))
+                        Some(clear(s, self, since, now, Value::Number(silent), threshold))
                     }
                     _ => None,
                 }
@@ -414,9 +516,9 @@ impl Rule {
                 if s.core == State::Normal {
                     s.core = State::Pending {
                         since: now,
-                        value: 0.0,
-                        threshold: grace.as_secs_f64(),
+                        threshold: Some(grace.as_secs_f64()),
                     };
+                    s.value = Value::Number(0.0);
                     return self.try_raise(s, now);
                 }
                 None
@@ -428,7 +530,14 @@ impl Rule {
                 }
                 State::Raised { since, threshold } => {
                     let offline = now.saturating_sub(since) as f64 / 1000.0;
-                    Some(clear(s, self, since, now, offline, threshold))
+                    Some(clear(
+                        s,
+                        self,
+                        since,
+                        now,
+                        Value::Number(offline),
+                        threshold,
+                    ))
                 }
                 State::Normal => None,
             },
@@ -436,56 +545,41 @@ impl Rule {
         }
     }
 
-    /// The threshold machine on a judged value; `None` (not enough data yet) changes nothing.
+    /// The alert machine on a judged value.
     fn judge(
         &self,
-        th: &Threshold,
         s: &mut RuleState,
-        value: Option<f64>,
+        verdict: Verdict,
+        value: Value,
         now: Millis,
     ) -> Option<Transition> {
-        let v = value.filter(|v| !v.is_nan())?;
-        s.value = v;
+        s.value = value;
         match s.core {
             State::Normal => {
-                let threshold = th.crossed(v)?;
+                let threshold = verdict.fires?;
                 s.core = State::Pending {
                     since: now,
-                    value: v,
                     threshold,
                 };
                 self.try_raise(s, now)
             }
-            State::Pending {
-                since, threshold, ..
-            } => match th.crossed(v) {
+            State::Pending { .. } => match verdict.fires {
                 None => {
                     s.core = State::Normal;
                     None
                 }
-                Some(_) => {
-                    s.core = State::Pending {
-                        since,
-                        value: v,
-                        threshold,
-                    };
-                    self.try_raise(s, now)
-                }
+                Some(_) => self.try_raise(s, now),
             },
-            State::Raised { since, threshold } => th
-                .cleared_by(v)
-                .then(|| clear(s, self, since, now, v, threshold)),
+            State::Raised { since, threshold } => verdict.clears.then(|| {
+                let value = s.value.clone();
+                clear(s, self, since, now, value, threshold)
+            }),
         }
     }
 
     /// Raises a pending alert if it has held long enough and no cooldown is running.
     fn try_raise(&self, s: &mut RuleState, now: Millis) -> Option<Transition> {
-        let State::Pending {
-            since,
-            value,
-            threshold,
-        } = s.core
-        else {
+        let State::Pending { since, threshold } = s.core else {
             return None;
         };
         if now.saturating_sub(since) < self.hold_ms() || now < s.quiet_until {
@@ -498,13 +592,30 @@ impl Rule {
             state: AlertState::Raised,
             since,
             at: now,
-            value,
+            value: s.value.clone(),
             threshold,
             repeat: 0,
         })
     }
 
     fn tick(&self, s: &mut RuleState, now: Millis) -> Option<Transition> {
+        if let Kind::Flapping { changes, window } = self.kind {
+            // Changes leave the window as time passes: that alone may end the condition.
+            let n = count_changes(&mut s.memory, None, now, ms(window));
+            let verdict = flapping(changes, n);
+            match s.core {
+                State::Pending { .. } if verdict.fires.is_none() => {
+                    s.core = State::Normal;
+                    return None;
+                }
+                State::Raised { since, threshold } if verdict.clears => {
+                    let value = Value::Number(n as f64);
+                    s.value = value.clone();
+                    return Some(clear(s, self, since, now, value, threshold));
+                }
+                _ => {}
+            }
+        }
         match s.core {
             State::Pending { .. } => self.try_raise(s, now),
             State::Raised { since, threshold } => {
@@ -516,9 +627,9 @@ impl Rule {
                 s.repeats += 1;
                 let value = match self.kind {
                     Kind::Silence { .. } | Kind::Presence { .. } => {
-                        now.saturating_sub(since) as f64 / 1000.0
+                        Value::Number(now.saturating_sub(since) as f64 / 1000.0)
                     }
-                    _ => s.value,
+                    _ => s.value.clone(),
                 };
                 Some(Transition {
                     state: AlertState::Raised,
@@ -544,7 +655,7 @@ impl Rule {
                 if silent < limit || now < s.quiet_until {
                     return None;
                 }
-                let threshold = limit as f64 / 1000.0;
+                let threshold = Some(limit as f64 / 1000.0);
                 s.core = State::Raised {
                     since: last,
                     threshold,
@@ -555,7 +666,7 @@ impl Rule {
                     state: AlertState::Raised,
                     since: last,
                     at: now,
-                    value: silent as f64 / 1000.0,
+                    value: Value::Number(silent as f64 / 1000.0),
                     threshold,
                     repeat: 0,
                 })
@@ -565,7 +676,7 @@ impl Rule {
 
     /// The next time at which [`Input::Tick`] may change something, if any.
     pub fn deadline(&self, s: &RuleState) -> Option<Millis> {
-        match s.core {
+        let own = match s.core {
             State::Pending { since, .. } => {
                 Some(since.saturating_add(self.hold_ms()).max(s.quiet_until))
             }
@@ -585,8 +696,72 @@ impl Rule {
                         .max(s.quiet_until),
                 )
             }
+        };
+        // A flapping condition ends when its oldest change leaves the window.
+        let expiry = match (&self.kind, &s.memory, s.core) {
+            (_, _, State::Normal) => None,
+            (Kind::Flapping { window, .. }, Memory::Flapping { changes, .. }, _) => changes
+                .front()
+                .map(|t| t.saturating_add(ms(*window)).saturating_add(1)),
+            _ => None,
+        };
+        match (own, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
+}
+
+/// What one judged value says about a rule's condition.
+struct Verdict {
+    /// `Some` if the condition holds, with the bound crossed (none for a state rule).
+    fires: Option<Option<f64>>,
+    /// True if the value ends a raised alert (past any hysteresis band).
+    clears: bool,
+}
+
+impl Verdict {
+    fn of(th: &Threshold, v: f64) -> Verdict {
+        Verdict {
+            fires: th.crossed(v).map(Some),
+            clears: th.cleared_by(v),
+        }
+    }
+}
+
+fn flapping(limit: u32, changes: usize) -> Verdict {
+    let over = changes > limit as usize;
+    Verdict {
+        fires: over.then_some(Some(f64::from(limit))),
+        clears: !over,
+    }
+}
+
+/// Records a reading (if any) in a flapping rule's memory and returns the changes within
+/// `window` before `now`. A value different from the last one is a change; the first value
+/// is not.
+fn count_changes(memory: &mut Memory, value: Option<&Value>, now: Millis, window: Millis) -> usize {
+    let Memory::Flapping { last, changes } = memory else {
+        return 0;
+    };
+    if let Some(v) = value {
+        if last.as_ref().is_some_and(|l| l != v) {
+            changes.push_back(now.max(changes.back().copied().unwrap_or(0)));
+        }
+        if last.as_ref() != Some(v) {
+            *last = Some(v.clone());
+        }
+    }
+    while changes
+        .front()
+        .is_some_and(|&t| now.saturating_sub(t) > window)
+    {
+        changes.pop_front();
+    }
+    while changes.len() > MAX_RATE_POINTS {
+        changes.pop_front();
+    }
+    changes.len()
 }
 
 fn clear(
@@ -594,8 +769,8 @@ fn clear(
     rule: &Rule,
     since: Millis,
     now: Millis,
-    value: f64,
-    threshold: f64,
+    value: Value,
+    threshold: Option<f64>,
 ) -> Transition {
     s.core = State::Normal;
     s.quiet_until = rule.cooldown.map_or(0, |c| now.saturating_add(ms(c)));
@@ -731,7 +906,11 @@ mod tests {
     }
 
     /// Name, inputs at times, expected transitions at times.
-    type Case<'a> = (&'a str, &'a [(Millis, Input)], &'a [(AlertState, Millis)]);
+    type Case<'a> = (
+        &'a str,
+        &'a [(Millis, Input<'a>)],
+        &'a [(AlertState, Millis)],
+    );
 
     fn check(rule: &Rule, cases: &[Case]) {
         for (name, steps, expected) in cases {
@@ -744,7 +923,23 @@ mod tests {
     }
 
     use AlertState::{Cleared, Raised};
-    use Input::{Presence as P, Reading as R, Tick};
+    use Input::{Presence as P, Tick};
+
+    /// A numeric reading (leaked: test inputs live for the whole test).
+    #[allow(non_snake_case)]
+    fn R(v: f64) -> Input<'static> {
+        Input::Reading(Box::leak(Box::new(Value::Number(v))))
+    }
+
+    /// A state reading: `true`/`false` or a word, read as a payload would be.
+    #[allow(non_snake_case)]
+    fn S(text: &str) -> Input<'static> {
+        Input::Reading(Box::leak(Box::new(Value::parse(text).unwrap())))
+    }
+
+    fn val(text: &str) -> Value {
+        Value::parse(text).unwrap()
+    }
 
     #[test]
     fn threshold_edges() {
@@ -903,6 +1098,257 @@ mod tests {
         );
     }
 
+    fn state_rule(test: StateTest, hold_ms: u64) -> Rule {
+        rule(Kind::State(test), hold_ms)
+    }
+
+    #[test]
+    fn state_rules_equals_in_and_not_in() {
+        let leak = state_rule(StateTest::Equals(val("true")), 0);
+        check(
+            &leak,
+            &[
+                ("a leak raises at once", &[(0, S("true"))], &[(Raised, 0)]),
+                (
+                    "raised once while wet, cleared once when dry",
+                    &[
+                        (0, S("true")),
+                        (1, S("true")),
+                        (2, S("false")),
+                        (3, S("false")),
+                    ],
+                    &[(Raised, 0), (Cleared, 2)],
+                ),
+                ("dry never raises", &[(0, S("false")), (5, S("false"))], &[]),
+                (
+                    "a number is not the state, and NaN changes nothing",
+                    &[(0, R(1.0)), (1, R(f64::NAN)), (2, S("true"))],
+                    &[(Raised, 2)],
+                ),
+                (
+                    "a text state is not the boolean",
+                    &[(0, S("wet")), (1, S("on"))],
+                    &[],
+                ),
+            ],
+        );
+        let door = state_rule(StateTest::Equals(val("open")), 600_000);
+        check(
+            &door,
+            &[
+                (
+                    "open for ten minutes raises, on a tick",
+                    &[
+                        (0, S("OPEN")),
+                        (599_999, Tick),
+                        (600_000, Tick),
+                        (700_000, S("closed")),
+                    ],
+                    &[(Raised, 600_000), (Cleared, 700_000)],
+                ),
+                (
+                    "closed before the ten minutes: nothing",
+                    &[(0, S("open")), (300_000, S("closed")), (600_000, Tick)],
+                    &[],
+                ),
+                (
+                    "closing and opening again starts `for` over",
+                    &[
+                        (0, S("open")),
+                        (300_000, S("closed")),
+                        (301_000, S("open")),
+                        (600_000, Tick),
+                        (901_000, Tick),
+                    ],
+                    &[(Raised, 901_000)],
+                ),
+            ],
+        );
+        let mode = state_rule(StateTest::In(vec![val("heat"), val("Boost")]), 0);
+        check(
+            &mode,
+            &[(
+                "in: any of the values, text without regard to case",
+                &[
+                    (0, S("off")),
+                    (1, S("boost")),
+                    (2, S("HEAT")),
+                    (3, S("off")),
+                ],
+                &[(Raised, 1), (Cleared, 3)],
+            )],
+        );
+        let normal = state_rule(StateTest::NotIn(vec![val("ok"), val("idle")]), 0);
+        check(
+            &normal,
+            &[(
+                "not_in: anything else raises",
+                &[
+                    (0, S("ok")),
+                    (1, S("fault")),
+                    (2, S("error")),
+                    (3, S("idle")),
+                ],
+                &[(Raised, 1), (Cleared, 3)],
+            )],
+        );
+    }
+
+    #[test]
+    fn state_alerts_carry_the_state_and_no_threshold() {
+        let r = state_rule(StateTest::Equals(val("open")), 0);
+        let mut s = r.new_state();
+        let t = r.step(&mut s, S("Open"), 5).unwrap();
+        assert_eq!((t.value, t.threshold), (val("open"), None));
+        let c = r.step(&mut s, S("closed"), 9).unwrap();
+        assert_eq!((c.state, c.since, c.value), (Cleared, 5, val("closed")));
+    }
+
+    #[test]
+    fn state_rules_renotify_and_cool_down() {
+        let mut r = state_rule(StateTest::Equals(val("true")), 0);
+        r.renotify = Some(Duration::from_secs(60));
+        r.cooldown = Some(Duration::from_secs(30));
+        let got = run(
+            &r,
+            &[
+                (0, S("true")),
+                (59_000, Tick),
+                (60_000, Tick),
+                (120_000, Tick),
+                (130_000, S("false")),
+                (140_000, S("true")),
+                (160_000, Tick),
+                (170_000, Tick),
+            ],
+        );
+        assert_eq!(
+            got,
+            [
+                (Raised, 0, 0),
+                (Raised, 60_000, 1),
+                (Raised, 120_000, 2),
+                (Cleared, 130_000, 0),
+                (Raised, 160_000, 0),
+            ],
+            "renotify counts up; after the clear the cooldown holds the next raise back to 160 s"
+        );
+    }
+
+    #[test]
+    fn flapping_counts_changes_within_the_window() {
+        let r = rule(
+            Kind::Flapping {
+                changes: 3,
+                window: Duration::from_secs(60),
+            },
+            0,
+        );
+        check(
+            &r,
+            &[
+                (
+                    "three changes are not more than three",
+                    &[
+                        (0, S("on")),
+                        (1_000, S("off")),
+                        (2_000, S("on")),
+                        (3_000, S("off")),
+                    ],
+                    &[],
+                ),
+                (
+                    "the fourth change within a minute raises",
+                    &[
+                        (0, S("on")),
+                        (1_000, S("off")),
+                        (2_000, S("on")),
+                        (3_000, S("off")),
+                        (4_000, S("on")),
+                    ],
+                    &[(Raised, 4_000)],
+                ),
+                (
+                    "the same value again is no change",
+                    &[
+                        (0, S("on")),
+                        (1_000, S("on")),
+                        (2_000, S("off")),
+                        (3_000, S("off")),
+                        (4_000, S("on")),
+                        (5_000, S("on")),
+                    ],
+                    &[],
+                ),
+                (
+                    "changes spread over more than the window do not raise",
+                    &[
+                        (0, S("on")),
+                        (30_000, S("off")),
+                        (60_000, S("on")),
+                        (90_000, S("off")),
+                        (120_000, S("on")),
+                    ],
+                    &[],
+                ),
+                (
+                    "it clears when changes leave the window, on a tick",
+                    &[
+                        (0, S("on")),
+                        (1_000, S("off")),
+                        (2_000, S("on")),
+                        (3_000, S("off")),
+                        (4_000, S("on")),
+                        (61_000, Tick),
+                        (61_001, Tick),
+                    ],
+                    &[(Raised, 4_000), (Cleared, 61_001)],
+                ),
+            ],
+        );
+        let mut s = r.new_state();
+        let mut last = None;
+        for (i, v) in ["on", "off", "on", "off", "on"].iter().enumerate() {
+            last = r.step(&mut s, S(v), i as Millis * 1_000).or(last);
+        }
+        let t = last.unwrap();
+        assert_eq!((t.value, t.threshold), (Value::Number(4.0), Some(3.0)));
+        assert_eq!(r.deadline(&s), Some(61_001), "when the first change leaves");
+    }
+
+    #[test]
+    fn numeric_rules_pass_states_by_and_silence_counts_them() {
+        let hot = threshold(90.0, None, 0);
+        check(
+            &hot,
+            &[(
+                "a state neither raises nor clears a threshold rule",
+                &[(0, S("open")), (1, R(95.0)), (2, S("closed")), (3, R(80.0))],
+                &[(Raised, 1), (Cleared, 3)],
+            )],
+        );
+        let quiet = rule(
+            Kind::Silence {
+                after: SilenceAfter::Fixed(Duration::from_secs(60)),
+                scope: Scope::Metric,
+            },
+            0,
+        );
+        check(
+            &quiet,
+            &[(
+                "a state reading is a sign of life",
+                &[
+                    (0, S("closed")),
+                    (50_000, S("closed")),
+                    (100_000, Tick),
+                    (111_000, Tick),
+                ],
+                &[(Raised, 111_000)],
+            )],
+        );
+    }
+
     #[test]
     fn raised_transition_names_the_episode() {
         let r = threshold(90.0, Some(85.0), 10_000);
@@ -911,12 +1357,12 @@ mod tests {
         let t = r.step(&mut s, R(95.2), 11_000).unwrap();
         assert_eq!(
             (t.since, t.at, t.value, t.threshold),
-            (1_000, 11_000, 95.2, 90.0)
+            (1_000, 11_000, Value::Number(95.2), Some(90.0))
         );
         let c = r.step(&mut s, R(70.0), 20_000).unwrap();
         assert_eq!(
             (c.state, c.since, c.at, c.value),
-            (Cleared, 1_000, 20_000, 70.0)
+            (Cleared, 1_000, 20_000, Value::Number(70.0))
         );
     }
 
@@ -1208,7 +1654,7 @@ mod tests {
                 let mut raises = 0;
                 for (v, gap) in values.iter().zip(&gaps) {
                     now += gap;
-                    for input in [Input::Reading(*v), Input::Tick] {
+                    for input in [R(*v), Input::Tick] {
                         if let Some(t) = r.step(&mut s, input, now) {
                             prop_assert_eq!(t.state, AlertState::Raised, "nothing clears inside the band");
                             raises += 1;

@@ -22,6 +22,9 @@ pub struct DeviceCounters {
     pub readings: u64,
     /// Malformed messages and fields.
     pub decode_errors: u64,
+    /// Fields of foreign payloads that are neither numbers nor known states: not read, not
+    /// errors.
+    pub unmapped: u64,
     /// What the device's `seq` says about the way.
     pub loss: LossCounters,
     /// Last message, ms since the epoch.
@@ -36,6 +39,7 @@ impl DeviceCounters {
             messages: d(self.messages, earlier.messages),
             readings: d(self.readings, earlier.readings),
             decode_errors: d(self.decode_errors, earlier.decode_errors),
+            unmapped: d(self.unmapped, earlier.unmapped),
             loss: LossCounters {
                 lost: d(self.loss.lost, earlier.loss.lost),
                 duplicated: d(self.loss.duplicated, earlier.loss.duplicated),
@@ -84,6 +88,8 @@ pub struct Stats {
     pub readings: AtomicU64,
     /// Malformed messages and fields, all devices.
     pub decode_errors: AtomicU64,
+    /// Fields of foreign payloads not read (neither numbers nor known states), by source.
+    pub unmapped_by_source: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Duplicate messages dropped (from `seq`), all devices.
     pub duplicates: AtomicU64,
     /// Messages missing from devices' `seq` when a gap was seen, all devices.

@@ -27,10 +27,11 @@ use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, warn};
 
-use crate::aggregate::Rollup;
+use crate::aggregate::{Closed, StateRollup};
 use crate::alert::{AlertDoc, now_millis};
 use crate::rules::{AlertState, Millis};
 use crate::stats::{DeviceCounters, Stats};
+use crate::value::Value;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "watchpost.db";
@@ -123,6 +124,56 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (rule, device, metric)
     ) WITHOUT ROWID;
     ",
+    // States: a value column holds a number or a state (text `true`, `open`: see `value`),
+    // state alerts have no threshold, and state streams have rollups of their own.
+    "
+    ALTER TABLE alert_history RENAME TO alert_history_v3;
+    CREATE TABLE alert_history (
+        seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+        id        TEXT NOT NULL,
+        rule      TEXT NOT NULL,
+        device    TEXT NOT NULL,
+        metric    TEXT NOT NULL,
+        severity  TEXT NOT NULL,
+        state     TEXT NOT NULL,
+        value     NOT NULL,
+        threshold REAL,
+        since     TEXT NOT NULL,
+        at        TEXT NOT NULL,
+        recorded_ms INTEGER NOT NULL
+    );
+    INSERT INTO alert_history SELECT * FROM alert_history_v3;
+    DROP TABLE alert_history_v3;
+    CREATE INDEX alert_history_at ON alert_history (recorded_ms);
+    ALTER TABLE alert_state RENAME TO alert_state_v3;
+    CREATE TABLE alert_state (
+        rule       TEXT NOT NULL,
+        device     TEXT NOT NULL,
+        metric     TEXT NOT NULL,
+        raised     INTEGER NOT NULL,
+        since_ms   INTEGER NOT NULL,
+        threshold  REAL,
+        topic      TEXT NOT NULL,
+        doc        TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (rule, device, metric)
+    ) WITHOUT ROWID;
+    INSERT INTO alert_state SELECT * FROM alert_state_v3;
+    DROP TABLE alert_state_v3;
+    CREATE TABLE state_rollups (
+        device   TEXT NOT NULL,
+        metric   TEXT NOT NULL,
+        start_ms INTEGER NOT NULL,
+        len_ms   INTEGER NOT NULL,
+        count    INTEGER NOT NULL,
+        changes  INTEGER NOT NULL,
+        last     NOT NULL,
+        time_in  TEXT NOT NULL,
+        PRIMARY KEY (device, metric, start_ms)
+    ) WITHOUT ROWID;
+    CREATE INDEX state_rollups_start ON state_rollups (start_ms);
+    ALTER TABLE devices ADD COLUMN unmapped INTEGER NOT NULL DEFAULT 0;
+    ",
 ];
 
 /// Errors of the store layer.
@@ -195,7 +246,7 @@ pub struct RollupRow {
     /// Metric name.
     pub metric: String,
     /// The figures.
-    pub rollup: Rollup,
+    pub rollup: Closed,
 }
 
 /// One raw reading.
@@ -208,7 +259,7 @@ pub struct RawRow {
     /// Receive time.
     pub at: Millis,
     /// Value.
-    pub value: f64,
+    pub value: Value,
     /// The message's `seq`, if any.
     pub seq: Option<u64>,
 }
@@ -244,8 +295,8 @@ pub struct SavedAlert {
     pub raised: bool,
     /// Start of the episode.
     pub since: Millis,
-    /// The bound that was crossed.
-    pub threshold: f64,
+    /// The bound that was crossed (none for a state rule).
+    pub threshold: Option<f64>,
     /// Local topic of the alert.
     pub topic: String,
     /// The last document, to publish retained again.
@@ -698,6 +749,11 @@ impl Writer {
                  (SELECT device, metric, start_ms FROM rollups ORDER BY start_ms LIMIT ?1)",
                 [EVICT_CHUNK],
             )?;
+            let n = n + self.conn.execute(
+                "DELETE FROM state_rollups WHERE (device, metric, start_ms) IN
+                 (SELECT device, metric, start_ms FROM state_rollups ORDER BY start_ms LIMIT ?1)",
+                [EVICT_CHUNK],
+            )?;
             if n == 0 {
                 break;
             }
@@ -820,7 +876,13 @@ fn write(tx: &rusqlite::Transaction<'_>, w: &Command) -> rusqlite::Result<Effect
                    last  = excluded.last",
             )?;
             for r in rows {
-                let x = &r.rollup;
+                let x = match &r.rollup {
+                    Closed::Numbers(x) => x,
+                    Closed::States(x) => {
+                        write_state_rollup(tx, &r.device, &r.metric, x)?;
+                        continue;
+                    }
+                };
                 stmt.execute(params![
                     r.device,
                     r.metric,
@@ -850,8 +912,8 @@ fn write(tx: &rusqlite::Transaction<'_>, w: &Command) -> rusqlite::Result<Effect
         }
         Command::Devices(rows) => {
             let mut stmt = tx.prepare_cached(
-                "INSERT INTO devices (device, first_seen_ms, last_seen_ms, messages, readings, decode_errors, lost, duplicated, out_of_order, restarts)
-                 VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                "INSERT INTO devices (device, first_seen_ms, last_seen_ms, messages, readings, decode_errors, lost, duplicated, out_of_order, restarts, unmapped)
+                 VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                  ON CONFLICT (device) DO UPDATE SET
                    last_seen_ms  = MAX(last_seen_ms, excluded.last_seen_ms),
                    messages      = messages + excluded.messages,
@@ -860,7 +922,8 @@ fn write(tx: &rusqlite::Transaction<'_>, w: &Command) -> rusqlite::Result<Effect
                    lost          = lost + excluded.lost,
                    duplicated    = duplicated + excluded.duplicated,
                    out_of_order  = out_of_order + excluded.out_of_order,
-                   restarts      = restarts + excluded.restarts",
+                   restarts      = restarts + excluded.restarts,
+                   unmapped      = unmapped + excluded.unmapped",
             )?;
             for r in rows {
                 let c = &r.add;
@@ -874,7 +937,8 @@ fn write(tx: &rusqlite::Transaction<'_>, w: &Command) -> rusqlite::Result<Effect
                     i(c.loss.lost),
                     i(c.loss.duplicated),
                     i(c.loss.out_of_order),
-                    i(c.loss.restarts)
+                    i(c.loss.restarts),
+                    i(c.unmapped)
                 ])?;
             }
             Ok(Effect::default())
@@ -892,6 +956,51 @@ fn write(tx: &rusqlite::Transaction<'_>, w: &Command) -> rusqlite::Result<Effect
             Ok(Effect::default())
         }
     }
+}
+
+/// Adds a state window to its row, merging with a partial window written before a restart.
+fn write_state_rollup(
+    tx: &rusqlite::Transaction<'_>,
+    device: &str,
+    metric: &str,
+    x: &StateRollup,
+) -> rusqlite::Result<()> {
+    let key = params![device, metric, x.start as i64];
+    let before: Option<(i64, i64, String)> = tx
+        .prepare_cached(
+            "SELECT count, changes, time_in FROM state_rollups WHERE device = ?1 AND metric = ?2 AND start_ms = ?3",
+        )?
+        .query_row(key, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let mut time_in = x.time_in.clone();
+    let (mut count, mut changes) = (x.count as i64, x.changes as i64);
+    if let Some((c, ch, earlier)) = before {
+        count += c;
+        changes += ch;
+        let earlier: Vec<(Value, Millis)> = serde_json::from_str(&earlier).unwrap_or_default();
+        for (v, ms) in earlier {
+            match time_in.iter_mut().find(|(w, _)| *w == v) {
+                Some((_, t)) => *t += ms,
+                None => time_in.push((v, ms)),
+            }
+        }
+    }
+    let time_in = serde_json::to_string(&time_in).expect("values and numbers serialize");
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO state_rollups (device, metric, start_ms, len_ms, count, changes, last, time_in)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        device,
+        metric,
+        x.start as i64,
+        x.len as i64,
+        count,
+        changes,
+        x.last,
+        time_in
+    ])?;
+    Ok(())
 }
 
 fn insert_outbox(
@@ -927,10 +1036,10 @@ pub struct AlertRecord {
     pub rule: String,
     /// Metric name.
     pub metric: String,
-    /// The value that caused it.
-    pub value: f64,
-    /// The bound.
-    pub threshold: f64,
+    /// The value that caused it: a number or a state.
+    pub value: Value,
+    /// The bound (none for a state rule).
+    pub threshold: Option<f64>,
     /// Alert id.
     pub id: String,
 }
@@ -954,13 +1063,30 @@ pub struct RollupRecord {
     pub last: f64,
 }
 
+/// A stored rollup window of a state stream.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StateRollupRecord {
+    /// Window start, RFC 3339.
+    pub start: String,
+    /// Window length in seconds.
+    pub seconds: f64,
+    /// Readings.
+    pub count: u64,
+    /// Changes of state.
+    pub changes: u64,
+    /// The last state.
+    pub last: Value,
+    /// Seconds spent in each state, as `[state, seconds]` pairs.
+    pub time_in: Vec<(Value, f64)>,
+}
+
 /// A stored raw reading.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReadingRecord {
     /// Receive time, RFC 3339.
     pub at: String,
-    /// Value.
-    pub value: f64,
+    /// Value: a number or a state.
+    pub value: Value,
     /// The message's `seq`.
     pub seq: Option<u64>,
 }
@@ -986,6 +1112,8 @@ pub struct DeviceRecord {
     pub out_of_order: u64,
     /// Times the device restarted its count.
     pub restarts: u64,
+    /// Fields of its payloads not read (neither numbers nor known states).
+    pub unmapped: u64,
 }
 
 impl Reader {
@@ -1073,6 +1201,35 @@ impl Reader {
         rows.collect()
     }
 
+    /// State rollups of one stream whose window starts at or after `since`, oldest first.
+    pub fn state_rollups(
+        &self,
+        device: &str,
+        metric: &str,
+        since: Millis,
+    ) -> rusqlite::Result<Vec<StateRollupRecord>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT start_ms, len_ms, count, changes, last, time_in FROM state_rollups
+             WHERE device = ?1 AND metric = ?2 AND start_ms >= ?3 ORDER BY start_ms",
+        )?;
+        let rows = stmt.query_map(params![device, metric, since as i64], |r| {
+            let time_in: Vec<(Value, Millis)> =
+                serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or_default();
+            Ok(StateRollupRecord {
+                start: crate::alert::rfc3339(r.get::<_, i64>(0)? as Millis),
+                seconds: r.get::<_, i64>(1)? as f64 / 1000.0,
+                count: r.get::<_, i64>(2)? as u64,
+                changes: r.get::<_, i64>(3)? as u64,
+                last: r.get(4)?,
+                time_in: time_in
+                    .into_iter()
+                    .map(|(v, ms)| (v, ms as f64 / 1000.0))
+                    .collect(),
+            })
+        })?;
+        rows.collect()
+    }
+
     /// Raw readings of one stream at or after `since`, oldest first.
     pub fn readings(
         &self,
@@ -1111,7 +1268,7 @@ impl Reader {
     /// Every device's lifetime counters, by device id.
     pub fn devices(&self) -> rusqlite::Result<Vec<DeviceRecord>> {
         let mut stmt = self.conn.prepare(
-            "SELECT device, last_seen_ms, messages, readings, decode_errors, lost, duplicated, out_of_order, restarts
+            "SELECT device, last_seen_ms, messages, readings, decode_errors, lost, duplicated, out_of_order, restarts, unmapped
              FROM devices ORDER BY device",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -1126,6 +1283,7 @@ impl Reader {
                 duplicated: n(6)?,
                 out_of_order: n(7)?,
                 restarts: n(8)?,
+                unmapped: n(9)?,
             })
         })?;
         rows.collect()
@@ -1157,6 +1315,7 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::Rollup;
     use crate::rules::Severity;
 
     fn doc(id: &str) -> AlertDoc {
@@ -1167,8 +1326,8 @@ mod tests {
             metric: "m".into(),
             severity: Severity::Critical,
             state: AlertState::Raised,
-            value: 1.0,
-            threshold: 0.5,
+            value: Value::Number(1.0),
+            threshold: Some(0.5),
             since: "s".into(),
             at: "a".into(),
             gateway: "g".into(),
@@ -1246,7 +1405,7 @@ mod tests {
         let rollup = |count, min, max, mean, last| RollupRow {
             device: "d".into(),
             metric: "t".into(),
-            rollup: Rollup {
+            rollup: Closed::Numbers(Rollup {
                 start: 60_000,
                 len: 60_000,
                 count,
@@ -1254,7 +1413,7 @@ mod tests {
                 max,
                 mean,
                 last,
-            },
+            }),
         };
         store.rollups(vec![rollup(2, 10.0, 20.0, 15.0, 20.0)]);
         store.rollups(vec![rollup(2, 5.0, 15.0, 10.0, 5.0)]);
@@ -1312,7 +1471,7 @@ mod tests {
                 device: format!("device-{}", i % 100),
                 metric: "temperature".into(),
                 at: now - 60_000 + i,
-                value: i as f64,
+                value: Value::Number(i as f64),
                 seq: Some(i),
             });
         }
@@ -1372,7 +1531,7 @@ mod tests {
             Command::Rollups(vec![RollupRow {
                 device: "d".into(),
                 metric: "t".into(),
-                rollup: Rollup {
+                rollup: Closed::Numbers(Rollup {
                     start: 0,
                     len: 1,
                     count: 1,
@@ -1380,7 +1539,7 @@ mod tests {
                     max: 1.0,
                     mean: 1.0,
                     last: 1.0,
-                },
+                }),
             }]),
         ];
         w.commit(&mut batch);

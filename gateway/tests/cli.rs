@@ -296,6 +296,78 @@ fn test_rules_passes_on_the_shipped_example_and_shows_a_removed_expectation() {
 }
 
 #[test]
+fn test_rules_compares_states_on_the_zigbee_example() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let config = root.join("config/zigbee2mqtt.toml");
+    let readings = root.join("config/examples/zigbee-readings.csv");
+    let expected = root.join("config/examples/zigbee-expected.jsonl");
+    let run = |expect: &Path| {
+        Command::new(BIN)
+            .arg("test-rules")
+            .arg("--config")
+            .arg(&config)
+            .arg("--readings")
+            .arg(&readings)
+            .arg("--expect")
+            .arg(expect)
+            .output()
+            .unwrap()
+    };
+    let out = run(&expected);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("14 readings from 4 devices: 3 raised, 2 cleared"),
+        "{stdout}"
+    );
+    // The table shows the states themselves.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("basement.leak") && l.contains("water-leak") && l.contains("true")),
+        "{stdout}"
+    );
+
+    // Remove the leak's raise: the run fails and names the alert, with its state.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&expected).unwrap();
+    let fewer = dir.path().join("fewer.jsonl");
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !(l.contains("\"water-leak\"") && l.contains("\"raised\"")))
+        .collect();
+    assert_eq!(kept.len(), 4);
+    std::fs::write(&fewer, kept.join("\n")).unwrap();
+    let out = run(&fewer);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "+ not expected:  2026-11-21T18:06:30.000Z  raised   basement.leak  water-leak  water_leak  value true"
+        ),
+        "{stderr}"
+    );
+
+    // Expect the door open when it was closed: a different state is a difference too.
+    let wrong = dir.path().join("wrong.jsonl");
+    std::fs::write(
+        &wrong,
+        text.replace(r#""value":"closed""#, r#""value":"open""#),
+    )
+    .unwrap();
+    let out = run(&wrong);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("- missing:       2026-11-21T18:13:00.000Z  cleared  hall.door  door-open  door  value \"open\""),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn default_config_prints_the_quickstart() {
     let out = Command::new(BIN).arg("default-config").output().unwrap();
     assert!(out.status.success());

@@ -233,7 +233,7 @@ fn readings(messages: &[Received]) -> Vec<(u64, Option<f64>)> {
                         .values
                         .iter()
                         .find(|(k, _)| k == "temperature")
-                        .map(|(_, v)| *v);
+                        .and_then(|(_, v)| v.as_number());
                     Some((r.seq.expect("the firmware sends seq on every reading"), t))
                 }
                 Ok(_) => None,

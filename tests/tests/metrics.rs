@@ -84,7 +84,7 @@ async fn counters_move_by_what_went_through() {
             .unwrap();
     }
     sensor
-        .publish("sensors/boiler-1/temperature", QoS::AtLeastOnce, "hot")
+        .publish("sensors/boiler-1/temperature", QoS::AtLeastOnce, "NaN")
         .await
         .unwrap();
     sensor

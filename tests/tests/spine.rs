@@ -276,13 +276,13 @@ async fn malformed_input_is_counted_and_does_not_stop_another_devices_alert() {
         .unwrap();
     let oversized = vec![b'1'; 257];
     let bad_device: [(&str, &[u8]); 7] = [
-        ("sensors/bad/temperature", b"warm"),         // not a number
+        ("sensors/bad/temperature", b"[warm]"), // neither a number nor a state
         ("sensors/bad/temperature", b"{\"v\":21.5,"), // bad JSON
-        ("sensors/bad", b"{\"temperature\":}"),       // bad JSON, object form
-        ("sensors/bad/temperature", b"NaN"),          // NaN
-        ("sensors/bad/temperature", b"inf"),          // infinity
-        ("sensors/bad/temperature", &oversized),      // over the size limit
-        ("sensors/bad/temperature", b"\xc3\x28"),     // not UTF-8
+        ("sensors/bad", b"{\"temperature\":}"), // bad JSON, object form
+        ("sensors/bad/temperature", b"NaN"),    // NaN
+        ("sensors/bad/temperature", b"inf"),    // infinity
+        ("sensors/bad/temperature", &oversized), // over the size limit
+        ("sensors/bad/temperature", b"\xc3\x28"), // not UTF-8
     ];
     for (topic, payload) in bad_device {
         bad.publish(topic, QoS::AtLeastOnce, payload.to_vec())

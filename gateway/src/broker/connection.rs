@@ -40,6 +40,7 @@ use super::retained::Retained;
 use super::{Router, client_id_allowed, tls};
 use crate::access::{self, Identity};
 use crate::codec;
+use crate::sources::Source;
 use crate::stats::Stats;
 
 /// Most packets handed to the router in one go; the rest wait for the next round.
@@ -375,7 +376,7 @@ async fn handshake<S: Stream, P: Wire>(
             let sources = shared.gate.sources();
             let allowed = std::str::from_utf8(&will.topic).ok().and_then(|topic| {
                 access::may_publish(&admitted.identity, topic, &sources).ok()?;
-                Some(retain_allowed(topic))
+                Some(retain_allowed(topic, &sources))
             });
             match allowed {
                 Some(retain) => {
@@ -622,14 +623,16 @@ fn truncate(s: &str) -> &str {
     }
 }
 
-/// Retained messages are kept only on device status topics (`sensors/{device}/status`):
-/// anything else retained would let one client fill the broker's memory topic by topic.
-fn retain_allowed(topic: &str) -> bool {
+/// Retained messages are kept only on device status topics (`sensors/{device}/status`, and
+/// the presence topics of sources, such as Tasmota's `tele/{device}/LWT`): anything else
+/// retained would let one client fill the broker's memory topic by topic.
+fn retain_allowed(topic: &str, sources: &[Source]) -> bool {
     let mut levels = topic.split('/');
-    levels.next() == Some(codec::TOPIC_ROOT)
+    (levels.next() == Some(codec::TOPIC_ROOT)
         && levels.next().is_some_and(|d| !d.is_empty())
         && levels.next() == Some(codec::STATUS_METRIC)
-        && levels.next().is_none()
+        && levels.next().is_none())
+        || sources.iter().any(|s| s.is_presence_topic(topic))
 }
 
 /// What the connection knows about its client.
@@ -785,7 +788,7 @@ impl Session {
             let shown = truncate(topic).to_owned();
             return self.refuse_publish(why, &shown, meta, shared, v5);
         }
-        let keep_retain = retain_allowed(topic);
+        let keep_retain = retain_allowed(topic, &shared.gate.sources());
         if !self.reports_as_device && self.is_own_reading(topic) {
             self.reports_as_device = true;
         }
@@ -1665,11 +1668,25 @@ mod tests {
 
     #[test]
     fn retained_messages_only_on_status_topics() {
-        assert!(retain_allowed("sensors/boiler-1/status"));
-        assert!(!retain_allowed("sensors/boiler-1/temperature"));
-        assert!(!retain_allowed("sensors//status"));
-        assert!(!retain_allowed("sensors/a/status/x"));
-        assert!(!retain_allowed("alerts/critical/a/status"));
+        let tasmota = Source::new(
+            "tasmota",
+            "tele/{device}/SENSOR",
+            crate::sources::Payload::Json,
+            None,
+            None,
+        )
+        .unwrap()
+        .with_presence("tele/{device}/LWT", None, None, None)
+        .unwrap();
+        let sources = [tasmota];
+        assert!(retain_allowed("sensors/boiler-1/status", &sources));
+        assert!(!retain_allowed("sensors/boiler-1/temperature", &sources));
+        assert!(!retain_allowed("sensors//status", &sources));
+        assert!(!retain_allowed("sensors/a/status/x", &sources));
+        assert!(!retain_allowed("alerts/critical/a/status", &sources));
+        assert!(retain_allowed("tele/kitchen/LWT", &sources));
+        assert!(!retain_allowed("tele/kitchen/SENSOR", &sources));
+        assert!(!retain_allowed("tele/kitchen/LWT", &[]));
     }
 
     #[test]

@@ -2,15 +2,19 @@
 //! HTTP, broker, uplink (with its summaries), history and source sections are compiled here;
 //! each `[[rule]]` goes to `rules`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::Spanned;
 
 use super::diagnostics::Sink;
-use super::raw::{Raw, RawBroker, RawGateway, RawHistory, RawSource, RawSummaries, RawUplink};
+use super::raw::{
+    Raw, RawBroker, RawField, RawGateway, RawHistory, RawPresence, RawSource, RawSummaries,
+    RawUplink, RawValue,
+};
 use super::rules::compile_rule;
 use super::{
     BrokerConfig, CREDENTIALS_FILE, Config, DEFAULT_DATA_DIR, DEFAULT_HTTP_LISTEN, DEFAULT_LISTEN,
@@ -18,8 +22,9 @@ use super::{
     SummaryConfig, TlsListener, UplinkConfig,
 };
 use crate::codec;
-use crate::rules::Severity;
-use crate::sources::{Payload, Source};
+use crate::rules::{Kind, Rule, Severity};
+use crate::sources::{Field, FieldKind, Payload, Source};
+use crate::value::{Value, ValueMap};
 
 pub(super) fn is_name(s: &str) -> bool {
     !s.is_empty()
@@ -96,6 +101,7 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
 
     let mut names = HashSet::new();
     let mut rules = Vec::with_capacity(raw.rules.len());
+    let mut rule_spans = Vec::with_capacity(raw.rules.len());
     for (span, raw_rule) in &raw.rules {
         let name = &raw_rule.name;
         if !names.insert(name.get_ref().as_str()) {
@@ -119,6 +125,7 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
                 );
             }
             rules.push(rule);
+            rule_spans.push(span.clone());
         }
     }
     if raw.rules.is_empty() {
@@ -142,6 +149,7 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
             sources.push(source);
         }
     }
+    check_rule_kinds(&rules, &rule_spans, &sources, sink);
     Config {
         gateway,
         broker,
@@ -151,6 +159,200 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
         rules,
         sources,
     }
+}
+
+/// What the sources say a metric holds: each declaration's kind, its value map's outputs, and
+/// the source that says so.
+fn declarations<'a>(
+    sources: &'a [Source],
+    metric: &str,
+) -> Vec<(FieldKind, Option<&'a ValueMap>, &'a str)> {
+    let mut out = Vec::new();
+    for s in sources {
+        let map = |m: &'a ValueMap| (!m.is_empty()).then_some(m);
+        match s.payload {
+            Payload::Json => {
+                for f in s.fields.iter().flat_map(|f| f.values()) {
+                    if f.metric == metric {
+                        out.push((f.kind, map(&f.values), s.name.as_str()));
+                    }
+                }
+            }
+            payload if s.metric.as_deref() == Some(metric) && !s.has_metric_level() => {
+                let kind = match payload {
+                    Payload::Number => FieldKind::Number,
+                    Payload::State => FieldKind::State,
+                    _ => FieldKind::Any,
+                };
+                out.push((kind, map(&s.values), s.name.as_str()));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Rejects a state rule on a metric the sources map only as numbers, and a numeric rule on
+/// one they map only as states; warns about a state rule that no value map can satisfy.
+fn check_rule_kinds(
+    rules: &[Rule],
+    spans: &[Range<usize>],
+    sources: &[Source],
+    sink: &mut Sink<'_>,
+) {
+    for (rule, span) in rules.iter().zip(spans) {
+        let Some(metric) = rule
+            .filter
+            .as_str()
+            .split('/')
+            .nth(2)
+            .filter(|m| !m.contains(['+', '#']))
+        else {
+            continue;
+        };
+        let declared = declarations(sources, metric);
+        if declared.is_empty() {
+            continue;
+        }
+        let names = |kind: FieldKind| {
+            declared
+                .iter()
+                .filter(|(k, _, _)| *k == kind)
+                .map(|(_, _, s)| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let all = |kind: FieldKind| declared.iter().all(|(k, _, _)| *k == kind);
+        match &rule.kind {
+            Kind::State(_) if all(FieldKind::Number) => sink.error(
+                span.clone(),
+                format!(
+                    "rule {:?} compares states, but source {} maps {metric:?} as a number",
+                    rule.name,
+                    names(FieldKind::Number)
+                ),
+                Some("use a threshold rule (above/below), or map the field as a state".into()),
+            ),
+            kind if kind.numeric() && all(FieldKind::State) => sink.error(
+                span.clone(),
+                format!(
+                    "rule {:?} judges numbers, but source {} maps {metric:?} as a state",
+                    rule.name,
+                    names(FieldKind::State)
+                ),
+                Some("use equals/in/not_in for states".into()),
+            ),
+            Kind::State(test) => {
+                // Only maps fix what a field can be; without one, any word may come.
+                let maps: Vec<&ValueMap> = declared.iter().filter_map(|(_, m, _)| *m).collect();
+                if maps.len() == declared.len()
+                    && !maps.iter().any(|m| m.outputs().any(|v| test.holds(v)))
+                {
+                    let outputs: Vec<String> = maps
+                        .iter()
+                        .flat_map(|m| m.outputs())
+                        .map(|v| serde_json::json!(v).to_string())
+                        .collect();
+                    sink.warn(
+                        span.clone(),
+                        format!(
+                            "rule {:?} can never fire: the value maps of {metric:?} give only {}",
+                            rule.name,
+                            outputs.join(", ")
+                        ),
+                        Some("compare with one of those values".into()),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A value the file wrote, checked as a reading's value would be.
+pub(super) fn value_of(raw: &RawValue) -> Result<Value, String> {
+    match raw {
+        RawValue::Bool(b) => Ok(Value::Bool(*b)),
+        RawValue::Int(n) => Ok(Value::Number(*n as f64)),
+        RawValue::Float(n) => Value::number(*n).map_err(|e| e.to_string()),
+        RawValue::Text(t) => Value::parse(t).map_err(|e| format!("{t:?}: {e}")),
+    }
+}
+
+/// A value map from the file, reporting bad entries at `span`.
+fn value_map(
+    raw: &BTreeMap<String, RawValue>,
+    span: Range<usize>,
+    sink: &mut Sink<'_>,
+) -> ValueMap {
+    let mut pairs = Vec::new();
+    for (key, value) in raw {
+        match value_of(value) {
+            Ok(v) => pairs.push((key.clone(), v)),
+            Err(e) => sink.error(
+                span.clone(),
+                format!("value map entry {key:?}: {e}"),
+                Some("map to a number, true/false, or a short word such as \"open\"".into()),
+            ),
+        }
+    }
+    let map = ValueMap::new(pairs.clone());
+    if map.keys().count() < pairs.len() {
+        sink.error(
+            span,
+            "the value map has two keys that differ only in case",
+            Some("keys are matched without regard to case: keep one".into()),
+        );
+    }
+    map
+}
+
+fn field_kind(kind: Option<&str>, span: Range<usize>, sink: &mut Sink<'_>) -> FieldKind {
+    match kind {
+        None => FieldKind::Any,
+        Some("number") => FieldKind::Number,
+        Some("state") => FieldKind::State,
+        Some(other) => {
+            sink.error(
+                span,
+                format!("unknown kind {other:?}"),
+                Some("kind is \"number\" or \"state\"".into()),
+            );
+            FieldKind::Any
+        }
+    }
+}
+
+/// A value map's outputs decide a field's kind when it does not say: all numbers, or all
+/// states. A declared kind that the map contradicts is an error.
+fn kind_with_map(
+    kind: FieldKind,
+    map: &ValueMap,
+    what: &str,
+    span: Range<usize>,
+    sink: &mut Sink<'_>,
+) -> FieldKind {
+    if map.is_empty() {
+        return kind;
+    }
+    let numbers = map.outputs().all(|v| !v.is_state());
+    let states = map.outputs().all(Value::is_state);
+    match kind {
+        FieldKind::Number if !numbers => sink.error(
+            span,
+            format!("{what} is declared a number, but its value map gives states"),
+            Some("map to numbers, or declare kind = \"state\"".into()),
+        ),
+        FieldKind::State if !states => sink.error(
+            span,
+            format!("{what} is declared a state, but its value map gives numbers"),
+            Some("map to words or true/false, or declare kind = \"number\"".into()),
+        ),
+        FieldKind::Any if numbers => return FieldKind::Number,
+        FieldKind::Any if states => return FieldKind::State,
+        _ => {}
+    }
+    kind
 }
 
 fn compile_source(raw: &RawSource, sink: &mut Sink<'_>) -> Option<Source> {
@@ -165,26 +367,56 @@ fn compile_source(raw: &RawSource, sink: &mut Sink<'_>) -> Option<Source> {
     }
     let payload = match raw.payload.get_ref().as_str() {
         "number" => Some(Payload::Number),
+        "state" => Some(Payload::State),
+        "value" => Some(Payload::Value),
         "json" => Some(Payload::Json),
         other => {
-            sink.error(raw.payload.span(), format!("unknown payload {other:?}"), Some("payload is \"number\" (a plain number) or \"json\" (numeric fields of a JSON object)".into()));
+            sink.error(raw.payload.span(), format!("unknown payload {other:?}"), Some("payload is \"number\" (a plain number), \"state\" (a plain word such as ON or open), \"value\" (either) or \"json\" (fields of a JSON object)".into()));
             None
         }
     };
     let metric_ok = |m: &str| crate::codec::check_metric_name(m).is_ok();
+    let mut fields = None;
     if let Some(map) = &raw.metrics {
-        for (path, metric) in map.get_ref() {
-            if !metric_ok(metric) {
+        let mut out = BTreeMap::new();
+        for (path, field) in map.get_ref() {
+            let field = match field {
+                RawField::Name(metric) => Field {
+                    metric: metric.clone(),
+                    ..Field::default()
+                },
+                RawField::Full(t) => {
+                    let values = t
+                        .values
+                        .as_ref()
+                        .map(|v| value_map(v, map.span(), sink))
+                        .unwrap_or_default();
+                    let kind = field_kind(t.kind.as_deref(), map.span(), sink);
+                    let kind =
+                        kind_with_map(kind, &values, &format!("field {path:?}"), map.span(), sink);
+                    Field {
+                        metric: t.metric.clone(),
+                        kind,
+                        values,
+                    }
+                }
+            };
+            if !metric_ok(&field.metric) {
                 sink.error(
                     map.span(),
-                    format!("{metric:?} (for {path:?}) is not a usable metric name"),
+                    format!(
+                        "{:?} (for {path:?}) is not a usable metric name",
+                        field.metric
+                    ),
                     Some(
                         "metric names cannot be empty, contain '/', '+', '#', or be seq or status"
                             .into(),
                     ),
                 );
             }
+            out.insert(path.clone(), field);
         }
+        fields = Some(out);
     }
     if let Some(m) = raw.metric.as_ref().filter(|m| !metric_ok(m.get_ref())) {
         sink.error(
@@ -193,13 +425,17 @@ fn compile_source(raw: &RawSource, sink: &mut Sink<'_>) -> Option<Source> {
             None,
         );
     }
-    let metrics = raw.metrics.as_ref().map(|m| m.get_ref().clone());
     let metric = raw.metric.as_ref().map(|m| m.get_ref().clone());
-    let source = match Source::new(
+    let values = raw
+        .values
+        .as_ref()
+        .map(|v| value_map(v.get_ref(), v.span(), sink))
+        .unwrap_or_default();
+    let mut source = match Source::new(
         name,
         raw.topic.get_ref(),
         payload.unwrap_or(Payload::Number),
-        metrics,
+        None,
         metric,
     ) {
         Ok(s) => s,
@@ -212,18 +448,101 @@ fn compile_source(raw: &RawSource, sink: &mut Sink<'_>) -> Option<Source> {
             return None;
         }
     };
+    if let Some(fields) = fields {
+        source = source.with_fields(fields);
+    }
+    if let Some(k) = &raw.kind {
+        sink.error(
+            k.span(),
+            "`kind` belongs to a field: metrics = { path = { metric = \"...\", kind = \"state\" } }",
+            Some("for a plain payload, `payload = \"number\"` or `payload = \"state\"` says it".into()),
+        );
+    }
+    if let Some(v) = &raw.values {
+        match payload {
+            Some(Payload::Json) => sink.error(
+                v.span(),
+                "`values` maps a plain payload; a JSON payload maps values per field",
+                Some("metrics = { path = { metric = \"...\", values = { ... } } }".into()),
+            ),
+            Some(Payload::Number) if values.outputs().any(Value::is_state) => sink.error(
+                v.span(),
+                "a number payload's value map gives states",
+                Some("use payload = \"state\" or \"value\"".into()),
+            ),
+            Some(Payload::State) if values.outputs().any(|o| !o.is_state()) => sink.error(
+                v.span(),
+                "a state payload's value map gives numbers",
+                Some("use payload = \"number\" or \"value\"".into()),
+            ),
+            _ => {}
+        }
+        source = source.with_values(values);
+    }
+    if let Some(p) = &raw.presence {
+        let (topic, field, online, offline) = match p.get_ref() {
+            RawPresence::Topic(t) => (t.clone(), None, None, None),
+            RawPresence::Full(t) => (
+                t.topic.clone(),
+                t.field.clone(),
+                t.online.clone(),
+                t.offline.clone(),
+            ),
+        };
+        if let (Some(on), Some(off)) = (&online, &offline) {
+            if let Some(both) = on
+                .iter()
+                .find(|w| off.iter().any(|o| o.eq_ignore_ascii_case(w)))
+            {
+                sink.error(
+                    p.span(),
+                    format!("presence word {both:?} means both online and offline"),
+                    None,
+                );
+            }
+        }
+        match source.clone().with_presence(&topic, field, online, offline) {
+            Ok(s) => source = s,
+            Err(e) => sink.error(
+                p.span(),
+                format!("presence topic {topic:?}: {e}"),
+                Some("e.g. presence = \"tele/{device}/LWT\"".into()),
+            ),
+        }
+    }
+    if let Some(ignore) = &raw.ignore {
+        match source
+            .clone()
+            .with_ignore(ignore.get_ref().iter().map(String::as_str))
+        {
+            Ok(s) => source = s,
+            Err(e) => sink.error(
+                ignore.span(),
+                format!("`ignore`: {e}"),
+                Some(
+                    "e.g. ignore = [\"zigbee2mqtt/bridge/#\", \"zigbee2mqtt/{device*}/set\"]"
+                        .into(),
+                ),
+            ),
+        }
+    }
+    let plain = matches!(
+        payload,
+        Some(Payload::Number | Payload::State | Payload::Value)
+    );
     match (
+        plain,
         payload,
         source.has_metric_level(),
         &raw.metric,
         &raw.metrics,
     ) {
-        (Some(Payload::Number), false, None, _) => sink.error(
+        (true, _, false, None, _) => sink.error(
             raw.topic.span(),
-            "a number payload needs the metric: put {metric} in the topic or set `metric`",
+            "a plain payload needs the metric: put {metric} in the topic or set `metric`",
             None,
         ),
-        (Some(Payload::Json), true, _, _) => sink.error(
+        (_, Some(Payload::Json), true, _, _) => sink.error(
             raw.topic.span(),
             "a JSON payload names its metrics by its fields: remove {metric} from the topic",
             Some(
@@ -231,9 +550,9 @@ fn compile_source(raw: &RawSource, sink: &mut Sink<'_>) -> Option<Source> {
                     .into(),
             ),
         ),
-        (Some(Payload::Number), _, _, Some(m)) => sink.error(
+        (true, _, _, _, Some(m)) => sink.error(
             m.span(),
-            "`metrics` maps JSON fields; a number payload has none",
+            "`metrics` maps JSON fields; a plain payload has none",
             None,
         ),
         _ => {}

@@ -218,6 +218,55 @@ pub(super) struct RawRule {
     pub(super) cooldown: Option<Spanned<String>>,
     pub(super) forward: Option<Spanned<bool>>,
     pub(super) labels: Option<Spanned<BTreeMap<String, String>>>,
+    pub(super) equals: Option<Spanned<RawValue>>,
+    #[serde(rename = "in")]
+    pub(super) in_: Option<Spanned<Vec<RawValue>>>,
+    pub(super) not_in: Option<Spanned<Vec<RawValue>>>,
+    pub(super) changes_above: Option<Spanned<u32>>,
+}
+
+/// A value as the file writes it: a number, a boolean or text.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+/// One entry of a source's `metrics`: the metric's name, or a table that also types it and
+/// maps its values.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawField {
+    Name(String),
+    Full(RawFieldTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFieldTable {
+    pub(super) metric: String,
+    pub(super) kind: Option<String>,
+    pub(super) values: Option<BTreeMap<String, RawValue>>,
+}
+
+/// A source's presence: its topic, or a table with the topic and its words.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawPresence {
+    Topic(String),
+    Full(RawPresenceTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPresenceTable {
+    pub(super) topic: String,
+    pub(super) field: Option<String>,
+    pub(super) online: Option<Vec<String>>,
+    pub(super) offline: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -226,6 +275,10 @@ pub(super) struct RawSource {
     pub(super) name: Spanned<String>,
     pub(super) topic: Spanned<String>,
     pub(super) payload: Spanned<String>,
-    pub(super) metrics: Option<Spanned<BTreeMap<String, String>>>,
+    pub(super) metrics: Option<Spanned<BTreeMap<String, RawField>>>,
     pub(super) metric: Option<Spanned<String>>,
+    pub(super) kind: Option<Spanned<String>>,
+    pub(super) values: Option<Spanned<BTreeMap<String, RawValue>>>,
+    pub(super) presence: Option<Spanned<RawPresence>>,
+    pub(super) ignore: Option<Spanned<Vec<String>>>,
 }

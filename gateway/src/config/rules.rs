@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::compile::value_of;
 use super::compile::{NAME_HELP, is_name};
 use super::diagnostics::Sink;
-use super::raw::RawRule;
-use crate::rules::{Kind, Rule, Scope, Severity, SilenceAfter, Threshold};
+use super::raw::{RawRule, RawValue};
+use crate::rules::{Kind, Rule, Scope, Severity, SilenceAfter, StateTest, Threshold};
 use crate::topic::TopicFilter;
 
 /// Field names of each rule kind, for inference and for mixed-up rules.
@@ -23,6 +24,8 @@ const KIND_FIELDS: &[(&str, &[&str])] = &[
     ("deviation", &["deviation_above", "clear_within"]),
     ("silence", &["silent_for", "silent_factor", "scope"]),
     ("presence", &["offline_for"]),
+    ("state", &["equals", "in", "not_in"]),
+    ("flapping", &["changes_above"]),
 ];
 
 impl RawRule {
@@ -49,6 +52,13 @@ impl RawRule {
             ),
             f("scope", self.scope.as_ref().map(|v| v.span())),
             f("offline_for", self.offline_for.as_ref().map(|v| v.span())),
+            f("equals", self.equals.as_ref().map(|v| v.span())),
+            f("in", self.in_.as_ref().map(|v| v.span())),
+            f("not_in", self.not_in.as_ref().map(|v| v.span())),
+            f(
+                "changes_above",
+                self.changes_above.as_ref().map(|v| v.span()),
+            ),
         ]
         .into_iter()
         .flatten()
@@ -88,7 +98,7 @@ fn rule_kind(span: &Range<usize>, raw: &RawRule, sink: &mut Sink<'_>) -> Option<
                 sink.error(
                     span.clone(),
                     format!("rule {:?} has no condition", raw.name.get_ref()),
-                    Some("add `above`/`below` (threshold), `rate_above`/`rate_below` (rate), `deviation_above` (deviation), `silent_for`/`silent_factor` (silence) or `offline_for` (presence)".into()),
+                    Some("add `above`/`below` (threshold), `rate_above`/`rate_below` (rate), `deviation_above` (deviation), `silent_for`/`silent_factor` (silence), `offline_for` (presence), `equals`/`in`/`not_in` (state) or `changes_above` (flapping)".into()),
                 );
                 return None;
             }
@@ -180,6 +190,75 @@ fn compile_bounds(
 }
 
 const NO_BOUND: Option<Spanned<f64>> = None;
+
+/// `equals`, `in` or `not_in`: exactly one, with values that readings can have.
+fn compile_state_test(
+    span: &Range<usize>,
+    raw: &RawRule,
+    sink: &mut Sink<'_>,
+) -> Option<StateTest> {
+    let given = [
+        raw.equals.as_ref().map(|e| e.span()),
+        raw.in_.as_ref().map(|e| e.span()),
+        raw.not_in.as_ref().map(|e| e.span()),
+    ];
+    if given.iter().flatten().count() > 1 {
+        sink.error(
+            given
+                .iter()
+                .flatten()
+                .nth(1)
+                .cloned()
+                .unwrap_or(span.clone()),
+            "give one of `equals`, `in` and `not_in`",
+            Some("split it into two rules, one per condition".into()),
+        );
+        return None;
+    }
+    let values = |list: &[RawValue], at: Range<usize>, sink: &mut Sink<'_>| {
+        if list.is_empty() {
+            sink.error(
+                at.clone(),
+                "the list of values is empty",
+                Some("e.g. in = [\"heat\", \"boost\"]".into()),
+            );
+        }
+        list.iter()
+            .filter_map(|v| match value_of(v) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    sink.error(
+                        at.clone(),
+                        format!("not a value a reading can have: {e}"),
+                        Some("a number, true/false, or a word of at most 64 bytes".into()),
+                    );
+                    None
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    if let Some(e) = &raw.equals {
+        return match value_of(e.get_ref()) {
+            Ok(v) => Some(StateTest::Equals(v)),
+            Err(err) => {
+                sink.error(e.span(), format!("`equals`: not a value a reading can have: {err}"), Some("a number, true/false, or a word of at most 64 bytes, e.g. equals = true or equals = \"open\"".into()));
+                None
+            }
+        };
+    }
+    if let Some(l) = &raw.in_ {
+        return Some(StateTest::In(values(l.get_ref(), l.span(), sink)));
+    }
+    if let Some(l) = &raw.not_in {
+        return Some(StateTest::NotIn(values(l.get_ref(), l.span(), sink)));
+    }
+    sink.error(
+        span.clone(),
+        "a state rule needs `equals`, `in` or `not_in`",
+        Some("e.g. equals = true (a leak), equals = \"open\" (a door)".into()),
+    );
+    None
+}
 
 pub(super) fn compile_rule(span: Range<usize>, raw: &RawRule, sink: &mut Sink<'_>) -> Option<Rule> {
     let errors_before = sink.errors.len();
@@ -363,6 +442,21 @@ pub(super) fn compile_rule(span: Range<usize>, raw: &RawRule, sink: &mut Sink<'_
         "presence" => Kind::Presence {
             grace: sink.duration(&raw.offline_for, "offline_for", Duration::ZERO),
         },
+        "state" => Kind::State(compile_state_test(&span, raw, sink)?),
+        "flapping" => {
+            let Some(changes) = raw.changes_above.as_ref() else {
+                sink.error(
+                    span.clone(),
+                    "a flapping rule needs `changes_above`",
+                    Some("e.g. changes_above = 5 with window = \"10m\": more than 5 changes within 10 minutes".into()),
+                );
+                return None;
+            };
+            Kind::Flapping {
+                changes: *changes.get_ref(),
+                window: window(sink, Duration::from_secs(600)),
+            }
+        }
         _ => unreachable!("rule_kind returns known kinds"),
     };
     if let Some(h) = raw
@@ -397,14 +491,15 @@ pub(super) fn compile_rule(span: Range<usize>, raw: &RawRule, sink: &mut Sink<'_
             None,
         );
     }
-    if let Some(w) = raw
-        .window
-        .as_ref()
-        .filter(|_| !matches!(kind, Kind::Rate { .. } | Kind::Deviation { .. }))
-    {
+    if let Some(w) = raw.window.as_ref().filter(|_| {
+        !matches!(
+            kind,
+            Kind::Rate { .. } | Kind::Deviation { .. } | Kind::Flapping { .. }
+        )
+    }) {
         sink.error(
             w.span(),
-            "`window` applies to rate and deviation rules",
+            "`window` applies to rate, deviation and flapping rules",
             None,
         );
     }

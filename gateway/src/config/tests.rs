@@ -248,7 +248,7 @@ fn sources_are_checked() {
     let e = errors(&src);
     assert_eq!(e.len(), 3, "{e:#?}");
     assert!(
-        e[0].starts_with("9:9 a number payload needs the metric"),
+        e[0].starts_with("9:9 a plain payload needs the metric"),
         "{e:#?}"
     );
     assert!(e[1].starts_with("13:9 `topic`"), "{e:#?}");

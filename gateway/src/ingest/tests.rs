@@ -1,4 +1,5 @@
 use super::*;
+use crate::aggregate::Closed;
 use crate::rules::{Scope, SilenceAfter, Threshold};
 use crate::sources::Payload;
 use crate::topic::TopicFilter;
@@ -142,7 +143,7 @@ fn episodes_started_in_one_millisecond_get_distinct_ids() {
 fn malformed_input_is_counted_and_harms_no_one() {
     let mut e = engine(0);
     for (topic, payload) in [
-        (&b"sensors/bad/temperature"[..], &b"abc"[..]),
+        (&b"sensors/bad/temperature"[..], &b"[1,2]"[..]),
         (b"sensors/bad/temperature", b"NaN"),
         (b"sensors/bad", b"{\"temperature\":"),
         (b"sensors", b"1"),
@@ -226,7 +227,10 @@ fn rollups_close_with_time_and_finish_flushes_partial_windows() {
     let mut closed: Vec<_> = round
         .rollups
         .iter()
-        .map(|r| (r.device.as_str(), r.rollup.count, r.rollup.mean))
+        .map(|r| match &r.rollup {
+            Closed::Numbers(x) => (r.device.as_str(), x.count, x.mean),
+            other => panic!("{other:?}"),
+        })
         .collect();
     closed.sort_by(|a, b| a.0.cmp(b.0));
     assert_eq!(
@@ -238,7 +242,10 @@ fn rollups_close_with_time_and_finish_flushes_partial_windows() {
     let partial: Vec<_> = last
         .rollups
         .iter()
-        .map(|r| (r.device.as_str(), r.rollup.start, r.rollup.count))
+        .map(|r| match &r.rollup {
+            Closed::Numbers(x) => (r.device.as_str(), x.start, x.count),
+            other => panic!("{other:?}"),
+        })
         .collect();
     assert_eq!(partial, [("d", 60_000, 1)]);
 }
@@ -353,7 +360,7 @@ fn restored_alerts_are_not_raised_again() {
         metric: "temperature".into(),
         raised: true,
         since: 500,
-        threshold: 90.0,
+        threshold: Some(90.0),
         topic: "alerts/critical/a/overheat".into(),
         doc: "{}".into(),
     };
@@ -404,7 +411,8 @@ fn reload_keeps_states_of_kept_rules_and_clears_removed_ones() {
     let (cleared, outcome) = e.replace_rules(vec![frost, overheat(0)], Vec::new(), 10);
     assert_eq!(states(&cleared), [("a", "damp", Cleared)]);
     assert_eq!(
-        cleared[0].doc.value, 90.0,
+        cleared[0].doc.value,
+        Value::Number(90.0),
         "the clear reports the last reading"
     );
     assert_eq!(
@@ -431,8 +439,8 @@ fn forwarding_follows_severity_unless_the_rule_says_otherwise() {
         metric: "m".into(),
         severity,
         state: Raised,
-        value: 1.0,
-        threshold: 0.0,
+        value: Value::Number(1.0),
+        threshold: Some(0.0),
         since: "s".into(),
         at: "a".into(),
         gateway: "g".into(),

@@ -8,6 +8,7 @@ use proptest::prelude::*;
 use serde_json::json;
 use watchpost::replay::{self, Expected, Recorded};
 use watchpost::rules::AlertState;
+use watchpost::value::Value;
 
 use crate::check::{self, LAST_RFC3339_MS};
 use crate::corpus::{cases, files, mutant_of, seeds};
@@ -79,11 +80,16 @@ fn write_time(at: u64, form: TimeForm) -> Option<String> {
     }
 }
 
-fn value() -> impl Strategy<Value = f64> {
+fn value() -> impl Strategy<Value = Value> {
     prop_oneof![
-        -1e4f64..1e4,
-        any::<f64>().prop_filter("finite", |f| f.is_finite()),
-        Just(-0.0),
+        (-1e4f64..1e4).prop_map(Value::Number),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::Number),
+        Just(Value::Number(-0.0)),
+        any::<bool>().prop_map(Value::Bool),
+        // Words as a state is written: the common ones in lower case, others as they are.
+        "(open|closed|on|off|heat|idle|Single Click|a_b-c)".prop_map(|w| Value::parse(&w).unwrap()),
     ]
 }
 
@@ -155,10 +161,9 @@ fn write_readings(
             json!({"time": time, "device": r.device, "metric": r.metric, "value": r.value})
                 .to_string()
         } else {
-            let v = if style % 2 == 0 {
-                format!("{}", r.value)
-            } else {
-                format!("{:e}", r.value)
+            let v = match r.value.as_number() {
+                Some(n) if style % 2 == 1 => format!("{n:e}"),
+                _ => r.value.to_string(),
             };
             let sep = if style % 3 == 0 { " , " } else { "," };
             [time, r.device.clone(), r.metric.clone(), v].join(sep)
@@ -181,7 +186,8 @@ fn bad_line(jsonl: bool) -> impl Strategy<Value = String> {
         "1,a,t,NaN",
         "1,a,t,inf",
         "1,a,t,-infinity",
-        "1,a,t,x",
+        "1,a,t,[x]",
+        "1,a,t,\"quoted\"",
         "-1,a,t,1",
         "1,a,t,1e999",
         "2026-13-01T00:00:00Z,a,t,1",
@@ -191,7 +197,8 @@ fn bad_line(jsonl: bool) -> impl Strategy<Value = String> {
     let jsonl_lines = vec![
         r#"{"time":1,"device":"a","metric":"t"}"#,
         r#"{"time":true,"device":"a","metric":"t","value":1}"#,
-        r#"{"time":1,"device":"a","metric":"t","value":"1"}"#,
+        r#"{"time":1,"device":"a","metric":"t","value":null}"#,
+        r#"{"time":1,"device":"a","metric":"t","value":[1]}"#,
         r#"{"time":1,"device":"","metric":"t","value":1}"#,
         r#"{"time":-5,"device":"a","metric":"t","value":1}"#,
         r#"{"time":1,"device":"a","metric":"t","value":1e999}"#,
@@ -254,6 +261,8 @@ fn expected_alert() -> impl Strategy<Value = Expected> {
             } else {
                 AlertState::Cleared
             },
+            // What the written documents below say.
+            value: Some(Value::Number(1.5)),
         })
 }
 
@@ -274,7 +283,7 @@ proptest! {
             prop_assert_eq!((g.at, &g.device, &g.metric), (r.at, &r.device, &r.metric), "{}", text);
             // Exact: JSON numbers are parsed with serde_json's `float_roundtrip`, CSV values
             // with Rust's parser.
-            prop_assert_eq!(g.value, r.value, "{}", text);
+            prop_assert_eq!(&g.value, &r.value, "{}", text);
         }
         check::readings(&text);
     }
