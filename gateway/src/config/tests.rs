@@ -261,3 +261,176 @@ fn syntax_errors_stop_before_the_rest() {
     assert_eq!(e.len(), 1, "{e:#?}");
     assert!(e[0].starts_with("1:"), "{e:#?}");
 }
+
+#[test]
+fn state_and_flapping_rules_compile_from_their_fields() {
+    let src = format!(
+        "{MINIMAL}[[rule]]\nname = \"leak\"\nmatch = \"sensors/+/water_leak\"\nequals = true\nseverity = \"critical\"\n\
+         [[rule]]\nname = \"mode\"\nmatch = \"sensors/+/mode\"\nin = [\"Heat\", \"boost\", 3]\n\
+         [[rule]]\nname = \"ok\"\nmatch = \"sensors/+/status_code\"\nnot_in = [\"OK\"]\nfor = \"1m\"\n\
+         [[rule]]\nname = \"chatter\"\nmatch = \"sensors/+/door\"\nchanges_above = 5\nwindow = \"2m\"\n"
+    );
+    let c = parse(&src, "t.toml").unwrap().config;
+    use crate::rules::StateTest;
+    use crate::value::Value;
+    let word = |w: &str| Value::parse(w).unwrap();
+    assert_eq!(
+        c.rules[0].kind,
+        Kind::State(StateTest::Equals(Value::Bool(true)))
+    );
+    assert_eq!(
+        c.rules[1].kind,
+        Kind::State(StateTest::In(vec![
+            word("Heat"),
+            word("boost"),
+            Value::Number(3.0)
+        ]))
+    );
+    assert_eq!(
+        c.rules[2].kind,
+        Kind::State(StateTest::NotIn(vec![word("OK")]))
+    );
+    assert_eq!(c.rules[2].hold, Duration::from_secs(60));
+    assert_eq!(
+        c.rules[3].kind,
+        Kind::Flapping {
+            changes: 5,
+            window: Duration::from_secs(120)
+        }
+    );
+}
+
+#[test]
+fn state_rules_are_checked() {
+    let e = errors(&format!(
+        "{MINIMAL}[[rule]]\nname = \"a\"\nmatch = \"sensors/+/door\"\nequals = \"open\"\nin = [\"x\"]\n\
+         [[rule]]\nname = \"b\"\nmatch = \"sensors/+/door\"\nin = []\n\
+         [[rule]]\nname = \"c\"\nmatch = \"sensors/+/door\"\nequals = \"[not a state]\"\n\
+         [[rule]]\nname = \"d\"\nmatch = \"sensors/+/door\"\nequals = \"open\"\nabove = 3.0\n\
+         [[rule]]\nname = \"e\"\nmatch = \"sensors/+/door\"\nkind = \"flapping\"\n\
+         [[rule]]\nname = \"f\"\nmatch = \"sensors/+/door\"\nequals = \"open\"\nwindow = \"1m\"\n"
+    ));
+    let expected = [
+        "give one of `equals`, `in` and `not_in`",
+        "the list of values is empty",
+        "`equals`: not a value a reading can have",
+        "`equals` belongs to state rules, and this is a threshold rule",
+        "a flapping rule needs `changes_above`",
+        "`window` applies to rate, deviation and flapping rules",
+    ];
+    assert_eq!(e.len(), expected.len(), "{e:#?}");
+    for want in expected {
+        assert!(
+            e.iter().any(|got| got.contains(want)),
+            "{want:?} not in {e:#?}"
+        );
+    }
+}
+
+#[test]
+fn sources_read_value_maps_kinds_presence_and_ignore() {
+    let src = format!(
+        "{MINIMAL}[[source]]\nname = \"z2m\"\ntopic = \"zigbee2mqtt/{{device*}}\"\npayload = \"json\"\n\
+         presence = {{ topic = \"zigbee2mqtt/{{device*}}/availability\", online = [\"up\"], offline = [\"down\"] }}\n\
+         ignore = [\"zigbee2mqtt/bridge/#\"]\n\
+         [source.metrics]\n\
+         contact = {{ metric = \"door\", values = {{ true = \"closed\", false = \"open\" }} }}\n\
+         battery = {{ metric = \"battery\", kind = \"number\" }}\n\
+         linkquality = \"lqi\"\n\
+         [[source]]\nname = \"power\"\ntopic = \"stat/{{device}}/POWER\"\npayload = \"state\"\nmetric = \"relay\"\n\
+         values = {{ ON = true, OFF = false }}\n"
+    );
+    let c = parse(&src, "t.toml").unwrap().config;
+    use crate::sources::{FieldKind, Payload};
+    let z2m = &c.sources[0];
+    let fields = z2m.fields.as_ref().unwrap();
+    assert_eq!(fields["contact"].metric, "door");
+    assert_eq!(
+        fields["contact"].kind,
+        FieldKind::State,
+        "its map gives states"
+    );
+    assert_eq!(fields["battery"].kind, FieldKind::Number);
+    assert_eq!(fields["linkquality"].kind, FieldKind::Any);
+    let presence = z2m.presence.as_ref().unwrap();
+    assert_eq!(
+        (presence.online.clone(), presence.offline.clone()),
+        (vec!["up".to_owned()], vec!["down".to_owned()])
+    );
+    assert!(!z2m.matches("zigbee2mqtt/bridge/state"));
+    assert!(z2m.is_presence_topic("zigbee2mqtt/a/b/availability"));
+    assert_eq!(c.sources[1].payload, Payload::State);
+    assert_eq!(
+        c.sources[1].values.get("on"),
+        Some(&crate::value::Value::Bool(true))
+    );
+}
+
+#[test]
+fn rules_must_judge_what_the_sources_say_a_field_holds() {
+    let sources = "[[source]]\nname = \"z2m\"\ntopic = \"z/{device}\"\npayload = \"json\"\n\
+                   [source.metrics]\n\
+                   water_leak = { metric = \"leak\", kind = \"state\" }\n\
+                   temperature = { metric = \"temperature\", kind = \"number\" }\n\
+                   contact = { metric = \"door\", values = { true = \"closed\", false = \"open\" } }\n";
+    let e = errors(&format!(
+        "{MINIMAL}{sources}\
+         [[rule]]\nname = \"hot-leak\"\nmatch = \"sensors/+/leak\"\nabove = 1.0\n\
+         [[rule]]\nname = \"t-open\"\nmatch = \"sensors/+/temperature\"\nequals = \"open\"\n"
+    ));
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert!(
+        e[0].contains(
+            "rule \"hot-leak\" judges numbers, but source \"z2m\" maps \"leak\" as a state"
+        ),
+        "{e:#?}"
+    );
+    assert!(
+        e[1].contains(
+            "rule \"t-open\" compares states, but source \"z2m\" maps \"temperature\" as a number"
+        ),
+        "{e:#?}"
+    );
+    // A state its value map can never give: allowed, with a warning that says why.
+    let ok = parse(
+        &format!(
+            "{MINIMAL}{sources}[[rule]]\nname = \"ajar\"\nmatch = \"sensors/+/door\"\nequals = \"ajar\"\n\
+             [[rule]]\nname = \"open\"\nmatch = \"sensors/+/door\"\nequals = \"OPEN\"\n"
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    let warnings: Vec<_> = ok.warnings.iter().map(|w| w.message.clone()).collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("rule \"ajar\" can never fire: the value maps of \"door\" give only \"open\", \"closed\""),
+        "{warnings:#?}"
+    );
+}
+
+#[test]
+fn source_value_maps_and_kinds_are_checked() {
+    let e = errors(&format!(
+        "{MINIMAL}[[source]]\nname = \"a\"\ntopic = \"a/{{device}}\"\npayload = \"json\"\nvalues = {{ ON = true }}\n\
+         [[source]]\nname = \"b\"\ntopic = \"b/{{device}}\"\npayload = \"number\"\nmetric = \"m\"\nvalues = {{ ON = \"on\" }}\n\
+         [[source]]\nname = \"c\"\ntopic = \"c/{{device}}\"\npayload = \"json\"\n\
+         metrics = {{ x = {{ metric = \"x\", kind = \"number\", values = {{ a = \"b\" }} }}, y = {{ metric = \"y\", kind = \"bool\" }} }}\n\
+         [[source]]\nname = \"d\"\ntopic = \"d/{{device}}\"\npayload = \"state\"\nmetric = \"m\"\npresence = \"d/{{device}}/{{metric}}\"\n\
+         [[source]]\nname = \"e\"\ntopic = \"e/{{device}}\"\npayload = \"json\"\nignore = [\"e/#/x\"]\n"
+    ));
+    let expected = [
+        "`values` maps a plain payload",
+        "a number payload's value map gives states",
+        "field \"x\" is declared a number, but its value map gives states",
+        "unknown kind \"bool\"",
+        "presence topic \"d/{device}/{metric}\"",
+        "`ignore`",
+    ];
+    assert_eq!(e.len(), expected.len(), "{e:#?}");
+    for want in expected {
+        assert!(
+            e.iter().any(|got| got.contains(want)),
+            "{want:?} not in {e:#?}"
+        );
+    }
+}

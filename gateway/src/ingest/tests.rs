@@ -539,3 +539,155 @@ fn a_device_reports_only_so_many_metrics_and_the_rest_are_counted() {
         [("x", "overheat", Raised)]
     );
 }
+
+fn leak_rule() -> Rule {
+    rule(
+        "water-leak",
+        "sensors/+/water_leak",
+        Kind::State(crate::rules::StateTest::Equals(Value::Bool(true))),
+        0,
+    )
+}
+
+#[test]
+fn a_leak_state_raises_at_once_and_its_document_carries_the_state() {
+    let mut e = Engine::new(
+        options(vec![overheat(0), leak_rule()]),
+        Arc::new(Stats::default()),
+        0,
+    );
+    assert!(
+        e.on_message(b"sensors/basement/water_leak", b"false", 1)
+            .is_empty()
+    );
+    let raised = e.on_message(b"sensors/basement/water_leak", b"TRUE", 2);
+    assert_eq!(states(&raised), [("basement", "water-leak", Raised)]);
+    let doc = &raised[0].doc;
+    assert_eq!(
+        (doc.value.clone(), doc.threshold),
+        (Value::Bool(true), None)
+    );
+    let json = String::from_utf8(doc.to_json()).unwrap();
+    assert!(json.contains(r#""value":true,"since""#), "{json}");
+    // The same leak in an object payload, with numbers beside it: each judged by its own rule.
+    let both = e.on_message(
+        b"sensors/boiler",
+        br#"{"water_leak":true,"temperature":95,"seq":1}"#,
+        3,
+    );
+    assert_eq!(
+        states(&both),
+        [
+            ("boiler", "water-leak", Raised),
+            ("boiler", "overheat", Raised)
+        ]
+    );
+    assert_eq!(
+        states(&e.on_message(b"sensors/basement/water_leak", br#"{"v":false}"#, 4)),
+        [("basement", "water-leak", Cleared)]
+    );
+}
+
+#[test]
+fn a_state_stream_rolls_up_changes_and_time_in_each_state() {
+    let mut e = engine(0);
+    for (at, v) in [
+        (0, "closed"),
+        (10_000, "open"),
+        (40_000, "closed"),
+        (50_000, "closed"),
+    ] {
+        e.on_message(b"sensors/hall/door", v.as_bytes(), at);
+    }
+    let round = e.finish(60_000);
+    let rows: Vec<_> = round
+        .rollups
+        .iter()
+        .map(|r| match &r.rollup {
+            Closed::States(x) => (x.count, x.changes, x.last.to_string(), x.time_in.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let v = |w: &str| Value::parse(w).unwrap();
+    assert_eq!(
+        rows,
+        [(
+            4,
+            2,
+            "closed".to_owned(),
+            vec![(v("closed"), 30_000), (v("open"), 30_000)]
+        )]
+    );
+}
+
+#[test]
+fn foreign_presence_feeds_presence_rules_and_unmapped_fields_are_counted() {
+    let tasmota = Source::new("tasmota", "tele/{device}/SENSOR", Payload::Json, None, None)
+        .unwrap()
+        .with_presence("tele/{device}/LWT", None, None, None)
+        .unwrap();
+    let offline = rule(
+        "offline",
+        "sensors/+/status",
+        Kind::Presence {
+            grace: Duration::from_secs(60),
+        },
+        0,
+    );
+    let stats = Arc::new(Stats::default());
+    let options = EngineOptions {
+        sources: vec![tasmota],
+        ..options(vec![offline])
+    };
+    let mut e = Engine::new(options, stats.clone(), 0);
+    assert!(e.handles(b"tele/plug/LWT"));
+    e.on_message(
+        b"tele/plug/SENSOR",
+        br#"{"Time":"2026-11-21T18:05:45","ENERGY":{"Power":12}}"#,
+        1,
+    );
+    assert!(e.on_message(b"tele/plug/LWT", b"Offline", 1_000).is_empty());
+    let raised = e.on_tick(61_000);
+    assert_eq!(states(&raised), [("plug", "offline", Raised)]);
+    assert_eq!(
+        states(&e.on_message(b"tele/plug/LWT", b"Online", 70_000)),
+        [("plug", "offline", Cleared)]
+    );
+    e.housekeeping(71_000);
+    let counters = stats.devices();
+    assert_eq!(counters["plug"].unmapped, 1, "Time is counted, not read");
+    assert_eq!(counters["plug"].decode_errors, 0);
+    assert_eq!(
+        stats.unmapped_by_source.lock().unwrap().get("tasmota"),
+        Some(&1)
+    );
+}
+
+#[test]
+fn a_chattering_contact_raises_flapping_and_clears_as_changes_age() {
+    let chatter = rule(
+        "chatter",
+        "sensors/+/door",
+        Kind::Flapping {
+            changes: 3,
+            window: Duration::from_secs(60),
+        },
+        0,
+    );
+    let mut e = Engine::new(options(vec![chatter]), Arc::new(Stats::default()), 0);
+    let mut raised = Vec::new();
+    for (i, v) in ["open", "closed", "open", "closed", "open"]
+        .iter()
+        .enumerate()
+    {
+        raised.extend(e.on_message(b"sensors/hall/door", v.as_bytes(), i as u64 * 1_000));
+    }
+    assert_eq!(states(&raised), [("hall", "chatter", Raised)]);
+    assert_eq!(raised[0].doc.value, Value::Number(4.0));
+    assert_eq!(
+        e.next_deadline(),
+        Some(61_001),
+        "the first change leaves the window"
+    );
+    assert_eq!(states(&e.on_tick(61_001)), [("hall", "chatter", Cleared)]);
+}
