@@ -1,9 +1,11 @@
 //! Retained device status, kept by the broker's front instead of the router.
 //!
 //! The only retained messages a client may leave are on its status topic
-//! (`sensors/{device}/status`, `online` or `offline`). rumqttd's router keeps each retained
-//! message as a full publish record of about 1 KiB; with ten thousand devices that was about
-//! 8 MB of the gateway's 58 MiB. Here a status costs its topic and payload in one small
+//! (`sensors/{device}/status`, `online` or `offline`), or on the presence topic a configured
+//! source names for foreign devices (Tasmota's `tele/{device}/LWT`, Zigbee2MQTT's
+//! `zigbee2mqtt/{device*}/availability`), one topic per device as well. rumqttd's router keeps
+//! each retained message as a full publish record of about 1 KiB; with ten thousand devices
+//! that was about 8 MB of the gateway's 58 MiB. Here a status costs its topic and payload in one small
 //! allocation and a map entry: about 150 bytes.
 //!
 //! A retained status is sent to a client right after the SUBACK of a subscription that
