@@ -601,6 +601,20 @@ fn compile_broker(raw: &RawBroker, data_dir: &Path, sink: &mut Sink<'_>) -> Brok
         Some(m) => *m.get_ref(),
         None => codec::Limits::default().max_payload_bytes,
     };
+    let packet_limit = match &raw.max_packet_bytes {
+        Some(m) if *m.get_ref() < max_payload_bytes || *m.get_ref() > 256 * 1024 * 1024 => {
+            sink.error(
+                m.span(),
+                format!(
+                    "`max_packet_bytes` must be at least `max_payload_bytes` ({max_payload_bytes}) and at most 268435456"
+                ),
+                None,
+            );
+            None
+        }
+        Some(m) => Some(*m.get_ref()),
+        None => None,
+    };
     let connect_timeout = sink.duration(
         &raw.connect_timeout,
         "connect_timeout",
@@ -680,6 +694,7 @@ fn compile_broker(raw: &RawBroker, data_dir: &Path, sink: &mut Sink<'_>) -> Brok
             max_payload_bytes,
             max_metrics_per_device,
         },
+        packet_limit,
         credentials,
         max_publish_rate,
         tls,

@@ -107,6 +107,8 @@ pub struct BrokerConfig {
     pub connect_timeout: Duration,
     /// Decoder limits for sensor payloads.
     pub limits: codec::Limits,
+    /// `max_packet_bytes`, if set; see [`BrokerConfig::max_packet_bytes`].
+    pub packet_limit: Option<usize>,
     /// The credentials file (devices and operators with hashed secrets).
     pub credentials: PathBuf,
     /// Most publishes per second per device (anonymous: per connection); 0 for no limit.
@@ -147,10 +149,13 @@ impl fmt::Debug for Secret {
 }
 
 impl BrokerConfig {
-    /// Largest MQTT packet a client may send. Well above the payload limit, so that an
-    /// oversized reading reaches the decoder and is counted instead of dropping the connection.
+    /// Largest MQTT packet a client may send: `max_packet_bytes`, by default well above the
+    /// payload limit, so that an oversized reading reaches the decoder and is counted instead
+    /// of dropping the connection. A bridge's own messages can be larger than any reading
+    /// (Zigbee2MQTT's device list is about 3 KB per device), hence the setting.
     pub fn max_packet_bytes(&self) -> usize {
-        (self.limits.max_payload_bytes * 16).max(64 * 1024)
+        self.packet_limit
+            .unwrap_or((self.limits.max_payload_bytes * 16).max(64 * 1024))
     }
 }
 

@@ -143,6 +143,7 @@ pub(super) struct RawBroker {
     pub(super) max_connections: Option<Spanned<usize>>,
     pub(super) connect_timeout: Option<Spanned<String>>,
     pub(super) max_payload_bytes: Option<Spanned<usize>>,
+    pub(super) max_packet_bytes: Option<Spanned<usize>>,
     pub(super) credentials: Option<Spanned<String>>,
     pub(super) max_publish_rate: Option<Spanned<u32>>,
     pub(super) max_metrics_per_device: Option<Spanned<usize>>,

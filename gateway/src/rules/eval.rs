@@ -23,10 +23,7 @@ impl Rule {
                 interval: 0.0,
                 samples: 0,
             },
-            Kind::Flapping { .. } => Memory::Flapping {
-                last: None,
-                changes: VecDeque::new(),
-            },
+            Kind::Flapping { .. } => Memory::Flapping(Box::default()),
             Kind::Threshold(_) | Kind::Presence { .. } | Kind::State(_) => Memory::None,
         };
         RuleState {
@@ -315,7 +312,8 @@ impl Rule {
         // A flapping condition ends when its oldest change leaves the window.
         let expiry = match (&self.kind, &s.memory, s.core) {
             (_, _, State::Normal) => None,
-            (Kind::Flapping { window, .. }, Memory::Flapping { changes, .. }, _) => changes
+            (Kind::Flapping { window, .. }, Memory::Flapping(changes), _) => changes
+                .at
                 .front()
                 .map(|t| t.saturating_add(ms(*window)).saturating_add(1)),
             _ => None,
@@ -356,9 +354,10 @@ fn flapping(limit: u32, changes: usize) -> Verdict {
 /// `window` before `now`. A value different from the last one is a change; the first value
 /// is not.
 fn count_changes(memory: &mut Memory, value: Option<&Value>, now: Millis, window: Millis) -> usize {
-    let Memory::Flapping { last, changes } = memory else {
+    let Memory::Flapping(c) = memory else {
         return 0;
     };
+    let Changes { last, at: changes } = &mut **c;
     if let Some(v) = value {
         if last.as_ref().is_some_and(|l| l != v) {
             changes.push_back(now.max(changes.back().copied().unwrap_or(0)));

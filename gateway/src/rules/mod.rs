@@ -317,13 +317,9 @@ pub enum Memory {
         /// Time of the last reading.
         last: Millis,
     },
-    /// Changes of value, for flapping.
-    Flapping {
-        /// The last value seen.
-        last: Option<Value>,
-        /// When the value changed, oldest first, within the window.
-        changes: VecDeque<Millis>,
-    },
+    /// Changes of value, for flapping; boxed, so that every other rule's memory stays as
+    /// small as it was (each stream of each device keeps one per rule).
+    Flapping(Box<Changes>),
     /// Reporting rhythm.
     Silence {
         /// Time of the last reading.
@@ -333,6 +329,15 @@ pub enum Memory {
         /// Intervals seen.
         samples: u32,
     },
+}
+
+/// What a flapping rule remembers.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Changes {
+    /// The last value seen.
+    pub last: Option<Value>,
+    /// When the value changed, oldest first, within the window.
+    pub at: VecDeque<Millis>,
 }
 
 /// The whole state of one rule for one stream (or device).
