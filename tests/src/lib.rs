@@ -492,6 +492,21 @@ pub fn gateway_config_with(
     }
 }
 
+/// A configuration shipped in `config/` (e.g. `"tasmota.toml"`), loaded as the binary would,
+/// with its listeners moved to `127.0.0.1:0` and its data to `data_dir`.
+pub fn shipped_config(file: &str, data_dir: &Path) -> Config {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../config")
+        .join(file);
+    let mut config = config::load(&path)
+        .unwrap_or_else(|e| panic!("{file}: {e}"))
+        .config;
+    config.broker.listen = "127.0.0.1:0".parse().expect("an address");
+    config.http.listen = Some("127.0.0.1:0".parse().expect("an address"));
+    config.gateway.data_dir = data_dir.to_owned();
+    config
+}
+
 /// The rule most tests use: critical above 90, clears below 85, no `for`.
 pub const OVERHEAT: &str = "[[rule]]\nname = \"overheat\"\nmatch = \"sensors/+/temperature\"\nabove = 90.0\nclear_below = 85.0\nseverity = \"critical\"\n";
 

@@ -2,29 +2,13 @@
 //! ESPHome's and Shelly's own formats, published by a real MQTT client, become readings and
 //! raise alerts without a line of code per product.
 
-use std::path::Path;
 use std::time::Duration;
 
 use rumqttc::QoS;
-use watchpost::config::{self, Config};
 use watchpost::stats::Stats;
-use watchpost_e2e::{Collector, Publisher, wait_until};
+use watchpost_e2e::{Collector, Publisher, shipped_config, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// A shipped configuration, on a free port and a temporary data directory.
-fn shipped(file: &str, data: &Path) -> Config {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../config")
-        .join(file);
-    let mut config = config::load(&path)
-        .unwrap_or_else(|e| panic!("{file}: {e}"))
-        .config;
-    config.broker.listen = "127.0.0.1:0".parse().unwrap();
-    config.http.listen = Some("127.0.0.1:0".parse().unwrap());
-    config.gateway.data_dir = data.to_owned();
-    config
-}
 
 /// Publishes each (topic, payload) and returns the (device, rule, state) of the alerts that
 /// follow, once `n` have arrived.
@@ -34,7 +18,9 @@ async fn alerts_for(
     n: usize,
 ) -> (Vec<(String, String, String)>, watchpost::Gateway) {
     let data = tempfile::tempdir().unwrap();
-    let gateway = watchpost::start(shipped(file, data.path())).await.unwrap();
+    let gateway = watchpost::start(shipped_config(file, data.path()))
+        .await
+        .unwrap();
     let local = Collector::subscribe(gateway.mqtt_addr(), "alerts/#")
         .await
         .unwrap();
