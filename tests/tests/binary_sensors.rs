@@ -543,10 +543,6 @@ fn bridge_device(i: usize) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "design question: the broker closes a connection whose packet exceeds \
-            max(16 x max_payload_bytes, 64 KiB); Zigbee2MQTT's retained bridge/devices list \
-            outgrows 64 KiB at about 22 devices, so with the shipped zigbee2mqtt.toml the bridge \
-            is cut off (and its QoS 0 readings lost) at start and whenever a device joins"]
 async fn zigbee2mqtt_a_network_sized_bridge_device_list_does_not_cut_the_bridge_off() {
     let site = Site::start("zigbee2mqtt.toml", |_| {}).await;
     // Thirty leak sensors: about 88 KB, a modest Zigbee network.

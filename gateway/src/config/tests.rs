@@ -434,3 +434,31 @@ fn source_value_maps_and_kinds_are_checked() {
         );
     }
 }
+
+#[test]
+fn the_packet_limit_defaults_above_the_payload_limit_and_may_be_raised() {
+    let c = parse(MINIMAL, "t.toml").unwrap().config;
+    assert_eq!(c.broker.max_packet_bytes(), 64 * 1024);
+    let c = parse(
+        &format!("{MINIMAL}[broker]\nmax_payload_bytes = 8192\n"),
+        "t.toml",
+    )
+    .unwrap()
+    .config;
+    assert_eq!(c.broker.max_packet_bytes(), 16 * 8192);
+    let c = parse(
+        &format!("{MINIMAL}[broker]\nmax_packet_bytes = 4194304\n"),
+        "t.toml",
+    )
+    .unwrap()
+    .config;
+    assert_eq!(c.broker.max_packet_bytes(), 4 * 1024 * 1024);
+    let e = errors(&format!(
+        "{MINIMAL}[broker]\nmax_payload_bytes = 8192\nmax_packet_bytes = 100\n"
+    ));
+    assert!(
+        e.len() == 1
+            && e[0].contains("`max_packet_bytes` must be at least `max_payload_bytes` (8192)"),
+        "{e:#?}"
+    );
+}
