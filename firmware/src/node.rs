@@ -240,6 +240,23 @@ pub fn encode<const M: usize>(
     }
 }
 
+/// Writes the topic and payload of one state reading: `sensors/{device}/{metric}` with
+/// `{"v":true,"seq":..}` or `{"v":"open","seq":..}`. Fails, before writing anything, when
+/// the state does not pass [`payload::State::check`]. As with [`encode`], the names are the
+/// caller's to check ([`payload::name_ok`], [`payload::metric_name_ok`]), once.
+pub fn encode_state(
+    device: &str,
+    metric: &str,
+    state: payload::State<'_>,
+    seq: u32,
+    topic: &mut Writer<'_>,
+    body: &mut Writer<'_>,
+) -> Result<(), payload::Error> {
+    state.check()?;
+    payload::metric_topic(topic, device, metric)?;
+    payload::single_state(body, state, seq)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,6 +327,29 @@ mod tests {
                 r#"{"v":23,"seq":1}"#.into()
             )
         );
+    }
+
+    #[test]
+    fn a_state_goes_on_its_metric_topic() {
+        let (mut t, mut p) = ([0u8; mqtt::TOPIC_MAX], [0u8; mqtt::PAYLOAD_MAX]);
+        let (mut tw, mut pw) = (Writer::new(&mut t), Writer::new(&mut p));
+        let state = payload::State::Word("open");
+        encode_state("node-1", "door", state, 12, &mut tw, &mut pw).unwrap();
+        let (tn, pn) = (tw.len(), pw.len());
+        assert_eq!(&t[..tn], b"sensors/node-1/door");
+        assert_eq!(&p[..pn], br#"{"v":"open","seq":12}"#);
+    }
+
+    #[test]
+    fn a_refused_state_writes_neither_topic_nor_payload() {
+        let (mut t, mut p) = ([0u8; mqtt::TOPIC_MAX], [0u8; mqtt::PAYLOAD_MAX]);
+        let (mut tw, mut pw) = (Writer::new(&mut t), Writer::new(&mut p));
+        let state = payload::State::Word("true");
+        assert_eq!(
+            encode_state("node-1", "door", state, 12, &mut tw, &mut pw),
+            Err(payload::Error::StateReadsAsValue)
+        );
+        assert!(tw.is_empty() && pw.is_empty());
     }
 
     #[test]
