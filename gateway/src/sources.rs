@@ -680,6 +680,13 @@ mod tests {
             .collect()
     }
 
+    fn rejections<'a>(r: &'a Readings<'_>) -> Vec<(&'a str, DecodeError)> {
+        r.rejected
+            .iter()
+            .map(|(k, e)| (k.as_ref(), e.clone()))
+            .collect()
+    }
+
     fn n(v: f64) -> Value {
         Value::Number(v)
     }
@@ -913,11 +920,7 @@ mod tests {
             [("door".into(), t("open")), ("water".into(), t("wet"))]
         );
         let r = readings(&s, "zigbee2mqtt/front", br#"{"contact":"ajar","level":2}"#);
-        let errors: Vec<_> = r
-            .rejected
-            .iter()
-            .map(|(k, e)| (k.as_ref(), e.clone()))
-            .collect();
+        let errors = rejections(&r);
         assert_eq!(
             errors,
             [
@@ -961,11 +964,7 @@ mod tests {
             ),
         ]));
         let r = readings(&s, "x/d", br#"{"t":"open","leak":3}"#);
-        let errors: Vec<_> = r
-            .rejected
-            .iter()
-            .map(|(k, e)| (k.as_ref(), e.clone()))
-            .collect();
+        let errors = rejections(&r);
         assert_eq!(
             errors,
             [

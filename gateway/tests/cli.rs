@@ -239,24 +239,27 @@ fn check_reports_every_mistake_with_its_line_and_column() {
     assert!(text.contains("5 error(s)"), "{text}");
 }
 
+/// `watchpost test-rules` of a shipped configuration on a shipped readings file, against
+/// `expect`.
+fn test_rules(config: &str, readings: &str, expect: &Path) -> std::process::Output {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    Command::new(BIN)
+        .arg("test-rules")
+        .arg("--config")
+        .arg(root.join("config").join(config))
+        .arg("--readings")
+        .arg(root.join("config/examples").join(readings))
+        .arg("--expect")
+        .arg(expect)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn test_rules_passes_on_the_shipped_example_and_shows_a_removed_expectation() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let config = root.join("config/watchpost.toml");
-    let readings = root.join("config/examples/boiler-readings.csv");
     let expected = root.join("config/examples/boiler-expected.jsonl");
-    let run = |expect: &Path| {
-        Command::new(BIN)
-            .arg("test-rules")
-            .arg("--config")
-            .arg(&config)
-            .arg("--readings")
-            .arg(&readings)
-            .arg("--expect")
-            .arg(expect)
-            .output()
-            .unwrap()
-    };
+    let run = |expect: &Path| test_rules("watchpost.toml", "boiler-readings.csv", expect);
 
     let out = run(&expected);
     let (stdout, stderr) = (
@@ -298,21 +301,8 @@ fn test_rules_passes_on_the_shipped_example_and_shows_a_removed_expectation() {
 #[test]
 fn test_rules_compares_states_on_the_zigbee_example() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let config = root.join("config/zigbee2mqtt.toml");
-    let readings = root.join("config/examples/zigbee-readings.csv");
     let expected = root.join("config/examples/zigbee-expected.jsonl");
-    let run = |expect: &Path| {
-        Command::new(BIN)
-            .arg("test-rules")
-            .arg("--config")
-            .arg(&config)
-            .arg("--readings")
-            .arg(&readings)
-            .arg("--expect")
-            .arg(expect)
-            .output()
-            .unwrap()
-    };
+    let run = |expect: &Path| test_rules("zigbee2mqtt.toml", "zigbee-readings.csv", expect);
     let out = run(&expected);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
