@@ -455,13 +455,18 @@ impl Engine {
                 let decoded = s.decode(topic, payload, limits)?;
                 if let Ok(Message::Readings(r)) = &decoded {
                     if r.unmapped > 0 {
-                        *self
+                        let n = u64::from(r.unmapped);
+                        let mut counts = self
                             .stats
                             .unmapped_by_source
                             .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .entry(s.name.clone())
-                            .or_default() += u64::from(r.unmapped);
+                            .unwrap_or_else(|p| p.into_inner());
+                        match counts.get_mut(&s.name) {
+                            Some(count) => *count += n,
+                            None => {
+                                counts.insert(s.name.clone(), n);
+                            }
+                        }
                     }
                 }
                 Some(decoded)

@@ -217,55 +217,66 @@ impl Pattern {
         out.join("/")
     }
 
-    /// Device (if the pattern has one; `""` otherwise) and metric of a matching topic.
+    /// Device (if the pattern has one; `""` otherwise) and metric of a matching topic. Runs
+    /// for every message on a source's tree, so it walks the topic without allocating, but
+    /// for a device of several levels, whose name it builds.
     fn captures<'a>(&self, topic: &'a str) -> Option<(Cow<'a, str>, Option<&'a str>)> {
-        let parts: Vec<&'a str> = topic.split('/').collect();
-        let (head, tail, device_span) =
-            match self.levels.iter().position(|l| *l == Level::DeviceLevels) {
-                Some(k) => {
-                    let tail = self.levels.len() - k - 1;
-                    if parts.len() < k + 1 + tail {
-                        return None;
-                    }
-                    (k, tail, Some(k..parts.len() - tail))
-                }
-                None if self.levels.last() == Some(&Level::Rest) => {
-                    if parts.len() < self.levels.len() - 1 {
-                        return None;
-                    }
-                    (self.levels.len() - 1, 0, None)
-                }
-                None => {
-                    if parts.len() != self.levels.len() {
-                        return None;
-                    }
-                    (self.levels.len(), 0, None)
-                }
-            };
         let mut device: Cow<'a, str> = Cow::Borrowed("");
         let mut metric = None;
-        let pairs = self.levels[..head].iter().zip(&parts[..head]).chain(
-            self.levels[self.levels.len() - tail..]
-                .iter()
-                .zip(&parts[parts.len() - tail..]),
-        );
-        for (level, part) in pairs {
-            match level {
-                Level::Literal(l) if l != part => return None,
-                Level::Device => device = Cow::Borrowed(part),
-                Level::Metric => metric = Some(*part),
-                _ => {}
+        let mut take = |level: &Level, part: &'a str| match level {
+            Level::Literal(l) => l == part,
+            Level::Device => {
+                device = Cow::Borrowed(part);
+                true
             }
-        }
-        if let Some(span) = device_span {
-            let names = &parts[span];
-            if names.iter().any(|p| p.is_empty()) {
-                return None;
+            Level::Metric => {
+                metric = Some(part);
+                true
             }
-            device = match names {
-                [one] => Cow::Borrowed(one),
-                many => Cow::Owned(many.join(".")),
-            };
+            _ => true,
+        };
+        match self.levels.iter().position(|l| *l == Level::DeviceLevels) {
+            None => {
+                let mut parts = topic.split('/');
+                for level in &self.levels {
+                    if *level == Level::Rest {
+                        return Some((device, metric));
+                    }
+                    if !take(level, parts.next()?) {
+                        return None;
+                    }
+                }
+                if parts.next().is_some() {
+                    return None;
+                }
+            }
+            Some(k) => {
+                // The levels before it from the front, the levels after it from the back;
+                // what is left between them is the device.
+                let mut rest = topic;
+                for level in &self.levels[..k] {
+                    let (part, tail) = rest.split_once('/')?;
+                    if !take(level, part) {
+                        return None;
+                    }
+                    rest = tail;
+                }
+                for level in self.levels[k + 1..].iter().rev() {
+                    let (head, part) = rest.rsplit_once('/')?;
+                    if !take(level, part) {
+                        return None;
+                    }
+                    rest = head;
+                }
+                if rest.split('/').any(str::is_empty) {
+                    return None;
+                }
+                device = if rest.contains('/') {
+                    Cow::Owned(rest.replace('/', "."))
+                } else {
+                    Cow::Borrowed(rest)
+                };
+            }
         }
         Some((device, metric))
     }

@@ -788,11 +788,11 @@ impl Session {
             let shown = truncate(topic).to_owned();
             return self.refuse_publish(why, &shown, meta, shared, v5);
         }
-        let keep_retain = retain_allowed(topic, &shared.gate.sources());
+        // Only a retained publish needs the topic checked (readings rarely are).
+        publish.retain = publish.retain && retain_allowed(topic, &shared.gate.sources());
         if !self.reports_as_device && self.is_own_reading(topic) {
             self.reports_as_device = true;
         }
-        publish.retain &= keep_retain;
         // Topic and payload are slices of this connection's read buffer; the router keeps
         // messages for a while, and must not keep the whole buffer alive with them.
         let (topic, payload) = own(&publish.topic, &publish.payload);
