@@ -21,10 +21,10 @@
 //! `state` (only states) or `value` (either, by [`Value::parse`]). A JSON payload gives one
 //! reading per leaf, named by its path (`AM2301.Temperature`); with a `metrics` map, only the
 //! mapped leaves, under their new names, each optionally typed (number or state) and with a
-//! value map (`ON` → `on`, `0` → `dry`). Without a map a leaf is a reading if it is a number,
-//! a boolean, or text that is one of the common words ([`crate::value::DEFAULT_WORDS`]) or
-//! spells a number; other text (a timestamp, a unit), nulls and lists are not readings and
-//! are counted as unmapped, not as errors. So are leaves named `status` or `seq`: those names
+//! value map (`ON` → `on`, `0` → `dry`); the other leaves are counted as unmapped. Without a
+//! map a leaf is a reading if it is a number, a boolean, or text that is one of the common
+//! words ([`crate::value::DEFAULT_WORDS`]) or spells a number; other text (a timestamp, a
+//! unit), nulls and lists are not readings and are counted as unmapped, not as errors. So are leaves named `status` or `seq`: those names
 //! are reserved on native topics only, and a foreign field of that name is simply not read
 //! unless a `metrics` map renames it. A name that cannot be a metric (empty, holding `/`, `+`
 //! or `#`: [`check_metric_name`]) is rejected with the reason, as the native decoder does.
@@ -499,7 +499,11 @@ impl Source {
                 match &self.fields {
                     Some(fields) => {
                         for (path, leaf) in leaves {
+                            // A field the map does not list is not read, and counted: a
+                            // message of other fields (a button's `action`, a plug's `power`)
+                            // is a sign of life, not malformed.
                             let Some(field) = fields.get(&path) else {
+                                readings.unmapped += 1;
                                 continue;
                             };
                             let name = Cow::Owned(field.metric.clone());
@@ -875,6 +879,10 @@ mod tests {
             br#"{"id":0,"tC":21.5,"tF":70.7}"#,
         );
         assert_eq!(values(&r), [("temperature".into(), n(21.5))]);
+        assert_eq!(r.unmapped, 2, "id and tF: not listed, counted");
+        // A message of unlisted fields only is a sign of life, not malformed.
+        let r = readings(&s, "shellyplusht-1/status/temperature:0", br#"{"id":0}"#);
+        assert!(r.values.is_empty() && r.rejected.is_empty() && r.unmapped == 1);
     }
 
     #[test]

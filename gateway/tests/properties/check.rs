@@ -599,9 +599,13 @@ pub fn sources(topic: &str, payload: &[u8]) {
                                 }
                             }
                         }
+                        // With a map: the listed fields; the others are counted, not read.
                         Some(map) => match map.get(&path) {
                             Some(f) => (f.metric.clone(), model_json(&value)),
-                            None => continue,
+                            None => {
+                                unmapped += 1;
+                                continue;
+                            }
                         },
                     };
                     // A name that cannot be a metric is rejected before its value counts.
