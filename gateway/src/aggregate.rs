@@ -205,8 +205,8 @@ impl StateWindow {
 pub enum StreamWindow {
     /// Numeric readings.
     Numbers(Window),
-    /// States.
-    States(StateWindow),
+    /// States; boxed, so that a numeric stream's window stays as small as it was.
+    States(Box<StateWindow>),
 }
 
 impl StreamWindow {
@@ -214,7 +214,7 @@ impl StreamWindow {
     pub fn new(value: &Value, previous: Option<&Value>, now: Millis, len: Millis) -> Self {
         match value {
             Value::Number(n) => StreamWindow::Numbers(Window::new(*n, now, len)),
-            _ => StreamWindow::States(StateWindow::new(value, previous, now, len)),
+            _ => StreamWindow::States(Box::new(StateWindow::new(value, previous, now, len))),
         }
     }
 
