@@ -253,12 +253,10 @@ impl StepContext<'_> {
         input: Input,
         now: Millis,
     ) {
-        let before = rule.deadline(state);
         let transition = rule.step(state, input, now);
-        self.after_step(rule, rule_idx, state, target, transition, before, now);
+        self.after_step(rule, rule_idx, state, target, transition, now);
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn after_step(
         &mut self,
         rule: &Rule,
@@ -266,7 +264,6 @@ impl StepContext<'_> {
         state: &mut RuleState,
         target: Target<'_>,
         transition: Option<crate::rules::Transition>,
-        before: Option<Millis>,
         now: Millis,
     ) {
         let Target {
@@ -276,9 +273,7 @@ impl StepContext<'_> {
             episodes,
         } = target;
         if let Some(at) = rule.deadline(state) {
-            if before.is_none_or(|b| at < b) {
-                self.push_deadline(at, device, stream, rule_idx);
-            }
+            self.schedule(at, state, device, stream, rule_idx);
         }
         let Some(mut t) = transition else { return };
         if t.state == AlertState::Raised && t.repeat == 0 {
@@ -320,6 +315,22 @@ impl StepContext<'_> {
             doc: AlertDoc::new(self.gateway, rule, device, metric, &t),
             forward: rule.forward,
         });
+    }
+
+    /// Schedules a wake-up at `at` unless one at or before it is already scheduled for this
+    /// state: a wake-up that comes early finds the state's real deadline and schedules that.
+    fn schedule(
+        &mut self,
+        at: Millis,
+        state: &mut RuleState,
+        device: &str,
+        stream: Option<&str>,
+        rule: usize,
+    ) {
+        if state.scheduled == 0 || at < state.scheduled {
+            state.scheduled = at;
+            self.push_deadline(at, device, stream, rule);
+        }
     }
 
     fn push_deadline(&mut self, at: Millis, device: &str, stream: Option<&str>, rule: usize) {
@@ -805,6 +816,10 @@ impl Engine {
                 }
             };
             let Some((_, state)) = slot else { continue };
+            if state.scheduled == d.at {
+                // The wake-up this state was waiting for: spent.
+                state.scheduled = 0;
+            }
             let rule = &options.rules[d.rule];
             let mut ctx = StepContext {
                 gateway: &options.gateway,
@@ -821,10 +836,9 @@ impl Engine {
                         stream: d.metric.as_deref(),
                         episodes,
                     };
-                    // The popped entry is spent: whatever deadline follows needs its own.
-                    ctx.after_step(rule, d.rule, state, target, transition, None, now);
+                    ctx.after_step(rule, d.rule, state, target, transition, now);
                 }
-                Some(later) => ctx.push_deadline(later, &d.device, d.metric.as_deref(), d.rule),
+                Some(later) => ctx.schedule(later, state, &d.device, d.metric.as_deref(), d.rule),
                 None => {}
             }
         }
@@ -1014,9 +1028,11 @@ impl Engine {
 
     fn rebuild_deadlines(&mut self) {
         self.deadlines.clear();
-        for (name, device) in &self.devices {
-            for (i, state) in &device.device_rules {
+        for (name, device) in &mut self.devices {
+            for (i, state) in &mut device.device_rules {
+                state.scheduled = 0;
                 if let Some(at) = self.options.rules[*i].deadline(state) {
+                    state.scheduled = at;
                     self.deadlines.push(Reverse(Deadline {
                         at,
                         device: name.clone(),
@@ -1025,9 +1041,11 @@ impl Engine {
                     }));
                 }
             }
-            for (metric, stream) in &device.streams {
-                for (i, state) in &stream.rules {
+            for (metric, stream) in &mut device.streams {
+                for (i, state) in &mut stream.rules {
+                    state.scheduled = 0;
                     if let Some(at) = self.options.rules[*i].deadline(state) {
+                        state.scheduled = at;
                         self.deadlines.push(Reverse(Deadline {
                             at,
                             device: name.clone(),

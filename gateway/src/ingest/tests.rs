@@ -691,3 +691,29 @@ fn a_chattering_contact_raises_flapping_and_clears_as_changes_age() {
     );
     assert_eq!(states(&e.on_tick(61_001)), [("hall", "chatter", Cleared)]);
 }
+
+#[test]
+fn a_chattering_contact_under_for_schedules_one_wake_up_not_one_per_change() {
+    let door_open = rule(
+        "door-open",
+        "sensors/+/door",
+        Kind::State(crate::rules::StateTest::Equals(
+            Value::parse("open").unwrap(),
+        )),
+        600_000,
+    );
+    let mut e = Engine::new(options(vec![door_open]), Arc::new(Stats::default()), 0);
+    for i in 0..1_000u64 {
+        let v: &[u8] = if i % 2 == 0 { b"open" } else { b"closed" };
+        e.on_message(b"sensors/hall/door", v, i * 100);
+    }
+    assert!(
+        e.deadlines.len() <= 2,
+        "{} wake-ups scheduled for one door",
+        e.deadlines.len()
+    );
+    // An open at 100 s held for ten minutes still raises, on time.
+    e.on_message(b"sensors/hall/door", b"open", 100_000);
+    assert!(e.on_tick(699_999).is_empty());
+    assert_eq!(states(&e.on_tick(700_000)), [("hall", "door-open", Raised)]);
+}

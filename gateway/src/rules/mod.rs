@@ -355,6 +355,10 @@ pub struct RuleState {
     pub repeats: u32,
     /// The latest value judged (what a raise and a renotification report).
     pub value: Value,
+    /// Kept by whoever drives the rule (ingest): the earliest time for which a wake-up is
+    /// already scheduled, 0 for none, so that a state that goes pending again and again (a
+    /// chattering contact under `for`) does not schedule one wake-up per change.
+    pub scheduled: Millis,
 }
 
 /// What a rule is told.
