@@ -42,7 +42,7 @@ pub fn established(port: u16) -> Result<usize> {
 
 /// Runs the fleet against `system` in `dir`.
 pub fn run(bins: &Bins, dir: &Path, system: System, plan: &Plan) -> Result<Value> {
-    let mut sut = Running::start(bins, dir, system)?;
+    let mut sut = Running::start(bins, dir, system, "")?;
     let (addr, pid) = (sut.addr, sut.pid);
     // Connections now: Watchpost's gauge, or the broker's established sockets (its counting
     // subscriber's among them).

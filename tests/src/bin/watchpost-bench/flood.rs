@@ -4,8 +4,11 @@
 //! Every connection stands for `devices` devices; each message is one reading on
 //! `sensors/{device}/{metric}` as `{"v":..,"seq":..}`, with the device's `seq` counting up by
 //! one per message, so that the gateway judges every one (no duplicates, no gaps). Values stay
-//! in the normal range: no alerts. Packets are formatted in the writing thread into batches of
-//! about 64 KiB, without allocating per message.
+//! in the normal range: no alerts. With a share of states, that share of each device's
+//! messages are instead its door's state on `sensors/{device}/door`, `{"v":"open","seq":..}`
+//! and `{"v":"closed","seq":..}` in turn, spread evenly over devices and time. Packets are
+//! formatted in the writing thread into batches of about 64 KiB, without allocating per
+//! message.
 //!
 //! Runs as a process of its own (`watchpost-bench flood ...`): prints `ready` once every
 //! connection is accepted, starts on a line on stdin, and prints a JSON report when done.
@@ -19,12 +22,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use watchpost_firmware::payload::{self, Writer};
+use watchpost_firmware::payload::{self, State, Writer};
 
 use crate::wire::{self, Conn, Incoming};
 
 /// Metric names of the flood's devices.
 pub const METRICS: [&str; 3] = ["temperature", "humidity", "pressure"];
+
+/// The metric of the states, when a share of the readings are states.
+pub const STATE_METRIC: &str = "door";
 
 /// QoS 1 packets in flight per connection.
 pub const WINDOW: u64 = 64;
@@ -44,6 +50,8 @@ pub struct Flood {
     pub seconds: f64,
     /// Devices per connection.
     pub devices: usize,
+    /// Per cent of the readings that are states (0: numbers only).
+    pub states: u8,
     /// Client ids and device ids start with this.
     pub prefix: String,
 }
@@ -118,25 +126,50 @@ fn write_until(w: &mut TcpStream, buf: &[u8], until: Instant) -> Result<usize> {
     Ok(off)
 }
 
-/// The payload of message `k` of a connection with `devices` devices, as the firmware writes
-/// it: a value between 20.0 and 29.9 and the device's `seq`.
-fn payload(out: &mut Vec<u8>, k: u64, devices: u64) -> Result<()> {
-    let milli = 20_000 + (k.wrapping_mul(7) % 100) as i32 * 100;
+/// Whether the `i`-th reading of a sequence is a state when `percent` of them are, and if so
+/// whether it is `open`: every (100 / `percent`)-th reading, on average, `open` and `closed`
+/// in turn.
+fn state_at(i: u64, percent: u8) -> Option<bool> {
+    let p = u64::from(percent);
+    let (before, after) = (i * p / 100, (i + 1) * p / 100);
+    (after > before).then_some(after % 2 == 1)
+}
+
+/// Appends what `write` puts into one of the firmware's payload writers.
+fn put(
+    out: &mut Vec<u8>,
+    write: impl FnOnce(&mut Writer<'_>) -> Result<(), payload::Error>,
+) -> Result<()> {
     let mut buf = [0u8; 48];
     let mut w = Writer::new(&mut buf);
-    payload::single(&mut w, milli, (k / devices) as u32)
-        .map_err(|e| anyhow::anyhow!("formatting reading {k}: {e}"))?;
+    write(&mut w).map_err(|e| anyhow::anyhow!("{e}"))?;
     let n = w.len();
     out.extend_from_slice(&buf[..n]);
     Ok(())
 }
 
+/// The payload of a door's state reading, as the firmware writes it: `{"v":"open","seq":..}`
+/// (or `closed`).
+fn state_payload(out: &mut Vec<u8>, open: bool, seq: u32) -> Result<()> {
+    let word = if open { "open" } else { "closed" };
+    put(out, |w| payload::single_state(w, State::Word(word), seq))
+        .with_context(|| format!("formatting state reading {seq}"))
+}
+
+/// The payload of message `k` of a connection with `devices` devices, as the firmware writes
+/// it: a value between 20.0 and 29.9 and the device's `seq`.
+fn payload(out: &mut Vec<u8>, k: u64, devices: u64) -> Result<()> {
+    let milli = 20_000 + (k.wrapping_mul(7) % 100) as i32 * 100;
+    put(out, |w| payload::single(w, milli, (k / devices) as u32))
+        .with_context(|| format!("formatting reading {k}"))
+}
+
 fn one(mut conn: Conn, index: usize, flood: &Flood, totals: &Totals) -> Result<()> {
     let devices = flood.devices.max(1) as u64;
     // Topics of every device and metric, made once.
-    let topics: Vec<[Vec<u8>; 3]> = (0..devices)
-        .map(|d| METRICS.map(|m| format!("sensors/{}{index}-{d}/{m}", flood.prefix).into_bytes()))
-        .collect();
+    let topic = |d: u64, m: &str| format!("sensors/{}{index}-{d}/{m}", flood.prefix).into_bytes();
+    let topics: Vec<[Vec<u8>; 3]> = (0..devices).map(|d| METRICS.map(|m| topic(d, m))).collect();
+    let doors: Vec<Vec<u8>> = (0..devices).map(|d| topic(d, STATE_METRIC)).collect();
     let per_conn = flood.rate / flood.conns as f64;
     let until = Instant::now() + Duration::from_secs_f64(flood.seconds);
     let start = Instant::now();
@@ -205,9 +238,20 @@ fn one(mut conn: Conn, index: usize, flood: &Flood, totals: &Totals) -> Result<(
             let d = (k % devices) as usize;
             let round = k / devices;
             body.clear();
-            payload(&mut body, k, devices)?;
+            // Device d's state readings are every few rounds, and in one round every few
+            // devices send one.
+            let topic = match state_at(round + d as u64, flood.states) {
+                Some(open) => {
+                    state_payload(&mut body, open, round as u32)?;
+                    &doors[d]
+                }
+                None => {
+                    payload(&mut body, k, devices)?;
+                    &topics[d][(round % 3) as usize]
+                }
+            };
             let pkid = (flood.qos == 1).then(|| (k % 65_535) as u16 + 1);
-            wire::put_publish(&mut batch, &topics[d][(round % 3) as usize], &body, pkid);
+            wire::put_publish(&mut batch, topic, &body, pkid);
             ends.push(batch.len());
             k += 1;
             if batch.len() >= 64 * 1024 {
@@ -255,5 +299,19 @@ mod tests {
         out.clear();
         payload(&mut out, 23, 10).unwrap();
         assert_eq!(out, br#"{"v":26.1,"seq":2}"#);
+    }
+
+    #[test]
+    fn a_share_of_readings_are_states_open_and_closed_in_turn() {
+        let states: Vec<_> = (0..20).filter_map(|i| state_at(i, 20)).collect();
+        assert_eq!(states, [true, false, true, false]);
+        assert_eq!((0..1000).filter_map(|i| state_at(i, 20)).count(), 200);
+        assert_eq!((0..1000).filter_map(|i| state_at(i, 0)).count(), 0);
+        let mut out = Vec::new();
+        state_payload(&mut out, true, 7).unwrap();
+        assert_eq!(out, br#"{"v":"open","seq":7}"#);
+        out.clear();
+        state_payload(&mut out, false, 8).unwrap();
+        assert_eq!(out, br#"{"v":"closed","seq":8}"#);
     }
 }

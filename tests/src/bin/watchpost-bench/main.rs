@@ -6,8 +6,8 @@
 //! ```
 //!
 //! It builds the release gateway and the simulator first (`cargo build --release -p
-//! watchpost`, then `-p watchpost-sim`), runs the workloads ([`plant`], [`saturation`],
-//! [`fleet`]) `--runs` times, writes every raw figure as JSON next to the logs, and renders the
+//! watchpost`, then `-p watchpost-sim`), runs the workloads ([`plant`], [`saturation`], its
+//! mixed variant with a share of states, [`fleet`]) `--runs` times, writes every raw figure as JSON next to the logs, and renders the
 //! tables ([`report`]). `--from-json` renders tables again from a saved run without running
 //! anything. Helper modes (`flood`, `rumqttd`, `count-sub`) are this binary started by itself
 //! as a separate process, so that load and counting never share a process with the harness or
@@ -78,6 +78,8 @@ enum Phase {
     Plant,
     Summary,
     Saturation,
+    /// Saturation of Watchpost with a share of the readings states.
+    Mixed,
     Overload,
     Latency,
     Fleet,
@@ -85,7 +87,7 @@ enum Phase {
 
 #[derive(Debug, Subcommand)]
 enum Helper {
-    /// (helper) Flood a broker: ADDR CONNS QOS RATE SECONDS DEVICES_PER_CONN.
+    /// (helper) Flood a broker: ADDR CONNS QOS RATE SECONDS DEVICES_PER_CONN [--states PERCENT].
     #[command(hide = true)]
     Flood {
         addr: SocketAddr,
@@ -94,6 +96,9 @@ enum Helper {
         rate: f64,
         seconds: f64,
         devices: usize,
+        /// Per cent of the readings that are states.
+        #[arg(long, default_value_t = 0)]
+        states: u8,
     },
     /// (helper) Bare rumqttd on 127.0.0.1:PORT with a counting in-process subscriber.
     #[command(hide = true)]
@@ -118,6 +123,10 @@ pub struct Config {
     pub timing: Timing,
     /// Connection counts of the saturation load.
     pub conns: [usize; 2],
+    /// Per cent of the readings that are states in the mixed saturation load.
+    pub mixed_states: u8,
+    /// Connection counts of the mixed saturation load.
+    pub mixed_conns: Vec<usize>,
     /// Seconds of QoS 1 overload.
     pub overload_s: f64,
     /// Connections of the QoS 1 overload.
@@ -156,6 +165,8 @@ impl Config {
                 drain: Duration::from_secs(60),
             },
             conns: [10, 100],
+            mixed_states: saturation::MIXED_STATES,
+            mixed_conns: vec![10, 100],
             overload_s: 10.0,
             overload_conns: 100,
             half: (Duration::from_secs(5), Duration::from_secs(30)),
@@ -198,6 +209,8 @@ impl Config {
                 window: Duration::from_secs(2),
                 drain: Duration::from_secs(8),
             },
+            // Mixed at 10 connections only: it shows that the step works.
+            mixed_conns: vec![10],
             overload_s: 2.0,
             half: (Duration::from_secs(1), Duration::from_secs(3)),
             fleet_peers: fleet.clone(),
@@ -221,6 +234,8 @@ impl Config {
             "sat_window_s": self.timing.window.as_secs_f64(),
             "drain_s": self.timing.drain.as_secs_f64(),
             "conns": self.conns,
+            "mixed_state_share": f64::from(self.mixed_states) / 100.0,
+            "mixed_conns": self.mixed_conns,
             "overload_s": self.overload_s,
             "overload_conns": self.overload_conns,
             "half_warm_s": self.half.0.as_secs_f64(),
@@ -243,6 +258,7 @@ fn main() -> Result<()> {
             rate,
             seconds,
             devices,
+            states,
         }) => {
             return flood::main(flood::Flood {
                 addr,
@@ -251,6 +267,7 @@ fn main() -> Result<()> {
                 rate,
                 seconds,
                 devices,
+                states,
                 prefix: format!("flood{}-", std::process::id()),
             });
         }
@@ -359,10 +376,30 @@ fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
                         system,
                         conns,
                         config.timing,
+                        0,
                     )?);
                 }
             }
             result["saturation"] = json!(all);
+        }
+        if wanted(Phase::Mixed) {
+            let mut all = Vec::new();
+            for &conns in &config.mixed_conns {
+                let states = config.mixed_states;
+                step(&format!(
+                    "saturation watchpost × {conns}, {states} % states"
+                ));
+                let d = dir.join(format!("saturation-mixed-watchpost-{conns}"));
+                all.push(saturation::saturate(
+                    &bins,
+                    &d,
+                    System::Watchpost,
+                    conns,
+                    config.timing,
+                    states,
+                )?);
+            }
+            result["mixed"] = json!(all);
         }
         if wanted(Phase::Overload) {
             let mut all = Vec::new();

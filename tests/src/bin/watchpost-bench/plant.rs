@@ -2,7 +2,8 @@
 //! second, excursions as rare episodes; the same devices (same seed) at Watchpost and at a
 //! Mosquitto that bridges everything upstream, side by side. Upstream bytes are counted on each
 //! uplink's TCP connection by a proxy; then, with the plant still running, probes measure alert
-//! latency at Watchpost and reading latency through the bridge.
+//! latency at Watchpost and reading latency through the bridge, and after them leak probes the
+//! latency of a state rule's alert at Watchpost.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use crate::fleet;
-use crate::probe::{self, Target, Watch};
+use crate::probe::{self, Kind, Target, Watch};
 use crate::procs::{Bins, Proc, Usage};
 use crate::proxy::Proxy;
 use crate::setup::{self, SITE};
@@ -28,7 +29,8 @@ pub struct Plan {
     pub devices: usize,
     /// The window over which bytes, CPU and memory are measured.
     pub window: Duration,
-    /// Probing after the window, plant still running.
+    /// Probing after the window, plant still running: threshold probes, then as long again
+    /// leak probes.
     pub probe: Duration,
     /// Probe transitions per second.
     pub probe_rate: f64,
@@ -118,7 +120,13 @@ pub fn run(bins: &Bins, dir: &Path, plan: &Plan) -> Result<Value> {
     let wp_proxy = Proxy::start(upstream.addr)?;
     let br_proxy = Proxy::start(upstream.addr)?;
     let mut site = setup::bridge(&dir.join("site"), br_proxy.addr(), 1)?;
-    let mut gw = setup::watchpost(bins, &dir.join("watchpost"), wp_proxy.addr(), None)?;
+    let mut gw = setup::watchpost(
+        bins,
+        &dir.join("watchpost"),
+        wp_proxy.addr(),
+        None,
+        setup::WATER_LEAK,
+    )?;
     anyhow::ensure!(
         wait_for(Duration::from_secs(20), || br_proxy.snapshot().down > 0),
         "the bridge did not connect upstream within 20 s; its log:\n{}",
@@ -188,7 +196,7 @@ pub fn run(bins: &Bins, dir: &Path, plan: &Plan) -> Result<Value> {
 
     // The plant: the same devices at both sites, from the same instant. The first seconds,
     // while 2 × devices connect, are left out of the window.
-    let seconds = (plan.window + plan.probe).as_secs_f64() + 5.0;
+    let seconds = (plan.window + plan.probe * 2).as_secs_f64() + 5.0;
     let m_start = gw.metrics()?;
     // Connections before the devices come: the harness's own subscribers.
     let (gw_base, site_base) = (
@@ -236,7 +244,9 @@ pub fn run(bins: &Bins, dir: &Path, plan: &Plan) -> Result<Value> {
             watches: vec![watches[2].clone(), watches[3].clone()],
         },
     ];
-    let probes = probe::run(&targets, plan.probe_rate, plan.probe)?;
+    let probes = probe::run(&targets, Kind::Threshold, plan.probe_rate, plan.probe)?;
+    // Then leaks, at Watchpost only: at a broker a state is just another reading.
+    let leaks = probe::run(&targets[..1], Kind::Leak, plan.probe_rate, plan.probe)?;
 
     let budget = Duration::from_secs_f64(seconds) + Duration::from_secs(60);
     let report_wp: Value = serde_json::from_str(sim_wp.wait_output(budget)?.trim())
@@ -299,7 +309,7 @@ pub fn run(bins: &Bins, dir: &Path, plan: &Plan) -> Result<Value> {
         // readings ingest judged. Messages are not compared: devices also publish `online`
         // at QoS 0, and their wills `offline` when the simulator exits.
         "accounting": {
-            "readings_sent": report_wp["values"].as_f64().unwrap_or(0.0) + probes as f64,
+            "readings_sent": report_wp["values"].as_f64().unwrap_or(0.0) + (probes + leaks) as f64,
             "all_acked": report_wp["unsent"] == 0 && report_wp["dropped"] == 0,
             "readings_judged": all("watchpost_readings_total"),
             "dropped_counted": m_end.dropped_since(&m_start),
@@ -309,10 +319,12 @@ pub fn run(bins: &Bins, dir: &Path, plan: &Plan) -> Result<Value> {
         "sim_watchpost": report_wp,
         "sim_bridge": report_br,
         "latency": {
-            "watchpost_local": watches[0].summary(),
-            "watchpost_upstream": watches[1].summary(),
-            "mosquitto_local": watches[2].summary(),
-            "bridge_upstream": watches[3].summary(),
+            "watchpost_local": watches[0].summary(Kind::Threshold),
+            "watchpost_upstream": watches[1].summary(Kind::Threshold),
+            "mosquitto_local": watches[2].summary(Kind::Threshold),
+            "bridge_upstream": watches[3].summary(Kind::Threshold),
+            "watchpost_leak_local": watches[0].summary(Kind::Leak),
+            "watchpost_leak_upstream": watches[1].summary(Kind::Leak),
         },
     });
     drop(threads);
@@ -335,7 +347,13 @@ pub fn summary(
     std::fs::create_dir_all(dir)?;
     let upstream = setup::bare_mosquitto(&dir.join("upstream"))?;
     let proxy = Proxy::start(upstream.addr)?;
-    let mut gw = setup::watchpost(bins, &dir.join("watchpost"), proxy.addr(), Some(interval))?;
+    let mut gw = setup::watchpost(
+        bins,
+        &dir.join("watchpost"),
+        proxy.addr(),
+        Some(interval),
+        "",
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Vec::<(usize, usize)>::new()));
     let last = Arc::new(Mutex::new(String::new()));

@@ -1,16 +1,17 @@
-//! Latency probes: devices in the harness that raise and clear the overheat rule at a steady
-//! rate, alongside whatever load runs, and subscribers that note when each transition shows
-//! up. Publish and receipt are timestamped in this process, with the same monotonic clock,
-//! right next to the socket write and read.
+//! Latency probes: devices in the harness that raise and clear an alert at a steady rate,
+//! alongside whatever load runs, and subscribers that note when each transition shows up.
+//! Publish and receipt are timestamped in this process, with the same monotonic clock, right
+//! next to the socket write and read.
 //!
-//! A probe publishes `95.0` (raises overheat) and `20.0` (clears it) in turn on
-//! `sensors/probe-{n}/temperature`. Where it shows up depends on who listens: the gateway's
-//! alert document on `alerts/#` locally and `{prefix}/alerts/#` upstream, or, for a plain
-//! broker and a bridge, the reading itself.
+//! A probe of [`Kind::Threshold`] publishes `95.0` (raises overheat) and `20.0` (clears it) in
+//! turn on `sensors/probe-{n}/temperature`; one of [`Kind::Leak`] publishes `true` and `false`
+//! on `sensors/probe-{n}/water_leak` (the `water-leak` state rule). Where it shows up depends
+//! on who listens: the gateway's alert document on `alerts/#` locally and `{prefix}/alerts/#`
+//! upstream, or, for a plain broker and a bridge, the reading itself.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,44 +23,88 @@ use crate::wire::{self, Conn, Incoming};
 
 /// Probe devices publishing in turn.
 pub const PROBES: usize = 10;
-/// The value that raises overheat, and the one that clears it.
-pub const RAISE: &[u8] = b"95.0";
-/// See [`RAISE`].
-pub const CLEAR: &[u8] = b"20.0";
 
-/// One place a probe's transitions show up, and the latencies seen there.
+/// What a probe's transitions cross: a threshold rule on a number or a state rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `overheat` (above 90, cleared below 85) on `temperature`.
+    Threshold,
+    /// `water-leak` (`equals = true`) on `water_leak`.
+    Leak,
+}
+
+impl Kind {
+    /// The metric a probe of this kind publishes.
+    pub fn metric(self) -> &'static str {
+        match self {
+            Kind::Threshold => "temperature",
+            Kind::Leak => "water_leak",
+        }
+    }
+
+    /// The rule its transitions raise and clear (the alert topic's last level).
+    fn rule(self) -> &'static str {
+        match self {
+            Kind::Threshold => "overheat",
+            Kind::Leak => "water-leak",
+        }
+    }
+
+    /// The payload that raises the rule, and the one that clears it.
+    pub fn payloads(self) -> (&'static [u8], &'static [u8]) {
+        match self {
+            Kind::Threshold => (b"95.0", b"20.0"),
+            Kind::Leak => (b"true", b"false"),
+        }
+    }
+}
+
+/// A transition: its kind, the probe that published it, raised (or cleared).
+pub type Key = (Kind, usize, bool);
+
+/// One place a probe's transitions show up, and the latencies seen there, apart by kind.
 #[derive(Default)]
 pub struct Watch {
-    /// (probe, raised) → when it was published; removed at receipt.
-    pending: Mutex<HashMap<(usize, bool), Instant>>,
-    samples: Mutex<Vec<f64>>,
+    /// Transition → when it was published; removed at receipt.
+    pending: Mutex<HashMap<Key, Instant>>,
+    samples: Mutex<HashMap<Kind, Vec<f64>>>,
     /// Transitions published again before the previous one of the same kind arrived.
-    overtaken: AtomicU64,
+    overtaken: Mutex<HashMap<Kind, u64>>,
 }
 
 impl Watch {
-    fn published(&self, key: (usize, bool), at: Instant) {
+    fn published(&self, key: Key, at: Instant) {
         if self.pending.lock().unwrap().insert(key, at).is_some() {
-            self.overtaken.fetch_add(1, Ordering::Relaxed);
+            *self.overtaken.lock().unwrap().entry(key.0).or_default() += 1;
         }
     }
 
     /// Notes that transition `key` arrived at `at`.
-    pub fn received(&self, key: (usize, bool), at: Instant) {
+    pub fn received(&self, key: Key, at: Instant) {
         if let Some(sent) = self.pending.lock().unwrap().remove(&key) {
             self.samples
                 .lock()
                 .unwrap()
+                .entry(key.0)
+                .or_default()
                 .push((at - sent).as_secs_f64() * 1000.0);
         }
     }
 
-    /// Latencies so far as JSON: how many arrived, how many never did, and p50, p99, p99.9
-    /// and the largest, in ms.
-    pub fn summary(&self) -> Value {
-        let missing =
-            self.pending.lock().unwrap().len() as u64 + self.overtaken.load(Ordering::Relaxed);
-        let s = stats::sorted(self.samples.lock().unwrap().clone());
+    /// Latencies of `kind` so far as JSON: how many arrived, how many never did, and p50,
+    /// p99, p99.9 and the largest, in ms.
+    pub fn summary(&self, kind: Kind) -> Value {
+        let pending = self.pending.lock().unwrap();
+        let missing = pending.keys().filter(|k| k.0 == kind).count() as u64
+            + self
+                .overtaken
+                .lock()
+                .unwrap()
+                .get(&kind)
+                .copied()
+                .unwrap_or(0);
+        let samples = self.samples.lock().unwrap().get(&kind).cloned();
+        let s = stats::sorted(samples.unwrap_or_default());
         json!({
             "n": s.len(),
             "missing": missing,
@@ -75,19 +120,24 @@ impl Watch {
     }
 }
 
-/// The probe and state a message describes, if it is about a probe: an alert document on
-/// `.../alerts/{severity}/probe-{n}/overheat`, or a reading on `sensors/probe-{n}/temperature`.
-pub fn probe_key(topic: &[u8], payload: &[u8]) -> Option<(usize, bool)> {
+/// The transition a message describes, if it is about a probe: an alert document on
+/// `.../alerts/{severity}/probe-{n}/{rule}`, or a reading on `sensors/probe-{n}/{metric}`.
+pub fn probe_key(topic: &[u8], payload: &[u8]) -> Option<Key> {
     let topic = std::str::from_utf8(topic).ok()?;
     let mut levels = topic.rsplit('/');
     let last = levels.next()?;
     let device = levels.next()?;
     let n = device.strip_prefix("probe-")?.parse().ok()?;
-    if last == "temperature" {
-        return Some((n, payload == RAISE));
+    for kind in [Kind::Threshold, Kind::Leak] {
+        if last == kind.metric() {
+            return Some((kind, n, payload == kind.payloads().0));
+        }
+        if last == kind.rule() {
+            let doc: serde_json::Value = serde_json::from_slice(payload).ok()?;
+            return Some((kind, n, doc.get("state")?.as_str()? == "raised"));
+        }
     }
-    let doc: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    Some((n, doc.get("state")?.as_str()? == "raised"))
+    None
 }
 
 /// A subscriber thread: calls `handle(receipt time, topic, payload)` for every message until
@@ -125,10 +175,11 @@ pub fn subscribe(
     }))
 }
 
-/// The probes' own reading topics, to watch them at a broker that also carries other load.
-pub fn reading_topics() -> Vec<String> {
+/// The probes' own reading topics of `kind`, to watch them at a broker that also carries
+/// other load.
+pub fn reading_topics(kind: Kind) -> Vec<String> {
     (0..PROBES)
-        .map(|n| format!("sensors/probe-{n}/temperature"))
+        .map(|n| format!("sensors/probe-{n}/{}", kind.metric()))
         .collect()
 }
 
@@ -155,10 +206,10 @@ pub struct Target {
     pub watches: Vec<Arc<Watch>>,
 }
 
-/// Publishes `rate` transitions per second for `duration`, round robin over [`PROBES`]
-/// devices, to every target (QoS 1, as devices do); then waits up to 5 s for the last ones to
-/// arrive. Returns how many it published to each target.
-pub fn run(targets: &[Target], rate: f64, duration: Duration) -> Result<u64> {
+/// Publishes `rate` transitions of `kind` per second for `duration`, round robin over
+/// [`PROBES`] devices, to every target (QoS 1, as devices do); then waits up to 5 s for the
+/// last ones to arrive. Returns how many it published to each target.
+pub fn run(targets: &[Target], kind: Kind, rate: f64, duration: Duration) -> Result<u64> {
     let mut conns = Vec::new();
     for (t, target) in targets.iter().enumerate() {
         let mut per_target = Vec::new();
@@ -176,7 +227,8 @@ pub fn run(targets: &[Target], rate: f64, duration: Duration) -> Result<u64> {
     let start = Instant::now();
     let mut i: usize = 0;
     let mut packet = Vec::with_capacity(64);
-    let topics = reading_topics();
+    let topics = reading_topics(kind);
+    let (raise, clear) = kind.payloads();
     while start.elapsed() < duration {
         let due = start + period * i as u32;
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -192,12 +244,12 @@ pub fn run(targets: &[Target], rate: f64, duration: Duration) -> Result<u64> {
             wire::put_publish(
                 &mut packet,
                 topic.as_bytes(),
-                if raised { RAISE } else { CLEAR },
+                if raised { raise } else { clear },
                 Some(pkid),
             );
             let at = Instant::now();
             for w in &target.watches {
-                w.published((n, raised), at);
+                w.published((kind, n, raised), at);
             }
             use std::io::Write;
             writers[n].write_all(&packet)?;
@@ -228,20 +280,57 @@ mod tests {
 
     #[test]
     fn probe_keys_come_from_alerts_and_readings() {
-        let doc = br#"{"state":"raised","device":"probe-3"}"#;
-        assert_eq!(
-            probe_key(b"site/alerts/critical/probe-3/overheat", doc),
-            Some((3, true))
-        );
-        let doc = br#"{"state":"cleared"}"#;
-        assert_eq!(
-            probe_key(b"alerts/critical/probe-12/overheat", doc),
-            Some((12, false))
-        );
-        assert_eq!(
-            probe_key(b"sensors/probe-0/temperature", RAISE),
-            Some((0, true))
-        );
-        assert_eq!(probe_key(b"sensors/dev-1/temperature", RAISE), None);
+        use Kind::{Leak, Threshold};
+        let raised = br#"{"state":"raised","device":"probe-3"}"#;
+        let cleared = br#"{"state":"cleared"}"#;
+        for (topic, payload, key) in [
+            (
+                &b"site/alerts/critical/probe-3/overheat"[..],
+                &raised[..],
+                Some((Threshold, 3, true)),
+            ),
+            (
+                b"alerts/critical/probe-12/overheat",
+                cleared,
+                Some((Threshold, 12, false)),
+            ),
+            (
+                b"alerts/critical/probe-4/water-leak",
+                raised,
+                Some((Leak, 4, true)),
+            ),
+            (
+                b"sensors/probe-0/temperature",
+                b"95.0",
+                Some((Threshold, 0, true)),
+            ),
+            (
+                b"sensors/probe-0/water_leak",
+                b"true",
+                Some((Leak, 0, true)),
+            ),
+            (
+                b"sensors/probe-0/water_leak",
+                b"false",
+                Some((Leak, 0, false)),
+            ),
+            (b"sensors/dev-1/temperature", b"95.0", None),
+            (b"alerts/warning/probe-1/door-open", raised, None),
+        ] {
+            assert_eq!(probe_key(topic, payload), key, "{topic:?}");
+        }
+    }
+
+    #[test]
+    fn latencies_are_kept_apart_by_kind() {
+        let watch = Watch::default();
+        let at = Instant::now();
+        watch.published((Kind::Threshold, 0, true), at);
+        watch.published((Kind::Leak, 0, true), at);
+        watch.received((Kind::Leak, 0, true), at + Duration::from_millis(2));
+        assert_eq!(watch.summary(Kind::Leak)["n"], 1);
+        assert_eq!(watch.summary(Kind::Leak)["missing"], 0);
+        assert_eq!(watch.summary(Kind::Threshold)["n"], 0);
+        assert_eq!(watch.summary(Kind::Threshold)["missing"], 1);
     }
 }

@@ -325,14 +325,28 @@ fn body(r: &Value) -> String {
         "–".into(),
     ]);
     t.row([
-        "alert latency device → upstream subscriber, p99 ≤ 5 ms on plant".into(),
+        "threshold alert latency device → upstream subscriber, p99 ≤ 5 ms on plant".into(),
         latency.plant_upstream.p99.show(),
         latency.plant_upstream.p99.verdict(|v| v <= 5.0),
     ]);
     t.row([
-        "alert latency device → local `alerts/#` subscriber, p99 ≤ 2 ms on plant".into(),
+        "threshold alert latency device → local `alerts/#` subscriber, p99 ≤ 2 ms on plant".into(),
         latency.plant_local.p99.show(),
         latency.plant_local.p99.verdict(|v| v <= 2.0),
+    ]);
+    t.row([
+        "leak alert (state rule) latency device → upstream subscriber, within a threshold \
+         alert's: p99 ≤ 5 ms on plant"
+            .into(),
+        latency.plant_leak_upstream.p99.show(),
+        latency.plant_leak_upstream.p99.verdict(|v| v <= 5.0),
+    ]);
+    t.row([
+        "leak alert (state rule) latency device → local `alerts/#` subscriber, within a \
+         threshold alert's: p99 ≤ 2 ms on plant"
+            .into(),
+        latency.plant_leak_local.p99.show(),
+        latency.plant_leak_local.p99.verdict(|v| v <= 2.0),
     ]);
     for (i, conns) in saturation.conns.iter().enumerate() {
         let s = &saturation.by_conns[i];
@@ -350,6 +364,15 @@ fn body(r: &Value) -> String {
             format!("… and ≥ 80 % of bare rumqttd ({conns} connections)"),
             s.vs_rumqttd.show(),
             s.vs_rumqttd.verdict(|v| v >= 0.8),
+        ]);
+        t.row([
+            format!(
+                "sustained ingest with {} of the readings states ({conns} connections, QoS 0; \
+                 reported, no target)",
+                saturation.share
+            ),
+            s.mixed.show(),
+            "–".into(),
         ]);
     }
     t.row([
@@ -667,6 +690,8 @@ struct LatencyRow {
 struct Latency {
     plant_upstream: Percentiles,
     plant_local: Percentiles,
+    plant_leak_upstream: Percentiles,
+    plant_leak_local: Percentiles,
     rows: Vec<LatencyRow>,
     runs: Vec<Value>,
 }
@@ -699,16 +724,28 @@ impl Latency {
         };
         let rows = vec![
             row(
-                "Watchpost: alert, device → upstream subscriber",
+                "Watchpost: threshold alert, device → upstream subscriber",
                 "plant",
                 plant("watchpost_upstream"),
                 Some(("≤ 5 ms", 5.0)),
             ),
             row(
-                "Watchpost: alert, device → local `alerts/#` subscriber",
+                "Watchpost: leak alert (state rule), device → upstream subscriber",
+                "plant",
+                plant("watchpost_leak_upstream"),
+                Some(("≤ 5 ms, as a threshold alert", 5.0)),
+            ),
+            row(
+                "Watchpost: threshold alert, device → local `alerts/#` subscriber",
                 "plant",
                 plant("watchpost_local"),
                 Some(("≤ 2 ms", 2.0)),
+            ),
+            row(
+                "Watchpost: leak alert (state rule), device → local `alerts/#` subscriber",
+                "plant",
+                plant("watchpost_leak_local"),
+                Some(("≤ 2 ms, as a threshold alert", 2.0)),
             ),
             row(
                 "Mosquitto bridge: the reading, device → upstream subscriber",
@@ -723,15 +760,27 @@ impl Latency {
                 None,
             ),
             half_row(
-                "Watchpost: alert, device → upstream subscriber",
+                "Watchpost: threshold alert, device → upstream subscriber",
                 "watchpost",
                 half("watchpost", "latency_upstream"),
                 Some(("(p99 ≤ 5 ms on plant)", 5.0)),
             ),
             half_row(
-                "Watchpost: alert, device → local `alerts/#` subscriber",
+                "Watchpost: leak alert (state rule), device → upstream subscriber",
+                "watchpost",
+                half("watchpost", "latency_leak_upstream"),
+                Some(("(p99 ≤ 5 ms on plant)", 5.0)),
+            ),
+            half_row(
+                "Watchpost: threshold alert, device → local `alerts/#` subscriber",
                 "watchpost",
                 half("watchpost", "latency_local"),
+                Some(("(p99 ≤ 2 ms on plant)", 2.0)),
+            ),
+            half_row(
+                "Watchpost: leak alert (state rule), device → local `alerts/#` subscriber",
+                "watchpost",
+                half("watchpost", "latency_leak_local"),
                 Some(("(p99 ≤ 2 ms on plant)", 2.0)),
             ),
             half_row(
@@ -750,6 +799,8 @@ impl Latency {
         Latency {
             plant_upstream,
             plant_local,
+            plant_leak_upstream: plant("watchpost_leak_upstream"),
+            plant_leak_local: plant("watchpost_leak_local"),
             rows,
             runs: runs.to_vec(),
         }
@@ -761,11 +812,14 @@ impl Latency {
             "Probe devices in the harness raise and clear the overheat rule {} times a second \
              (QoS 1, `95.0` then `20.0` on `sensors/probe-N/temperature`), for {:.0} s on the \
              running plant and for {:.0} s under a steady QoS 0 load (10 connections) of half \
-             of what each system sustained in the saturation test of the same run. The harness \
-             notes the time right before writing the PUBLISH and right after reading what \
-             arrives, with one monotonic clock; at Watchpost what arrives is the alert \
-             document, at a plain broker or bridge the reading itself. All client sockets set \
-             TCP_NODELAY.\n\n",
+             of what each system sustained in the saturation test of the same run. At \
+             Watchpost, leak probes follow for as long again at the same rate, load still \
+             running: `true` then `false` on `sensors/probe-N/water_leak` (plain payloads, as \
+             native devices send states), raising and clearing a critical state rule \
+             (`equals = true`). The harness notes the time right before writing the PUBLISH \
+             and right after reading what arrives, with one monotonic clock; at Watchpost what \
+             arrives is the alert document, at a plain broker or bridge the reading itself. \
+             All client sockets set TCP_NODELAY.\n\n",
             c["probe_rate"],
             c["plant_probe_s"].as_f64().unwrap_or(0.0),
             c["half_probe_s"].as_f64().unwrap_or(0.0),
@@ -824,12 +878,16 @@ struct AtConns {
     mosquitto: Figure,
     vs_rumqttd: Figure,
     vs_mosquitto: Figure,
+    /// Watchpost with a share of the readings states.
+    mixed: Figure,
+    /// That, per run, over Watchpost's figure with numbers only.
+    mixed_vs_numbers: Figure,
     rows: Vec<SaturationRow>,
 }
 
 /// One system at one connection count.
 struct SaturationRow {
-    name: &'static str,
+    name: String,
     consumed: Figure,
     offered: Figure,
     cores: Figure,
@@ -843,6 +901,8 @@ struct SaturationRow {
 /// Saturation figures.
 struct Saturation {
     conns: Vec<u64>,
+    /// The share of states in the mixed load, as text (`20 %`).
+    share: String,
     by_conns: Vec<AtConns>,
     qos1: Vec<(String, Figure)>,
 }
@@ -853,46 +913,73 @@ impl Saturation {
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_u64).collect())
             .unwrap_or_default();
+        // Runs from before the mixed step have no share: the harness's own then.
+        let share = c["mixed_state_share"]
+            .as_f64()
+            .unwrap_or(f64::from(crate::saturation::MIXED_STATES) / 100.0);
+        let share = format!("{:.0} %", share * 100.0);
         let by_conns = conns
             .iter()
             .map(|&n| {
-                let fig = |system: &'static str, key: &'static str, unit: fn(f64) -> String| {
+                // `phase` is `saturation`, or `mixed` for Watchpost with a share of states.
+                let fig = |phase: &'static str,
+                           system: &'static str,
+                           key: &'static str,
+                           unit: fn(f64) -> String| {
                     Figure::over(runs, unit, move |r| {
-                        find(&r["saturation"], system, Some(n)).and_then(|v| v[key].as_f64())
+                        find(&r[phase], system, Some(n)).and_then(|v| v[key].as_f64())
                     })
                 };
-                let versus = |peer: &'static str| {
+                let versus = |phase: &'static str, peer: &'static str| {
                     Figure::over(runs, times, move |r| {
-                        let get =
-                            |s| find(&r["saturation"], s, Some(n)).and_then(|v| v["rate"].as_f64());
-                        ratio(get("watchpost"), get(peer))
+                        let get = |p, s| find(&r[p], s, Some(n)).and_then(|v| v["rate"].as_f64());
+                        ratio(get(phase, "watchpost"), get("saturation", peer))
                     })
                 };
                 let rows = [
-                    ("Watchpost (rules, rollups, durable outbox)", "watchpost"),
-                    ("bare rumqttd, in-process counter", "rumqttd"),
-                    ("bare Mosquitto, one subscriber", "mosquitto"),
+                    (
+                        "Watchpost (rules, rollups, durable outbox)".to_owned(),
+                        "saturation",
+                        "watchpost",
+                    ),
+                    (
+                        format!("Watchpost, {share} of the readings states (a state rule)"),
+                        "mixed",
+                        "watchpost",
+                    ),
+                    (
+                        "bare rumqttd, in-process counter".to_owned(),
+                        "saturation",
+                        "rumqttd",
+                    ),
+                    (
+                        "bare Mosquitto, one subscriber".to_owned(),
+                        "saturation",
+                        "mosquitto",
+                    ),
                 ]
                 .into_iter()
-                .map(|(name, system)| SaturationRow {
+                .map(|(name, phase, system)| SaturationRow {
                     name,
-                    consumed: fig(system, "rate", rate),
-                    offered: fig(system, "offered", rate),
-                    cores: fig(system, "cores", cores),
-                    rss: fig(system, "rss_kib", mib),
-                    unsettled: unsettled(runs, "saturation", system, Some(n)),
+                    consumed: fig(phase, system, "rate", rate),
+                    offered: fig(phase, system, "offered", rate),
+                    cores: fig(phase, system, "cores", cores),
+                    rss: fig(phase, system, "rss_kib", mib),
+                    unsettled: unsettled(runs, phase, system, Some(n)),
                     unconsumed: Figure::over(runs, percent, move |r| {
-                        let v = find(&r["saturation"], system, Some(n))?;
+                        let v = find(&r[phase], system, Some(n))?;
                         ratio(v["sent_not_consumed"].as_f64(), v["flood"]["sent"].as_f64())
                     }),
                 })
                 .collect();
                 AtConns {
-                    watchpost: fig("watchpost", "rate", rate),
-                    rumqttd: fig("rumqttd", "rate", rate),
-                    mosquitto: fig("mosquitto", "rate", rate),
-                    vs_rumqttd: versus("rumqttd"),
-                    vs_mosquitto: versus("mosquitto"),
+                    watchpost: fig("saturation", "watchpost", "rate", rate),
+                    rumqttd: fig("saturation", "rumqttd", "rate", rate),
+                    mosquitto: fig("saturation", "mosquitto", "rate", rate),
+                    vs_rumqttd: versus("saturation", "rumqttd"),
+                    vs_mosquitto: versus("saturation", "mosquitto"),
+                    mixed: fig("mixed", "watchpost", "rate", rate),
+                    mixed_vs_numbers: versus("mixed", "watchpost"),
                     rows,
                 }
             })
@@ -912,6 +999,7 @@ impl Saturation {
             .collect();
         Saturation {
             conns,
+            share,
             by_conns,
             qos1,
         }
@@ -930,10 +1018,16 @@ impl Saturation {
              counting link, messages delivered to bare Mosquitto's one subscriber. QoS 0 has \
              no acknowledgement; the last column says what the load wrote and was never \
              consumed, counted once the load stopped and consumption settled (or after {:.0} s, \
-             if it had not).\n\n",
+             if it had not). In the rows of Watchpost with {share} of the readings states, that \
+             share of each device's readings are its door's state instead (`{{\"v\":\"open\",\"seq\":..}}` and `{{\"v\":\"closed\",\"seq\":..}}` \
+             in turn on `sensors/{{device}}/door`, spread evenly over devices and time), judged \
+             by a state rule (`not_in = [\"open\", \"closed\"]`, which these doors never \
+             fire, as the load's temperatures never fire overheat); the rest is the same \
+             load.\n\n",
             c["sat_warm_s"].as_f64().unwrap_or(0.0),
             c["sat_window_s"].as_f64().unwrap_or(0.0),
             c["drain_s"].as_f64().unwrap_or(0.0),
+            share = self.share,
         ));
         let mut t = Table::new(&[
             "system",
@@ -947,7 +1041,7 @@ impl Saturation {
         for (conns, at) in self.conns.iter().zip(&self.by_conns) {
             for row in &at.rows {
                 t.row([
-                    row.name.to_owned(),
+                    row.name.clone(),
                     conns.to_string(),
                     row.consumed.show(),
                     row.offered.show(),
@@ -990,8 +1084,21 @@ impl Saturation {
             ]);
         }
         out.push_str(&t.done());
+        out.push('\n');
+        let mixed = format!("{} states", self.share);
+        let mut t = Table::new(&["connections", "numbers only", &mixed, "÷ numbers only"]);
+        for (conns, at) in self.conns.iter().zip(&self.by_conns) {
+            t.row([
+                conns.to_string(),
+                at.watchpost.show(),
+                at.mixed.show(),
+                at.mixed_vs_numbers.show(),
+            ]);
+        }
+        out.push_str(&t.done());
         out.push_str(&format!(
-            "\nTarget for Watchpost: ≥ 150,000 readings/s. Medians of the peers: rumqttd {} \
+            "\nTarget for Watchpost: ≥ 150,000 readings/s (numbers only; none for the mixed load, \
+             which is reported). Medians of the peers: rumqttd {} \
              and {}, Mosquitto {} and {} (for {} connections).\n\n",
             self.by_conns
                 .first()
@@ -1328,6 +1435,30 @@ mod tests {
         assert_eq!(f.verdict(|v| v <= 5.0), "**met** (not in every run)");
         assert_eq!(f.verdict(|v| v <= 2.0), "**missed** (met in some runs)");
         assert_eq!(f.verdict(|v| v <= 0.5), "**missed**");
+    }
+
+    #[test]
+    fn results_from_before_states_render_without_them() {
+        let latency =
+            serde_json::json!({"n": 100, "missing": 0, "p50": 0.5, "p99": 1.0, "p999": 1.5});
+        let old = serde_json::json!({
+            "config": {"conns": [10], "quick": false},
+            "runs": [{
+                "plant": {"latency": {"watchpost_local": latency, "watchpost_upstream": latency}},
+                "saturation": [{"system": "watchpost", "conns": 10, "rate": 200_000.0}],
+                "half": [{"system": "watchpost", "offered_rate": 1000.0, "latency_local": latency}],
+            }],
+        });
+        let text = body(&old);
+        for line in [
+            "| threshold alert latency device → local `alerts/#` subscriber, p99 ≤ 2 ms on plant | 1.00 ms | **met** |",
+            "| leak alert (state rule) latency device → local `alerts/#` subscriber, within a threshold alert's: p99 ≤ 2 ms on plant | – | not measured |",
+            "| sustained ingest with 20 % of the readings states (10 connections, QoS 0; reported, no target) | – | – |",
+            "| Watchpost, 20 % of the readings states (a state rule) | 10 | – | – | – | – | – |",
+            "| 10 | 200,000/s | – | – |",
+        ] {
+            assert!(text.contains(line), "{line}\nnot in\n{text}");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Saturation: as many readings per second as N connections can push (QoS 0), into Watchpost
 //! (rules, rollups and the durable outbox on) and into bare rumqttd and bare Mosquitto, each
-//! counted where it is consumed; QoS 1 overload, where every acknowledged reading must be
-//! processed or counted as dropped; and alert latency at half of Watchpost's saturation.
+//! counted where it is consumed, and into Watchpost again with a share of the readings states;
+//! QoS 1 overload, where every acknowledged reading must be processed or counted as dropped;
+//! and alert latency (threshold and leak) at half of Watchpost's saturation.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -14,12 +15,15 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::peer::Counter;
-use crate::probe::{self, Target, Watch};
+use crate::probe::{self, Kind, Target, Watch};
 use crate::procs::{self, Bins, Gateway, Proc, Usage};
 use crate::setup::{self, Broker, SITE};
 
 /// Devices the flood stands for, over all connections.
 pub const FLOOD_DEVICES: usize = 1000;
+
+/// Per cent of the readings that are states in the mixed saturation load.
+pub const MIXED_STATES: u8 = 20;
 
 /// Warm-up before a window, the window, and how long consumption may go on afterwards.
 #[derive(Debug, Clone, Copy)]
@@ -71,14 +75,16 @@ pub struct Running {
 }
 
 impl Running {
-    /// Starts `system` with its files in `dir`: Watchpost with an upstream Mosquitto, bare
-    /// rumqttd with its counting link, or bare Mosquitto with a counting subscriber.
-    pub fn start(bins: &Bins, dir: &Path, system: System) -> Result<Running> {
+    /// Starts `system` with its files in `dir`: Watchpost with an upstream Mosquitto and
+    /// `rules` besides overheat (see [`setup::watchpost_config`]), bare rumqttd with its
+    /// counting link, or bare Mosquitto with a counting subscriber.
+    pub fn start(bins: &Bins, dir: &Path, system: System, rules: &str) -> Result<Running> {
         std::fs::create_dir_all(dir)?;
         Ok(match system {
             System::Watchpost => {
                 let upstream = setup::bare_mosquitto(&dir.join("upstream"))?;
-                let gw = setup::watchpost(bins, &dir.join("watchpost"), upstream.addr, None)?;
+                let gw =
+                    setup::watchpost(bins, &dir.join("watchpost"), upstream.addr, None, rules)?;
                 Running {
                     addr: gw.mqtt,
                     pid: gw.proc.pid(),
@@ -168,6 +174,7 @@ impl Flooder {
         qos: u8,
         rate: f64,
         seconds: f64,
+        states: u8,
         log: &Path,
     ) -> Result<Flooder> {
         let args = [
@@ -178,6 +185,7 @@ impl Flooder {
             format!("{rate:.0}"),
             format!("{seconds:.2}"),
             (FLOOD_DEVICES / conns).max(1).to_string(),
+            format!("--states={states}"),
         ];
         let mut proc = procs::helper(bins, "flood", &args, log)?;
         let stdin = proc.stdin().context("stdin")?;
@@ -200,14 +208,18 @@ impl Flooder {
 }
 
 /// Saturates `system` with `conns` QoS 0 connections; returns the figures of one window.
+/// `states` per cent of the readings are doors' states, judged at Watchpost by
+/// [`setup::DOOR_STATE`] (0: numbers only, the saturation step as it always was).
 pub fn saturate(
     bins: &Bins,
     dir: &Path,
     system: System,
     conns: usize,
     timing: Timing,
+    states: u8,
 ) -> Result<Value> {
-    let mut sut = Running::start(bins, dir, system)?;
+    let rules = if states > 0 { setup::DOOR_STATE } else { "" };
+    let mut sut = Running::start(bins, dir, system, rules)?;
     let seconds = (timing.warm + timing.window).as_secs_f64() + 1.0;
     let mut flood = Flooder::start(
         bins,
@@ -216,6 +228,7 @@ pub fn saturate(
         0,
         0.0,
         seconds,
+        states,
         &dir.join("flood.log"),
     )?;
     let (c_start, m_start) = (
@@ -241,6 +254,7 @@ pub fn saturate(
     Ok(json!({
         "system": system.name(),
         "conns": conns,
+        "state_share": f64::from(states) / 100.0,
         "rate": (c1 - c0) / window,
         "window_s": window,
         "offered": report["sent"].as_f64().unwrap_or(0.0) / report["seconds"].as_f64().unwrap_or(1.0),
@@ -267,7 +281,7 @@ pub fn overload(
     seconds: f64,
     drain: Duration,
 ) -> Result<Value> {
-    let mut sut = Running::start(bins, dir, system)?;
+    let mut sut = Running::start(bins, dir, system, "")?;
     let m0 = sut.gateway.as_ref().map(|g| g.metrics()).transpose()?;
     let c0 = sut.count()?;
     let mut flood = Flooder::start(
@@ -277,6 +291,7 @@ pub fn overload(
         1,
         0.0,
         seconds,
+        0,
         &dir.join("flood.log"),
     )?;
     flood.go()?;
@@ -322,8 +337,9 @@ pub fn overload(
 
 /// Latency under a steady QoS 0 load of `rate` readings/s on 10 connections into `system`:
 /// after `warm`, probes raise and clear overheat `probe_rate` times a second for `probe`. At
-/// Watchpost that is alert latency (to `alerts/#` locally and to the upstream subscriber); at a
-/// bare broker, the probes' readings to a subscriber of their topics.
+/// Watchpost that is alert latency (to `alerts/#` locally and to the upstream subscriber),
+/// followed by as long of leak probes (the `water-leak` state rule); at a bare broker, the
+/// probes' readings to a subscriber of their topics.
 pub fn half_latency(
     bins: &Bins,
     dir: &Path,
@@ -336,7 +352,7 @@ pub fn half_latency(
     if rate.is_nan() || rate <= 0.0 {
         bail!("no saturation rate to take half of");
     }
-    let mut sut = Running::start(bins, dir, system)?;
+    let mut sut = Running::start(bins, dir, system, setup::WATER_LEAK)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (near, far) = (Arc::new(Watch::default()), Arc::new(Watch::default()));
     let mut threads = Vec::new();
@@ -358,7 +374,7 @@ pub fn half_latency(
             )?);
         }
         _ => {
-            let topics = probe::reading_topics();
+            let topics = probe::reading_topics(Kind::Threshold);
             let filters: Vec<&str> = topics.iter().map(String::as_str).collect();
             threads.push(probe::watch(
                 sut.addr,
@@ -369,8 +385,11 @@ pub fn half_latency(
             )?);
         }
     }
-    let seconds = (warm + probe).as_secs_f64() + 3.0;
-    let mut flood = Flooder::start(bins, sut.addr, 10, 0, rate, seconds, &dir.join("flood.log"))?;
+    // At Watchpost the load goes on while the leak probes follow.
+    let probing = if sut.gateway.is_some() { 2 } else { 1 };
+    let seconds = (warm + probe * probing).as_secs_f64() + 3.0;
+    let log = dir.join("flood.log");
+    let mut flood = Flooder::start(bins, sut.addr, 10, 0, rate, seconds, 0, &log)?;
     flood.go()?;
     // The load runs for a fixed warm-up before probing.
     std::thread::sleep(warm);
@@ -379,12 +398,15 @@ pub fn half_latency(
     if sut.gateway.is_some() {
         watches.push(far.clone());
     }
-    let target = Target {
+    let target = [Target {
         addr: sut.addr,
         watches,
-    };
-    probe::run(&[target], probe_rate, probe)?;
+    }];
+    probe::run(&target, Kind::Threshold, probe_rate, probe)?;
     let (c1, u1) = (sut.count()?, Usage::of(sut.pid)?);
+    if sut.gateway.is_some() {
+        probe::run(&target, Kind::Leak, probe_rate, probe)?;
+    }
     flood.report(Duration::from_secs(60))?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(threads);
@@ -398,11 +420,13 @@ pub fn half_latency(
     if let Some(gw) = sut.gateway.as_mut() {
         gw.proc.check_alive()?;
         out["startup_ms"] = json!(gw.startup.as_secs_f64() * 1000.0);
-        out["latency_local"] = near.summary();
-        out["latency_upstream"] = far.summary();
+        out["latency_local"] = near.summary(Kind::Threshold);
+        out["latency_upstream"] = far.summary(Kind::Threshold);
+        out["latency_leak_local"] = near.summary(Kind::Leak);
+        out["latency_leak_upstream"] = far.summary(Kind::Leak);
         gw.proc.stop();
     } else {
-        out["latency_subscriber"] = near.summary();
+        out["latency_subscriber"] = near.summary(Kind::Threshold);
     }
     Ok(out)
 }

@@ -23,16 +23,39 @@ clear_below = 85.0
 severity = "critical"
 "#;
 
+/// The state rule of the leak probes: critical at the first `true` on a `water_leak` topic,
+/// cleared at `false`, as the README's binary sensors do.
+pub const WATER_LEAK: &str = r#"[[rule]]
+name = "water-leak"
+match = "sensors/+/water_leak"
+equals = true
+severity = "critical"
+"#;
+
+/// The state rule that judges the doors of the mixed saturation load: a door that reports
+/// anything but `open` or `closed` (a jammed or tampered sensor). It is judged at every
+/// reading and never fires, as overheat never fires on the load's temperatures. A rule with
+/// `for` would not do: every `open` of the load's doors, which change at every one of their
+/// readings, would start a pending condition and its deadline.
+pub const DOOR_STATE: &str = r#"[[rule]]
+name = "door-state"
+match = "sensors/+/door"
+not_in = ["open", "closed"]
+severity = "warning"
+"#;
+
 /// Writes a Watchpost configuration into `dir` and returns its path: anonymous clients on
 /// loopback (so that the local `alerts/#` subscriber needs no operator login), no publish rate
 /// limit (one load connection stands in for many devices), uplink to `upstream` forwarding
 /// critical alerts, connection limit (10,000) and history (rollups) as by default, and
-/// [`OVERHEAT`]. `summaries` adds `[uplink.summaries]` with that interval for all three
-/// metrics. Everything else is the default, as a site would run it.
+/// [`OVERHEAT`], followed by `rules` (more `[[rule]]` tables, or nothing). `summaries` adds
+/// `[uplink.summaries]` with that interval for all three metrics. Everything else is the
+/// default, as a site would run it.
 pub fn watchpost_config(
     dir: &Path,
     upstream: SocketAddr,
     summaries: Option<&str>,
+    rules: &str,
 ) -> Result<PathBuf> {
     let data = dir.join("data");
     std::fs::create_dir_all(&data)?;
@@ -59,7 +82,7 @@ url = "mqtt://{upstream}"
 topic_prefix = "{SITE}"
 forward = ["critical"]
 {summaries}
-{OVERHEAT}"#
+{OVERHEAT}{rules}"#
     );
     let path = dir.join("watchpost.toml");
     std::fs::write(&path, text)?;
@@ -72,9 +95,10 @@ pub fn watchpost(
     dir: &Path,
     upstream: SocketAddr,
     summaries: Option<&str>,
+    rules: &str,
 ) -> Result<Gateway> {
     std::fs::create_dir_all(dir)?;
-    let config = watchpost_config(dir, upstream, summaries)?;
+    let config = watchpost_config(dir, upstream, summaries, rules)?;
     let mut gateway = Gateway::start(&bins.watchpost, &config, &dir.join("watchpost.log"))?;
     gateway.wait_metrics("the uplink connects", Duration::from_secs(20), |m| {
         m.get("watchpost_uplink_connected") == 1.0
