@@ -25,6 +25,7 @@
 
 mod connection;
 pub(crate) mod gate;
+pub mod packet;
 mod retained;
 pub mod tls;
 
