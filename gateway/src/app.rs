@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::broker::{self, BrokerError, Gate, Listeners, Router};
+use crate::broker::{self, Broker, BrokerError, Gate, Listeners};
 use crate::config::Config;
 use crate::http::{self, Endpoint};
 use crate::ingest::{self, Control, Engine, EngineOptions, Outputs, ReloadOutcome};
@@ -54,7 +54,6 @@ pub enum StartError {
 /// A running gateway.
 pub struct Gateway {
     mqtt_addr: SocketAddr,
-    mqtt_v5_addr: Option<SocketAddr>,
     mqtt_tls_addr: Option<SocketAddr>,
     gate: Arc<Gate>,
     http_addr: Option<SocketAddr>,
@@ -104,10 +103,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     };
     let uplink = config.uplink.as_ref().map(Uplink::prepare).transpose()?;
 
-    let router = Router::spawn(&config.broker);
-    let (mut link_tx, link_rx) = router.internal_link("ingest")?;
-    // Every client's publishes reach the router through this one link.
-    let injector = router.internal_link("publish")?;
+    let broker = Broker::new(&config.broker, stats.clone());
 
     let (trigger, signal) = shutdown::channel();
     let mut tasks = Vec::new();
@@ -134,7 +130,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     // take raised ones back so that they are not raised a second time.
     let saved = store.saved_alerts().await;
     for alert in &saved {
-        ingest::publish_retained(&mut link_tx, alert.topic.clone(), alert.doc.clone().into()).await;
+        broker.publish_retained(alert.topic.clone(), alert.doc.clone().into());
     }
     let restored = engine.restore(&saved, now);
     if restored > 0 {
@@ -154,16 +150,14 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     };
     tasks.push(tokio::spawn(ingest::run(
         engine,
-        link_tx,
-        link_rx,
+        broker.clone(),
         readings_rx,
         outputs,
         control_rx,
         signal.clone().wait(),
     )));
 
-    let mqtt_addr = listeners.v4_addr();
-    let mqtt_v5_addr = listeners.v5_addr();
+    let mqtt_addr = listeners.addr();
     let mqtt_tls_addr = listeners.tls_addr();
     tasks.push(tokio::spawn(broker::gate::watch_credentials(
         gate.clone(),
@@ -177,8 +171,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         listeners
             .serve(
                 broker::Pipes {
-                    router,
-                    injector,
+                    broker,
                     readings: readings_tx,
                 },
                 broker_gate,
@@ -219,7 +212,6 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     info!(
         gateway = %config.gateway.id,
         mqtt = %mqtt_addr,
-        mqtt5 = %mqtt_v5_addr.map_or("off".to_owned(), |a| a.to_string()),
         mqtts = %mqtt_tls_addr.map_or("off".to_owned(), |a| a.to_string()),
         clients = if config.broker.allow_anonymous { "anonymous allowed" } else { "authenticated only" },
         http = %http_addr.map_or("off".to_owned(), |a| a.to_string()),
@@ -242,7 +234,6 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     }
     Ok(Gateway {
         mqtt_addr,
-        mqtt_v5_addr,
         mqtt_tls_addr,
         gate,
         http_addr,
@@ -259,11 +250,6 @@ impl Gateway {
     /// The MQTT 3.1.1 listener's address.
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
-    }
-
-    /// The MQTT 5 listener's address, if configured.
-    pub fn mqtt_v5_addr(&self) -> Option<SocketAddr> {
-        self.mqtt_v5_addr
     }
 
     /// The TLS listener's address, if configured.

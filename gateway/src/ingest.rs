@@ -15,15 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttd::Notification;
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, Publish};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::aggregate::{Closed, SiteSummary, StreamWindow, window_start};
 use crate::alert::{AlertDoc, now_millis, rfc3339};
+use crate::broker::Broker;
 use crate::codec::{self, DecodeError, Limits, Message, Readings};
 use crate::config::SummaryConfig;
 use crate::loss::{Seq, SeqTracker};
@@ -1253,12 +1251,11 @@ pub enum Control {
 }
 
 /// The ingest task: judges the batches of publishes the broker's injector hands it, until
-/// `shutdown` resolves or the broker goes away; publishes alerts through its own link.
+/// `shutdown` resolves or the broker goes away; publishes alerts on the broker.
 pub async fn run(
     mut engine: Engine,
-    mut link_tx: LinkTx,
-    mut link_rx: LinkRx,
-    mut readings: mpsc::Receiver<Vec<Publish>>,
+    broker: Broker,
+    mut readings: mpsc::Receiver<Vec<crate::broker::Message>>,
     outputs: Outputs,
     mut control: mpsc::Receiver<Control>,
     shutdown: impl std::future::Future<Output = ()>,
@@ -1301,21 +1298,6 @@ pub async fn run(
                 store_round(&outputs.store, round);
                 continue;
             }
-            // Ingest's link only publishes; the router may still park it, or close it.
-            n = link_rx.next() => match n {
-                Ok(Some(Notification::Unschedule)) => {
-                    if link_rx.wake().await.is_err() {
-                        error!("the embedded broker stopped; ingest ends");
-                        break;
-                    }
-                    continue;
-                }
-                Ok(_) => continue,
-                Err(e) => {
-                    error!(error = %e, "the embedded broker's link closed; ingest ends");
-                    break;
-                }
-            },
             batch = readings.recv() => {
                 let Some(batch) = batch else {
                     error!("the broker's connections stopped; ingest ends");
@@ -1341,7 +1323,7 @@ pub async fn run(
             }
         };
         for alert in alerts {
-            dispatch(&alert, &mut link_tx, &outputs).await;
+            dispatch(&alert, &broker, &outputs);
         }
         if engine.buffered_history() >= HISTORY_BATCH {
             let (rollups, raw) = engine.take_history();
@@ -1371,7 +1353,7 @@ pub fn forwarded(alert: &Alert, forward: Option<&[Severity]>) -> bool {
     }
 }
 
-async fn dispatch(alert: &Alert, link_tx: &mut LinkTx, outputs: &Outputs) {
+fn dispatch(alert: &Alert, broker: &Broker, outputs: &Outputs) {
     let doc = &alert.doc;
     let payload = Bytes::from(doc.to_json());
     let topic = doc.topic();
@@ -1384,15 +1366,7 @@ async fn dispatch(alert: &Alert, link_tx: &mut LinkTx, outputs: &Outputs) {
     // History, current state and outbox in one transaction; the uplink hears of it only
     // once committed.
     outputs.store.alert(doc, entry);
-    publish_retained(link_tx, topic, payload).await;
-}
-
-/// Publishes an alert document retained on the local broker.
-pub async fn publish_retained(link_tx: &mut LinkTx, topic: String, payload: Bytes) {
-    let publish = Publish::new(Bytes::from(topic), payload, true);
-    if let Err(e) = link_tx.send(Packet::Publish(publish, None)).await {
-        error!(error = %e, "could not publish an alert on the local broker");
-    }
+    broker.publish_retained(topic, payload);
 }
 
 #[cfg(test)]

@@ -246,6 +246,46 @@ pub fn render(stats: &Stats, info: &Info) -> String {
         "Connections refused because broker.max_connections were open.",
         g(&stats.connections_refused),
     );
+    o.counter(
+        "watchpost_broker_queue_dropped_total",
+        "Messages for a broker session dropped because its queue was full (broker.max_queued_messages or max_queued_bytes): a client away or not reading.",
+        g(&stats.queue_dropped),
+    );
+    o.counter(
+        "watchpost_broker_messages_expired_total",
+        "Messages not delivered because their MQTT 5 message expiry interval passed.",
+        g(&stats.messages_expired),
+    );
+    o.counter(
+        "watchpost_broker_too_large_for_client_total",
+        "Messages not sent to a client because they exceed the maximum packet size it announced.",
+        g(&stats.too_large_for_client),
+    );
+    o.counter(
+        "watchpost_broker_retained_refused_total",
+        "Retained messages not kept: a new topic beyond broker.max_retained_messages or max_retained_bytes.",
+        g(&stats.retained_refused),
+    );
+    o.gauge(
+        "watchpost_broker_sessions_online",
+        "Broker sessions with their client connected (clients that subscribe or keep a session).",
+        g(&stats.sessions_online),
+    );
+    o.gauge(
+        "watchpost_broker_sessions_offline",
+        "Broker sessions kept for clients that are away.",
+        g(&stats.sessions_offline),
+    );
+    o.gauge(
+        "watchpost_broker_queued_messages",
+        "Messages waiting in broker sessions' queues.",
+        g(&stats.queued_messages),
+    );
+    o.gauge(
+        "watchpost_broker_retained_messages",
+        "Topics with a retained message on the broker.",
+        g(&stats.retained_messages),
+    );
     let refusals = stats.client_refusals();
     for (name, help, field) in [
         (

@@ -148,6 +148,24 @@ pub struct Stats {
     pub subscribe_denied: AtomicU64,
     /// Publishes dropped by the per-device rate limit.
     pub rate_limited: AtomicU64,
+    /// Messages for a session dropped because its queue was full (a client offline or not
+    /// reading).
+    pub queue_dropped: AtomicU64,
+    /// Messages not delivered because their MQTT 5 expiry interval passed.
+    pub messages_expired: AtomicU64,
+    /// Messages not sent to a client because they exceed its maximum packet size.
+    pub too_large_for_client: AtomicU64,
+    /// Retained messages refused: a new topic beyond `broker.max_retained_messages` or
+    /// `max_retained_bytes`.
+    pub retained_refused: AtomicU64,
+    /// Broker sessions with a client connected (clients that subscribed or keep a session).
+    pub sessions_online: AtomicU64,
+    /// Broker sessions kept for clients that are away.
+    pub sessions_offline: AtomicU64,
+    /// Messages waiting in the sessions' queues.
+    pub queued_messages: AtomicU64,
+    /// Topics with a retained message.
+    pub retained_messages: AtomicU64,
     clients: Mutex<BTreeMap<String, ClientRefusals>>,
     devices: Mutex<BTreeMap<String, DeviceCounters>>,
     last_reload: Mutex<Option<ReloadRecord>>,

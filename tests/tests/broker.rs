@@ -1,21 +1,21 @@
-//! The embedded broker as clients see it: both protocol versions, the reserved internal client
-//! ids, and last wills.
+//! The embedded broker as clients see it: both protocol versions on one port, the reserved
+//! internal client ids, and last wills.
 
 use std::time::Duration;
 
 use rumqttc::{ConnectionError, Event, LastWill, Packet, QoS};
-use watchpost_e2e::{
-    Collector, OVERHEAT, Publisher, client, clients, gateway_config, gateway_config_with,
-};
+use watchpost_e2e::{Collector, OVERHEAT, Publisher, client, clients, gateway_config};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_publishers_with_properties_reach_mqtt311_subscribers_and_rules() {
     let data = tempfile::tempdir().unwrap();
-    let config = gateway_config_with(data.path(), None, "listen_v5 = \"127.0.0.1:0\"", OVERHEAT);
-    let gateway = watchpost::start(config).await.unwrap();
-    let v5_addr = gateway.mqtt_v5_addr().expect("MQTT 5 listener");
+    let gateway = watchpost::start(gateway_config(data.path(), None, OVERHEAT))
+        .await
+        .unwrap();
+    // MQTT 5 clients connect to the same listener as 3.1.1 ones: the CONNECT says which.
+    let addr = gateway.mqtt_addr();
     let raw = Collector::subscribe(gateway.mqtt_addr(), "sensors/#")
         .await
         .unwrap();
@@ -28,7 +28,7 @@ async fn mqtt5_publishers_with_properties_reach_mqtt311_subscribers_and_rules() 
         mqttbytes::v5::Packet as Packet5, mqttbytes::v5::PublishProperties,
     };
     let (v5, mut eventloop) = AsyncClient::new(
-        MqttOptions::new("sensor-v5", v5_addr.ip().to_string(), v5_addr.port()),
+        MqttOptions::new("sensor-v5", addr.ip().to_string(), addr.port()),
         10,
     );
     let props = PublishProperties {
@@ -53,7 +53,7 @@ async fn mqtt5_publishers_with_properties_reach_mqtt311_subscribers_and_rules() 
         }
     })
     .await;
-    assert!(acked.is_ok(), "no PUBACK on the MQTT 5 listener");
+    assert!(acked.is_ok(), "no PUBACK for the MQTT 5 client");
 
     // The 3.1.1 subscriber gets the reading without the 5-only properties.
     let got = raw.wait_for(1, DEADLINE).await.unwrap();
@@ -208,7 +208,7 @@ async fn a_lost_client_s_last_will_is_published() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_later_subscriber_gets_each_device_s_newest_retained_status() {
+async fn a_later_subscriber_gets_the_newest_retained_message_of_each_topic() {
     let data = tempfile::tempdir().unwrap();
     let gateway = watchpost::start(gateway_config(data.path(), None, OVERHEAT))
         .await
@@ -229,7 +229,7 @@ async fn a_later_subscriber_gets_each_device_s_newest_retained_status() {
             .await
             .unwrap();
     }
-    // Retained only on status topics: a retained reading is delivered but not kept.
+    // Retained messages are kept on every topic, readings too.
     device
         .publish_retained("sensors/d1/temperature", QoS::AtLeastOnce, "21.5")
         .await
@@ -242,7 +242,7 @@ async fn a_later_subscriber_gets_each_device_s_newest_retained_status() {
         .publish("sensors/d4/status", QoS::AtLeastOnce, "online")
         .await
         .unwrap();
-    let got = late.wait_for(3, DEADLINE).await.unwrap();
+    let got = late.wait_for(4, DEADLINE).await.unwrap();
     let seen: Vec<_> = got
         .iter()
         .map(|m| {
@@ -257,6 +257,7 @@ async fn a_later_subscriber_gets_each_device_s_newest_retained_status() {
         seen,
         [
             ("sensors/d1/status", "online".to_owned(), true),
+            ("sensors/d1/temperature", "21.5".to_owned(), true),
             ("sensors/d2/status", "offline".to_owned(), true),
             ("sensors/d4/status", "online".to_owned(), false),
         ]

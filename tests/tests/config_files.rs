@@ -1,5 +1,6 @@
 //! Every configuration shipped in `config/` and `deploy/` compiles, the binary embeds the
-//! quickstart one, and the one the package installs fits the systemd unit.
+//! quickstart one, the one the package installs fits the systemd unit, and the interop one
+//! gives the Paho suite what it expects.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +12,7 @@ fn repo() -> PathBuf {
 
 #[test]
 fn every_file_in_config_and_deploy_compiles_without_errors() {
-    for dir in ["config", "deploy"] {
+    for dir in ["config", "config/examples", "deploy"] {
         let dir = repo().join(dir);
         let mut checked = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
@@ -51,6 +52,32 @@ fn the_packaged_config_fits_the_systemd_unit() {
         Path::new("/var/lib/watchpost/credentials.toml")
     );
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+}
+
+/// `config/examples/interop.toml` is what the Paho interoperability suite runs against
+/// (`tests/paho.sh`, which reads the port from it): what the suite expects of the broker.
+#[test]
+fn the_interop_config_fits_the_paho_suite() {
+    let loaded = config::load(&repo().join("config/examples/interop.toml")).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let broker = &loaded.config.broker;
+    // A fixed port for the suite to be pointed at, on loopback, and not a usual broker's.
+    assert!(broker.listen.ip().is_loopback(), "{}", broker.listen);
+    assert!(
+        ![0, 1883].contains(&broker.listen.port()),
+        "{}",
+        broker.listen
+    );
+    assert!(broker.allow_anonymous);
+    assert_eq!(
+        broker.max_keep_alive,
+        Some(std::time::Duration::from_secs(60))
+    );
+    assert_eq!(broker.refuse_subscriptions, ["test/nosubscribe"]);
+    assert!(
+        loaded.config.gateway.data_dir.is_relative(),
+        "the runner's working directory holds the data"
+    );
 }
 
 #[test]

@@ -1,32 +1,31 @@
-//! The embedded broker: rumqttd's router, with listeners and client connections owned by
-//! Watchpost.
+//! The embedded broker: Watchpost's own MQTT 3.1.1 and 5 broker.
 //!
-//! rumqttd does the MQTT routing: subscriptions, the gateway's retained alerts, QoS 2
-//! acknowledgement, persistent sessions. Devices' retained status is kept by the front
-//! ([`retained`]), at a fraction of the router's cost per message. Watchpost accepts the
-//! sockets itself ([`connection`]), because owning the socket is the only way to bind
-//! `127.0.0.1:0` and report the port, to set `TCP_NODELAY`, to refuse client ids that would
-//! take over an internal link, to check every packet, and to enforce limits before the router
-//! sees a byte.
+//! Sensors, local consumers and tools at a site all talk to it, on one port per listener
+//! (plain and TLS), each speaking both versions, chosen from the CONNECT. The parts:
 //!
-//! Publishes (QoS 0 and 1) of every client go to one injector task, which hands each batch to
-//! ingest directly and to the router through one internal link, for the clients that
-//! subscribe. A client gets a router link of its own only when it needs the router for more:
-//! a subscription, a QoS 2 publish or a persistent session. Most sensors never do, which
-//! keeps a connection to a few KiB, and ingest is never behind a router log that could drop
-//! what it has not read yet.
+//! | module | one job |
+//! |---|---|
+//! | [`packet`] | the codec: bytes to packets and back, with the exact reason code of every malformed or forbidden packet |
+//! | `session` | one client's protocol as a state machine: packets in, packets and messages out, no sockets and no clock |
+//! | `hub` | the router: subscriptions, each session's bounded queue, retained messages, delayed wills, session expiry |
+//! | `connection` | the socket: TLS, reading and writing, keep-alive, admission, waiting for ingest |
+//! | `gate` | who may connect; [`crate::access`] says what each client may do |
 //!
-//! The gateway's internal links (the injector's, and ingest's for publishing alerts) have
-//! client ids with an unguessable suffix and a reserved prefix that remote clients are
-//! refused, so no client can kick them off.
+//! Publishes of every client go to one injector task, which hands each batch to ingest and,
+//! when some subscription may hear them, to the hub. A sensor that only publishes never gets
+//! a session in the hub and costs a few KiB. Ingest is never behind a queue that could drop
+//! what it has not read yet: the injector waits for it, and the clients wait for the
+//! injector.
 //!
-//! Who may connect and what each client may do is decided by the [`gate`] and
-//! [`crate::access`], packet by packet, in [`connection`]; `SECURITY.md` has the threat model.
+//! rumqttd's router did the routing until MQTT 5 had to work in full; why it was replaced is
+//! in `hub`'s documentation. `SECURITY.md` has the threat model.
 
 mod connection;
 pub(crate) mod gate;
+mod hub;
 pub mod packet;
 mod retained;
+mod session;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -34,10 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
-use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::v5::V5;
-use rumqttd::{Notification, RouterConfig};
+use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -49,15 +45,20 @@ use crate::shutdown::Signal;
 use crate::sources::Source;
 use crate::stats::Stats;
 
-pub use connection::MAX_TOPIC_BYTES;
 pub(crate) use gate::Gate;
+pub use hub::Message;
+pub use session::MAX_TOPIC_BYTES;
 
-/// Client ids starting with this are reserved for the gateway's own links.
+/// Client ids starting with this are reserved for the gateway.
 pub const INTERNAL_PREFIX: &str = "watchpost-internal-";
 
 /// Batches of publishes (each of at most 256) waiting for the injector; a client that finds
 /// the queue full waits (and is not read meanwhile).
 const INJECT_QUEUE: usize = 16;
+/// How often session expiry and delayed wills are looked at.
+const TICK: Duration = Duration::from_millis(250);
+/// Sessions are counted for the metrics every this many ticks.
+const COUNT_EVERY: u64 = 20;
 
 /// Errors of the broker layer.
 #[derive(Debug, thiserror::Error)]
@@ -73,91 +74,59 @@ pub enum BrokerError {
         /// Why.
         source: std::io::Error,
     },
-    /// The operating system gave no randomness for an internal client id.
-    #[error("cannot draw random bytes for an internal client id: {0}")]
-    Random(String),
     /// The credentials file is unusable.
     #[error("cannot read the broker's credentials: {0}")]
     Credentials(#[from] CredentialsError),
     /// The TLS listener cannot be set up.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    /// The router refused an internal link.
-    #[error("the embedded broker refused the internal link {role}: {source}")]
-    Link {
-        /// What the link is for.
-        role: &'static str,
-        /// Why.
-        source: Box<LinkError>,
-    },
 }
 
-type Connector =
-    dyn Fn(&str, bool, u16) -> Result<(LinkTx, LinkRx, Notification), Box<LinkError>> + Send + Sync;
-
-/// Handle to the running router. Cheap to clone.
+/// The broker's router, for the gateway's own messages. Cheap to clone.
 #[derive(Clone)]
-pub struct Router {
-    connect: Arc<Connector>,
+pub struct Broker {
+    hub: Arc<hub::Hub>,
 }
 
-impl Router {
-    /// Starts rumqttd's router on a thread of its own.
-    pub fn spawn(config: &BrokerConfig) -> Router {
-        let router_tx = rumqttd::Router::new(0, router_config(config)).spawn();
-        let connect = move |client_id: &str, clean_session: bool, topic_alias_max: u16| {
-            LinkBuilder::new(client_id, router_tx.clone())
-                .clean_session(clean_session)
-                .topic_alias_max(topic_alias_max)
-                .build()
-                .map_err(Box::new)
+impl Broker {
+    /// A broker with no clients yet, bounded as `config` says.
+    pub fn new(config: &BrokerConfig, stats: Arc<Stats>) -> Broker {
+        let limits = hub::HubLimits {
+            queue: hub::QueueLimits {
+                messages: config.max_queued_messages,
+                bytes: config.max_queued_bytes,
+            },
+            max_session_expiry: u32::try_from(config.max_session_expiry.as_secs())
+                .unwrap_or(u32::MAX),
+            retained: retained::RetainedLimits {
+                messages: config.max_retained_messages,
+                bytes: config.max_retained_bytes,
+            },
         };
-        Router {
-            connect: Arc::new(connect),
+        Broker {
+            hub: Arc::new(hub::Hub::new(limits, stats)),
         }
     }
 
-    /// Opens an in-process link for the gateway itself; `role` names it in the client id.
-    pub fn internal_link(&self, role: &'static str) -> Result<(LinkTx, LinkRx), BrokerError> {
-        let suffix = random_hex().map_err(|e| BrokerError::Random(e.to_string()))?;
-        let client_id = format!("{INTERNAL_PREFIX}{role}-{suffix}");
-        let (tx, rx, _ack) = (self.connect)(&client_id, true, 0)
-            .map_err(|source| BrokerError::Link { role, source })?;
-        Ok((tx, rx))
-    }
-}
-
-/// 128 random bits from the operating system, as hex.
-fn random_hex() -> Result<String, getrandom::Error> {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Sizes the router's in-memory logs.
-///
-/// Every subscription filter gets a log of `max_segment_count` segments; a subscriber that
-/// falls more than that far behind skips messages. Ingest is not a subscriber (the injector
-/// feeds it directly), so the logs only serve clients that subscribe, such as an operator
-/// watching `alerts/#` or a dashboard on `sensors/#`, and are kept small: every message in a
-/// log costs about three times its topic and payload in memory.
-fn router_config(config: &BrokerConfig) -> RouterConfig {
-    RouterConfig {
-        // Internal links count as connections too.
-        max_connections: config.max_connections + 16,
-        max_outgoing_packet_count: 256,
-        max_segment_size: 256 * 1024,
-        max_segment_count: 4,
-        custom_segment: None,
-        initialized_filters: None,
-        shared_subscriptions_strategy: Default::default(),
+    /// Publishes a message of the gateway's own (an alert document) retained, at QoS 1, to
+    /// the clients subscribed to its topic. The gateway's retained messages are kept whatever
+    /// the bounds of retained messages.
+    pub fn publish_retained(&self, topic: String, payload: Bytes) {
+        let message = Arc::new(Message {
+            topic: Bytes::from(topic),
+            payload,
+            qos: packet::QoS::AtLeastOnce,
+            retain: true,
+            ..Message::default()
+        });
+        self.hub.retained.keep_own(&message);
+        self.hub.route(&[message], std::time::Instant::now());
     }
 }
 
 /// The bound listeners, before they serve.
 pub struct Listeners {
-    v4: TcpListener,
-    v5: Option<TcpListener>,
+    plain: TcpListener,
     tls: Option<(TcpListener, TlsAcceptor)>,
 }
 
@@ -170,33 +139,22 @@ impl Listeners {
                 .await
                 .map_err(|source| BrokerError::Bind { addr, what, source })
         };
-        let v4 = bind(config.listen, "MQTT 3.1.1").await?;
-        let v5 = match config.listen_v5 {
-            Some(addr) => Some(bind(addr, "MQTT 5").await?),
-            None => None,
-        };
+        let plain = bind(config.listen, "MQTT").await?;
         let tls = match &config.tls {
             Some(t) => {
                 let acceptor = tls::acceptor(t)?;
-                Some((bind(t.listen, "MQTT 3.1.1 over TLS").await?, acceptor))
+                Some((bind(t.listen, "MQTT over TLS").await?, acceptor))
             }
             None => None,
         };
-        Ok(Listeners { v4, v5, tls })
+        Ok(Listeners { plain, tls })
     }
 
-    /// The MQTT 3.1.1 address actually bound (useful with port 0).
-    pub fn v4_addr(&self) -> SocketAddr {
-        self.v4
+    /// The MQTT address actually bound (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.plain
             .local_addr()
             .expect("a bound listener has an address")
-    }
-
-    /// The MQTT 5 address actually bound, if any.
-    pub fn v5_addr(&self) -> Option<SocketAddr> {
-        self.v5
-            .as_ref()
-            .map(|l| l.local_addr().expect("a bound listener has an address"))
     }
 
     /// The TLS address actually bound, if any.
@@ -215,35 +173,37 @@ impl Listeners {
         stats: Arc<Stats>,
         shutdown: Signal,
     ) {
-        let Pipes {
-            router,
-            injector,
-            readings,
-        } = pipes;
+        let Pipes { broker, readings } = pipes;
         let (inject, injected) = tokio::sync::mpsc::channel(INJECT_QUEUE);
-        let watchers = Arc::new(connection::Watchers::default());
+        let refuse_subscriptions = config
+            .refuse_subscriptions
+            .iter()
+            .filter_map(|f| crate::topic::TopicFilter::new(f).ok())
+            .collect();
         let shared = Arc::new(connection::Shared {
-            router,
-            inject,
-            watchers: watchers.clone(),
+            hub: broker.hub.clone(),
+            inject: inject.clone(),
             gate,
             connect_timeout: config.connect_timeout,
-            max_packet_bytes: config.max_packet_bytes(),
+            limits: session::SessionLimits {
+                receive_maximum: config.receive_maximum,
+                max_packet: config.max_packet_bytes(),
+                max_keep_alive: config
+                    .max_keep_alive
+                    .map(|d| u16::try_from(d.as_secs()).unwrap_or(u16::MAX)),
+                refuse_subscriptions,
+            },
             max_connections: config.max_connections,
             stats,
             refusal_logged_at: Default::default(),
-            retained: Default::default(),
+            next_connection: Default::default(),
         });
         let mut tasks = JoinSet::new();
-        tasks.spawn(connection::inject(
-            injected, readings, watchers, injector.0, injector.1,
-        ));
-        tasks.spawn(accept_loop(self.v4, V4, None, shared.clone()));
-        if let Some(v5) = self.v5 {
-            tasks.spawn(accept_loop(v5, V5, None, shared.clone()));
-        }
+        tasks.spawn(connection::inject(injected, readings, broker.hub.clone()));
+        tasks.spawn(tick(broker.hub.clone(), inject, shared.stats.clone()));
+        tasks.spawn(accept_loop(self.plain, None, shared.clone()));
         if let Some((listener, acceptor)) = self.tls {
-            tasks.spawn(accept_loop(listener, V4, Some(acceptor), shared));
+            tasks.spawn(accept_loop(listener, Some(acceptor), shared));
         }
         shutdown.wait().await;
         // Dropping the set aborts the accept loops, and with them every connection task.
@@ -251,14 +211,40 @@ impl Listeners {
     }
 }
 
-/// Where the broker front sends what clients publish.
+/// Ends sessions whose expiry passed and publishes the wills whose delay passed; now and
+/// then counts the sessions for the metrics.
+async fn tick(
+    hub: Arc<hub::Hub>,
+    inject: tokio::sync::mpsc::Sender<Vec<Message>>,
+    stats: Arc<Stats>,
+) {
+    let mut every = tokio::time::interval(TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for round in 0u64.. {
+        every.tick().await;
+        if round % COUNT_EVERY == 0 {
+            let counts = hub.counts();
+            let set = |gauge: &std::sync::atomic::AtomicU64, n: usize| {
+                gauge.store(n as u64, Ordering::Relaxed);
+            };
+            set(&stats.sessions_online, counts.online);
+            set(&stats.sessions_offline, counts.offline);
+            set(&stats.queued_messages, counts.queued);
+            set(&stats.retained_messages, hub.retained.len());
+        }
+        let wills = hub.tick(std::time::Instant::now());
+        if !wills.is_empty() && inject.send(wills).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Where the broker sends what clients publish.
 pub(crate) struct Pipes {
-    /// The router, for clients that subscribe (they get links of their own).
-    pub(crate) router: Router,
-    /// The injector's link into the router, for publishes that someone subscribed to.
-    pub(crate) injector: (LinkTx, LinkRx),
+    /// The router.
+    pub(crate) broker: Broker,
     /// Batches of publishes for ingest; full when ingest is behind, and then the front waits.
-    pub(crate) readings: tokio::sync::mpsc::Sender<Vec<rumqttd::protocol::Publish>>,
+    pub(crate) readings: tokio::sync::mpsc::Sender<Vec<Message>>,
 }
 
 /// The gate for `config`: its credentials file read, and a warning if it lets in no one or
@@ -279,9 +265,8 @@ pub(crate) fn gate(config: &BrokerConfig, sources: Vec<Source>) -> Result<Arc<Ga
 
 /// Accepts connections and gives each a task of its own. Nothing here waits on a client: the
 /// TLS handshake, like everything else a client does, runs in the connection's task.
-async fn accept_loop<P: connection::Wire>(
+async fn accept_loop(
     listener: TcpListener,
-    protocol: P,
     tls: Option<TlsAcceptor>,
     shared: Arc<connection::Shared>,
 ) {
@@ -312,17 +297,10 @@ async fn accept_loop<P: connection::Wire>(
         // The place is taken before the task starts, so a burst cannot overshoot the limit.
         let slot = connection::Slot::take(&shared.stats);
         match &tls {
-            None => connections.spawn(connection::serve(
-                stream,
-                peer,
-                protocol.clone(),
-                shared.clone(),
-                slot,
-            )),
+            None => connections.spawn(connection::serve(stream, peer, shared.clone(), slot)),
             Some(acceptor) => connections.spawn(connection::serve_tls(
                 stream,
                 peer,
-                protocol.clone(),
                 shared.clone(),
                 acceptor.clone(),
                 slot,
@@ -346,12 +324,5 @@ mod tests {
         assert!(!client_id_allowed("watchpost-internal-ingest-00"));
         assert!(!client_id_allowed("a/b"));
         assert!(!client_id_allowed("$sys"));
-    }
-
-    #[test]
-    fn internal_ids_are_random() {
-        let (a, b) = (random_hex().unwrap(), random_hex().unwrap());
-        assert_eq!(a.len(), 32);
-        assert_ne!(a, b);
     }
 }

@@ -1,185 +1,226 @@
-//! Retained device status, kept by the broker's front instead of the router.
+//! Retained messages, on every topic a client may publish to, within bounds.
 //!
-//! The only retained messages a client may leave are on its status topic
-//! (`sensors/{device}/status`, `online` or `offline`), or on the presence topic a configured
-//! source names for foreign devices (Tasmota's `tele/{device}/LWT`, Zigbee2MQTT's
-//! `zigbee2mqtt/{device*}/availability`), one topic per device as well. rumqttd's router keeps
-//! each retained message as a full publish record of about 1 KiB; with ten thousand devices
-//! that was about 8 MB of the gateway's 58 MiB. Here a status costs its topic and payload in one small
-//! allocation and a map entry: about 150 bytes.
+//! A retained publish replaces the topic's message, or deletes it if its payload is empty
+//! (MQTT 5, 3.3.1.3). Each message keeps its QoS and MQTT 5 properties; a subscription gets
+//! the ones its filter matches, at the lower of the two QoS. A message with a Message Expiry
+//! Interval is forgotten once it expires.
 //!
-//! A retained status is sent to a client right after the SUBACK of a subscription that
-//! matches it, as MQTT asks, with the retain flag set. It goes at QoS 0: the router numbers
-//! the packets it sends a client and owns every packet id, so the front cannot send a QoS 1
-//! packet of its own. Devices publish their status at QoS 0 and their will at QoS 0, so for
-//! them this is the QoS they published with; a retained status published at QoS 1 or 2 is
-//! delivered at QoS 0 on subscribe (a live one still goes at the subscription's QoS).
+//! The store is bounded in messages and bytes (`broker.max_retained_messages` and
+//! `max_retained_bytes`): one client must not fill the gateway's memory topic by topic. A new
+//! topic beyond either bound is refused and counted; replacing or deleting a topic's message
+//! is always possible. A message costs its topic, its payload and about 150 bytes.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
-use rumqttd::protocol::{Filter, Publish, PublishProperties, RetainForwardRule};
 
+use super::hub::Message;
 use crate::topic::TopicFilter;
 
-/// The retained status of every device that left one.
+/// Bounds of the store.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RetainedLimits {
+    /// Most topics with a retained message.
+    pub(crate) messages: usize,
+    /// Most bytes of topics and payloads together.
+    pub(crate) bytes: usize,
+}
+
+impl Default for RetainedLimits {
+    fn default() -> Self {
+        RetainedLimits {
+            messages: 10_000,
+            bytes: 16 << 20,
+        }
+    }
+}
+
+/// What became of a retained publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kept {
+    /// Stored, replacing what the topic had.
+    Stored,
+    /// The topic's message was deleted (empty payload).
+    Deleted,
+    /// Refused: a new topic beyond the bounds.
+    Full,
+}
+
+/// Every retained message.
 #[derive(Default)]
 pub(crate) struct Retained {
-    /// Topic → payload; both usually slices of one allocation.
-    by_topic: Mutex<HashMap<Bytes, Bytes>>,
+    inner: Mutex<Inner>,
+    limits: RetainedLimits,
+}
+
+#[derive(Default)]
+struct Inner {
+    by_topic: HashMap<Bytes, Arc<Message>>,
+    bytes: usize,
+}
+
+fn cost(message: &Message) -> usize {
+    message.topic.len() + message.payload.len()
 }
 
 impl Retained {
-    /// Takes the retained part of `publish` (already checked to be a status topic): keeps its
-    /// payload, or forgets the topic's status on an empty payload (MQTT's way to clear a
-    /// retained message), and clears the flag, so that the router forwards the message to
-    /// the subscribers of the moment and keeps nothing.
-    pub(crate) fn take(&self, publish: &mut Publish) {
-        if !publish.retain {
-            return;
-        }
-        publish.retain = false;
-        let mut map = self.lock();
-        if publish.payload.is_empty() {
-            map.remove(&publish.topic);
-        } else {
-            map.insert(publish.topic.clone(), publish.payload.clone());
+    /// An empty store with `limits`.
+    pub(crate) fn new(limits: RetainedLimits) -> Retained {
+        Retained {
+            inner: Mutex::default(),
+            limits,
         }
     }
 
-    /// The retained messages a subscription to `filter` gets, as publishes ready to send;
-    /// `id` is its subscription identifier, if any. MQTT 5's "only on a new subscription" is
-    /// settled by the connection, which knows the session's subscriptions, before this.
-    pub(crate) fn for_subscription(
-        &self,
-        filter: &Filter,
-        id: Option<usize>,
-    ) -> Vec<(Publish, Option<PublishProperties>)> {
-        let wanted = filter.retain_forward_rule != RetainForwardRule::Never;
-        // Shared subscriptions get no retained messages (MQTT 5, 4.8.2).
-        if !wanted || filter.path.starts_with("$share/") {
-            return Vec::new();
+    /// Keeps `message` (whose retain flag is set) as its topic's retained message, or
+    /// deletes the topic's message if the payload is empty.
+    pub(crate) fn keep(&self, message: &Arc<Message>) -> Kept {
+        let mut inner = self.lock();
+        if message.payload.is_empty() {
+            if let Some(old) = inner.by_topic.remove(&message.topic) {
+                inner.bytes -= cost(&old);
+            }
+            return Kept::Deleted;
         }
-        let Ok(matcher) = TopicFilter::new(&filter.path) else {
-            return Vec::new();
-        };
-        let props = id.map(|id| PublishProperties {
-            subscription_identifiers: vec![id],
-            ..Default::default()
-        });
-        let mut out: Vec<_> = self
-            .lock()
-            .iter()
-            .filter(|(topic, _)| {
-                std::str::from_utf8(topic).is_ok_and(|topic| matcher.matches(topic))
+        let old = inner.by_topic.get(&message.topic).map(|m| cost(m));
+        let bytes = inner.bytes - old.unwrap_or(0) + cost(message);
+        let count = inner.by_topic.len() + usize::from(old.is_none());
+        if old.is_none() && (count > self.limits.messages || bytes > self.limits.bytes) {
+            return Kept::Full;
+        }
+        inner.bytes = bytes;
+        inner
+            .by_topic
+            .insert(message.topic.clone(), Arc::clone(message));
+        Kept::Stored
+    }
+
+    /// Keeps one of the gateway's own messages, whatever the bounds: an alert must never be
+    /// refused because clients filled the store.
+    pub(crate) fn keep_own(&self, message: &Arc<Message>) {
+        let mut inner = self.lock();
+        let added = cost(message);
+        if let Some(old) = inner
+            .by_topic
+            .insert(message.topic.clone(), Arc::clone(message))
+        {
+            inner.bytes -= cost(&old);
+        }
+        inner.bytes += added;
+    }
+
+    /// The retained messages whose topic `filter` matches, in topic order; expired ones are
+    /// forgotten on the way.
+    pub(crate) fn matching(&self, filter: &TopicFilter, now: Instant) -> Vec<Arc<Message>> {
+        let mut inner = self.lock();
+        let mut expired = Vec::new();
+        let mut out: Vec<Arc<Message>> = inner
+            .by_topic
+            .values()
+            .filter(|m| {
+                if m.expired(now) {
+                    expired.push(m.topic.clone());
+                    return false;
+                }
+                std::str::from_utf8(&m.topic).is_ok_and(|t| filter.matches(t))
             })
-            .map(|(topic, payload)| {
-                let publish = Publish::new(topic.clone(), payload.clone(), true);
-                (publish, props.clone())
-            })
+            .cloned()
             .collect();
-        // In topic order: the same order for every subscriber, and easy to read.
-        out.sort_by(|a, b| a.0.topic.cmp(&b.0.topic));
+        for topic in expired {
+            if let Some(old) = inner.by_topic.remove(&topic) {
+                inner.bytes -= cost(&old);
+            }
+        }
+        out.sort_by(|a, b| a.topic.cmp(&b.topic));
         out
     }
 
-    /// How many topics have a retained status.
-    #[cfg(test)]
+    /// How many topics have a retained message.
     pub(crate) fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_topic.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Bytes, Bytes>> {
-        self.by_topic.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rumqttd::protocol::QoS;
+    use crate::broker::packet::QoS;
 
-    fn status(device: &str, payload: &'static str) -> Publish {
-        Publish::new(
-            Bytes::from(format!("sensors/{device}/status")),
-            Bytes::from_static(payload.as_bytes()),
-            true,
-        )
-    }
-
-    fn filter(path: &str, rule: RetainForwardRule) -> Filter {
-        Filter {
-            path: path.to_owned(),
+    fn message(topic: &str, payload: &'static str) -> Arc<Message> {
+        Arc::new(Message {
+            topic: Bytes::from(topic.to_owned()),
+            payload: Bytes::from_static(payload.as_bytes()),
             qos: QoS::AtLeastOnce,
-            nolocal: false,
-            preserve_retain: false,
-            retain_forward_rule: rule,
-        }
+            retain: true,
+            ..Message::default()
+        })
     }
 
-    fn topics(list: &[(Publish, Option<PublishProperties>)]) -> Vec<String> {
+    fn topics(list: &[Arc<Message>]) -> Vec<String> {
         list.iter()
-            .map(|(p, _)| String::from_utf8_lossy(&p.topic).into_owned())
+            .map(|m| String::from_utf8_lossy(&m.topic).into_owned())
             .collect()
     }
 
     #[test]
-    fn keeps_the_newest_status_and_clears_the_flag() {
+    fn keeps_the_newest_message_of_each_topic_and_deletes_on_empty() {
         let retained = Retained::default();
-        for (device, payload) in [("a", "online"), ("b", "online"), ("a", "offline")] {
-            let mut p = status(device, payload);
-            retained.take(&mut p);
-            assert!(!p.retain, "the router must not keep it too");
+        let now = Instant::now();
+        for (topic, payload) in [("a/s", "online"), ("b/s", "online"), ("a/s", "offline")] {
+            assert_eq!(retained.keep(&message(topic, payload)), Kept::Stored);
         }
-        let every = filter("sensors/+/status", RetainForwardRule::OnEverySubscribe);
-        let got = retained.for_subscription(&every, None);
-        assert_eq!(topics(&got), ["sensors/a/status", "sensors/b/status"]);
-        assert_eq!(&got[0].0.payload[..], b"offline");
-        assert!(got.iter().all(|(p, _)| p.retain));
+        let all = TopicFilter::new("+/s").unwrap();
+        let got = retained.matching(&all, now);
+        assert_eq!(topics(&got), ["a/s", "b/s"]);
+        assert_eq!(&got[0].payload[..], b"offline");
+        assert_eq!(got[0].qos, QoS::AtLeastOnce);
+        assert_eq!(retained.keep(&message("a/s", "")), Kept::Deleted);
+        assert_eq!(topics(&retained.matching(&all, now)), ["b/s"]);
+        let none = TopicFilter::new("c/#").unwrap();
+        assert!(retained.matching(&none, now).is_empty());
     }
 
     #[test]
-    fn an_empty_payload_forgets_and_a_live_message_is_not_kept() {
+    fn new_topics_beyond_the_bounds_are_refused_but_replacing_is_not() {
+        let retained = Retained::new(RetainedLimits {
+            messages: 2,
+            bytes: 20,
+        });
+        assert_eq!(retained.keep(&message("a", "1234")), Kept::Stored);
+        assert_eq!(retained.keep(&message("b", "1234")), Kept::Stored);
+        assert_eq!(retained.keep(&message("c", "1")), Kept::Full, "count");
+        assert_eq!(retained.keep(&message("a", "12345678")), Kept::Stored);
+        assert_eq!(retained.len(), 2);
+        let big = Retained::new(RetainedLimits {
+            messages: 10,
+            bytes: 10,
+        });
+        assert_eq!(big.keep(&message("a", "1234")), Kept::Stored);
+        assert_eq!(big.keep(&message("b", "123456")), Kept::Full, "bytes");
+    }
+
+    #[test]
+    fn expired_messages_are_forgotten() {
         let retained = Retained::default();
-        retained.take(&mut status("a", "online"));
-        let mut live = status("b", "online");
-        live.retain = false;
-        retained.take(&mut live);
-        assert_eq!(retained.len(), 1);
-        let mut clear = status("a", "");
-        retained.take(&mut clear);
+        let now = Instant::now();
+        let mut m = Message {
+            topic: Bytes::from_static(b"t"),
+            payload: Bytes::from_static(b"x"),
+            retain: true,
+            ..Message::default()
+        };
+        m.expires_at = Some(now + std::time::Duration::from_secs(1));
+        retained.keep(&Arc::new(m));
+        let all = TopicFilter::new("#").unwrap();
+        assert_eq!(retained.matching(&all, now).len(), 1);
+        let later = now + std::time::Duration::from_secs(2);
+        assert!(retained.matching(&all, later).is_empty());
         assert_eq!(retained.len(), 0);
-    }
-
-    #[test]
-    fn only_matching_wanted_and_unshared_subscriptions_get_them() {
-        let retained = Retained::default();
-        retained.take(&mut status("a", "online"));
-        let rule = RetainForwardRule::OnEverySubscribe;
-        assert_eq!(
-            retained
-                .for_subscription(&filter("#", rule.clone()), None)
-                .len(),
-            1
-        );
-        assert!(
-            retained
-                .for_subscription(&filter("sensors/b/#", rule.clone()), None)
-                .is_empty()
-        );
-        assert!(
-            retained
-                .for_subscription(&filter("$share/g/sensors/#", rule), None)
-                .is_empty()
-        );
-        let never = filter("sensors/#", RetainForwardRule::Never);
-        assert!(retained.for_subscription(&never, None).is_empty());
-        let got = retained.for_subscription(
-            &filter("sensors/#", RetainForwardRule::OnEverySubscribe),
-            Some(7),
-        );
-        let props = got[0].1.as_ref().expect("a subscription identifier");
-        assert_eq!(props.subscription_identifiers, [7]);
     }
 }

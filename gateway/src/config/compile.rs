@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,12 +18,15 @@ use super::raw::{
 use super::rules::compile_rule;
 use super::{
     BrokerConfig, CREDENTIALS_FILE, Config, DEFAULT_DATA_DIR, DEFAULT_HTTP_LISTEN, DEFAULT_LISTEN,
-    DEFAULT_LOG, DEFAULT_MAX_PUBLISH_RATE, GatewayConfig, HistoryConfig, HttpConfig, Secret,
-    SummaryConfig, TlsListener, UplinkConfig,
+    DEFAULT_LOG, DEFAULT_MAX_PUBLISH_RATE, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_MESSAGES,
+    DEFAULT_MAX_RETAINED_BYTES, DEFAULT_MAX_RETAINED_MESSAGES, DEFAULT_MAX_SESSION_EXPIRY,
+    DEFAULT_RECEIVE_MAXIMUM, GatewayConfig, HistoryConfig, HttpConfig, Secret, SummaryConfig,
+    TlsListener, UplinkConfig,
 };
 use crate::codec;
 use crate::rules::{Kind, Rule, Severity};
 use crate::sources::{Field, FieldKind, Payload, Source};
+use crate::topic::TopicFilter;
 use crate::value::{Value, ValueMap};
 
 pub(super) fn is_name(s: &str) -> bool {
@@ -567,18 +570,14 @@ fn compile_broker(raw: &RawBroker, data_dir: &Path, sink: &mut Sink<'_>) -> Brok
         .as_ref()
         .and_then(|l| sink.socket_addr(l, "listen"))
         .unwrap_or(default_listen);
-    let listen_v5 = raw
-        .listen_v5
-        .as_ref()
-        .and_then(|l| sink.socket_addr(l, "listen_v5"));
-    if let (Some(v5), Some(raw_v5)) = (listen_v5, &raw.listen_v5) {
-        if v5 == listen && v5.port() != 0 {
-            sink.error(
-                raw_v5.span(),
-                "`listen_v5` is the same address as `listen`",
-                Some("MQTT 5 needs a port of its own, e.g. 1884".into()),
-            );
-        }
+    if let Some(v5) = &raw.listen_v5 {
+        sink.error(
+            v5.span(),
+            "`listen_v5` is gone: `listen` now serves MQTT 3.1.1 and MQTT 5 on one port, chosen from each client's CONNECT",
+            Some(format!(
+                "remove this line and point MQTT 5 clients at `listen` ({listen})"
+            )),
+        );
     }
     let allow_anonymous = raw.allow_anonymous.as_ref().is_some_and(|a| *a.get_ref());
     let max_connections = match &raw.max_connections {
@@ -640,7 +639,6 @@ fn compile_broker(raw: &RawBroker, data_dir: &Path, sink: &mut Sink<'_>) -> Brok
         Some(m) => *m.get_ref(),
         None => 256,
     };
-    let plain = [Some(listen), listen_v5];
     let tls = raw.tls.as_ref().and_then(|t| {
         let r = t.get_ref();
         let tls_listen = sink.socket_addr(&r.listen, "listen")?;
@@ -657,7 +655,7 @@ fn compile_broker(raw: &RawBroker, data_dir: &Path, sink: &mut Sink<'_>) -> Brok
                 );
             }
         }
-        if plain.contains(&Some(tls_listen)) && tls_listen.port() != 0 {
+        if tls_listen == listen && tls_listen.port() != 0 {
             sink.error(
                 r.listen.span(),
                 "the TLS listener needs a port of its own, e.g. 8883",
@@ -672,7 +670,7 @@ fn compile_broker(raw: &RawBroker, data_dir: &Path, sink: &mut Sink<'_>) -> Brok
         })
     });
     if let Some(a) = raw.allow_anonymous.as_ref().filter(|a| *a.get_ref()) {
-        let exposed = [Some(listen), listen_v5, tls.as_ref().map(|t| t.listen)]
+        let exposed = [Some(listen), tls.as_ref().map(|t| t.listen)]
             .into_iter()
             .flatten()
             .any(|l| !l.ip().is_loopback());
@@ -684,9 +682,107 @@ fn compile_broker(raw: &RawBroker, data_dir: &Path, sink: &mut Sink<'_>) -> Brok
             );
         }
     }
+    let max_keep_alive = raw.max_keep_alive.as_ref().and_then(|k| {
+        let errors = sink.errors.len();
+        let d = sink.duration(&Some(k.clone()), "max_keep_alive", Duration::ZERO);
+        if sink.errors.len() > errors {
+            return None;
+        }
+        if !whole_seconds_within(d, 1..=u64::from(u16::MAX)) {
+            sink.error(
+                k.span(),
+                "`max_keep_alive` must be whole seconds from 1s to 65535s (18h 12m 15s), what MQTT's keep alive can say",
+                Some("e.g. \"60s\"; leave it out to grant each client the keep alive it asks for".into()),
+            );
+            return None;
+        }
+        Some(d)
+    });
+    let receive_maximum = match &raw.receive_maximum {
+        Some(r) => match u16::try_from(*r.get_ref()) {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                sink.error(
+                    r.span(),
+                    "`receive_maximum` must be between 1 and 65535",
+                    Some("it is how many QoS 1 and 2 publishes a client may have unacknowledged at once; e.g. 64".into()),
+                );
+                DEFAULT_RECEIVE_MAXIMUM
+            }
+        },
+        None => DEFAULT_RECEIVE_MAXIMUM,
+    };
+    let mut max_session_expiry = sink.duration(
+        &raw.max_session_expiry,
+        "max_session_expiry",
+        DEFAULT_MAX_SESSION_EXPIRY,
+    );
+    if let Some(e) = &raw.max_session_expiry {
+        if !whole_seconds_within(max_session_expiry, 0..=u64::from(u32::MAX)) {
+            sink.error(
+                e.span(),
+                "`max_session_expiry` must be whole seconds up to 4294967295s (about 136 years), what MQTT 5's session expiry can say",
+                Some("e.g. \"1d\"; \"0s\" ends every session when its client disconnects".into()),
+            );
+            max_session_expiry = DEFAULT_MAX_SESSION_EXPIRY;
+        }
+    }
+    let max_queued_messages = at_least(
+        sink,
+        &raw.max_queued_messages,
+        "max_queued_messages",
+        1,
+        DEFAULT_MAX_QUEUED_MESSAGES,
+        "messages queued for a session beyond it are dropped and counted; e.g. 1000",
+    );
+    let max_queued_bytes = at_least(
+        sink,
+        &raw.max_queued_bytes,
+        "max_queued_bytes",
+        1024,
+        DEFAULT_MAX_QUEUED_BYTES,
+        "bytes queued for a session beyond it are dropped and counted; e.g. 1048576 (1 MiB)",
+    );
+    let max_retained_messages = at_least(
+        sink,
+        &raw.max_retained_messages,
+        "max_retained_messages",
+        1,
+        DEFAULT_MAX_RETAINED_MESSAGES,
+        "retained publishes beyond it are refused and counted, and the gateway's own alerts are retained too; e.g. 10000",
+    );
+    let max_retained_bytes = at_least(
+        sink,
+        &raw.max_retained_bytes,
+        "max_retained_bytes",
+        1024,
+        DEFAULT_MAX_RETAINED_BYTES,
+        "retained publishes beyond it are refused and counted; e.g. 16777216 (16 MiB)",
+    );
+    let refuse_subscriptions = raw
+        .refuse_subscriptions
+        .as_ref()
+        .map_or_else(Vec::new, |list| {
+            list.get_ref()
+                .iter()
+                .filter_map(|f| match TopicFilter::new(f.get_ref()) {
+                    Ok(_) => Some(f.get_ref().clone()),
+                    Err(e) => {
+                        sink.error(
+                            f.span(),
+                            format!(
+                                "`refuse_subscriptions`: {:?} is not an MQTT topic filter: {e}",
+                                f.get_ref()
+                            ),
+                            Some("e.g. \"test/nosubscribe\" or \"private/#\"".into()),
+                        );
+                        None
+                    }
+                })
+                .collect()
+        });
     BrokerConfig {
         listen,
-        listen_v5,
         allow_anonymous,
         max_connections,
         connect_timeout,
@@ -698,6 +794,42 @@ fn compile_broker(raw: &RawBroker, data_dir: &Path, sink: &mut Sink<'_>) -> Brok
         credentials,
         max_publish_rate,
         tls,
+        max_keep_alive,
+        receive_maximum,
+        max_session_expiry,
+        max_queued_messages,
+        max_queued_bytes,
+        max_retained_messages,
+        max_retained_bytes,
+        refuse_subscriptions,
+    }
+}
+
+/// True if `d` is whole seconds within `range`: what MQTT carries as an integer of seconds.
+fn whole_seconds_within(d: Duration, range: RangeInclusive<u64>) -> bool {
+    d.subsec_nanos() == 0 && range.contains(&d.as_secs())
+}
+
+/// A count with a floor: the value written, or else an error at its span and `default`.
+fn at_least(
+    sink: &mut Sink<'_>,
+    raw: &Option<Spanned<usize>>,
+    field: &str,
+    min: usize,
+    default: usize,
+    help: &str,
+) -> usize {
+    match raw {
+        Some(n) if *n.get_ref() < min => {
+            sink.error(
+                n.span(),
+                format!("`{field}` must be at least {min}"),
+                Some(help.into()),
+            );
+            default
+        }
+        Some(n) => *n.get_ref(),
+        None => default,
     }
 }
 

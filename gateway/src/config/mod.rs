@@ -95,10 +95,9 @@ pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9183";
 /// `[broker]`
 #[derive(Debug, Clone, PartialEq)]
 pub struct BrokerConfig {
-    /// MQTT 3.1.1 listener.
+    /// The MQTT listener: MQTT 3.1.1 and MQTT 5 on one port, the version chosen from each
+    /// client's CONNECT.
     pub listen: SocketAddr,
-    /// MQTT 5 listener, if configured.
-    pub listen_v5: Option<SocketAddr>,
     /// Serve clients without credentials.
     pub allow_anonymous: bool,
     /// Most client connections served at once.
@@ -115,6 +114,38 @@ pub struct BrokerConfig {
     pub max_publish_rate: u32,
     /// The TLS listener, if configured.
     pub tls: Option<TlsListener>,
+    /// `max_keep_alive`: an MQTT 5 client that asks for a longer keep alive, or for none (0),
+    /// is told this one in its CONNACK (Server Keep Alive). Whole seconds, 1 s to 65535 s;
+    /// `None` takes what each client asks for.
+    pub max_keep_alive: Option<Duration>,
+    /// `receive_maximum`: QoS 1 and 2 publishes a client may have unacknowledged at once
+    /// (MQTT 5 Receive Maximum), and the most the broker has in flight to a 3.1.1 client.
+    /// 1 to 65535.
+    pub receive_maximum: u16,
+    /// `max_session_expiry`: a session a client asks to keep (MQTT 5 Session Expiry Interval,
+    /// or a 3.1.1 `clean_session = false`) ends after at most this long offline. Whole
+    /// seconds, at most `u32::MAX` (about 136 years); zero ends every session at disconnect.
+    pub max_session_expiry: Duration,
+    /// `max_queued_messages`: per session, messages waiting for a client (offline, or not
+    /// reading); beyond this, or [`BrokerConfig::max_queued_bytes`], new messages for that
+    /// session are dropped and counted. At least 1.
+    pub max_queued_messages: usize,
+    /// `max_queued_bytes`: per session, bytes of messages waiting for a client; see
+    /// [`BrokerConfig::max_queued_messages`]. At least 1024.
+    pub max_queued_bytes: usize,
+    /// `max_retained_messages`: retained messages kept for all topics together; a retained
+    /// publish beyond this, or [`BrokerConfig::max_retained_bytes`], is refused (not kept)
+    /// and counted. At least 1.
+    pub max_retained_messages: usize,
+    /// `max_retained_bytes`: bytes of retained messages kept for all topics together; see
+    /// [`BrokerConfig::max_retained_messages`]. At least 1024.
+    pub max_retained_bytes: usize,
+    /// `refuse_subscriptions`: MQTT topic filters no client may subscribe to. A SUBSCRIBE to a
+    /// listed filter, or to any filter that a listed filter matches when read as a topic, is
+    /// refused with SUBACK 0x80 (unspecified error) in both MQTT versions. For conformance
+    /// suites (the Eclipse Paho interoperability tests expect `test/nosubscribe` refused) and
+    /// to keep clients off a topic tree. Each is a valid filter, as written in the file.
+    pub refuse_subscriptions: Vec<String>,
 }
 
 /// `[broker.tls]`: MQTT 3.1.1 over TLS.
@@ -240,6 +271,19 @@ pub const CREDENTIALS_FILE: &str = "credentials.toml";
 
 /// Default limit of publishes per second and device.
 pub const DEFAULT_MAX_PUBLISH_RATE: u32 = 500;
+
+/// Default of `broker.receive_maximum`: unacknowledged QoS 1 and 2 publishes per client.
+pub const DEFAULT_RECEIVE_MAXIMUM: u16 = 64;
+/// Default of `broker.max_session_expiry`: one day offline.
+pub const DEFAULT_MAX_SESSION_EXPIRY: Duration = Duration::from_secs(24 * 60 * 60);
+/// Default of `broker.max_queued_messages`, per session.
+pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
+/// Default of `broker.max_queued_bytes`, per session: 1 MiB.
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 1024 * 1024;
+/// Default of `broker.max_retained_messages`, for all topics together.
+pub const DEFAULT_MAX_RETAINED_MESSAGES: usize = 10_000;
+/// Default of `broker.max_retained_bytes`, for all topics together: 16 MiB.
+pub const DEFAULT_MAX_RETAINED_BYTES: usize = 16 * 1024 * 1024;
 
 /// A loaded configuration and the warnings it raised.
 #[derive(Debug, Clone)]

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use serde::Deserialize;
-use serde::de::IntoDeserializer;
+use serde::de::{IgnoredAny, IntoDeserializer};
 use toml::Spanned;
 use toml::de::DeValue;
 
@@ -138,7 +138,8 @@ pub(super) struct RawHttp {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBroker {
     pub(super) listen: Option<Spanned<String>>,
-    pub(super) listen_v5: Option<Spanned<String>>,
+    /// Gone (`listen` serves both protocol versions); read, whatever its value, only to say so.
+    pub(super) listen_v5: Option<Spanned<IgnoredAny>>,
     pub(super) allow_anonymous: Option<Spanned<bool>>,
     pub(super) max_connections: Option<Spanned<usize>>,
     pub(super) connect_timeout: Option<Spanned<String>>,
@@ -148,6 +149,14 @@ pub(super) struct RawBroker {
     pub(super) max_publish_rate: Option<Spanned<u32>>,
     pub(super) max_metrics_per_device: Option<Spanned<usize>>,
     pub(super) tls: Option<Spanned<RawTls>>,
+    pub(super) max_keep_alive: Option<Spanned<String>>,
+    pub(super) receive_maximum: Option<Spanned<u64>>,
+    pub(super) max_session_expiry: Option<Spanned<String>>,
+    pub(super) max_queued_messages: Option<Spanned<usize>>,
+    pub(super) max_queued_bytes: Option<Spanned<usize>>,
+    pub(super) max_retained_messages: Option<Spanned<usize>>,
+    pub(super) max_retained_bytes: Option<Spanned<usize>>,
+    pub(super) refuse_subscriptions: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]

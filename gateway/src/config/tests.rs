@@ -462,3 +462,163 @@ fn the_packet_limit_defaults_above_the_payload_limit_and_may_be_raised() {
         "{e:#?}"
     );
 }
+
+#[test]
+fn listen_v5_is_an_error_that_says_how_to_move() {
+    // Whatever its value: the line itself is what has to go.
+    for value in ["\"127.0.0.1:1884\"", "1884"] {
+        let src = format!("{MINIMAL}[broker]\nlisten = \"127.0.0.1:1883\"\nlisten_v5 = {value}\n");
+        let e = parse(&src, "t.toml").unwrap_err();
+        assert_eq!(e.errors.len(), 1, "{e}");
+        let d = &e.errors[0];
+        assert_eq!((d.line, d.column), (5, 13), "{e}");
+        assert!(
+            d.message.starts_with(
+                "`listen_v5` is gone: `listen` now serves MQTT 3.1.1 and MQTT 5 on one port"
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            d.help.as_deref(),
+            Some("remove this line and point MQTT 5 clients at `listen` (127.0.0.1:1883)")
+        );
+    }
+}
+
+#[test]
+fn mqtt5_session_and_queue_limits_have_defaults() {
+    let b = parse(MINIMAL, "t.toml").unwrap().config.broker;
+    assert_eq!(b.max_keep_alive, None, "each client's own keep alive");
+    assert_eq!(b.receive_maximum, 64);
+    assert_eq!(b.max_session_expiry, Duration::from_secs(86_400));
+    assert_eq!((b.max_queued_messages, b.max_queued_bytes), (1000, 1 << 20));
+    assert_eq!(
+        (b.max_retained_messages, b.max_retained_bytes),
+        (10_000, 16 << 20)
+    );
+    assert!(b.refuse_subscriptions.is_empty());
+}
+
+#[test]
+fn mqtt5_session_and_queue_limits_are_read_as_written() {
+    let b = parse(
+        &format!(
+            "{MINIMAL}[broker]\nmax_keep_alive = \"60s\"\nreceive_maximum = 65535\nmax_session_expiry = \"0s\"\n\
+             max_queued_messages = 1\nmax_queued_bytes = 1024\nmax_retained_messages = 1\nmax_retained_bytes = 1024\n\
+             refuse_subscriptions = [\"test/nosubscribe\", \"private/#\", \"+/secret\"]\n"
+        ),
+        "t.toml",
+    )
+    .unwrap()
+    .config
+    .broker;
+    assert_eq!(b.max_keep_alive, Some(Duration::from_secs(60)));
+    assert_eq!(b.receive_maximum, u16::MAX);
+    assert_eq!(b.max_session_expiry, Duration::ZERO);
+    assert_eq!((b.max_queued_messages, b.max_queued_bytes), (1, 1024));
+    assert_eq!((b.max_retained_messages, b.max_retained_bytes), (1, 1024));
+    assert_eq!(
+        b.refuse_subscriptions,
+        ["test/nosubscribe", "private/#", "+/secret"]
+    );
+    let longest = parse(
+        &format!(
+            "{MINIMAL}[broker]\nmax_keep_alive = \"65535s\"\nmax_session_expiry = \"4294967295s\"\n"
+        ),
+        "t.toml",
+    )
+    .unwrap()
+    .config
+    .broker;
+    assert_eq!(longest.max_keep_alive, Some(Duration::from_secs(65535)));
+    assert_eq!(
+        longest.max_session_expiry,
+        Duration::from_secs(u32::MAX.into())
+    );
+}
+
+#[test]
+fn mqtt5_session_and_queue_limits_out_of_range_are_errors_where_written() {
+    // (the line under [broker], the text the error points at, the start of its message)
+    let cases = [
+        (
+            "max_keep_alive = \"0s\"",
+            "\"0s\"",
+            "`max_keep_alive` must be whole seconds from 1s to 65535s",
+        ),
+        (
+            "max_keep_alive = \"65536s\"",
+            "\"65536s\"",
+            "`max_keep_alive` must be whole seconds",
+        ),
+        (
+            "max_keep_alive = \"1.5s\"",
+            "\"1.5s\"",
+            "`max_keep_alive` must be whole seconds",
+        ),
+        (
+            "max_keep_alive = \"soon\"",
+            "\"soon\"",
+            "`max_keep_alive` is not a duration",
+        ),
+        (
+            "receive_maximum = 0",
+            "0",
+            "`receive_maximum` must be between 1 and 65535",
+        ),
+        (
+            "receive_maximum = 65536",
+            "65536",
+            "`receive_maximum` must be between 1 and 65535",
+        ),
+        (
+            "max_session_expiry = \"137years\"",
+            "\"137years\"",
+            "`max_session_expiry` must be whole seconds up to 4294967295s",
+        ),
+        (
+            "max_session_expiry = \"never\"",
+            "\"never\"",
+            "`max_session_expiry` is not a duration",
+        ),
+        (
+            "max_queued_messages = 0",
+            "0",
+            "`max_queued_messages` must be at least 1",
+        ),
+        (
+            "max_queued_bytes = 1023",
+            "1023",
+            "`max_queued_bytes` must be at least 1024",
+        ),
+        (
+            "max_retained_messages = 0",
+            "0",
+            "`max_retained_messages` must be at least 1",
+        ),
+        (
+            "max_retained_bytes = 100",
+            "100",
+            "`max_retained_bytes` must be at least 1024",
+        ),
+        (
+            "refuse_subscriptions = [\"test/nosubscribe\", \"a/#/b\"]",
+            "\"a/#/b\"",
+            "`refuse_subscriptions`: \"a/#/b\" is not an MQTT topic filter",
+        ),
+        (
+            "refuse_subscriptions = [\"\"]",
+            "\"\"",
+            "`refuse_subscriptions`: \"\" is not an MQTT topic filter",
+        ),
+    ];
+    for (line, at, message) in cases {
+        let e = errors(&format!("{MINIMAL}[broker]\n{line}\n"));
+        let column = line.find(at).unwrap() + 1;
+        let want = format!("4:{column} {message}");
+        assert!(
+            e.len() == 1 && e[0].starts_with(&want),
+            "{want:?} not {e:#?}"
+        );
+    }
+}

@@ -772,12 +772,33 @@ fn check_config_sound(c: &config::Config, source: &str) {
     assert!(c.broker.max_connections >= 1, "{}", ctx());
     assert!(c.broker.limits.max_metrics_per_device >= 1, "{}", ctx());
     if let Some(tls) = &c.broker.tls {
-        let plain = [Some(c.broker.listen), c.broker.listen_v5];
         assert!(
-            tls.listen.port() == 0 || !plain.contains(&Some(tls.listen)),
+            tls.listen.port() == 0 || tls.listen != c.broker.listen,
             "{}",
             ctx()
         );
+    }
+    let whole_seconds =
+        |d: std::time::Duration, max: u64| d.subsec_nanos() == 0 && d.as_secs() <= max;
+    if let Some(k) = c.broker.max_keep_alive {
+        assert!(
+            k.as_secs() >= 1 && whole_seconds(k, u16::MAX.into()),
+            "{}",
+            ctx()
+        );
+    }
+    assert!(c.broker.receive_maximum >= 1, "{}", ctx());
+    assert!(
+        whole_seconds(c.broker.max_session_expiry, u32::MAX.into()),
+        "{}",
+        ctx()
+    );
+    assert!(c.broker.max_queued_messages >= 1, "{}", ctx());
+    assert!(c.broker.max_queued_bytes >= 1024, "{}", ctx());
+    assert!(c.broker.max_retained_messages >= 1, "{}", ctx());
+    assert!(c.broker.max_retained_bytes >= 1024, "{}", ctx());
+    for f in &c.broker.refuse_subscriptions {
+        assert!(TopicFilter::new(f).is_ok(), "{}", ctx());
     }
     assert!(
         c.history.window >= std::time::Duration::from_secs(1),

@@ -42,7 +42,12 @@ const TOKENS: &[&str] = &[
 
 fn reading_seeds() -> Vec<Vec<u8>> {
     let mut seeds: Vec<_> = seeds("readings").into_iter().map(|(_, d)| d).collect();
-    seeds.extend(files("../config/examples").into_iter().map(|(_, d)| d));
+    seeds.extend(
+        files("../config/examples")
+            .into_iter()
+            .filter(|(name, _)| name.ends_with(".csv") || name.ends_with(".jsonl"))
+            .map(|(_, d)| d),
+    );
     seeds
 }
 
