@@ -62,6 +62,7 @@ pub(crate) struct Shared {
     pub(crate) max_connections: usize,
     pub(crate) stats: Arc<Stats>,
     pub(crate) refusal_logged_at: Mutex<Option<Instant>>,
+    pub(crate) violation_logged_at: Mutex<Option<Instant>>,
     pub(crate) next_connection: AtomicU64,
 }
 
@@ -78,16 +79,28 @@ impl Shared {
     /// Logs a refused connection, unless one was logged moments ago. At the default level:
     /// an operator must be able to see why a client cannot connect.
     fn log_refusal(&self, peer: SocketAddr, what: &str) {
-        let now = Instant::now();
-        let mut last = self
-            .refusal_logged_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if last.is_none_or(|t| now.duration_since(t) >= REFUSALS_LOGGED_EVERY) {
-            *last = Some(now);
+        if due(&self.refusal_logged_at) {
             warn!(%peer, "client refused: {what} (such lines are logged at most every {}s; every refusal is counted)", REFUSALS_LOGGED_EVERY.as_secs());
         }
     }
+
+    /// Logs a connection closed for breaking the protocol, unless one was logged moments ago.
+    fn log_violation(&self, peer: SocketAddr, client_id: &str, code: u8, why: &str) {
+        if due(&self.violation_logged_at) {
+            warn!(%peer, client_id = truncate(client_id), "connection closed: {why} (reason code {code:#04x}; such lines are logged at most every {}s; every one is counted in watchpost_protocol_errors_total)", REFUSALS_LOGGED_EVERY.as_secs());
+        }
+    }
+}
+
+/// True if a line limited by `last` may be logged now; notes the time if so.
+fn due(last: &Mutex<Option<Instant>>) -> bool {
+    let now = Instant::now();
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    if last.is_none_or(|t| now.duration_since(t) >= REFUSALS_LOGGED_EVERY) {
+        *last = Some(now);
+        return true;
+    }
+    false
 }
 
 /// Holds one place in `broker.max_connections` until the connection is over.
@@ -272,7 +285,7 @@ async fn handshake<S: Stream>(
                 format!("unknown MQTT protocol level {other}")
             };
             shared.log_refusal(peer, &why);
-            Stats::inc(&shared.stats.auth_failures);
+            Stats::inc(&shared.stats.protocol_errors);
             return refuse(io, reason::UNSUPPORTED_PROTOCOL_VERSION, why).await;
         }
     };
@@ -339,14 +352,7 @@ async fn handshake<S: Stream>(
         }
     };
     let client_id = connect.client_id.clone();
-    let opened = Session::open(
-        *connect,
-        version,
-        admitted,
-        connection,
-        shared.ctx(),
-        Instant::now().into_std(),
-    );
+    let opened = Session::open(*connect, version, admitted, connection, shared.ctx());
     match opened {
         Ok(opened) => {
             tracing::Span::current().record("client_id", opened.session.client_id.as_str());
@@ -420,6 +426,9 @@ async fn session<S: Stream>(
     let now = Instant::now().into_std();
     let (will, error) = match end {
         End::Closed(close) => {
+            if !close.clean {
+                shared.log_violation(peer, &session.client_id, close.code, &close.why);
+            }
             let error = (!close.clean).then_some(ConnError::Violation {
                 code: close.code,
                 why: close.why,

@@ -196,6 +196,7 @@ impl Listeners {
             max_connections: config.max_connections,
             stats,
             refusal_logged_at: Default::default(),
+            violation_logged_at: Default::default(),
             next_connection: Default::default(),
         });
         let mut tasks = JoinSet::new();

@@ -91,6 +91,8 @@ pub(crate) struct Output {
     /// Acknowledgements of `route`'s publishes (PUBACK, PUBREC), to send once they have
     /// been handed on.
     pub(crate) acks: Vec<Packet>,
+    /// PUBACKs among `acks`: QoS 1 publishes not yet acknowledged.
+    pub(crate) unacknowledged: usize,
 }
 
 /// Why and how a session ends.
@@ -190,7 +192,6 @@ impl Session {
         admitted: Admitted,
         connection: u64,
         ctx: Ctx<'_>,
-        now: Instant,
     ) -> Result<Opened, Refused> {
         let v5 = version.is_v5();
         if connect.authentication_method.is_some() {
@@ -327,7 +328,6 @@ impl Session {
             server_keep_alive,
             ..ConnAck::default()
         };
-        let _ = now;
         Ok(Opened {
             session,
             connack,
@@ -525,12 +525,7 @@ impl Session {
             return Ok(());
         }
         if qos != QoS::AtMostOnce {
-            let unacknowledged = pending
-                + out
-                    .acks
-                    .iter()
-                    .filter(|a| matches!(a, Packet::PubAck(_)))
-                    .count();
+            let unacknowledged = pending + out.unacknowledged;
             if unacknowledged >= usize::from(ctx.limits.receive_maximum) && v5 {
                 return Err(self.disconnect(
                     out,
@@ -608,7 +603,10 @@ impl Session {
         out.route.push(message);
         match qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => out.acks.push(Packet::PubAck(Ack::new(pkid))),
+            QoS::AtLeastOnce => {
+                out.unacknowledged += 1;
+                out.acks.push(Packet::PubAck(Ack::new(pkid)));
+            }
             QoS::ExactlyOnce => {
                 self.incoming_mut(|ids| ids.push(pkid));
                 out.acks.push(Packet::PubRec(Ack::new(pkid)));

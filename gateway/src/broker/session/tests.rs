@@ -62,14 +62,7 @@ impl Rig {
             identity,
             proof: Proof::None,
         };
-        Session::open(
-            connect,
-            version,
-            admitted,
-            connection,
-            self.ctx(),
-            Instant::now(),
-        )
+        Session::open(connect, version, admitted, connection, self.ctx())
     }
 
     fn open(&self, connect: Connect, version: Version) -> Result<Opened, Refused> {
