@@ -12,7 +12,7 @@
 //! |---|---|
 //! | [`config`] | raw serde structs, then `compile()` into a checked [`config::Config`] plus warnings, with file:line:column diagnostics |
 //! | [`access`] | identities (credentials file, client certificates, anonymous) and what each may publish and subscribe to |
-//! | [`broker`] | rumqttd's router plus Watchpost's own listeners and client connections; hands ingest its in-process link |
+//! | [`broker`] | the embedded MQTT 3.1.1 and 5 broker: codec, per-client sessions, the router, listeners; hands ingest every client's publishes in batches |
 //! | [`value`] | a reading's value, a number or a state; how text becomes one; value maps |
 //! | [`codec`] | pure bytes → readings; no I/O |
 //! | [`sources`] | foreign topic layouts (Tasmota, ESPHome, Shelly, ...) mapped onto readings by configuration |
@@ -20,7 +20,7 @@
 //! | [`loss`] | pure loss accounting from each device's `seq`: gaps, duplicates, late arrivals |
 //! | [`rules`] | pure rule evaluation: (rule, state, input, now) → (state, transition) |
 //! | [`aggregate`] | windowed rollups and site summaries as state machines with time passed in |
-//! | [`ingest`] | the task that pulls from the link and drives codec → loss → rules and rollups → outputs |
+//! | [`ingest`] | the task that takes the broker's batches and drives codec → loss → rules and rollups → outputs |
 //! | [`alert`] | the alert document and its topic |
 //! | [`store`] | the one owner of the SQLite connection: migrations, batched writes, history within a disk budget, the outbox |
 //! | [`uplink`] | the upstream client task: drains the outbox with QoS 1, deletes a row only after its PUBACK, backoff with jitter; TLS and login |
