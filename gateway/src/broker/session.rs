@@ -165,6 +165,8 @@ pub(crate) struct Session {
     client_max_packet: usize,
     /// Topic aliases the client accepts.
     client_aliases: u16,
+    /// MQTT 5, and the client did not ask to go without reason strings.
+    problem_info: bool,
     will: Option<Box<Will>>,
     mailbox: Option<Arc<Mailbox>>,
     extras: Option<Box<Extras>>,
@@ -294,6 +296,7 @@ impl Session {
                 .maximum_packet_size
                 .map_or(usize::MAX, |m| m as usize),
             client_aliases: connect.topic_alias_maximum.min(OUTGOING_ALIASES),
+            problem_info: v5 && connect.request_problem_information,
             will: connect.will.map(Box::new),
             mailbox: None,
             extras: None,
@@ -562,7 +565,7 @@ impl Session {
         if let Some((code, why)) = refused {
             let shown = truncate(topic).to_owned();
             self.refused_publish(why, &shown, ctx, now);
-            self.answer_refused(qos, pkid, code, out);
+            self.answer_refused(qos, pkid, code, || why.text(ctx), out);
             return Ok(());
         }
         if !self.reports_as_device && is_own_reading(self.device(), topic) {
@@ -596,7 +599,13 @@ impl Session {
                 ),
             );
             if qos != QoS::AtMostOnce {
-                self.answer_refused(qos, pkid, reason::QUOTA_EXCEEDED, out);
+                self.answer_refused(
+                    qos,
+                    pkid,
+                    reason::QUOTA_EXCEEDED,
+                    || "the broker keeps no more retained messages (broker.max_retained_messages or max_retained_bytes)".to_owned(),
+                    out,
+                );
                 return Ok(());
             }
         }
@@ -616,18 +625,33 @@ impl Session {
     }
 
     /// Answers a refused QoS 1 or 2 publish so that the client does not resend it forever.
-    fn answer_refused(&mut self, qos: QoS, pkid: u16, code: u8, out: &mut Output) {
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => out.send.push(Packet::PubAck(Ack::with_code(pkid, code))),
-            QoS::ExactlyOnce => {
-                if !self.version.is_v5() {
-                    // MQTT 3.1.1 has no failure PUBREC: the client goes on with PUBREL.
-                    self.incoming_mut(|ids| ids.push(pkid));
-                }
-                out.send.push(Packet::PubRec(Ack::with_code(pkid, code)));
-            }
+    /// An MQTT 5 reason string is sent only if the client did not ask to go without.
+    fn answer_refused(
+        &mut self,
+        qos: QoS,
+        pkid: u16,
+        code: u8,
+        why: impl FnOnce() -> String,
+        out: &mut Output,
+    ) {
+        if qos == QoS::AtMostOnce {
+            return;
         }
+        let ack = Ack {
+            pkid,
+            code,
+            reason_string: self.problem_info.then(why),
+            user_properties: Vec::new(),
+        };
+        if qos == QoS::AtLeastOnce {
+            out.send.push(Packet::PubAck(ack));
+            return;
+        }
+        if !self.version.is_v5() {
+            // MQTT 3.1.1 has no failure PUBREC: the client goes on with PUBREL.
+            self.incoming_mut(|ids| ids.push(pkid));
+        }
+        out.send.push(Packet::PubRec(ack));
     }
 
     fn refused_publish(&mut self, why: Refusal, topic: &str, ctx: Ctx<'_>, now: Instant) {
@@ -848,9 +872,17 @@ impl Session {
                 format_args!("subscription refused: {denied:?} not allowed for this client"),
             );
         }
+        let refused = codes.iter().filter(|c| **c >= 0x80).count();
+        let reason_string = (self.problem_info && refused > 0).then(|| {
+            format!(
+                "{refused} of {} filters refused: 0x80 refused by the broker's configuration, 0x87 not this client's, 0x8F not a valid filter",
+                codes.len()
+            )
+        });
         out.send.push(Packet::SubAck(SubAck {
             pkid: subscribe.pkid,
             codes,
+            reason_string,
             ..SubAck::default()
         }));
         if let Some(mailbox) = &self.mailbox {
@@ -1022,6 +1054,23 @@ enum Refusal {
     TooLong,
     RateLimited,
     NotUtf8,
+}
+
+impl Refusal {
+    /// The reason string for the client.
+    fn text(self, ctx: Ctx<'_>) -> String {
+        match self {
+            Refusal::Denied(denied) => format!("not authorized: {denied}"),
+            Refusal::TooLong => format!("topic longer than {MAX_TOPIC_BYTES} bytes"),
+            Refusal::RateLimited => format!(
+                "more than broker.max_publish_rate = {}/s publishes",
+                ctx.gate.rate()
+            ),
+            Refusal::NotUtf8 => {
+                "the payload format indicator says UTF-8 and the payload is not".to_owned()
+            }
+        }
+    }
 }
 
 /// True if `topic` may be published to: not empty, no wildcards, no NUL.

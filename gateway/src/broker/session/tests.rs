@@ -414,7 +414,26 @@ fn refused_publishes_get_their_reason_code_and_go_nowhere() {
         assert!(close.is_none(), "{what}");
         assert!(out.route.is_empty(), "{what}");
         assert_eq!(ack_code(&out.send[0]), ("PUBACK", 1, code), "{what}");
+        let Packet::PubAck(ack) = &out.send[0] else {
+            unreachable!()
+        };
+        assert!(ack.reason_string.is_some(), "{what}: says why");
     }
+    // A client that asked for no problem information gets the code alone.
+    let rig = Rig::new();
+    let quiet = Connect {
+        request_problem_information: false,
+        ..connect("q")
+    };
+    let mut q = rig.open(quiet, Version::V5).unwrap().session;
+    let (out, _) = step(&rig, &mut q, publish("alerts/x", QoS::AtLeastOnce, 1));
+    let Packet::PubAck(ack) = &out.send[0] else {
+        panic!()
+    };
+    assert_eq!(
+        (ack.code, ack.reason_string.as_ref()),
+        (reason::NOT_AUTHORIZED, None)
+    );
     // A device may publish only under its own name.
     let rig = Rig::new();
     let device = Identity::Named {
@@ -621,6 +640,12 @@ fn subscribe_answers_a_code_per_filter() {
             reason::TOPIC_FILTER_INVALID,
             reason::GRANTED_QOS_1,
         ]
+    );
+    assert!(
+        suback
+            .reason_string
+            .as_ref()
+            .is_some_and(|r| r.starts_with("3 of 5"))
     );
 }
 
