@@ -257,7 +257,7 @@ impl UplinkConfig {
 
 /// Default log filter: Watchpost at info, the embedded broker and MQTT client only when
 /// something is wrong.
-pub const DEFAULT_LOG: &str = "info,rumqttd=warn,rumqttc=warn";
+pub const DEFAULT_LOG: &str = "info,rumqttc=warn";
 
 /// Default place of the database.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/watchpost";
