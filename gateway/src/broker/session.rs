@@ -609,6 +609,11 @@ impl Session {
                 return Ok(());
             }
         }
+        if out.route.is_empty() {
+            // Most rounds carry one reading, and a batch may wait while ingest is behind:
+            // room for one, not the four a first push makes.
+            out.route.reserve_exact(1);
+        }
         out.route.push(message);
         match qos {
             QoS::AtMostOnce => {}
@@ -977,13 +982,19 @@ impl Session {
     /// The PUBLISH that delivers `item` to this client.
     fn outgoing(&mut self, item: &Queued, pkid: u16, now: Instant) -> Publish {
         let message = &item.message;
-        let mut properties = message.properties.clone();
-        if let Some(left) = message.expiry_left(now) {
+        let v5 = self.version.is_v5();
+        // Properties are MQTT 5's: a 3.1.1 client gets none, so none are copied for it.
+        let mut properties = if v5 {
+            message.properties.clone()
+        } else {
+            None
+        };
+        if let Some(left) = message.expiry_left(now).filter(|_| v5) {
             properties.get_or_insert_with(Box::default).message_expiry = Some(left);
         }
         let mut topic = message.topic.clone();
         let mut topic_alias = None;
-        if self.client_aliases > 0 && self.version.is_v5() {
+        if self.client_aliases > 0 && v5 {
             let limit = self.client_aliases;
             let aliases = &mut self.extras().aliases_out;
             match aliases.iter().find(|(t, _)| *t == topic) {
@@ -1007,7 +1018,7 @@ impl Session {
             pkid,
             payload: message.payload.clone(),
             topic_alias,
-            subscription_ids: item.ids.clone(),
+            subscription_ids: if v5 { item.ids.clone() } else { Vec::new() },
             properties,
         }
     }
