@@ -574,7 +574,8 @@ async fn run<S: Stream>(
         }
         if let Some(close) = close {
             if !close.clean && session.version.is_v5() {
-                io.linger().await;
+                // Boxed: its buffer must not size every connection's future.
+                Box::pin(io.linger()).await;
             }
             return End::Closed(close);
         }
@@ -746,5 +747,42 @@ impl<S: Stream> Io<S> {
             self.write = BytesMut::new();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::hub::HubLimits;
+
+    /// A connection's memory is mostly its future: ten thousand idle devices each hold one.
+    /// Whatever only some connections need (the CONNECT handshake, the TLS session, a
+    /// lingering close) is boxed, so that it does not size everyone's.
+    #[tokio::test]
+    async fn a_plain_connection_s_future_stays_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let gate = Gate::new(true, &dir.path().join("c.toml"), Vec::new(), 0).unwrap();
+        let (inject, _rx) = mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            hub: Arc::new(Hub::new(HubLimits::default(), stats.clone())),
+            inject,
+            gate: Arc::new(gate),
+            connect_timeout: Duration::from_secs(5),
+            limits: SessionLimits::default(),
+            max_connections: 10,
+            stats: stats.clone(),
+            refusal_logged_at: Mutex::default(),
+            violation_logged_at: Mutex::default(),
+            next_connection: AtomicU64::default(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let future = serve(stream, peer, shared, Slot::take(&stats));
+        let size = std::mem::size_of_val(&future);
+        println!("a plain connection's future: {size} bytes");
+        assert!(size < 2048, "{size} bytes");
     }
 }
