@@ -7,7 +7,7 @@
 //!
 //! It builds the release gateway and the simulator first (`cargo build --release -p
 //! watchpost`, then `-p watchpost-sim`), runs the workloads ([`plant`], [`saturation`], its
-//! mixed variant with a share of states, [`fleet`]) `--runs` times, writes every raw figure as JSON next to the logs, and renders the
+//! mixed variant with a share of states, [`fleet`], [`sessions`]) `--runs` times, writes every raw figure as JSON next to the logs, and renders the
 //! tables ([`report`]). `--from-json` renders tables again from a saved run without running
 //! anything. Helper modes (`flood`, `rumqttd`, `count-sub`) are this binary started by itself
 //! as a separate process, so that load and counting never share a process with the harness or
@@ -21,7 +21,7 @@
 //! | [`proxy`] | the byte-counting TCP proxy on the uplinks |
 //! | [`flood`], [`peer`] | helper modes: load, bare rumqttd, a counting subscriber |
 //! | [`probe`] | latency probes and the subscribers that time them |
-//! | [`plant`], [`saturation`], [`fleet`] | the workloads |
+//! | [`plant`], [`saturation`], [`fleet`], [`sessions`] | the workloads |
 //! | [`stats`], [`report`] | percentiles and medians; the tables |
 
 mod fleet;
@@ -33,6 +33,7 @@ mod procs;
 mod proxy;
 mod report;
 mod saturation;
+mod sessions;
 mod setup;
 mod stats;
 mod wire;
@@ -83,6 +84,8 @@ enum Phase {
     Overload,
     Latency,
     Fleet,
+    /// Offline persistent sessions with queued messages: memory, and delivery on return.
+    Sessions,
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,6 +142,8 @@ pub struct Config {
     pub fleet: fleet::Plan,
     /// The fleet at the bare brokers (shorter window: memory is what they are compared on).
     pub fleet_peers: fleet::Plan,
+    /// Offline persistent sessions and what is queued for them.
+    pub sessions: sessions::Plan,
 }
 
 impl Config {
@@ -183,6 +188,11 @@ impl Config {
                 window: Duration::from_secs(30),
                 seed: 1,
             },
+            sessions: sessions::Plan {
+                sessions: 1000,
+                messages: 100,
+                payload: 64,
+            },
         };
         if !quick {
             return full;
@@ -215,6 +225,11 @@ impl Config {
             half: (Duration::from_secs(1), Duration::from_secs(3)),
             fleet_peers: fleet.clone(),
             fleet,
+            sessions: sessions::Plan {
+                sessions: 200,
+                messages: 20,
+                ..full.sessions
+            },
             ..full
         }
     }
@@ -244,6 +259,11 @@ impl Config {
             "fleet_devices": self.fleet.devices,
             "fleet_window_s": self.fleet.window.as_secs_f64(),
             "fleet_peers_window_s": self.fleet_peers.window.as_secs_f64(),
+            "sessions": self.sessions.sessions,
+            "session_messages": self.sessions.messages,
+            "session_payload_bytes": self.sessions.payload,
+            "session_workers": sessions::WORKERS,
+            "session_mosquitto_settle_s": sessions::MOSQUITTO_SETTLE.as_secs_f64(),
         })
     }
 }
@@ -335,6 +355,14 @@ fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
     );
     if let Some(n) = cli.runs {
         command.push_str(&format!(" --runs {n}"));
+    }
+    if !cli.only.is_empty() {
+        let names: Vec<String> = cli
+            .only
+            .iter()
+            .filter_map(|p| p.to_possible_value().map(|v| v.get_name().to_owned()))
+            .collect();
+        command.push_str(&format!(" --only {}", names.join(",")));
     }
     let mut doc = json!({
         "command": command,
@@ -459,6 +487,15 @@ fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
                 all.push(fleet::run(&bins, &d, system, plan)?);
             }
             result["fleet"] = json!(all);
+        }
+        if wanted(Phase::Sessions) {
+            let mut all = Vec::new();
+            for system in [System::Watchpost, System::Mosquitto] {
+                step(&format!("sessions {}", system.name()));
+                let d = dir.join(format!("sessions-{}", system.name()));
+                all.push(sessions::run(&bins, &d, system, &config.sessions)?);
+            }
+            result["sessions"] = json!(all);
         }
         result["load_at_steps"] = json!(loads.take());
         if let Some(list) = doc["runs"].as_array_mut() {

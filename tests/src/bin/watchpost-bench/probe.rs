@@ -155,7 +155,7 @@ pub fn subscribe(
     Ok(std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             match conn.next() {
-                Ok(Some(Incoming::Publish { topic, payload })) => {
+                Ok(Some(Incoming::Publish { topic, payload, .. })) => {
                     let at = Instant::now();
                     handle(at, topic, payload);
                 }

@@ -163,6 +163,10 @@ fn seconds(v: f64) -> String {
     format!("{v:.1} s")
 }
 
+fn seconds2(v: f64) -> String {
+    format!("{v:.2} s")
+}
+
 /// `x / y`, if `y` is not 0.
 fn ratio(x: Option<f64>, y: Option<f64>) -> Option<f64> {
     match (x, y) {
@@ -305,6 +309,7 @@ fn body(r: &Value) -> String {
     let saturation = Saturation::new(runs, c);
     let overload = Overload::new(runs);
     let fleet = Fleet::new(runs);
+    let sessions = Sessions::new(runs);
     let summary = summary_ratio(r, runs);
 
     out.push_str("### Targets\n\n");
@@ -399,6 +404,7 @@ fn body(r: &Value) -> String {
     out.push_str(&saturation.section(c));
     out.push_str(&overload.section(c));
     out.push_str(&fleet.section(c));
+    out.push_str(&sessions.section(c));
     out.push_str(&startup_section(r, runs));
     out.push_str(METHOD);
     out
@@ -1332,6 +1338,165 @@ impl Fleet {
     }
 }
 
+/// Offline persistent sessions figures.
+struct Sessions {
+    /// Rows: label, the figure for Watchpost and for Mosquitto, and whether it is a count out
+    /// of every session or every queued message.
+    rows: Vec<(&'static str, [Figure; 2], Of)>,
+}
+
+/// What a row's figure is a part of.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Of {
+    Nothing,
+    Sessions,
+    Messages,
+}
+
+impl Sessions {
+    fn new(runs: &[Value]) -> Sessions {
+        let row = |label, unit: fn(f64) -> String, of, g: fn(&Value) -> Option<f64>| {
+            let fig = |system: &'static str| {
+                Figure::over(runs, unit, move |r| {
+                    find(&r["sessions"], system, None).and_then(g)
+                })
+            };
+            (label, [fig("watchpost"), fig("mosquitto")], of)
+        };
+        // RSS above idle once the sessions are away with their queues full, in bytes.
+        fn above(v: &Value) -> Option<f64> {
+            Some((v["rss_kib"].as_f64()? - v["idle_rss_kib"].as_f64()?) * 1024.0)
+        }
+        let rows = vec![
+            row("RSS idle, fresh start", mib, Of::Nothing, |v| {
+                v["idle_rss_kib"].as_f64()
+            }),
+            row(
+                "RSS with the sessions away, their queues empty",
+                mib,
+                Of::Nothing,
+                |v| v["sessions_rss_kib"].as_f64(),
+            ),
+            row(
+                "RSS with the sessions away and their queues full",
+                mib,
+                Of::Nothing,
+                |v| v["rss_kib"].as_f64(),
+            ),
+            row("… above idle", bytes, Of::Nothing, above),
+            row("… per session", bytes, Of::Nothing, |v| {
+                ratio(above(v), v["sessions"].as_f64())
+            }),
+            row("… per queued message", bytes, Of::Nothing, |v| {
+                ratio(
+                    above(v),
+                    Some(v["sessions"].as_f64()? * v["messages"].as_f64()?),
+                )
+            }),
+            row(
+                "… per queued message, above the empty sessions",
+                bytes,
+                Of::Nothing,
+                |v| {
+                    ratio(
+                        Some((v["rss_kib"].as_f64()? - v["sessions_rss_kib"].as_f64()?) * 1024.0),
+                        Some(v["sessions"].as_f64()? * v["messages"].as_f64()?),
+                    )
+                },
+            ),
+            row(
+                "queued, by `watchpost_broker_queued_messages`",
+                count,
+                Of::Messages,
+                |v| v["queued_gauge"].as_f64(),
+            ),
+            row(
+                "counted as dropped from a full queue",
+                count,
+                Of::Nothing,
+                |v| v["queue_dropped"].as_f64(),
+            ),
+            row(
+                "sessions made (connect, subscribe, DISCONNECT) in",
+                seconds,
+                Of::Nothing,
+                |v| v["subscribe_s"].as_f64(),
+            ),
+            row("session present on return", count, Of::Sessions, |v| {
+                v["present"].as_f64()
+            }),
+            row("delivered on return", count, Of::Messages, |v| {
+                v["delivered"].as_f64()
+            }),
+            row("delivered twice", count, Of::Nothing, |v| {
+                v["duplicates"].as_f64()
+            }),
+            row(
+                "drain: first reconnect to last message received",
+                seconds2,
+                Of::Nothing,
+                |v| v["drain_s"].as_f64(),
+            ),
+            row("RSS after the queues drained", mib, Of::Nothing, |v| {
+                v["drained_rss_kib"].as_f64()
+            }),
+        ];
+        Sessions { rows }
+    }
+
+    fn section(&self, c: &Value) -> String {
+        let sessions = c["sessions"].as_f64().unwrap_or(0.0);
+        let messages = c["session_messages"].as_f64().unwrap_or(0.0);
+        let workers = c["session_workers"].as_f64().unwrap_or(0.0);
+        let mut out = format!(
+            "### Sessions: {} offline persistent sessions with queued messages\n\n",
+            count(sessions)
+        );
+        out.push_str(&format!(
+            "Each broker is started fresh (Watchpost with the configuration of the other steps, \
+             bare Mosquitto with its defaults: sessions kept for ever, up to 1,000 queued \
+             messages per session) and its VmRSS read. {} MQTT 3.1.1 clients (`s0000`, …) \
+             connect with clean session off, {} at a time; each subscribes at QoS 1 to \
+             `bench/s/<id>` and `bench/all` and leaves with DISCONNECT; VmRSS is read again. One publisher sends {} \
+             QoS 1 messages of {} B to `bench/all`, each after the last one's PUBACK: {} queued \
+             in all. Watchpost's VmRSS is read again once `watchpost_broker_queued_messages` \
+             (refreshed every 5 s) counts them all; Mosquitto has no such gauge and is read a \
+             fixed {:.0} s after the last PUBACK (it queues a message for every session before \
+             it acknowledges it). Per session and per queued message divide the same \
+             difference, VmRSS with the queues full minus idle; the last of those rows counts \
+             only what the queues added to the empty sessions. Then every client comes back \
+             with clean session off, {} at a time, acknowledges each message and counts the \
+             distinct ones; the drain runs from the first reconnect to the last message any \
+             client received. VmRSS is read a last time after the drain: memory the allocator \
+             got back is not necessarily returned to the system.\n\n",
+            count(sessions),
+            count(workers),
+            count(messages),
+            count(c["session_payload_bytes"].as_f64().unwrap_or(0.0)),
+            count(sessions * messages),
+            c["session_mosquitto_settle_s"].as_f64().unwrap_or(0.0),
+            count(workers),
+        ));
+        let mut t = Table::new(&["", "Watchpost", "bare Mosquitto"]);
+        for (label, figures, of) in &self.rows {
+            let total = match of {
+                Of::Nothing => None,
+                Of::Sessions => Some(sessions),
+                Of::Messages => Some(sessions * messages),
+            };
+            let mut cells = vec![label.to_string()];
+            cells.extend(figures.iter().map(|f| match (total, f.spread) {
+                (Some(total), Some(_)) => format!("{} of {}", f.show(), count(total)),
+                _ => f.show(),
+            }));
+            t.row(cells);
+        }
+        out.push_str(&t.done());
+        out.push('\n');
+        out
+    }
+}
+
 /// Start-up and binary size.
 fn startup_section(r: &Value, runs: &[Value]) -> String {
     // Every gateway start in a run: its median is that run's figure.
@@ -1456,6 +1621,31 @@ mod tests {
             "| sustained ingest with 20 % of the readings states (10 connections, QoS 0; reported, no target) | – | – |",
             "| Watchpost, 20 % of the readings states (a state rule) | 10 | – | – | – | – | – |",
             "| 10 | 200,000/s | – | – |",
+        ] {
+            assert!(text.contains(line), "{line}\nnot in\n{text}");
+        }
+    }
+
+    #[test]
+    fn sessions_show_both_brokers_and_deliveries_out_of_what_was_queued() {
+        let doc = serde_json::json!({
+            "config": {"sessions": 1000, "session_messages": 100, "quick": false},
+            "runs": [{"sessions": [
+                {"system": "watchpost", "sessions": 1000, "messages": 100,
+                 "idle_rss_kib": 10240.0, "sessions_rss_kib": 11264.0, "rss_kib": 20480.0,
+                 "queued_gauge": 100_000.0, "present": 1000, "delivered": 99_990},
+                {"system": "mosquitto", "sessions": 1000, "messages": 100,
+                 "idle_rss_kib": 8192.0, "rss_kib": 18432.0, "present": 1000,
+                 "delivered": 100_000},
+            ]}],
+        });
+        let text = body(&doc);
+        for line in [
+            "### Sessions: 1,000 offline persistent sessions with queued messages",
+            "| … per session | 10.2 KiB | 10.2 KiB |",
+            "| … per queued message, above the empty sessions | 94 B | – |",
+            "| queued, by `watchpost_broker_queued_messages` | 100,000 of 100,000 | – |",
+            "| delivered on return | 99,990 of 100,000 | 100,000 of 100,000 |",
         ] {
             assert!(text.contains(line), "{line}\nnot in\n{text}");
         }

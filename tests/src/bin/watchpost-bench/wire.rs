@@ -1,5 +1,6 @@
-//! Just enough MQTT 3.1.1 over blocking sockets for load and measurement clients: CONNECT,
-//! SUBSCRIBE, PUBLISH (QoS 0 and 1) and reading packets back. A client library would add
+//! Just enough MQTT 3.1.1 over blocking sockets for load and measurement clients: CONNECT
+//! (with a clean or a kept session), SUBSCRIBE, PUBLISH (QoS 0 and 1), PUBACK, DISCONNECT and
+//! reading packets back. A client library would add
 //! queues and tasks between the socket and the clock; these write and read the socket
 //! directly, so that a timestamp is taken next to the bytes it describes.
 
@@ -8,10 +9,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use watchpost_e2e::clients::{self, put_remaining_length, with_header};
+use watchpost_e2e::clients::{put_remaining_length, with_header};
 
-/// Keep-alive announced by every client here (what [`clients::connect_packet`] announces);
-/// [`Conn::ping_if_due`] keeps it alive.
+/// Keep-alive announced by every client here; [`Conn::ping_if_due`] keeps it alive.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(30);
 
 /// Appends an MQTT string (length-prefixed bytes).
@@ -19,6 +19,28 @@ fn string(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&(s.len() as u16).to_be_bytes());
     out.extend_from_slice(s);
 }
+
+/// An anonymous MQTT 3.1.1 CONNECT of `client_id` announcing [`KEEP_ALIVE`]: with a clean
+/// session, or asking the broker to keep the session (and what is queued for it) while the
+/// client is away. `watchpost_e2e::clients::connect_packet` is the clean one, for tests.
+pub fn connect_packet(client_id: &str, clean_session: bool) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(&mut body, b"MQTT");
+    body.push(4);
+    body.push(if clean_session { 0b10 } else { 0 });
+    body.extend_from_slice(&(KEEP_ALIVE.as_secs() as u16).to_be_bytes());
+    string(&mut body, client_id.as_bytes());
+    with_header(0x10, &body)
+}
+
+/// A PUBACK of packet id `pkid`.
+pub fn puback_packet(pkid: u16) -> [u8; 4] {
+    let [hi, lo] = pkid.to_be_bytes();
+    [0x40, 2, hi, lo]
+}
+
+/// A DISCONNECT: the client leaves on purpose (no will).
+pub const DISCONNECT: [u8; 2] = [0xe0, 0];
 
 /// A SUBSCRIBE of `filters` at `qos`, packet id 1.
 pub fn subscribe_packet(filters: &[&str], qos: u8) -> Vec<u8> {
@@ -60,6 +82,8 @@ pub enum Incoming<'a> {
         topic: &'a [u8],
         /// Payload.
         payload: &'a [u8],
+        /// Its packet id, if it is QoS 1 or 2 (and wants an acknowledgement).
+        pkid: Option<u16>,
     },
     /// A PUBACK.
     PubAck,
@@ -77,8 +101,16 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Connects to `addr` as `client_id` and waits (5 s at most) for a CONNACK that accepts.
+    /// Connects to `addr` as `client_id` with a clean session and waits (5 s at most) for a
+    /// CONNACK that accepts.
     pub fn connect(addr: SocketAddr, client_id: &str) -> Result<Conn> {
+        Ok(Conn::open(addr, client_id, true)?.0)
+    }
+
+    /// Connects to `addr` as `client_id`, with a clean session or asking to keep it, and waits
+    /// (5 s at most) for a CONNACK that accepts; returns the connection and the CONNACK's
+    /// session present flag.
+    pub fn open(addr: SocketAddr, client_id: &str, clean_session: bool) -> Result<(Conn, bool)> {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .with_context(|| format!("connecting to {addr}"))?;
         stream.set_nodelay(true)?;
@@ -89,18 +121,18 @@ impl Conn {
             end: 0,
             last_ping: Instant::now(),
         };
-        conn.write(&clients::connect_packet(client_id, None))?;
+        conn.write(&connect_packet(client_id, clean_session))?;
         conn.stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        match conn.next_packet()? {
-            Some((0x20, body)) if body.len() == 2 && body[1] == 0 => {}
+        let present = match conn.next_packet()? {
+            Some((0x20, body)) if body.len() == 2 && body[1] == 0 => body[0] & 1 == 1,
             Some((kind, body)) => bail!(
                 "{addr} refused {client_id}: packet {kind:#x} {:?}",
                 body.to_vec()
             ),
             None => bail!("{addr} closed the connection of {client_id}"),
-        }
+        };
         conn.stream.set_read_timeout(None)?;
-        Ok(conn)
+        Ok((conn, present))
     }
 
     /// Connects and subscribes to `filters` at `qos`, waiting for the SUBACK.
@@ -111,22 +143,45 @@ impl Conn {
         qos: u8,
     ) -> Result<Conn> {
         let mut conn = Conn::connect(addr, client_id)?;
-        conn.write(&subscribe_packet(filters, qos))?;
-        conn.stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.subscribe(filters, qos)?;
+        Ok(conn)
+    }
+
+    /// Subscribes to `filters` at `qos` and waits (5 s at most) for a SUBACK that grants
+    /// every one; whatever comes before it is skipped.
+    pub fn subscribe(&mut self, filters: &[&str], qos: u8) -> Result<()> {
+        let peer = self.stream.peer_addr()?;
+        self.write(&subscribe_packet(filters, qos))?;
+        self.stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         loop {
-            match conn.next_packet()? {
+            match self.next_packet()? {
                 Some((0x90, body)) => {
                     if body.iter().skip(2).any(|code| *code >= 0x80) {
-                        bail!("{addr} refused a subscription to {filters:?}");
+                        bail!("{peer} refused a subscription to {filters:?}");
                     }
                     break;
                 }
                 Some(_) => continue,
-                None => bail!("{addr} closed the connection before SUBACK"),
+                None => bail!("{peer} closed the connection before SUBACK"),
             }
         }
-        conn.stream.set_read_timeout(None)?;
-        Ok(conn)
+        self.stream.set_read_timeout(None)?;
+        Ok(())
+    }
+
+    /// Sends DISCONNECT and waits (`timeout` at most) for the broker to close the connection,
+    /// so that the session is offline on the broker's side when this returns. Whatever the
+    /// broker still sends is read and dropped.
+    pub fn disconnect(mut self, timeout: Duration) -> Result<()> {
+        let peer = self.stream.peer_addr()?;
+        self.write(&DISCONNECT)?;
+        self.stream.set_read_timeout(Some(timeout))?;
+        while self
+            .next_packet()
+            .with_context(|| format!("{peer} did not close the connection after DISCONNECT"))?
+            .is_some()
+        {}
+        Ok(())
     }
 
     /// The socket, e.g. to clone a writer off it or set timeouts.
@@ -183,10 +238,16 @@ impl Conn {
                 let qos = (first >> 1) & 3;
                 let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
                 let topic = &body[2..2 + topic_len];
-                let skip = if qos > 0 { 2 } else { 0 };
+                let at = 2 + topic_len;
+                let (pkid, skip) = if qos > 0 {
+                    (Some(u16::from_be_bytes([body[at], body[at + 1]])), 2)
+                } else {
+                    (None, 0)
+                };
                 Incoming::Publish {
                     topic,
-                    payload: &body[2 + topic_len + skip..],
+                    payload: &body[at + skip..],
+                    pkid,
                 }
             }
             4 => Incoming::PubAck,
@@ -215,6 +276,7 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use watchpost_e2e::clients;
 
     #[test]
     fn publish_sizes_match_the_encoder() {
@@ -223,5 +285,17 @@ mod tests {
             put_publish(&mut out, &vec![b'a'; topic], &vec![b'1'; payload], Some(7));
             assert_eq!(qos1_exchange_bytes(topic, payload), out.len() as u64 + 4);
         }
+    }
+
+    #[test]
+    fn connect_asks_for_a_clean_or_a_kept_session() {
+        assert_eq!(
+            connect_packet("s0001", true),
+            clients::connect_packet("s0001", None)
+        );
+        let kept = connect_packet("s0001", false);
+        // Fixed header (2), protocol name (6), level (1): then the connect flags.
+        assert_eq!(kept[9], 0);
+        assert_eq!(kept.len(), connect_packet("s0001", true).len());
     }
 }
