@@ -984,11 +984,7 @@ impl Session {
         let message = &item.message;
         let v5 = self.version.is_v5();
         // Properties are MQTT 5's: a 3.1.1 client gets none, so none are copied for it.
-        let mut properties = if v5 {
-            message.properties.clone()
-        } else {
-            None
-        };
+        let mut properties = if v5 { message.properties.clone() } else { None };
         if let Some(left) = message.expiry_left(now).filter(|_| v5) {
             properties.get_or_insert_with(Box::default).message_expiry = Some(left);
         }
