@@ -25,7 +25,7 @@ use bytes::{Bytes, BytesMut};
 use tracing::warn;
 
 use super::client_id_allowed;
-use super::gate::{Admitted, Gate, SharedBucket};
+use super::gate::{Admitted, Gate, Proof, SharedBucket};
 use super::hub::{Hub, Inflight, Mailbox, Message, Queued, Subscription, split_shared};
 use super::packet::{
     Ack, ConnAck, Connect, Disconnect, Packet, Publish, QoS, SubAck, Subscribe, UnsubAck,
@@ -144,13 +144,18 @@ struct Extras {
     /// QoS 2 packet ids received and not yet released, while the session has no mailbox
     /// (with one, they are kept in its outbox and outlive the connection).
     incoming: Vec<u16>,
+    /// When a refusal was last logged.
+    warned_at: Option<Instant>,
+    /// Refusals since, not logged.
+    unlogged: u64,
 }
 
 /// One client's session.
 pub(crate) struct Session {
     pub(crate) version: Version,
     pub(crate) client_id: String,
-    pub(crate) admitted: Admitted,
+    /// Who the client is.
+    pub(crate) identity: Identity,
     /// Identifies the session (no local); kept across connections with the session.
     number: u64,
     /// Identifies this connection to the hub.
@@ -173,8 +178,6 @@ pub(crate) struct Session {
     bucket: Option<SharedBucket>,
     /// The client published readings under its own name as device.
     pub(crate) reports_as_device: bool,
-    warned_at: Option<Instant>,
-    unlogged: u64,
 }
 
 /// What [`Session::open`] gives the connection.
@@ -183,6 +186,8 @@ pub(crate) struct Opened {
     pub(crate) connack: ConnAck,
     /// A will due now because a clean start ended the client's old session.
     pub(crate) old_will: Option<Message>,
+    /// How the client proved who it is, for its registration with the gate.
+    pub(crate) proof: Proof,
 }
 
 impl Session {
@@ -279,10 +284,11 @@ impl Session {
         let (resumed, old_will) = ctx.hub.connect(&client_id, connect.clean_start, connection);
         let session_present = resumed.is_some();
         let bucket = ctx.gate.bucket(&admitted.identity);
+        let proof = admitted.proof;
         let mut session = Session {
             version,
             client_id,
-            admitted,
+            identity: admitted.identity,
             number,
             connection,
             expiry,
@@ -302,8 +308,6 @@ impl Session {
             extras: None,
             bucket,
             reports_as_device: false,
-            warned_at: None,
-            unlogged: 0,
         };
         if let Some(resumed) = resumed {
             session.number = resumed.number;
@@ -335,17 +339,18 @@ impl Session {
             session,
             connack,
             old_will,
+            proof,
         })
     }
 
     /// The device name: the client's name, or (anonymous) its client id.
     pub(crate) fn device(&self) -> &str {
-        self.admitted.identity.name().unwrap_or(&self.client_id)
+        self.identity.name().unwrap_or(&self.client_id)
     }
 
     /// The name refusals are counted under.
     pub(crate) fn name_for_counters(&self) -> &str {
-        self.admitted.identity.name().unwrap_or(ANONYMOUS)
+        self.identity.name().unwrap_or(ANONYMOUS)
     }
 
     /// True if the session is kept after the connection ends.
@@ -364,19 +369,21 @@ impl Session {
 
     /// Logs a refusal, at most once per [`WARN_EVERY`] for this connection.
     fn warn(&mut self, now: Instant, what: std::fmt::Arguments<'_>) {
-        if self
+        let client = self.identity.name().unwrap_or(ANONYMOUS).to_owned();
+        let extras = self.extras();
+        if extras
             .warned_at
             .is_none_or(|t| now.duration_since(t) >= WARN_EVERY)
         {
             warn!(
-                client = self.name_for_counters(),
-                earlier = self.unlogged,
+                client,
+                earlier = extras.unlogged,
                 "{what} (logged at most once a minute per connection; `earlier` counts the refusals not logged since)"
             );
-            self.warned_at = Some(now);
-            self.unlogged = 0;
+            extras.warned_at = Some(now);
+            extras.unlogged = 0;
         } else {
-            self.unlogged += 1;
+            extras.unlogged += 1;
         }
     }
 
@@ -542,8 +549,7 @@ impl Session {
         }
         let refused = if topic.len() > MAX_TOPIC_BYTES {
             Some((reason::TOPIC_NAME_INVALID, Refusal::TooLong))
-        } else if let Err(denied) =
-            access::may_publish(&self.admitted.identity, topic, &ctx.gate.sources())
+        } else if let Err(denied) = access::may_publish(&self.identity, topic, &ctx.gate.sources())
         {
             Some((reason::NOT_AUTHORIZED, Refusal::Denied(denied)))
         } else if self.bucket.as_ref().is_some_and(|b| {
@@ -814,7 +820,7 @@ impl Session {
                 codes.push(reason::UNSPECIFIED);
                 continue;
             }
-            if !access::may_subscribe(&self.admitted.identity, filter) {
+            if !access::may_subscribe(&self.identity, filter) {
                 denied.push(truncate(filter).to_owned());
                 codes.push(reason::NOT_AUTHORIZED);
                 continue;
