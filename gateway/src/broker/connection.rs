@@ -266,12 +266,7 @@ async fn handshake<S: Stream>(
                 return Err(ConnError::Decode(e));
             }
         }
-        match tokio::time::timeout_at(deadline, io.fill()).await {
-            Err(_) => return Err(ConnError::ConnectTimeout(shared.connect_timeout)),
-            Ok(Ok(0)) => return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into())),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e.into()),
-        }
+        fill_by(io, deadline, shared.connect_timeout).await?;
     };
     let version = match level {
         4 => Version::V311,
@@ -303,12 +298,7 @@ async fn handshake<S: Stream>(
                 return Err(ConnError::Decode(e));
             }
         }
-        match tokio::time::timeout_at(deadline, io.fill()).await {
-            Err(_) => return Err(ConnError::ConnectTimeout(shared.connect_timeout)),
-            Ok(Ok(0)) => return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into())),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e.into()),
-        }
+        fill_by(io, deadline, shared.connect_timeout).await?;
     };
     let Packet::Connect(connect) = first else {
         return Err(ConnError::NotConnect);
@@ -366,6 +356,20 @@ async fn handshake<S: Stream>(
             );
             refuse(io, refusal.code, refusal.why).await
         }
+    }
+}
+
+/// Reads more of the CONNECT, if it comes by `deadline`.
+async fn fill_by<S: Stream>(
+    io: &mut Io<S>,
+    deadline: Instant,
+    limit: Duration,
+) -> Result<(), ConnError> {
+    match tokio::time::timeout_at(deadline, io.fill()).await {
+        Err(_) => Err(ConnError::ConnectTimeout(limit)),
+        Ok(Ok(0)) => Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
     }
 }
 

@@ -553,9 +553,7 @@ impl Hub {
     ) -> Option<bool> {
         let mut state = self.lock();
         let State { sessions, tree, .. } = &mut *state;
-        let entry = sessions
-            .get_mut(client_id)
-            .filter(|e| e.connection == Some(connection))?;
+        let entry = served(sessions, client_id, connection)?;
         let (group, filter) = split_shared(&subscription.filter);
         let subscriber = Subscriber {
             number: entry.number,
@@ -584,10 +582,7 @@ impl Hub {
     pub(crate) fn unsubscribe(&self, client_id: &str, connection: u64, filter: &str) -> bool {
         let mut state = self.lock();
         let State { sessions, tree, .. } = &mut *state;
-        let Some(entry) = sessions
-            .get_mut(client_id)
-            .filter(|e| e.connection == Some(connection))
-        else {
+        let Some(entry) = served(sessions, client_id, connection) else {
             return false;
         };
         let Some(at) = entry
@@ -597,21 +592,22 @@ impl Hub {
         else {
             return false;
         };
-        entry.subscriptions.swap_remove(at);
-        if hears_clients(filter) {
+        let subscription = entry.subscriptions.swap_remove(at);
+        self.forget(tree, entry.number, &subscription)
+    }
+
+    /// Takes `subscription` of session `number` out of the tree; true if it was there.
+    fn forget(&self, tree: &mut Node, number: u64, subscription: &Subscription) -> bool {
+        if hears_clients(&subscription.filter) {
             self.listening.fetch_sub(1, Ordering::Relaxed);
         }
-        let (group, filter) = split_shared(filter);
-        tree.remove(filter.split('/'), group, entry.number)
+        let (group, filter) = split_shared(&subscription.filter);
+        tree.remove(filter.split('/'), group, number)
     }
 
     fn drop_subscriptions(&self, tree: &mut Node, entry: &Entry) {
-        for s in &entry.subscriptions {
-            if hears_clients(&s.filter) {
-                self.listening.fetch_sub(1, Ordering::Relaxed);
-            }
-            let (group, filter) = split_shared(&s.filter);
-            tree.remove(filter.split('/'), group, entry.number);
+        for subscription in &entry.subscriptions {
+            self.forget(tree, entry.number, subscription);
         }
     }
 
@@ -620,10 +616,7 @@ impl Hub {
     pub(crate) fn detach(&self, client_id: &str, connection: u64, expiry: u32, now: Instant) {
         let mut state = self.lock();
         let State { sessions, tree, .. } = &mut *state;
-        let Some(entry) = sessions
-            .get_mut(client_id)
-            .filter(|e| e.connection == Some(connection))
-        else {
+        let Some(entry) = served(sessions, client_id, connection) else {
             return;
         };
         if expiry == 0 {
@@ -781,6 +774,17 @@ impl Hub {
         }
         counts
     }
+}
+
+/// The session of `client_id`, if `connection` serves it.
+fn served<'a>(
+    sessions: &'a mut HashMap<Box<str>, Entry>,
+    client_id: &str,
+    connection: u64,
+) -> Option<&'a mut Entry> {
+    sessions
+        .get_mut(client_id)
+        .filter(|e| e.connection == Some(connection))
 }
 
 /// The member of a shared subscription that gets the next message: round robin, preferring

@@ -42,6 +42,9 @@ pub const MAX_TOPIC_BYTES: usize = 512;
 pub(crate) const TOPIC_ALIASES: u16 = 16;
 /// Most topic aliases the broker sets for a client, whatever the client allows.
 const OUTGOING_ALIASES: u16 = 64;
+/// QoS 2 publishes of a 3.1.1 client (which has no receive maximum) waiting for their
+/// PUBREL; beyond, the connection is closed.
+const MAX_PENDING_QOS2_V311: usize = 1024;
 /// Refusals are logged at most this often per connection (and counted always).
 const WARN_EVERY: Duration = Duration::from_secs(60);
 /// Counter key of anonymous clients.
@@ -534,9 +537,18 @@ impl Session {
             out.send.push(Packet::PubRec(Ack::new(pkid)));
             return Ok(());
         }
-        if qos != QoS::AtMostOnce {
+        if qos == QoS::ExactlyOnce && !v5 && pending >= MAX_PENDING_QOS2_V311 {
+            // 3.1.1 has no receive maximum; this bounds what a client that never releases
+            // its messages can make the broker remember.
+            return Err(self.disconnect(
+                out,
+                reason::RECEIVE_MAXIMUM_EXCEEDED,
+                &format!("more than {MAX_PENDING_QOS2_V311} QoS 2 publishes without PUBREL"),
+            ));
+        }
+        if qos != QoS::AtMostOnce && v5 {
             let unacknowledged = pending + out.unacknowledged;
-            if unacknowledged >= usize::from(ctx.limits.receive_maximum) && v5 {
+            if unacknowledged >= usize::from(ctx.limits.receive_maximum) {
                 return Err(self.disconnect(
                     out,
                     reason::RECEIVE_MAXIMUM_EXCEEDED,

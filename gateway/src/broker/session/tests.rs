@@ -603,6 +603,20 @@ fn more_than_the_receive_maximum_unacknowledged_disconnects() {
     );
 }
 
+#[test]
+fn a_311_client_that_never_releases_its_qos_2_publishes_is_closed() {
+    let rig = Rig::new();
+    let mut c = rig.client("c", Version::V311);
+    for pkid in 1..=MAX_PENDING_QOS2_V311 as u16 {
+        let (_, close) = step(&rig, &mut c, publish("t", QoS::ExactlyOnce, pkid));
+        assert!(close.is_none(), "{pkid}");
+    }
+    let next = MAX_PENDING_QOS2_V311 as u16 + 1;
+    let (out, close) = step(&rig, &mut c, publish("t", QoS::ExactlyOnce, next));
+    assert_eq!(close.unwrap().code, reason::RECEIVE_MAXIMUM_EXCEEDED);
+    assert_eq!(disconnect_code(&out), None, "3.1.1 has no DISCONNECT");
+}
+
 // ---------------------------------------------------------------- SUBSCRIBE, UNSUBSCRIBE
 
 #[test]
