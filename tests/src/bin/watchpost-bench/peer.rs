@@ -32,8 +32,8 @@ fn serve_counts(count: &AtomicU64) -> Result<()> {
     Ok(())
 }
 
-/// The router settings of bare rumqttd: the same logs as Watchpost's embedded router gives its
-/// ingest (4 × 4 MiB for `sensors/#`), so that both absorb bursts alike.
+/// The router settings of bare rumqttd: 4 × 4 MiB of logs for `sensors/#`, as Watchpost gave
+/// its ingest while it embedded rumqttd's router, so that the figures stay comparable.
 pub fn router_config(max_connections: usize) -> RouterConfig {
     let mut custom = HashMap::new();
     custom.insert(

@@ -289,7 +289,7 @@ fn body(r: &Value) -> String {
     t.row([
         "rumqttd".into(),
         format!(
-            "{} (the bare peer, and Watchpost's embedded router)",
+            "{} (the bare peer; Watchpost's broker is its own since issue 17)",
             text(&m["rumqttd"])
         ),
     ]);
@@ -1564,8 +1564,8 @@ const METHOD: &str = "### How it is measured, and what to keep in mind
   Watchpost's and the bridge's side; the half-saturation runs have no proxy.
 - An alert goes upstream only after its outbox row is committed with `synchronous = FULL`, so
   upstream alert latency includes a disk sync; the local alert is published before.
-- Bare rumqttd is this harness's own code around rumqttd's `Broker` (its MQTT listener, router
-  sized like Watchpost's, and a local link subscribed to `sensors/#` that counts), started as a
+- Bare rumqttd is this harness's own code around rumqttd's `Broker` (its MQTT listener, its
+  router with 4 × 4 MiB logs for `sensors/#`, and a local link subscribed to `sensors/#` that counts), started as a
   process of its own so that its CPU and memory are read apart from the harness's.
 - Percentiles are by nearest rank over one run's samples; p99.9 of about a thousand samples is
   close to the largest.
