@@ -583,7 +583,7 @@ impl Session {
         if let Some((code, why)) = refused {
             let shown = truncate(topic).to_owned();
             self.refused_publish(why, &shown, ctx, now);
-            self.answer_refused(qos, pkid, code, || why.text(ctx), out);
+            self.answer_refused(qos, pkid, code, out);
             return Ok(());
         }
         if !self.reports_as_device && is_own_reading(self.device(), topic) {
@@ -617,13 +617,7 @@ impl Session {
                 ),
             );
             if qos != QoS::AtMostOnce {
-                self.answer_refused(
-                    qos,
-                    pkid,
-                    reason::QUOTA_EXCEEDED,
-                    || "the broker keeps no more retained messages (broker.max_retained_messages or max_retained_bytes)".to_owned(),
-                    out,
-                );
+                self.answer_refused(qos, pkid, reason::QUOTA_EXCEEDED, out);
                 return Ok(());
             }
         }
@@ -648,24 +642,14 @@ impl Session {
     }
 
     /// Answers a refused QoS 1 or 2 publish so that the client does not resend it forever.
-    /// An MQTT 5 reason string is sent only if the client did not ask to go without.
-    fn answer_refused(
-        &mut self,
-        qos: QoS,
-        pkid: u16,
-        code: u8,
-        why: impl FnOnce() -> String,
-        out: &mut Output,
-    ) {
+    /// The reason code says why; the reason string stays in the log. An acknowledgement with
+    /// properties is valid MQTT 5, but common clients (the Eclipse Paho interoperability
+    /// suite's among them) read a PUBACK or PUBREC of more than four bytes as malformed.
+    fn answer_refused(&mut self, qos: QoS, pkid: u16, code: u8, out: &mut Output) {
         if qos == QoS::AtMostOnce {
             return;
         }
-        let ack = Ack {
-            pkid,
-            code,
-            reason_string: self.problem_info.then(why),
-            user_properties: Vec::new(),
-        };
+        let ack = Ack::with_code(pkid, code);
         if qos == QoS::AtLeastOnce {
             out.send.push(Packet::PubAck(ack));
             return;
@@ -1079,23 +1063,6 @@ enum Refusal {
     TooLong,
     RateLimited,
     NotUtf8,
-}
-
-impl Refusal {
-    /// The reason string for the client.
-    fn text(self, ctx: Ctx<'_>) -> String {
-        match self {
-            Refusal::Denied(denied) => format!("not authorized: {denied}"),
-            Refusal::TooLong => format!("topic longer than {MAX_TOPIC_BYTES} bytes"),
-            Refusal::RateLimited => format!(
-                "more than broker.max_publish_rate = {}/s publishes",
-                ctx.gate.rate()
-            ),
-            Refusal::NotUtf8 => {
-                "the payload format indicator says UTF-8 and the payload is not".to_owned()
-            }
-        }
-    }
 }
 
 /// True if `topic` may be published to: not empty, no wildcards, no NUL.

@@ -414,26 +414,9 @@ fn refused_publishes_get_their_reason_code_and_go_nowhere() {
         assert!(close.is_none(), "{what}");
         assert!(out.route.is_empty(), "{what}");
         assert_eq!(ack_code(&out.send[0]), ("PUBACK", 1, code), "{what}");
-        let Packet::PubAck(ack) = &out.send[0] else {
-            unreachable!()
-        };
-        assert!(ack.reason_string.is_some(), "{what}: says why");
+        // The code alone: some clients cannot read an acknowledgement with properties.
+        assert_eq!(encoded_len(&out.send[0], Version::V5), 5, "{what}");
     }
-    // A client that asked for no problem information gets the code alone.
-    let rig = Rig::new();
-    let quiet = Connect {
-        request_problem_information: false,
-        ..connect("q")
-    };
-    let mut q = rig.open(quiet, Version::V5).unwrap().session;
-    let (out, _) = step(&rig, &mut q, publish("alerts/x", QoS::AtLeastOnce, 1));
-    let Packet::PubAck(ack) = &out.send[0] else {
-        panic!()
-    };
-    assert_eq!(
-        (ack.code, ack.reason_string.as_ref()),
-        (reason::NOT_AUTHORIZED, None)
-    );
     // A device may publish only under its own name.
     let rig = Rig::new();
     let device = Identity::Named {
