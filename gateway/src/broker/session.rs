@@ -531,7 +531,12 @@ impl Session {
         }
         let pkid = publish.pkid;
         let qos = publish.qos;
-        let (resent, pending) = self.incoming(pkid);
+        // QoS 0 has no packet id: no look into the session's bookkeeping for it.
+        let (resent, pending) = if qos == QoS::AtMostOnce {
+            (false, 0)
+        } else {
+            self.incoming(pkid)
+        };
         if qos == QoS::ExactlyOnce && resent {
             // A resend of a message already received: acknowledged again, not passed on twice.
             out.send.push(Packet::PubRec(Ack::new(pkid)));

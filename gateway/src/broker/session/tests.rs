@@ -69,6 +69,17 @@ impl Rig {
         self.open_as(connect, version, Identity::Anonymous, 1)
     }
 
+    /// The registered device `name`, connected with MQTT 5 under its name.
+    fn device(&self, name: &str) -> Session {
+        let identity = Identity::Named {
+            name: name.into(),
+            role: Role::Device,
+        };
+        self.open_as(connect(name), Version::V5, identity, 1)
+            .expect("accepted")
+            .session
+    }
+
     /// A connected MQTT 5 (or 3.1.1) client `id`.
     fn client(&self, id: &str, version: Version) -> Session {
         self.open(connect(id), version).expect("accepted").session
@@ -419,14 +430,7 @@ fn refused_publishes_get_their_reason_code_and_go_nowhere() {
     }
     // A device may publish only under its own name.
     let rig = Rig::new();
-    let device = Identity::Named {
-        name: "boiler-1".into(),
-        role: Role::Device,
-    };
-    let mut d = rig
-        .open_as(connect("boiler-1"), Version::V5, device, 1)
-        .unwrap()
-        .session;
+    let mut d = rig.device("boiler-1");
     let (out, _) = step(
         &rig,
         &mut d,
@@ -649,14 +653,7 @@ fn subscribe_answers_a_code_per_filter() {
 #[test]
 fn a_device_may_subscribe_only_under_its_own_name() {
     let rig = Rig::new();
-    let device = Identity::Named {
-        name: "boiler-1".into(),
-        role: Role::Device,
-    };
-    let mut d = rig
-        .open_as(connect("boiler-1"), Version::V5, device, 1)
-        .unwrap()
-        .session;
+    let mut d = rig.device("boiler-1");
     let (out, _) = step(
         &rig,
         &mut d,
