@@ -132,6 +132,10 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     for alert in &saved {
         broker.publish_retained(alert.topic.clone(), alert.doc.clone().into());
     }
+    broker.restore_retained(&store).await;
+    tasks.push(tokio::spawn(
+        broker.persist_retained(store.clone(), signal.clone()),
+    ));
     let restored = engine.restore(&saved, now);
     if restored > 0 {
         info!(restored, "alerts still raised from before the restart");

@@ -8,7 +8,8 @@
 //!
 //! Tables: `alert_history` (every transition), `outbox` (alerts and summaries waiting for the
 //! upstream's PUBACK), `rollups` (windowed statistics per device and metric), `readings` (raw
-//! readings, if configured), `devices` (per-device counters) and `counters` (gateway-wide).
+//! readings, if configured), `devices` (per-device counters), `counters` (gateway-wide) and
+//! `retained` (the embedded broker's retained messages, written by `broker::retained`).
 //! When the database outgrows its budget, the oldest raw readings go first, then the oldest
 //! rollups; alerts and the outbox are never dropped to make room.
 //!
@@ -174,6 +175,15 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX state_rollups_start ON state_rollups (start_ms);
     ALTER TABLE devices ADD COLUMN unmapped INTEGER NOT NULL DEFAULT 0;
     ",
+    // Retained messages of the embedded broker, one row per topic: the MQTT 5 PUBLISH that
+    // carries the message, and when it expires (wall clock), if it does.
+    "
+    CREATE TABLE retained (
+        topic      TEXT PRIMARY KEY,
+        packet     BLOB NOT NULL,
+        expires_ms INTEGER
+    );
+    ",
 ];
 
 /// Errors of the store layer.
@@ -273,6 +283,26 @@ pub struct DeviceDelta {
     pub add: DeviceCounters,
 }
 
+/// A retained message of the embedded broker, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetainedRow {
+    /// Its topic.
+    pub topic: String,
+    /// The MQTT 5 PUBLISH packet that carries it.
+    pub packet: Vec<u8>,
+    /// When it expires, in milliseconds since the epoch, if it does.
+    pub expires_ms: Option<u64>,
+}
+
+/// A change to the retained messages.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetainedChange {
+    /// The topic's message is this one now.
+    Put(RetainedRow),
+    /// The topic has no message any more.
+    Delete(String),
+}
+
 /// Settings of the store.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreOptions {
@@ -318,6 +348,8 @@ enum Command {
         reply: oneshot::Sender<Vec<OutboxItem>>,
     },
     Flush(oneshot::Sender<()>),
+    Retained(Vec<RetainedChange>, oneshot::Sender<()>),
+    RetainedAll(oneshot::Sender<Vec<RetainedRow>>),
 }
 
 /// Handle to the store thread. Dropping every handle lets the thread write what it has and
@@ -438,6 +470,22 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Flush(reply));
         let _ = rx.await;
+    }
+
+    /// Writes changes to the retained messages; returns once they are committed, or false
+    /// if the store has stopped. While the database fails, the changes are retried and this
+    /// waits.
+    pub async fn retained(&self, changes: Vec<RetainedChange>) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Retained(changes, reply));
+        rx.await.is_ok()
+    }
+
+    /// Every retained message in the database.
+    pub async fn retained_all(&self) -> Vec<RetainedRow> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::RetainedAll(reply));
+        rx.await.unwrap_or_default()
     }
 
     /// The highest outbox position committed so far; changes when rows are added.
@@ -575,6 +623,14 @@ impl Writer {
                     self.commit(&mut writes);
                     let _ = reply.send(());
                 }
+                Command::RetainedAll(reply) => {
+                    self.commit(&mut writes);
+                    let rows = self.retained_all().unwrap_or_else(|e| {
+                        error!(error = %e, "cannot read the retained messages");
+                        Vec::new()
+                    });
+                    let _ = reply.send(rows);
+                }
                 Command::SavedAlerts(reply) => {
                     self.commit(&mut writes);
                     let saved = self.saved_alerts().unwrap_or_else(|e| {
@@ -628,6 +684,12 @@ impl Writer {
                     self.update_outbox_stats();
                 }
                 self.failing_since = None;
+                // Whoever waits for a write to be committed hears it now.
+                for w in writes.drain(..) {
+                    if let Command::Retained(_, reply) = w {
+                        let _ = reply.send(());
+                    }
+                }
             }
             Err(e) => {
                 // Alerts and acknowledgements are kept and tried again with the next batch;
@@ -635,7 +697,10 @@ impl Writer {
                 let (keep, drop): (Vec<_>, Vec<_>) = writes.drain(..).partition(|w| {
                     matches!(
                         w,
-                        Command::Alert(..) | Command::Outbox(_) | Command::OutboxDone(_)
+                        Command::Alert(..)
+                            | Command::Outbox(_)
+                            | Command::OutboxDone(_)
+                            | Command::Retained(..)
                     )
                 });
                 let kept = keep.len();
@@ -676,6 +741,20 @@ impl Writer {
         self.stats
             .outbox_oldest_ms
             .store(oldest.unwrap_or(0) as u64, Ordering::Relaxed);
+    }
+
+    fn retained_all(&self) -> rusqlite::Result<Vec<RetainedRow>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT topic, packet, expires_ms FROM retained ORDER BY topic")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(RetainedRow {
+                topic: r.get(0)?,
+                packet: r.get(1)?,
+                expires_ms: r.get::<_, Option<i64>>(2)?.map(|t| t.max(0) as u64),
+            })
+        })?;
+        rows.collect()
     }
 
     fn saved_alerts(&self) -> rusqlite::Result<Vec<SavedAlert>> {
@@ -952,9 +1031,32 @@ fn write(tx: &rusqlite::Transaction<'_>, w: &Command) -> rusqlite::Result<Effect
             }
             Ok(Effect::default())
         }
-        Command::OutboxPage { .. } | Command::Flush(_) | Command::SavedAlerts(_) => {
+        Command::Retained(changes, _) => {
+            let mut put = tx.prepare_cached(
+                "INSERT INTO retained (topic, packet, expires_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (topic) DO UPDATE SET packet = excluded.packet, expires_ms = excluded.expires_ms",
+            )?;
+            let mut delete = tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?;
+            for change in changes {
+                match change {
+                    RetainedChange::Put(row) => {
+                        put.execute(params![
+                            row.topic,
+                            row.packet,
+                            row.expires_ms.map(|t| t.min(i64::MAX as u64) as i64)
+                        ])?;
+                    }
+                    RetainedChange::Delete(topic) => {
+                        delete.execute([topic])?;
+                    }
+                }
+            }
             Ok(Effect::default())
         }
+        Command::OutboxPage { .. }
+        | Command::Flush(_)
+        | Command::SavedAlerts(_)
+        | Command::RetainedAll(_) => Ok(Effect::default()),
     }
 }
 

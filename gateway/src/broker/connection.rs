@@ -594,6 +594,11 @@ async fn run<S: Stream>(
                 return End::Lost(None);
             }
         }
+        if out.durable > 0 {
+            // A QoS 1 or 2 retained publish is acknowledged once it is in the database.
+            // Boxed: rare, and it must not size every connection's future.
+            Box::pin(shared.hub.retained.durable(out.durable)).await;
+        }
         // Acknowledgements of the publishes first: a DISCONNECT that ends the round is last.
         for p in out.acks.iter().chain(&out.send) {
             io.queue(p);

@@ -419,7 +419,7 @@ pub(crate) struct Hub {
     state: Mutex<State>,
     limits: HubLimits,
     /// Retained messages.
-    pub(crate) retained: Retained,
+    pub(crate) retained: Arc<Retained>,
     stats: Arc<Stats>,
     next_number: AtomicU64,
     /// Subscriptions whose filter may match what clients publish ([`hears_clients`]).
@@ -441,7 +441,7 @@ impl Hub {
         Hub {
             state: Mutex::default(),
             limits,
-            retained: Retained::new(limits.retained),
+            retained: Arc::new(Retained::new(limits.retained)),
             stats,
             next_number: AtomicU64::new(1),
             listening: AtomicUsize::new(0),
@@ -677,10 +677,10 @@ impl Hub {
     }
 
     /// Keeps `message` as its topic's retained message (its retain flag is set), counting a
-    /// refusal.
-    pub(crate) fn retain(&self, message: &Arc<Message>) -> Kept {
+    /// refusal; the generation is for [`Retained::durable`].
+    pub(crate) fn retain(&self, message: &Arc<Message>) -> (Kept, u64) {
         let kept = self.retained.keep(message);
-        if kept == Kept::Full {
+        if kept.0 == Kept::Full {
             Stats::inc(&self.stats.retained_refused);
         }
         kept

@@ -37,13 +37,14 @@ use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::access::CredentialsError;
 use crate::config::BrokerConfig;
 use crate::shutdown::Signal;
 use crate::sources::Source;
 use crate::stats::Stats;
+use crate::store::Store;
 
 pub(crate) use gate::Gate;
 pub use hub::Message;
@@ -121,6 +122,37 @@ impl Broker {
         });
         self.hub.retained.keep_own(&message);
         self.hub.route(&[message], std::time::Instant::now());
+    }
+}
+
+impl Broker {
+    /// Takes back the retained messages the database kept from the last run (those of
+    /// clients; the gateway's alerts come back through their saved states).
+    pub async fn restore_retained(&self, store: &Store) {
+        let rows = store.retained_all().await;
+        if rows.is_empty() {
+            return;
+        }
+        let (taken, dropped) =
+            self.hub
+                .retained
+                .restore(rows, std::time::Instant::now(), crate::alert::now_millis());
+        info!(taken, "retained messages taken back from the database");
+        if dropped > 0 {
+            warn!(
+                dropped,
+                "retained messages in the database were not taken back: expired, unreadable, or beyond broker.max_retained_messages or max_retained_bytes"
+            );
+        }
+    }
+
+    /// Writes the retained messages to the database as they change, until `shutdown`.
+    pub fn persist_retained(
+        &self,
+        store: Store,
+        shutdown: Signal,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        retained::persist(self.hub.retained.clone(), store, shutdown)
     }
 }
 

@@ -96,6 +96,9 @@ pub(crate) struct Output {
     pub(crate) acks: Vec<Packet>,
     /// PUBACKs among `acks`: QoS 1 publishes not yet acknowledged.
     pub(crate) unacknowledged: usize,
+    /// The retained messages' generation that must be on disk before `acks` are sent (0:
+    /// none; see `Retained::durable`).
+    pub(crate) durable: u64,
 }
 
 /// Why and how a session ends.
@@ -611,9 +614,12 @@ impl Session {
             expires_at,
             origin: self.number,
         };
-        if message.retain
-            && ctx.hub.retain(&Arc::new(message.clone())) == super::retained::Kept::Full
-        {
+        let kept = if message.retain {
+            ctx.hub.retain(&Arc::new(message.clone()))
+        } else {
+            (super::retained::Kept::Stored, 0)
+        };
+        if kept.0 == super::retained::Kept::Full {
             self.warn(
                 now,
                 format_args!(
@@ -632,6 +638,10 @@ impl Session {
             out.route.reserve_exact(1);
         }
         out.route.push(message);
+        if qos != QoS::AtMostOnce {
+            // Its acknowledgement says the retained message is kept: once it is on disk.
+            out.durable = out.durable.max(kept.1);
+        }
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {

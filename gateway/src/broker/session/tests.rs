@@ -486,6 +486,35 @@ fn a_full_retained_store_refuses_with_quota_exceeded() {
 }
 
 #[test]
+fn acknowledgements_of_retained_publishes_wait_for_the_database() {
+    let rig = Rig::new();
+    rig.hub.retained.track_changes();
+    let mut c = rig.client("c", Version::V5);
+    let with = |retain, qos, topic: &str, pkid| {
+        Packet::Publish(Publish {
+            retain,
+            ..match publish(topic, qos, pkid) {
+                Packet::Publish(p) => p,
+                _ => unreachable!(),
+            }
+        })
+    };
+    // (retain, QoS, the generation its acknowledgement waits for)
+    let cases = [
+        (false, QoS::AtLeastOnce, 0),
+        (true, QoS::AtMostOnce, 0),
+        (true, QoS::AtLeastOnce, 2),
+        (true, QoS::ExactlyOnce, 3),
+    ];
+    for (i, (retain, qos, generation)) in cases.into_iter().enumerate() {
+        let pkid = i as u16 + 1;
+        let (out, _) = step(&rig, &mut c, with(retain, qos, "cfg/a", pkid));
+        assert_eq!(out.durable, generation, "retain {retain}, {qos:?}");
+        assert_eq!(out.route.len(), 1);
+    }
+}
+
+#[test]
 fn a_refused_qos_2_publish_of_a_311_client_is_completed_by_its_pubrel() {
     let rig = Rig::new();
     let mut c = rig.client("c", Version::V311);
