@@ -1,18 +1,11 @@
-//! Who may connect, and what each client may publish and subscribe to.
+//! Who may connect: identities, roles and the credentials file.
 //!
 //! Identities come from the credentials file (one entry per device or operator, with an
 //! argon2id hash of a random secret that is shown once, by `watchpost device add`), or from a
 //! client certificate on the TLS listener (its common name), or are anonymous when
-//! `broker.allow_anonymous` says so. The rules are enforced by Watchpost's own connection
-//! front before the router sees a packet ([`crate::broker`]); `SECURITY.md` has the whole
-//! threat model.
-//!
-//! | who | may publish | may subscribe |
-//! |---|---|---|
-//! | device `D` | `sensors/D`, `sensors/D/...`, and topics a `[[source]]` maps to device `D` | filters within `sensors/D/...` |
-//! | operator | nothing | anything |
-//! | anonymous (if allowed) | anything under `sensors/` and sources' topics | anything |
-//! | nobody | `alerts/...` (only the gateway publishes there), `$...` | — |
+//! `broker.allow_anonymous` says so. What each may publish and subscribe to is the topic
+//! ACL's to say ([`crate::acl`]); both are enforced by Watchpost's own connection front
+//! ([`crate::broker`]). `SECURITY.md` has the whole threat model.
 //!
 //! A named client's MQTT client id must be its name or start with `name@`, so that no client
 //! can take over another's session (or the gateway's internal link, which has a reserved id).
@@ -22,9 +15,6 @@ use std::path::{Path, PathBuf};
 
 use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
 use serde::{Deserialize, Serialize};
-
-use crate::codec;
-use crate::sources::Source;
 
 /// What a named client is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,85 +46,6 @@ impl Identity {
         match self {
             Identity::Anonymous => None,
             Identity::Named { name, .. } => Some(name),
-        }
-    }
-}
-
-/// Why a client's packet was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Denied {
-    /// Only the gateway publishes alerts.
-    GatewayTopic,
-    /// The topic belongs to another device, or to no device.
-    NotYours,
-    /// Operators do not publish.
-    ReadOnly,
-}
-
-impl std::fmt::Display for Denied {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Denied::GatewayTopic => "only the gateway publishes under alerts/ and $",
-            Denied::NotYours => "a device may publish only under sensors/{its name}/",
-            Denied::ReadOnly => "operators may subscribe but not publish",
-        })
-    }
-}
-
-/// True if `topic` is `root` or lies below it.
-fn under(topic: &str, root: &str) -> bool {
-    topic
-        .strip_prefix(root)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-}
-
-/// The device a topic belongs to: `sensors/{device}/...`, or a source's `{device}`.
-fn owner<'a>(topic: &'a str, sources: &[Source]) -> Option<std::borrow::Cow<'a, str>> {
-    let mut levels = topic.split('/');
-    if levels.next() == Some(codec::TOPIC_ROOT) {
-        return levels
-            .next()
-            .filter(|d| !d.is_empty())
-            .map(std::borrow::Cow::Borrowed);
-    }
-    sources.iter().find_map(|s| s.device_of(topic))
-}
-
-/// May `who` publish on `topic`?
-pub fn may_publish(who: &Identity, topic: &str, sources: &[Source]) -> Result<(), Denied> {
-    if under(topic, crate::alert::TOPIC_ROOT) || topic.starts_with('$') {
-        return Err(Denied::GatewayTopic);
-    }
-    match who {
-        Identity::Anonymous => Ok(()),
-        Identity::Named {
-            role: Role::Operator,
-            ..
-        } => Err(Denied::ReadOnly),
-        Identity::Named {
-            name,
-            role: Role::Device,
-        } => match owner(topic, sources) {
-            Some(device) if device == name.as_str() => Ok(()),
-            _ => Err(Denied::NotYours),
-        },
-    }
-}
-
-/// May `who` subscribe to `filter`?
-pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
-    match who {
-        Identity::Anonymous
-        | Identity::Named {
-            role: Role::Operator,
-            ..
-        } => true,
-        Identity::Named {
-            name,
-            role: Role::Device,
-        } => {
-            let own = format!("{}/{name}", codec::TOPIC_ROOT);
-            under(filter, &own) && !filter[..own.len()].contains(['+', '#'])
         }
     }
 }
@@ -341,79 +252,12 @@ impl Credentials {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::Payload;
 
     fn device(name: &str) -> Identity {
         Identity::Named {
             name: name.into(),
             role: Role::Device,
         }
-    }
-
-    #[test]
-    fn publishing_rules() {
-        let tasmota = Source::new("t", "tele/{device}/SENSOR", Payload::Json, None, None).unwrap();
-        let sources = [tasmota];
-        let operator = Identity::Named {
-            name: "ops".into(),
-            role: Role::Operator,
-        };
-        let cases: &[(&Identity, &str, Result<(), Denied>)] = &[
-            (&device("a"), "sensors/a/temperature", Ok(())),
-            (&device("a"), "sensors/a", Ok(())),
-            (&device("a"), "sensors/a/status", Ok(())),
-            (&device("a"), "sensors/b/temperature", Err(Denied::NotYours)),
-            (
-                &device("a"),
-                "sensors/ab/temperature",
-                Err(Denied::NotYours),
-            ),
-            (&device("a"), "sensors", Err(Denied::NotYours)),
-            (&device("a"), "tele/a/SENSOR", Ok(())),
-            (&device("a"), "tele/b/SENSOR", Err(Denied::NotYours)),
-            (&device("a"), "tele/a/LWT", Err(Denied::NotYours)),
-            (
-                &device("a"),
-                "alerts/critical/a/overheat",
-                Err(Denied::GatewayTopic),
-            ),
-            (&device("a"), "alerts", Err(Denied::GatewayTopic)),
-            (
-                &Identity::Anonymous,
-                "alerts/critical/x/y",
-                Err(Denied::GatewayTopic),
-            ),
-            (&Identity::Anonymous, "$SYS/x", Err(Denied::GatewayTopic)),
-            (&Identity::Anonymous, "sensors/anyone/t", Ok(())),
-            (&operator, "sensors/ops/t", Err(Denied::ReadOnly)),
-            (&device("alerts"), "alertsX/y", Err(Denied::NotYours)),
-        ];
-        for (who, topic, expected) in cases {
-            assert_eq!(
-                may_publish(who, topic, &sources),
-                *expected,
-                "{who:?} on {topic}"
-            );
-        }
-    }
-
-    #[test]
-    fn subscription_rules() {
-        assert!(may_subscribe(&device("a"), "sensors/a/config"));
-        assert!(may_subscribe(&device("a"), "sensors/a/#"));
-        assert!(!may_subscribe(&device("a"), "sensors/+/config"));
-        assert!(!may_subscribe(&device("a"), "sensors/#"));
-        assert!(!may_subscribe(&device("a"), "#"));
-        assert!(!may_subscribe(&device("a"), "alerts/#"));
-        assert!(!may_subscribe(&device("a"), "sensors/ab/#"));
-        assert!(may_subscribe(
-            &Identity::Named {
-                name: "ops".into(),
-                role: Role::Operator
-            },
-            "alerts/#"
-        ));
-        assert!(may_subscribe(&Identity::Anonymous, "#"));
     }
 
     #[test]

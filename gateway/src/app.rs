@@ -62,6 +62,8 @@ pub struct Gateway {
     tasks: Vec<JoinHandle<()>>,
     store_thread: StoreThread,
     control: mpsc::Sender<Control>,
+    /// The router, to apply a new ACL to existing subscriptions.
+    broker: Broker,
     /// The configuration running now (rules as last reloaded).
     config: Config,
 }
@@ -91,7 +93,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     };
     let (store, store_thread) =
         Store::open(&config.gateway.data_dir, store_options, stats.clone())?;
-    let gate = broker::gate(&config.broker, config.sources.clone())?;
+    let gate = broker::gate(&config.broker, config.acl.clone(), config.sources.clone())?;
     let listeners = Listeners::bind(&config.broker).await?;
     let http_listener = match config.http.listen {
         Some(addr) => Some(
@@ -167,6 +169,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         gate.clone(),
         signal.clone(),
     )));
+    let router = broker.clone();
     let broker_gate = gate.clone();
     let broker_config = config.broker.clone();
     let broker_stats = stats.clone();
@@ -246,6 +249,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         tasks,
         store_thread,
         control: control_tx,
+        broker: router,
         config,
     })
 }
@@ -307,7 +311,9 @@ impl Gateway {
             outcome.removed.len()
         );
         self.stats.record_reload(true, detail);
-        self.gate.set_sources(config.sources.clone());
+        self.gate
+            .set_policy(config.acl.clone(), config.sources.clone());
+        let revoked = self.broker.revoke_subscriptions(&self.gate.policy());
         match self.gate.reload() {
             Ok(Some(names)) => info!(names, "credentials reloaded"),
             Ok(None) => {}
@@ -317,7 +323,8 @@ impl Gateway {
         }
         self.config.rules = config.rules;
         self.config.sources = config.sources;
-        info!(rules = outcome.rules, kept = outcome.kept, added = ?outcome.added, removed = ?outcome.removed, "rules reloaded");
+        self.config.acl = config.acl;
+        info!(rules = outcome.rules, kept = outcome.kept, added = ?outcome.added, removed = ?outcome.removed, acl = self.config.acl.len(), subscriptions_revoked = revoked, "rules reloaded");
         Ok(outcome)
     }
 

@@ -33,6 +33,7 @@
 #![deny(missing_docs)]
 
 pub mod access;
+pub mod acl;
 pub mod aggregate;
 pub mod alert;
 pub mod app;

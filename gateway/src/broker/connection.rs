@@ -504,7 +504,7 @@ async fn finish<S: Stream>(
         End::Lost(error) => (true, error),
     };
     if will {
-        match session.last_will(now) {
+        match session.last_will(shared.ctx(), now) {
             Some((message, delay)) => {
                 let delay = delay.min(session.expiry());
                 if delay == 0 {

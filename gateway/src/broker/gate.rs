@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::access::{Credentials, CredentialsError, Identity, Role};
+use crate::acl::{AclRule, Policy};
 use crate::shutdown::Signal;
 use crate::sources::Source;
 
@@ -111,7 +112,7 @@ pub(crate) struct Gate {
     allow_anonymous: bool,
     path: PathBuf,
     credentials: watch::Sender<Arc<Credentials>>,
-    sources: RwLock<Arc<[Source]>>,
+    policy: RwLock<Arc<Policy>>,
     memo: Arc<Memo>,
     hasher: mpsc::Sender<Check>,
     rate: u32,
@@ -133,7 +134,7 @@ impl Gate {
             allow_anonymous,
             path: path.to_owned(),
             credentials: watch::Sender::new(Arc::new(credentials)),
-            sources: RwLock::new(sources.into()),
+            policy: RwLock::new(Arc::new(Policy::new(Vec::new(), sources.into()))),
             memo: memo.clone(),
             hasher: hasher(memo)?,
             rate,
@@ -166,17 +167,18 @@ impl Gate {
         self.clients.unregister(client_id, registration);
     }
 
-    /// The sources in force (their topics belong to devices too).
-    pub(crate) fn sources(&self) -> Arc<[Source]> {
-        self.sources
+    /// The ACL rules and sources in force.
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.policy
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// Swaps in new sources (on a reload).
-    pub(crate) fn set_sources(&self, sources: Vec<Source>) {
-        *self.sources.write().unwrap_or_else(|p| p.into_inner()) = sources.into();
+    /// Swaps in new ACL rules and sources (at start and on a reload).
+    pub(crate) fn set_policy(&self, acl: Vec<AclRule>, sources: Vec<Source>) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(Policy::new(acl, sources.into()));
     }
 
     /// Reads the credentials file again; returns how many names it has if it changed.

@@ -34,6 +34,8 @@ use tokio::sync::Notify;
 
 use super::packet::{MessageProperties, QoS, SubscriptionOptions};
 use super::retained::{Kept, Retained, RetainedLimits};
+use crate::access::Identity;
+use crate::acl::Policy;
 use crate::stats::Stats;
 
 /// An application message on its way through the broker.
@@ -382,6 +384,8 @@ struct Entry {
     expiry: u32,
     /// Since when no connection serves it.
     offline_since: Option<Instant>,
+    /// Who made its subscriptions, to check them again when the ACL changes.
+    identity: Identity,
 }
 
 /// A session a client comes back to.
@@ -517,6 +521,7 @@ impl Hub {
         connection: u64,
         number: u64,
         expiry: u32,
+        identity: &Identity,
     ) -> Option<Arc<Mailbox>> {
         let mut state = self.lock();
         if let Some(entry) = state.sessions.get_mut(client_id) {
@@ -524,6 +529,9 @@ impl Hub {
                 return None;
             }
             entry.expiry = expiry.min(self.limits.max_session_expiry);
+            if entry.identity != *identity {
+                entry.identity = identity.clone();
+            }
             return Some(entry.mailbox.clone());
         }
         let mailbox = Arc::new(Mailbox::default());
@@ -537,9 +545,35 @@ impl Hub {
                 connection: Some(connection),
                 expiry: expiry.min(self.limits.max_session_expiry),
                 offline_since: None,
+                identity: identity.clone(),
             },
         );
         Some(mailbox)
+    }
+
+    /// Removes every subscription that `policy` no longer allows its session (online or
+    /// offline) to make; returns them as (client id, filter).
+    pub(crate) fn revoke(&self, policy: &Policy) -> Vec<(Box<str>, Box<str>)> {
+        let mut state = self.lock();
+        let State { sessions, tree, .. } = &mut *state;
+        let mut revoked = Vec::new();
+        for (client_id, entry) in sessions.iter_mut() {
+            let mut i = 0;
+            while i < entry.subscriptions.len() {
+                let (_, plain) = split_shared(&entry.subscriptions[i].filter);
+                if policy
+                    .may_subscribe(&entry.identity, client_id, plain)
+                    .is_ok()
+                {
+                    i += 1;
+                    continue;
+                }
+                let subscription = entry.subscriptions.swap_remove(i);
+                self.forget(tree, entry.number, &subscription);
+                revoked.push((client_id.clone(), subscription.filter));
+            }
+        }
+        revoked
     }
 
     /// Adds or replaces a subscription of the session of `client_id` on `connection`.

@@ -40,6 +40,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
 
 use crate::access::CredentialsError;
+use crate::acl::AclRule;
 use crate::config::BrokerConfig;
 use crate::shutdown::Signal;
 use crate::sources::Source;
@@ -144,6 +145,22 @@ impl Broker {
                 "retained messages in the database were not taken back: expired, unreadable, or beyond broker.max_retained_messages or max_retained_bytes"
             );
         }
+    }
+
+    /// Removes the subscriptions that `policy` no longer allows (after a reload), and says
+    /// which in the log; returns how many.
+    pub fn revoke_subscriptions(&self, policy: &crate::acl::Policy) -> usize {
+        let revoked = self.hub.revoke(policy);
+        for (client_id, filter) in revoked.iter().take(20) {
+            warn!(client = %client_id, filter = %filter, "subscription removed: the ACL no longer allows it");
+        }
+        if revoked.len() > 20 {
+            warn!(
+                more = revoked.len() - 20,
+                "more subscriptions removed: the ACL no longer allows them"
+            );
+        }
+        revoked.len()
     }
 
     /// Writes the retained messages to the database as they change, until `shutdown`.
@@ -280,15 +297,20 @@ pub(crate) struct Pipes {
     pub(crate) readings: tokio::sync::mpsc::Sender<Vec<Message>>,
 }
 
-/// The gate for `config`: its credentials file read, and a warning if it lets in no one or
-/// anyone.
-pub(crate) fn gate(config: &BrokerConfig, sources: Vec<Source>) -> Result<Arc<Gate>, BrokerError> {
+/// The gate for `config` with the ACL rules and sources: its credentials file read, and a
+/// warning if it lets in no one or anyone.
+pub(crate) fn gate(
+    config: &BrokerConfig,
+    acl: Vec<AclRule>,
+    sources: Vec<Source>,
+) -> Result<Arc<Gate>, BrokerError> {
     let gate = Gate::new(
         config.allow_anonymous,
         &config.credentials,
-        sources,
+        Vec::new(),
         config.max_publish_rate,
     )?;
+    gate.set_policy(acl, sources);
     gate::warn_about(
         &gate,
         config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),

@@ -262,7 +262,12 @@ impl Session {
                     "the last will's topic is not a valid topic name",
                 );
             }
-            if access::may_publish(&admitted.identity, topic, &ctx.gate.sources()).is_err() {
+            if ctx
+                .gate
+                .policy()
+                .may_publish(&admitted.identity, &client_id, topic)
+                .is_err()
+            {
                 return refuse(
                     reason::NOT_AUTHORIZED,
                     "the last will's topic is not one the client may publish on",
@@ -321,9 +326,13 @@ impl Session {
         } else if expiry > 0 {
             // A session to keep gets its mailbox now, so that it exists while the client is
             // away even if it never subscribes.
-            session.mailbox = ctx
-                .hub
-                .attach(&session.client_id, connection, number, expiry);
+            session.mailbox = ctx.hub.attach(
+                &session.client_id,
+                connection,
+                number,
+                expiry,
+                &session.identity,
+            );
         }
         if let Some(mailbox) = &session.mailbox {
             // Whatever comes next is sent by `fill`, after the CONNACK.
@@ -569,7 +578,10 @@ impl Session {
         }
         let refused = if topic.len() > MAX_TOPIC_BYTES {
             Some((reason::TOPIC_NAME_INVALID, Refusal::TooLong))
-        } else if let Err(denied) = access::may_publish(&self.identity, topic, &ctx.gate.sources())
+        } else if let Err(denied) =
+            ctx.gate
+                .policy()
+                .may_publish(&self.identity, &self.client_id, topic)
         {
             Some((reason::NOT_AUTHORIZED, Refusal::Denied(denied)))
         } else if self.bucket.as_ref().is_some_and(|b| {
@@ -831,16 +843,24 @@ impl Session {
                 codes.push(reason::UNSPECIFIED);
                 continue;
             }
-            if !access::may_subscribe(&self.identity, filter) {
+            if ctx
+                .gate
+                .policy()
+                .may_subscribe(&self.identity, &self.client_id, plain)
+                .is_err()
+            {
                 denied.push(truncate(filter).to_owned());
                 codes.push(reason::NOT_AUTHORIZED);
                 continue;
             }
             if self.mailbox.is_none() {
-                match ctx
-                    .hub
-                    .attach(&self.client_id, self.connection, self.number, self.expiry)
-                {
+                match ctx.hub.attach(
+                    &self.client_id,
+                    self.connection,
+                    self.number,
+                    self.expiry,
+                    &self.identity,
+                ) {
                     Some(mailbox) => self.mailbox = Some(mailbox),
                     None => {
                         return Err(self.disconnect(
@@ -1037,8 +1057,21 @@ impl Session {
     }
 
     /// The message to publish as the client's will, if it left one, taken.
-    pub(crate) fn last_will(&mut self, now: Instant) -> Option<(Message, u32)> {
+    pub(crate) fn last_will(&mut self, ctx: Ctx<'_>, now: Instant) -> Option<(Message, u32)> {
         let will = self.will.take()?;
+        // The ACL may have changed since the CONNECT: the will must still be allowed.
+        let topic = std::str::from_utf8(&will.topic).unwrap_or_default();
+        if let Err(denied) = ctx
+            .gate
+            .policy()
+            .may_publish(&self.identity, &self.client_id, topic)
+        {
+            self.warn(
+                now,
+                format_args!("last will on {:?} not published: {denied}", truncate(topic)),
+            );
+            return None;
+        }
         let expires_at = will
             .properties
             .as_ref()
@@ -1074,7 +1107,7 @@ impl Session {
 /// Why a publish was not passed on.
 #[derive(Clone, Copy)]
 enum Refusal {
-    Denied(access::Denied),
+    Denied(crate::acl::Denied),
     TooLong,
     RateLimited,
     NotUtf8,

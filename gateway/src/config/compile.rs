@@ -153,6 +153,7 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
         }
     }
     check_rule_kinds(&rules, &rule_spans, &sources, sink);
+    let acl = super::acl::compile_acl(&raw.acl, &broker, sink);
     Config {
         gateway,
         broker,
@@ -161,6 +162,7 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
         http,
         rules,
         sources,
+        acl,
     }
 }
 

@@ -100,6 +100,11 @@ impl Sink<'_> {
         }
     }
 
+    /// The 1-based line of a byte offset.
+    pub(super) fn line(&self, offset: usize) -> usize {
+        line_column(self.source, offset).0
+    }
+
     pub(super) fn error(
         &mut self,
         span: Range<usize>,

@@ -28,6 +28,7 @@ use crate::codec;
 use crate::rules::{Rule, Severity};
 use crate::sources::Source;
 
+mod acl;
 mod compile;
 mod diagnostics;
 mod raw;
@@ -64,6 +65,8 @@ pub struct Config {
     pub rules: Vec<Rule>,
     /// Foreign topic layouts mapped onto readings.
     pub sources: Vec<Source>,
+    /// Topic ACL rules, in file order (the defaults follow them: [`crate::acl::Policy`]).
+    pub acl: Vec<crate::acl::AclRule>,
 }
 
 /// `[gateway]`
@@ -362,6 +365,7 @@ pub fn parse(source: &str, name: &str) -> Result<Loaded, ConfigError> {
                 .unwrap_or_default(),
             rules: array(root.get("rule"), "[[rule]]", &mut sink),
             sources: array(root.get("source"), "[[source]]", &mut sink),
+            acl: array(root.get("acl"), "[[acl]]", &mut sink),
         };
         if let Some(gateway) = gateway {
             let config = compile(gateway, raw, &mut sink);

@@ -14,7 +14,7 @@ use crate::rules::Severity;
 
 /// Top-level keys of the file.
 pub(super) const TOP_LEVEL: &[&str] = &[
-    "gateway", "broker", "uplink", "history", "http", "rule", "source",
+    "gateway", "broker", "uplink", "history", "http", "rule", "source", "acl",
 ];
 
 /// The sections of the file, read independently.
@@ -25,6 +25,7 @@ pub(super) struct Raw {
     pub(super) http: RawHttp,
     pub(super) rules: Vec<(Range<usize>, RawRule)>,
     pub(super) sources: Vec<(Range<usize>, RawSource)>,
+    pub(super) acl: Vec<(Range<usize>, RawAcl)>,
 }
 
 /// The field names serde's derive gives a struct, found by asking it to deserialize from a
@@ -291,4 +292,16 @@ pub(super) struct RawSource {
     pub(super) values: Option<Spanned<BTreeMap<String, RawValue>>>,
     pub(super) presence: Option<Spanned<RawPresence>>,
     pub(super) ignore: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAcl {
+    pub(super) client: Option<Spanned<String>>,
+    pub(super) role: Option<Spanned<crate::access::Role>>,
+    pub(super) anonymous: Option<Spanned<bool>>,
+    pub(super) everyone: Option<Spanned<bool>>,
+    pub(super) allow: Option<Spanned<String>>,
+    pub(super) deny: Option<Spanned<String>>,
+    pub(super) topics: Spanned<Vec<Spanned<String>>>,
 }

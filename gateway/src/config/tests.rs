@@ -622,3 +622,92 @@ fn mqtt5_session_and_queue_limits_out_of_range_are_errors_where_written() {
         );
     }
 }
+
+#[test]
+fn acl_rules_are_read_in_order_with_their_lines() {
+    use crate::acl::{Action, Permission, Topics, Who};
+    let src = format!(
+        "{MINIMAL}[[acl]]\nclient = \"dashboard\"\nallow = \"subscribe\"\ntopics = [\"alerts/#\"]\n\
+         [[acl]]\nrole = \"device\"\ndeny = \"both\"\ntopics = [\"cmd/%u/#\", \"x/%c\"]\n\
+         [[acl]]\neveryone = true\nallow = \"publish\"\ntopics = [\"dashboard/#\"]\n"
+    );
+    let loaded = parse(&src, "t.toml").unwrap();
+    let acl = &loaded.config.acl;
+    assert_eq!(acl.len(), 3);
+    assert_eq!(acl[0].who, Who::Client("dashboard".into()));
+    assert_eq!(
+        (acl[0].permission, acl[0].action, acl[0].line),
+        (Permission::Allow, Action::Subscribe, 3)
+    );
+    assert_eq!(acl[1].who, Who::Role(crate::access::Role::Device));
+    assert_eq!(
+        acl[1].topics,
+        Topics::Filters(vec!["cmd/%u/#".into(), "x/%c".into()])
+    );
+    assert_eq!((acl[1].permission, acl[1].line), (Permission::Deny, 7));
+    assert_eq!(acl[2].who, Who::Everyone);
+    // Only the file's lack of rules is worth a warning.
+    assert_eq!(loaded.warnings.len(), 1, "{:#?}", loaded.warnings);
+}
+
+#[test]
+fn acl_mistakes_are_errors_where_written() {
+    let bad = errors(&format!(
+        "{MINIMAL}[[acl]]\nallow = \"publish\"\ntopics = [\"a\"]\n\
+         [[acl]]\nclient = \"x\"\nrole = \"device\"\nallow = \"publish\"\ntopics = [\"a\"]\n\
+         [[acl]]\nclient = \"x\"\ntopics = [\"a\"]\n\
+         [[acl]]\nclient = \"x\"\nallow = \"read\"\ntopics = [\"a\"]\n\
+         [[acl]]\nclient = \"x\"\nallow = \"publish\"\ndeny = \"publish\"\ntopics = [\"a\"]\n\
+         [[acl]]\nclient = \"x\"\nallow = \"publish\"\ntopics = []\n\
+         [[acl]]\nclient = \"x\"\nallow = \"publish\"\ntopics = [\"a/#/b\", \"%d/x\", \"$share/g/a\"]\n\
+         [[acl]]\nanonymous = false\nallow = \"publish\"\ntopics = [\"a\"]\n\
+         [[acl]]\nrole = \"admin\"\nallow = \"publish\"\ntopics = [\"a\"]\n"
+    ));
+    let expected = [
+        "3:1 this [[acl]] rule does not say whom it is for",
+        "8:8 an [[acl]] rule is for one kind of client",
+        "11:1 this [[acl]] rule neither allows nor denies",
+        "16:9 \"read\" is not an action",
+        "21:8 an [[acl]] rule either allows or denies",
+        "26:10 `topics` is empty",
+        "30:11 \"a/#/b\" is not an MQTT topic filter",
+        "30:20 \"%d/x\" has a `%` that is neither %u nor %c",
+        "30:28 ACL filters are written without `$share/{group}/`",
+        "32:13 `anonymous = false` says nothing",
+        "36:8 in [[acl]]: unknown variant `admin`",
+    ];
+    for e in expected {
+        assert!(bad.iter().any(|b| b.contains(e)), "{e:?} not in {bad:#?}");
+    }
+}
+
+#[test]
+fn check_explains_acl_rules_that_never_match_or_never_decide() {
+    let src = format!(
+        "{MINIMAL}[broker]\nallow_anonymous = false\n\
+         [[acl]]\nanonymous = true\nallow = \"publish\"\ntopics = [\"sensors/%u/#\"]\n\
+         [[acl]]\nclient = \"a b\"\nallow = \"publish\"\ntopics = [\"a\"]\n\
+         [[acl]]\neveryone = true\nallow = \"publish\"\ntopics = [\"alerts/#\", \"$SYS/x\", \"cmd/#\"]\n\
+         [[acl]]\nrole = \"operator\"\ndeny = \"publish\"\ntopics = [\"cmd/valve/+\"]\n\
+         [[acl]]\neveryone = true\nallow = \"publish\"\ntopics = [\"cmd/+/x\"]\n"
+    );
+    let loaded = parse(&src, "t.toml").unwrap();
+    let warnings: Vec<String> = loaded.warnings.iter().map(|d| d.to_string()).collect();
+    let expected = [
+        "6:13: warning: this [[acl]] rule never applies: anonymous clients are not allowed",
+        "8:11: warning: \"sensors/%u/#\" never matches: anonymous clients have no name for %u",
+        "10:10: warning: this [[acl]] rule never applies: no client can be named \"a b\"",
+        "16:11: warning: \"alerts/#\" never matches a client's publish",
+        "16:23: warning: \"$SYS/x\" never matches a client's publish",
+        "17:1: warning: this [[acl]] rule never decides anything: the rule at line 13 comes first, applies to the same clients and topics, and decides the other way",
+        "21:1: warning: this [[acl]] rule never decides anything: the rule at line 13 comes first, applies to the same clients and topics, and says the same",
+    ];
+    for e in expected {
+        assert!(
+            warnings.iter().any(|w| w.contains(e)),
+            "{e:?} not in {warnings:#?}"
+        );
+    }
+    // And the lack of [[rule]].
+    assert_eq!(warnings.len(), expected.len() + 1, "{warnings:#?}");
+}

@@ -43,7 +43,7 @@ fn subscribe(
 /// A session for `client` on `connection`, with its mailbox.
 fn session(hub: &Hub, client: &str, connection: u64, expiry: u32) -> Arc<Mailbox> {
     let number = hub.number();
-    hub.attach(client, connection, number, expiry)
+    hub.attach(client, connection, number, expiry, &Identity::Anonymous)
         .expect("attached")
 }
 
@@ -257,7 +257,7 @@ fn a_kept_session_comes_back_with_its_subscriptions_and_queue() {
     assert!(Arc::ptr_eq(&resumed.mailbox, &mailbox));
     assert_eq!(drain(&mailbox).len(), 1, "what came while away");
     // The old connection may not touch it any more.
-    assert!(hub.attach("c", 1, 99, 60).is_none());
+    assert!(hub.attach("c", 1, 99, 60, &Identity::Anonymous).is_none());
     assert!(!hub.unsubscribe("c", 1, "t"));
     assert!(hub.unsubscribe("c", 2, "t"));
 }

@@ -1011,10 +1011,13 @@ fn the_will_carries_its_properties_and_delay() {
         ..connect("c")
     };
     let mut c = rig.open(asked, Version::V5).unwrap().session;
-    let (will, delay) = c.last_will(Instant::now()).expect("a will");
+    let (will, delay) = c.last_will(rig.ctx(), Instant::now()).expect("a will");
     assert_eq!(delay, 3);
     assert_eq!(&will.payload[..], b"gone");
     assert!(will.retain);
     assert_eq!(will.properties.unwrap().user_properties.len(), 1);
-    assert!(c.last_will(Instant::now()).is_none(), "taken once");
+    assert!(
+        c.last_will(rig.ctx(), Instant::now()).is_none(),
+        "taken once"
+    );
 }
