@@ -15,12 +15,13 @@
 //! database is its copy for the next start. Keeping a message only marks its topic as changed
 //! (one more hash-set insert under the lock a publish takes anyway) and wakes [`persist`],
 //! a task that writes the latest state of every changed topic in one transaction of the
-//! store thread. A topic that changes a thousand times between two writes costs one row
-//! write. Each change has a generation number; once a write is committed, the generations
-//! up to it are durable, and a QoS 1 or 2 retained publish is acknowledged only then
-//! (see [`Retained::durable`]), so an acknowledged retained message survives a SIGKILL. The
-//! gateway's own retained messages (alerts) are not written here: the store keeps alert
-//! states itself.
+//! store thread, and then pauses nine times as long as the write took. A topic that changes
+//! a thousand times between two writes costs one row write, and however fast clients
+//! retain, writing takes at most a tenth of the time. Each change has a generation number;
+//! once a write is committed, the generations up to it are durable, and a QoS 1 or 2
+//! retained publish is acknowledged only then (see [`Retained::durable`]), so an
+//! acknowledged retained message survives a SIGKILL. The gateway's own retained messages
+//! (alerts) are not written here: the store keeps alert states itself.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -35,6 +36,12 @@ use super::packet::{self, Packet, Publish, QoS, Version};
 use crate::shutdown::Signal;
 use crate::store::{RetainedChange, RetainedRow, Store};
 use crate::topic::TopicFilter;
+
+/// After a write that took `t`, the next waits `t` times this: the writes take at most a
+/// tenth of the time.
+const PAUSE_PER_WRITE: u32 = 9;
+/// The longest pause between two writes.
+const MAX_PAUSE: Duration = Duration::from_millis(500);
 
 /// Bounds of the store.
 #[derive(Debug, Clone, Copy)]
@@ -373,10 +380,29 @@ pub(crate) async fn persist(retained: Arc<Retained>, store: Store, shutdown: Sig
         let (changes, generation) =
             retained.take_changes(Instant::now(), crate::alert::now_millis());
         if !changes.is_empty() {
+            let started = Instant::now();
             if !store.retained(changes).await {
                 return;
             }
             retained.persisted.send_replace(generation);
+            if !stopping {
+                // At most a tenth of the time writing: a sensor that retains every reading
+                // makes each round wait longer and write more topics at once, instead of
+                // keeping the store busy. A lone retained publish waits for one quick write.
+                let rest = (started.elapsed() * PAUSE_PER_WRITE).min(MAX_PAUSE);
+                tokio::select! {
+                    () = tokio::time::sleep(rest) => {}
+                    () = &mut stop => {
+                        // What changed meanwhile is written once more before the end.
+                        let (changes, _) =
+                            retained.take_changes(Instant::now(), crate::alert::now_millis());
+                        if !changes.is_empty() {
+                            store.retained(changes).await;
+                        }
+                        return;
+                    }
+                }
+            }
         }
         if stopping {
             return;
