@@ -123,8 +123,9 @@ pub struct AclRule {
     pub action: Action,
     /// On which topics.
     pub topics: Topics,
-    /// Where it is written: the configuration's line, or 0 for a default rule.
-    pub line: usize,
+    /// Which `[[acl]]` table it is, counting from 1 at the top of the file; 0 for a default
+    /// rule. (Not the line: moving a rule down a line changes nothing it does.)
+    pub number: usize,
 }
 
 impl AclRule {
@@ -141,7 +142,7 @@ impl AclRule {
 pub enum Denied {
     /// Only the gateway publishes under `alerts/` and on `$` topics.
     GatewayTopic,
-    /// A rule denies it: the configuration's line.
+    /// A rule denies it: its number (the n-th `[[acl]]` table).
     Rule(usize),
     /// No rule allows it.
     NoRule,
@@ -151,7 +152,7 @@ impl std::fmt::Display for Denied {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Denied::GatewayTopic => f.write_str("only the gateway publishes under alerts/ and $"),
-            Denied::Rule(line) => write!(f, "denied by the [[acl]] rule at line {line}"),
+            Denied::Rule(n) => write!(f, "denied by [[acl]] rule #{n} (counting from the top)"),
             Denied::NoRule => f.write_str(
                 "no [[acl]] rule allows it (by default a device publishes and subscribes only under sensors/{its name}/, and operators do not publish)",
             ),
@@ -206,7 +207,7 @@ impl Policy {
             permission: Permission::Allow,
             action,
             topics,
-            line: 0,
+            number: 0,
         };
         let own = || Topics::Filters(vec!["sensors/%u/#".to_owned()]);
         vec![
@@ -294,7 +295,7 @@ fn everything() -> Topics {
 fn decide(rule: &AclRule) -> Result<(), Denied> {
     match rule.permission {
         Permission::Allow => Ok(()),
-        Permission::Deny => Err(Denied::Rule(rule.line)),
+        Permission::Deny => Err(Denied::Rule(rule.number)),
     }
 }
 

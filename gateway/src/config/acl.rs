@@ -23,8 +23,8 @@ pub(super) fn compile_acl(
 ) -> Vec<AclRule> {
     let mut rules = Vec::new();
     let mut spans = Vec::new();
-    for (span, r) in raw {
-        if let Some(rule) = compile_one(span, r, broker, sink) {
+    for (i, (span, r)) in raw.iter().enumerate() {
+        if let Some(rule) = compile_one(i + 1, span, r, broker, sink) {
             rules.push(rule);
             spans.push(span.clone());
         }
@@ -38,13 +38,13 @@ pub(super) fn compile_acl(
             spans[later].clone(),
             format!(
                 "this [[acl]] rule never decides anything: the rule at line {} comes first, applies to the same clients and topics, and {what}",
-                rules[earlier].line
+                sink.line(spans[earlier].start)
             ),
             Some(match finding {
                 Finding::Redundant(_) => "remove it".into(),
                 Finding::Shadowed(_) => format!(
                     "the first rule that applies decides: move this one above line {}",
-                    rules[earlier].line
+                    sink.line(spans[earlier].start)
                 ),
             }),
         );
@@ -53,12 +53,12 @@ pub(super) fn compile_acl(
 }
 
 fn compile_one(
+    number: usize,
     span: &Range<usize>,
     r: &RawAcl,
     broker: &BrokerConfig,
     sink: &mut Sink<'_>,
 ) -> Option<AclRule> {
-    let line = sink.line(span.start);
     let mut whos: Vec<(Range<usize>, Who)> = Vec::new();
     if let Some(c) = &r.client {
         whos.push((c.span(), Who::Client(c.get_ref().clone())));
@@ -129,7 +129,7 @@ fn compile_one(
         permission,
         action,
         topics: Topics::Filters(topics),
-        line,
+        number,
     })
 }
 

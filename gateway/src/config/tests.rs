@@ -636,15 +636,15 @@ fn acl_rules_are_read_in_order_with_their_lines() {
     assert_eq!(acl.len(), 3);
     assert_eq!(acl[0].who, Who::Client("dashboard".into()));
     assert_eq!(
-        (acl[0].permission, acl[0].action, acl[0].line),
-        (Permission::Allow, Action::Subscribe, 3)
+        (acl[0].permission, acl[0].action, acl[0].number),
+        (Permission::Allow, Action::Subscribe, 1)
     );
     assert_eq!(acl[1].who, Who::Role(crate::access::Role::Device));
     assert_eq!(
         acl[1].topics,
         Topics::Filters(vec!["cmd/%u/#".into(), "x/%c".into()])
     );
-    assert_eq!((acl[1].permission, acl[1].line), (Permission::Deny, 7));
+    assert_eq!((acl[1].permission, acl[1].number), (Permission::Deny, 2));
     assert_eq!(acl[2].who, Who::Everyone);
     // Only the file's lack of rules is worth a warning.
     assert_eq!(loaded.warnings.len(), 1, "{:#?}", loaded.warnings);
