@@ -461,9 +461,19 @@ impl Hub {
         self.next_number.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The bounds of session queues.
-    pub(crate) fn queue_limits(&self) -> QueueLimits {
-        self.limits.queue
+    /// The bounds for the retained messages that answer a subscription: the queue's, plus
+    /// room for every retained message the broker may hold, so that a new subscriber to `#`
+    /// gets all of them. Still a bound: a client that subscribes again and again without
+    /// reading cannot queue more than this.
+    pub(crate) fn retained_delivery_limits(&self) -> QueueLimits {
+        let (queue, retained) = (self.limits.queue, self.limits.retained);
+        QueueLimits {
+            messages: queue.messages.saturating_add(retained.messages),
+            bytes: queue
+                .bytes
+                .saturating_add(retained.bytes)
+                .saturating_add(retained.messages.saturating_mul(64)),
+        }
     }
 
     /// The longest a session may outlive its connection, in seconds.

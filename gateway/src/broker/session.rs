@@ -930,7 +930,10 @@ impl Session {
         if let Some(mailbox) = &self.mailbox {
             // Queued behind the SUBACK: `fill` sends them after it.
             for item in retained {
-                if mailbox.push(item, ctx.hub.queue_limits()).is_err() {
+                if mailbox
+                    .push(item, ctx.hub.retained_delivery_limits())
+                    .is_err()
+                {
                     Stats::inc(&ctx.stats.queue_dropped);
                 }
             }

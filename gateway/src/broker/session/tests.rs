@@ -718,6 +718,52 @@ fn no_local_on_a_shared_subscription_is_a_protocol_error() {
 }
 
 #[test]
+fn a_new_subscriber_gets_every_retained_message_whatever_its_queue_bound() {
+    let limits = HubLimits {
+        queue: crate::broker::hub::QueueLimits {
+            messages: 2,
+            bytes: 1 << 20,
+        },
+        retained: RetainedLimits {
+            messages: 5,
+            bytes: 1 << 20,
+        },
+        ..HubLimits::default()
+    };
+    let rig = Rig::with(limits, 0);
+    let mut publisher = rig.client("p", Version::V5);
+    for i in 0..5 {
+        let Packet::Publish(mut p) = publish(&format!("r/{i}"), QoS::AtMostOnce, 0) else {
+            unreachable!()
+        };
+        p.retain = true;
+        step(&rig, &mut publisher, Packet::Publish(p));
+    }
+    let mut c = rig.client("c", Version::V5);
+    let (out, _) = step(&rig, &mut c, subscribe(1, "#", qos(QoS::AtMostOnce), None));
+    assert_eq!(published(&out).len(), 5, "more than the queue's bound of 2");
+    assert_eq!(Stats::get(&rig.stats.queue_dropped), 0);
+    // Still bounded: a client that asks again and again without reading is cut off at the
+    // queue's bound plus the retained store's.
+    let mut quiet = rig.client("q", Version::V5);
+    let mut queued = 0;
+    for pkid in 1..=3 {
+        let mut out = Output::default();
+        quiet
+            .handle(
+                subscribe(pkid, "#", qos(QoS::AtLeastOnce), None),
+                rig.ctx(),
+                Instant::now(),
+                &mut out,
+            )
+            .unwrap();
+        queued = quiet.mailbox().map_or(0, |m| m.lock().queue.len());
+    }
+    assert_eq!(queued, 2 + 5);
+    assert_eq!(Stats::get(&rig.stats.queue_dropped), 3 * 5 - 7);
+}
+
+#[test]
 fn retained_messages_follow_the_retain_handling() {
     let rig = Rig::new();
     let mut publisher = rig.client("p", Version::V5);
