@@ -6,9 +6,10 @@
 //! one per message, so that the gateway judges every one (no duplicates, no gaps). Values stay
 //! in the normal range: no alerts. With a share of states, that share of each device's
 //! messages are instead its door's state on `sensors/{device}/door`, `{"v":"open","seq":..}`
-//! and `{"v":"closed","seq":..}` in turn, spread evenly over devices and time. Packets are
-//! formatted in the writing thread into batches of about 64 KiB, without allocating per
-//! message.
+//! and `{"v":"closed","seq":..}` in turn, spread evenly over devices and time. With `retain`,
+//! every message has the retain flag set, as a sensor does whose last reading a dashboard
+//! that connects later should see. Packets are formatted in the writing thread into batches
+//! of about 64 KiB, without allocating per message.
 //!
 //! Runs as a process of its own (`watchpost-bench flood ...`): prints `ready` once every
 //! connection is accepted, starts on a line on stdin, and prints a JSON report when done.
@@ -52,6 +53,8 @@ pub struct Flood {
     pub devices: usize,
     /// Per cent of the readings that are states (0: numbers only).
     pub states: u8,
+    /// Whether every message has the retain flag set.
+    pub retain: bool,
     /// Client ids and device ids start with this.
     pub prefix: String,
 }
@@ -251,7 +254,7 @@ fn one(mut conn: Conn, index: usize, flood: &Flood, totals: &Totals) -> Result<(
                 }
             };
             let pkid = (flood.qos == 1).then(|| (k % 65_535) as u16 + 1);
-            wire::put_publish(&mut batch, topic, &body, pkid);
+            wire::put_publish(&mut batch, topic, &body, pkid, flood.retain);
             ends.push(batch.len());
             k += 1;
             if batch.len() >= 64 * 1024 {

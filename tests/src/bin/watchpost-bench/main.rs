@@ -3,15 +3,17 @@
 //!
 //! ```sh
 //! cargo run --release -p watchpost-e2e --bin watchpost-bench -- [--quick] [--runs N] [--out FILE]
+//!     [--only PHASE,...]
 //! ```
 //!
 //! It builds the release gateway and the simulator first (`cargo build --release -p
 //! watchpost`, then `-p watchpost-sim`), runs the workloads ([`plant`], [`saturation`], its
-//! mixed variant with a share of states, [`fleet`], [`sessions`]) `--runs` times, writes every raw figure as JSON next to the logs, and renders the
-//! tables ([`report`]). `--from-json` renders tables again from a saved run without running
-//! anything. Helper modes (`flood`, `rumqttd`, `count-sub`) are this binary started by itself
-//! as a separate process, so that load and counting never share a process with the harness or
-//! with the system under test.
+//! mixed variant with a share of states and its variant with every reading retained,
+//! [`fleet`], [`sessions`]) `--runs` times, writes every raw figure as JSON next
+//! to the logs, and renders the tables ([`report`]). `--from-json` renders tables again from a
+//! saved run without running anything. Helper modes (`flood`, `rumqttd`, `count-sub`) are this
+//! binary started by itself as a separate process, so that load and counting never share a
+//! process with the harness or with the system under test.
 //!
 //! | module | one job |
 //! |---|---|
@@ -48,7 +50,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 use crate::procs::Bins;
-use crate::saturation::{System, Timing};
+use crate::saturation::{Shape, System, Timing};
 
 /// Benchmark Watchpost against a Mosquitto bridge, bare rumqttd and bare Mosquitto.
 #[derive(Debug, Parser)]
@@ -86,11 +88,15 @@ enum Phase {
     Fleet,
     /// Offline persistent sessions with queued messages: memory, and delivery on return.
     Sessions,
+    /// Saturation (10 connections) of Watchpost and bare Mosquitto with every reading
+    /// retained.
+    RetainedSaturation,
 }
 
 #[derive(Debug, Subcommand)]
 enum Helper {
-    /// (helper) Flood a broker: ADDR CONNS QOS RATE SECONDS DEVICES_PER_CONN [--states PERCENT].
+    /// (helper) Flood a broker: ADDR CONNS QOS RATE SECONDS DEVICES_PER_CONN [--states PERCENT]
+    /// [--retain].
     #[command(hide = true)]
     Flood {
         addr: SocketAddr,
@@ -102,6 +108,9 @@ enum Helper {
         /// Per cent of the readings that are states.
         #[arg(long, default_value_t = 0)]
         states: u8,
+        /// Every message with the retain flag set.
+        #[arg(long)]
+        retain: bool,
     },
     /// (helper) Bare rumqttd on 127.0.0.1:PORT with a counting in-process subscriber.
     #[command(hide = true)]
@@ -144,6 +153,8 @@ pub struct Config {
     pub fleet_peers: fleet::Plan,
     /// Offline persistent sessions and what is queued for them.
     pub sessions: sessions::Plan,
+    /// Connection counts of the saturation load with every reading retained.
+    pub retain_conns: Vec<usize>,
 }
 
 impl Config {
@@ -193,6 +204,7 @@ impl Config {
                 messages: 100,
                 payload: 64,
             },
+            retain_conns: vec![10],
         };
         if !quick {
             return full;
@@ -264,6 +276,7 @@ impl Config {
             "session_payload_bytes": self.sessions.payload,
             "session_workers": sessions::WORKERS,
             "session_mosquitto_settle_s": sessions::MOSQUITTO_SETTLE.as_secs_f64(),
+            "retain_conns": self.retain_conns,
         })
     }
 }
@@ -279,6 +292,7 @@ fn main() -> Result<()> {
             seconds,
             devices,
             states,
+            retain,
         }) => {
             return flood::main(flood::Flood {
                 addr,
@@ -288,6 +302,7 @@ fn main() -> Result<()> {
                 seconds,
                 devices,
                 states,
+                retain,
                 prefix: format!("flood{}-", std::process::id()),
             });
         }
@@ -404,7 +419,7 @@ fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
                         system,
                         conns,
                         config.timing,
-                        0,
+                        Shape::default(),
                     )?);
                 }
             }
@@ -424,10 +439,38 @@ fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
                     System::Watchpost,
                     conns,
                     config.timing,
-                    states,
+                    Shape {
+                        states,
+                        retain: false,
+                    },
                 )?);
             }
             result["mixed"] = json!(all);
+        }
+        if wanted(Phase::RetainedSaturation) {
+            let mut all = Vec::new();
+            for &conns in &config.retain_conns {
+                for system in [System::Watchpost, System::Mosquitto] {
+                    step(&format!(
+                        "saturation {} × {conns}, every reading retained",
+                        system.name()
+                    ));
+                    let d = dir.join(format!("saturation-retained-{}-{conns}", system.name()));
+                    let shape = Shape {
+                        states: 0,
+                        retain: true,
+                    };
+                    all.push(saturation::saturate(
+                        &bins,
+                        &d,
+                        system,
+                        conns,
+                        config.timing,
+                        shape,
+                    )?);
+                }
+            }
+            result["retained_saturation"] = json!(all);
         }
         if wanted(Phase::Overload) {
             let mut all = Vec::new();

@@ -246,6 +246,7 @@ pub fn run(targets: &[Target], kind: Kind, rate: f64, duration: Duration) -> Res
                 topic.as_bytes(),
                 if raised { raise } else { clear },
                 Some(pkid),
+                false,
             );
             let at = Instant::now();
             for w in &target.watches {

@@ -1,8 +1,9 @@
 //! Saturation: as many readings per second as N connections can push (QoS 0), into Watchpost
 //! (rules, rollups and the durable outbox on) and into bare rumqttd and bare Mosquitto, each
-//! counted where it is consumed, and into Watchpost again with a share of the readings states;
-//! QoS 1 overload, where every acknowledged reading must be processed or counted as dropped;
-//! and alert latency (threshold and leak) at half of Watchpost's saturation.
+//! counted where it is consumed, into Watchpost again with a share of the readings states, and
+//! with the retain flag set on every reading; QoS 1 overload, where every acknowledged reading
+//! must be processed or counted as dropped; and alert latency (threshold and leak) at half of
+//! Watchpost's saturation.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -24,6 +25,15 @@ pub const FLOOD_DEVICES: usize = 1000;
 
 /// Per cent of the readings that are states in the mixed saturation load.
 pub const MIXED_STATES: u8 = 20;
+
+/// What the readings of a saturation load are, besides QoS 0 numbers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shape {
+    /// Per cent of the readings that are doors' states.
+    pub states: u8,
+    /// Whether every reading has the retain flag set.
+    pub retain: bool,
+}
 
 /// Warm-up before a window, the window, and how long consumption may go on afterwards.
 #[derive(Debug, Clone, Copy)]
@@ -174,10 +184,10 @@ impl Flooder {
         qos: u8,
         rate: f64,
         seconds: f64,
-        states: u8,
+        shape: Shape,
         log: &Path,
     ) -> Result<Flooder> {
-        let args = [
+        let mut args = vec![
             "flood".to_owned(),
             addr.to_string(),
             conns.to_string(),
@@ -185,8 +195,11 @@ impl Flooder {
             format!("{rate:.0}"),
             format!("{seconds:.2}"),
             (FLOOD_DEVICES / conns).max(1).to_string(),
-            format!("--states={states}"),
+            format!("--states={}", shape.states),
         ];
+        if shape.retain {
+            args.push("--retain".to_owned());
+        }
         let mut proc = procs::helper(bins, "flood", &args, log)?;
         let stdin = proc.stdin().context("stdin")?;
         let (_, reader) = procs::wait_ready(&mut proc, Duration::from_secs(60))?;
@@ -208,17 +221,22 @@ impl Flooder {
 }
 
 /// Saturates `system` with `conns` QoS 0 connections; returns the figures of one window.
-/// `states` per cent of the readings are doors' states, judged at Watchpost by
-/// [`setup::DOOR_STATE`] (0: numbers only, the saturation step as it always was).
+/// `shape.states` per cent of the readings are doors' states, judged at Watchpost by
+/// [`setup::DOOR_STATE`]; with `shape.retain` every reading is retained. The default shape
+/// is numbers only, not retained: the saturation step as it always was.
 pub fn saturate(
     bins: &Bins,
     dir: &Path,
     system: System,
     conns: usize,
     timing: Timing,
-    states: u8,
+    shape: Shape,
 ) -> Result<Value> {
-    let rules = if states > 0 { setup::DOOR_STATE } else { "" };
+    let rules = if shape.states > 0 {
+        setup::DOOR_STATE
+    } else {
+        ""
+    };
     let mut sut = Running::start(bins, dir, system, rules)?;
     let seconds = (timing.warm + timing.window).as_secs_f64() + 1.0;
     let mut flood = Flooder::start(
@@ -228,7 +246,7 @@ pub fn saturate(
         0,
         0.0,
         seconds,
-        states,
+        shape,
         &dir.join("flood.log"),
     )?;
     let (c_start, m_start) = (
@@ -254,7 +272,8 @@ pub fn saturate(
     Ok(json!({
         "system": system.name(),
         "conns": conns,
-        "state_share": f64::from(states) / 100.0,
+        "state_share": f64::from(shape.states) / 100.0,
+        "retain": shape.retain,
         "rate": (c1 - c0) / window,
         "window_s": window,
         "offered": report["sent"].as_f64().unwrap_or(0.0) / report["seconds"].as_f64().unwrap_or(1.0),
@@ -291,7 +310,7 @@ pub fn overload(
         1,
         0.0,
         seconds,
-        0,
+        Shape::default(),
         &dir.join("flood.log"),
     )?;
     flood.go()?;
@@ -389,7 +408,7 @@ pub fn half_latency(
     let probing = if sut.gateway.is_some() { 2 } else { 1 };
     let seconds = (warm + probe * probing).as_secs_f64() + 3.0;
     let log = dir.join("flood.log");
-    let mut flood = Flooder::start(bins, sut.addr, 10, 0, rate, seconds, 0, &log)?;
+    let mut flood = Flooder::start(bins, sut.addr, 10, 0, rate, seconds, Shape::default(), &log)?;
     flood.go()?;
     // The load runs for a fixed warm-up before probing.
     std::thread::sleep(warm);

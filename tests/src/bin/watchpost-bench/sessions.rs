@@ -259,6 +259,7 @@ pub fn run(bins: &Bins, dir: &Path, system: System, plan: &Plan) -> Result<Value
             SHARED_TOPIC.as_bytes(),
             &payload(seq, plan.payload),
             Some(pkid),
+            false,
         );
         publisher.write(&packet)?;
         loop {

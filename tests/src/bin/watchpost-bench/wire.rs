@@ -1,6 +1,6 @@
 //! Just enough MQTT 3.1.1 over blocking sockets for load and measurement clients: CONNECT
-//! (with a clean or a kept session), SUBSCRIBE, PUBLISH (QoS 0 and 1), PUBACK, DISCONNECT and
-//! reading packets back. A client library would add
+//! (with a clean or a kept session), SUBSCRIBE, PUBLISH (QoS 0 and 1, retained or not), PUBACK,
+//! DISCONNECT and reading packets back. A client library would add
 //! queues and tasks between the socket and the clock; these write and read the socket
 //! directly, so that a timestamp is taken next to the bytes it describes.
 
@@ -52,11 +52,19 @@ pub fn subscribe_packet(filters: &[&str], qos: u8) -> Vec<u8> {
     with_header(0x82, &body)
 }
 
-/// Appends a PUBLISH of `payload` on `topic`: QoS 0 if `pkid` is `None`, else QoS 1. Unlike
-/// [`clients::publish_packet`] it writes into a buffer that load generators reuse.
-pub fn put_publish(out: &mut Vec<u8>, topic: &[u8], payload: &[u8], pkid: Option<u16>) {
+/// Appends a PUBLISH of `payload` on `topic`: QoS 0 if `pkid` is `None`, else QoS 1; with the
+/// retain flag if `retain`. Unlike [`clients::publish_packet`] it writes into a buffer that
+/// load generators reuse.
+pub fn put_publish(
+    out: &mut Vec<u8>,
+    topic: &[u8],
+    payload: &[u8],
+    pkid: Option<u16>,
+    retain: bool,
+) {
     let len = 2 + topic.len() + pkid.map_or(0, |_| 2) + payload.len();
-    out.push(if pkid.is_some() { 0x32 } else { 0x30 });
+    let qos = if pkid.is_some() { 0x02 } else { 0 };
+    out.push(0x30 | qos | u8::from(retain));
     put_remaining_length(out, len);
     string(out, topic);
     if let Some(id) = pkid {
@@ -282,9 +290,31 @@ mod tests {
     fn publish_sizes_match_the_encoder() {
         for (topic, payload) in [(10, 20), (100, 30), (30, 200)] {
             let mut out = Vec::new();
-            put_publish(&mut out, &vec![b'a'; topic], &vec![b'1'; payload], Some(7));
+            put_publish(
+                &mut out,
+                &vec![b'a'; topic],
+                &vec![b'1'; payload],
+                Some(7),
+                false,
+            );
             assert_eq!(qos1_exchange_bytes(topic, payload), out.len() as u64 + 4);
         }
+    }
+
+    #[test]
+    fn publishes_carry_their_qos_and_retain_flag() {
+        let mut out = Vec::new();
+        put_publish(&mut out, b"a/b", b"x", None, false);
+        assert_eq!(out[0], 0x30);
+        out.clear();
+        put_publish(&mut out, b"a/b", b"x", None, true);
+        assert_eq!(out[0], 0x31);
+        out.clear();
+        put_publish(&mut out, b"a/b", b"x", Some(1), true);
+        assert_eq!(out[0], 0x33);
+        out.clear();
+        put_publish(&mut out, b"a/b", b"x", None, false);
+        assert_eq!(out, clients::publish_packet(b"a/b", b"x"));
     }
 
     #[test]
