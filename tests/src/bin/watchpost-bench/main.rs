@@ -9,7 +9,7 @@
 //! It builds the release gateway and the simulator first (`cargo build --release -p
 //! watchpost`, then `-p watchpost-sim`), runs the workloads ([`plant`], [`saturation`], its
 //! mixed variant with a share of states and its variant with every reading retained,
-//! [`fleet`], [`sessions`]) `--runs` times, writes every raw figure as JSON next
+//! [`fleet`], [`sessions`], [`retained`]) `--runs` times, writes every raw figure as JSON next
 //! to the logs, and renders the tables ([`report`]). `--from-json` renders tables again from a
 //! saved run without running anything. Helper modes (`flood`, `rumqttd`, `count-sub`) are this
 //! binary started by itself as a separate process, so that load and counting never share a
@@ -23,7 +23,7 @@
 //! | [`proxy`] | the byte-counting TCP proxy on the uplinks |
 //! | [`flood`], [`peer`] | helper modes: load, bare rumqttd, a counting subscriber |
 //! | [`probe`] | latency probes and the subscribers that time them |
-//! | [`plant`], [`saturation`], [`fleet`], [`sessions`] | the workloads |
+//! | [`plant`], [`saturation`], [`fleet`], [`sessions`], [`retained`] | the workloads |
 //! | [`stats`], [`report`] | percentiles and medians; the tables |
 
 mod fleet;
@@ -34,6 +34,7 @@ mod probe;
 mod procs;
 mod proxy;
 mod report;
+mod retained;
 mod saturation;
 mod sessions;
 mod setup;
@@ -88,6 +89,8 @@ enum Phase {
     Fleet,
     /// Offline persistent sessions with queued messages: memory, and delivery on return.
     Sessions,
+    /// Ten thousand retained messages: memory, disk, and delivery to a new `#` subscriber.
+    Retained,
     /// Saturation (10 connections) of Watchpost and bare Mosquitto with every reading
     /// retained.
     RetainedSaturation,
@@ -153,6 +156,8 @@ pub struct Config {
     pub fleet_peers: fleet::Plan,
     /// Offline persistent sessions and what is queued for them.
     pub sessions: sessions::Plan,
+    /// Retained messages.
+    pub retained: retained::Plan,
     /// Connection counts of the saturation load with every reading retained.
     pub retain_conns: Vec<usize>,
 }
@@ -204,6 +209,7 @@ impl Config {
                 messages: 100,
                 payload: 64,
             },
+            retained: retained::Plan { messages: 10_000 },
             retain_conns: vec![10],
         };
         if !quick {
@@ -242,6 +248,7 @@ impl Config {
                 messages: 20,
                 ..full.sessions
             },
+            retained: retained::Plan { messages: 1000 },
             ..full
         }
     }
@@ -276,6 +283,12 @@ impl Config {
             "session_payload_bytes": self.sessions.payload,
             "session_workers": sessions::WORKERS,
             "session_mosquitto_settle_s": sessions::MOSQUITTO_SETTLE.as_secs_f64(),
+            "retained_messages": self.retained.messages,
+            "retained_publishers": retained::PUBLISHERS,
+            "retained_window": retained::WINDOW,
+            "retained_bound": retained::BOUND,
+            "retained_queued_bytes": retained::QUEUED_BYTES,
+            "retained_mosquitto_autosave_s": retained::MOSQUITTO_AUTOSAVE_S,
             "retain_conns": self.retain_conns,
         })
     }
@@ -539,6 +552,15 @@ fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
                 all.push(sessions::run(&bins, &d, system, &config.sessions)?);
             }
             result["sessions"] = json!(all);
+        }
+        if wanted(Phase::Retained) {
+            let mut all = Vec::new();
+            for system in [System::Watchpost, System::Mosquitto] {
+                step(&format!("retained {}", system.name()));
+                let d = dir.join(format!("retained-{}", system.name()));
+                all.push(retained::run(&bins, &d, system, &config.retained)?);
+            }
+            result["retained"] = json!(all);
         }
         result["load_at_steps"] = json!(loads.take());
         if let Some(list) = doc["runs"].as_array_mut() {

@@ -310,6 +310,7 @@ fn body(r: &Value) -> String {
     let overload = Overload::new(runs);
     let fleet = Fleet::new(runs);
     let sessions = Sessions::new(runs);
+    let retained = Retained::new(runs);
     let summary = summary_ratio(r, runs);
 
     out.push_str("### Targets\n\n");
@@ -416,6 +417,7 @@ fn body(r: &Value) -> String {
     out.push_str(&overload.section(c));
     out.push_str(&fleet.section(c));
     out.push_str(&sessions.section(c));
+    out.push_str(&retained.section(c));
     out.push_str(&startup_section(r, runs));
     out.push_str(METHOD);
     out
@@ -1632,6 +1634,189 @@ impl Sessions {
     }
 }
 
+/// Retained messages figures.
+struct Retained {
+    /// Rows: label, the figure for Watchpost and for Mosquitto, and whether it is a count out
+    /// of every retained message.
+    rows: Vec<(&'static str, [Figure; 2], Of)>,
+}
+
+impl Retained {
+    fn new(runs: &[Value]) -> Retained {
+        let row = |label, unit: fn(f64) -> String, of, g: fn(&Value) -> Option<f64>| {
+            let fig = |system: &'static str| {
+                Figure::over(runs, unit, move |r| {
+                    find(&r["retained"], system, None).and_then(g)
+                })
+            };
+            (label, [fig("watchpost"), fig("mosquitto")], of)
+        };
+        // RSS above idle with every retained message in, in bytes.
+        fn above(v: &Value) -> Option<f64> {
+            Some((v["rss_kib"].as_f64()? - v["idle_rss_kib"].as_f64()?) * 1024.0)
+        }
+        // Bytes on disk above the fresh start.
+        fn disk(v: &Value) -> Option<f64> {
+            Some(v["disk_bytes"].as_f64()? - v["disk_idle_bytes"].as_f64()?)
+        }
+        // The main file of the store: Watchpost's database without its WAL, `mosquitto.db`.
+        fn main_file(v: &Value) -> Option<f64> {
+            let files = &v["disk_files"];
+            files["watchpost.db"]
+                .as_f64()
+                .or_else(|| files["mosquitto.db"].as_f64())
+        }
+        let rows = vec![
+            row("RSS idle, fresh start", mib, Of::Nothing, |v| {
+                v["idle_rss_kib"].as_f64()
+            }),
+            row("RSS with the retained messages", mib, Of::Nothing, |v| {
+                v["rss_kib"].as_f64()
+            }),
+            row("… above idle", bytes, Of::Nothing, above),
+            row("… per retained message", bytes, Of::Nothing, |v| {
+                ratio(above(v), v["messages"].as_f64())
+            }),
+            row(
+                "retained messages the broker counts, above its fresh start",
+                count,
+                Of::Nothing,
+                |v| Some(v["retained_count"].as_f64()? - v["retained_idle"].as_f64()?),
+            ),
+            row(
+                "published (QoS 1, every PUBACK back) in",
+                ms,
+                Of::Nothing,
+                |v| v["publish_s"].as_f64().map(|s| s * 1000.0),
+            ),
+            row("on disk, fresh start", bytes, Of::Nothing, |v| {
+                v["disk_idle_bytes"].as_f64()
+            }),
+            row(
+                "on disk with the retained messages",
+                bytes,
+                Of::Nothing,
+                |v| v["disk_bytes"].as_f64(),
+            ),
+            row(
+                "… of which the main file (`watchpost.db`, `mosquitto.db`)",
+                bytes,
+                Of::Nothing,
+                main_file,
+            ),
+            row("… above fresh start", bytes, Of::Nothing, disk),
+            row("… per retained message", bytes, Of::Nothing, |v| {
+                ratio(disk(v), v["messages"].as_f64())
+            }),
+            row(
+                "on disk after a clean stop (SIGTERM)",
+                bytes,
+                Of::Nothing,
+                |v| v["disk_stopped_bytes"].as_f64(),
+            ),
+            row(
+                "new subscriber to `#`: SUBSCRIBE → SUBACK",
+                ms,
+                Of::Nothing,
+                |v| v["suback_ms"].as_f64(),
+            ),
+            row(
+                "… SUBSCRIBE → first retained message",
+                ms,
+                Of::Nothing,
+                |v| v["first_ms"].as_f64(),
+            ),
+            row(
+                "… SUBSCRIBE → all of them (the last one read)",
+                ms,
+                Of::Nothing,
+                |v| v["deliver_s"].as_f64().map(|s| s * 1000.0),
+            ),
+            row("… delivered", count, Of::Messages, |v| {
+                v["delivered"].as_f64()
+            }),
+            row(
+                "… delivered without the retain flag",
+                count,
+                Of::Nothing,
+                |v| v["not_flagged"].as_f64(),
+            ),
+            row("… delivered twice", count, Of::Nothing, |v| {
+                v["duplicates"].as_f64()
+            }),
+            row("RSS after the delivery", mib, Of::Nothing, |v| {
+                v["delivered_rss_kib"].as_f64()
+            }),
+            row(
+                "retained publishes refused (`watchpost_broker_retained_refused_total`)",
+                count,
+                Of::Nothing,
+                |v| v["retained_refused"].as_f64(),
+            ),
+            row(
+                "dropped from a full queue (`watchpost_broker_queue_dropped_total`)",
+                count,
+                Of::Nothing,
+                |v| v["queue_dropped"].as_f64(),
+            ),
+        ];
+        Retained { rows }
+    }
+
+    fn section(&self, c: &Value) -> String {
+        let messages = c["retained_messages"].as_f64().unwrap_or(0.0);
+        let bound = count(c["retained_bound"].as_f64().unwrap_or(0.0));
+        let mut out = format!("### Retained: {} retained messages\n\n", count(messages));
+        out.push_str(&format!(
+            "Each broker is started fresh and saves what it retains: Watchpost with the \
+             configuration of the other steps and a fresh data directory, bare Mosquitto with \
+             `persistence true`, `autosave_interval {}` (it saves `mosquitto.db` every second \
+             or two) and `sys_interval 1`. Watchpost is allowed {bound} retained messages \
+             (`[broker] max_retained_messages`, default 10,000, its own alerts included); both \
+             are allowed {bound} queued messages per session (Watchpost `max_queued_messages`, \
+             with `max_queued_bytes` at {}; Mosquitto `max_queued_messages`). With the default \
+             of 1,000, a new subscriber to `#` is given only the first thousand or so of the \
+             retained messages and the rest are dropped, by Mosquitto at QoS 1, by Watchpost \
+             at QoS 0 too. VmRSS is read, then {} connections publish {} retained messages at \
+             QoS 1, {} in flight each: one per topic `site/area{{i/100}}/dev{{i}}/config`, a \
+             device's configuration as JSON of about 100 bytes. Once the broker counts them all \
+             (`watchpost_broker_retained_messages`, refreshed every 5 s; Mosquitto's \
+             `$SYS/broker/retained messages/count`, which also counts the `$SYS` topics it \
+             added meanwhile), VmRSS is read again. On disk is every file of Watchpost's data \
+             directory (`watchpost.db` and its `-wal` and `-shm`), whatever the gateway keeps \
+             there, read once its size has not changed for 2 s (or, if it does not change at \
+             all, after 10 s); and Mosquitto's `mosquitto.db`, read after an autosave that \
+             started once every message was counted. Then a new client (clean session) \
+             subscribes to `#` at QoS 1 and acknowledges each message as it reads it; the time \
+             runs from writing its SUBSCRIBE to reading the last of the retained messages. \
+             Mosquitto keeps its default `set_tcp_nodelay false`: its first retained message \
+             waits for the subscriber's delayed acknowledgement of the SUBACK (Nagle's \
+             algorithm), some 40 ms on Linux. Last, each broker is stopped with SIGTERM \
+             (Watchpost checkpoints its WAL into `watchpost.db`; Mosquitto saves once more) and \
+             its files measured again. Re-run this step alone with `cargo run --release -p \
+             watchpost-e2e --bin watchpost-bench -- --only retained`.\n\n",
+            c["retained_mosquitto_autosave_s"],
+            bytes(c["retained_queued_bytes"].as_f64().unwrap_or(0.0)),
+            c["retained_publishers"],
+            count(messages),
+            c["retained_window"],
+        ));
+        let mut t = Table::new(&["", "Watchpost", "bare Mosquitto"]);
+        for (label, figures, of) in &self.rows {
+            let total = (*of == Of::Messages).then_some(messages);
+            let mut cells = vec![label.to_string()];
+            cells.extend(figures.iter().map(|f| match (total, f.spread) {
+                (Some(total), Some(_)) => format!("{} of {}", f.show(), count(total)),
+                _ => f.show(),
+            }));
+            t.row(cells);
+        }
+        out.push_str(&t.done());
+        out.push('\n');
+        out
+    }
+}
+
 /// Start-up and binary size.
 fn startup_section(r: &Value, runs: &[Value]) -> String {
     // Every gateway start in a run: its median is that run's figure.
@@ -1781,6 +1966,37 @@ mod tests {
             "| … per queued message, above the empty sessions | 94 B | – |",
             "| queued, by `watchpost_broker_queued_messages` | 100,000 of 100,000 | – |",
             "| delivered on return | 99,990 of 100,000 | 100,000 of 100,000 |",
+        ] {
+            assert!(text.contains(line), "{line}\nnot in\n{text}");
+        }
+    }
+
+    #[test]
+    fn retained_messages_show_both_brokers_per_message() {
+        let doc = serde_json::json!({
+            "config": {"retained_messages": 10_000, "retained_bound": 20_000, "quick": false},
+            "runs": [{"retained": [
+                {"system": "watchpost", "messages": 10_000, "idle_rss_kib": 10240.0,
+                 "rss_kib": 12240.0, "retained_idle": 0, "retained_count": 10_000,
+                 "disk_idle_bytes": 150_000, "disk_bytes": 2_150_000,
+                 "disk_files": {"watchpost.db": 1_000_000, "watchpost.db-wal": 1_117_232},
+                 "delivered": 10_000, "deliver_s": 0.0125},
+                {"system": "mosquitto", "messages": 10_000, "idle_rss_kib": 8192.0,
+                 "rss_kib": 11192.0, "retained_idle": 40, "retained_count": 10_040,
+                 "disk_idle_bytes": 47, "disk_bytes": 1_940_047,
+                 "disk_files": {"mosquitto.db": 1_940_047},
+                 "delivered": 9_000, "deliver_s": 0.5},
+            ]}],
+        });
+        let text = body(&doc);
+        for line in [
+            "### Retained: 10,000 retained messages",
+            "| … per retained message | 205 B | 307 B |",
+            "| retained messages the broker counts, above its fresh start | 10,000 | 10,000 |",
+            "| … of which the main file (`watchpost.db`, `mosquitto.db`) | 976.6 KiB | 1894.6 KiB |",
+            "| … above fresh start | 1953.1 KiB | 1894.5 KiB |",
+            "| … SUBSCRIBE → all of them (the last one read) | 12.5 ms | 500.0 ms |",
+            "| … delivered | 10,000 of 10,000 | 9,000 of 10,000 |",
         ] {
             assert!(text.contains(line), "{line}\nnot in\n{text}");
         }

@@ -123,6 +123,7 @@ fn come_back(addr: SocketAddr, id: &str, expected: usize) -> Result<Returned> {
                 topic,
                 payload,
                 pkid,
+                ..
             })) => {
                 if topic == SHARED_TOPIC.as_bytes() {
                     match seq_of(payload).and_then(|s| seen.get_mut(s)) {

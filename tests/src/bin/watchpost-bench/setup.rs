@@ -49,13 +49,14 @@ severity = "warning"
 /// limit (one load connection stands in for many devices), uplink to `upstream` forwarding
 /// critical alerts, connection limit (10,000) and history (rollups) as by default, and
 /// [`OVERHEAT`], followed by `rules` (more `[[rule]]` tables, or nothing). `summaries` adds
-/// `[uplink.summaries]` with that interval for all three metrics. Everything else is the
-/// default, as a site would run it.
+/// `[uplink.summaries]` with that interval for all three metrics; `broker` is more lines of
+/// `[broker]` (or nothing). Everything else is the default, as a site would run it.
 pub fn watchpost_config(
     dir: &Path,
     upstream: SocketAddr,
     summaries: Option<&str>,
     rules: &str,
+    broker: &str,
 ) -> Result<PathBuf> {
     let data = dir.join("data");
     std::fs::create_dir_all(&data)?;
@@ -73,7 +74,7 @@ data_dir = {data:?}
 listen = "127.0.0.1:0"
 allow_anonymous = true
 max_publish_rate = 0
-
+{broker}
 [http]
 listen = "127.0.0.1:0"
 
@@ -97,8 +98,20 @@ pub fn watchpost(
     summaries: Option<&str>,
     rules: &str,
 ) -> Result<Gateway> {
+    watchpost_with(bins, dir, upstream, summaries, rules, "")
+}
+
+/// [`watchpost`] with `broker`, more lines of `[broker]` (bounds a workload needs raised).
+pub fn watchpost_with(
+    bins: &Bins,
+    dir: &Path,
+    upstream: SocketAddr,
+    summaries: Option<&str>,
+    rules: &str,
+    broker: &str,
+) -> Result<Gateway> {
     std::fs::create_dir_all(dir)?;
-    let config = watchpost_config(dir, upstream, summaries, rules)?;
+    let config = watchpost_config(dir, upstream, summaries, rules, broker)?;
     let mut gateway = Gateway::start(&bins.watchpost, &config, &dir.join("watchpost.log"))?;
     gateway.wait_metrics("the uplink connects", Duration::from_secs(20), |m| {
         m.get("watchpost_uplink_connected") == 1.0
@@ -114,9 +127,12 @@ pub struct Broker {
     pub addr: SocketAddr,
 }
 
-/// Starts Mosquitto with `extra` configuration lines in `dir`, on a free port.
-fn mosquitto(dir: &Path, name: &str, extra: &str) -> Result<Broker> {
+/// Starts Mosquitto with `extra` configuration lines in `dir`, on a free port. With
+/// `persistence`, the lines that make it save its in-memory database (retained messages and
+/// sessions) there; without, `persistence false`.
+fn mosquitto(dir: &Path, name: &str, persistence: Option<&str>, extra: &str) -> Result<Broker> {
     std::fs::create_dir_all(dir)?;
+    let persistence = persistence.unwrap_or("persistence false\n");
     let mut last = None;
     for _ in 0..5 {
         let port = watchpost_e2e::free_port()?;
@@ -124,7 +140,7 @@ fn mosquitto(dir: &Path, name: &str, extra: &str) -> Result<Broker> {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}"
+                "listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest stderr\nlog_type error\nlog_type warning\n{extra}"
             ),
         )?;
         let log = dir.join(format!("{name}.log"));
@@ -144,7 +160,24 @@ fn mosquitto(dir: &Path, name: &str, extra: &str) -> Result<Broker> {
 
 /// Bare Mosquitto: anonymous, no persistence, defaults otherwise.
 pub fn bare_mosquitto(dir: &Path) -> Result<Broker> {
-    mosquitto(dir, "mosquitto", "")
+    mosquitto(dir, "mosquitto", None, "")
+}
+
+/// Bare Mosquitto that saves its in-memory database to `mosquitto.db` in `dir/db` every
+/// `autosave_s` seconds (Mosquitto looks every second or two), with `extra` configuration
+/// lines; returns it and the database's path. Mosquitto started as root runs as the user
+/// `mosquitto`, so the directory is open to every user.
+pub fn saving_mosquitto(dir: &Path, autosave_s: u32, extra: &str) -> Result<(Broker, PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    let db = dir.join("db");
+    std::fs::create_dir_all(&db)?;
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o777))?;
+    let persistence = format!(
+        "persistence true\npersistence_location {}/\nautosave_interval {autosave_s}\n",
+        db.display()
+    );
+    let broker = mosquitto(dir, "mosquitto", Some(&persistence), extra)?;
+    Ok((broker, db.join("mosquitto.db")))
 }
 
 /// The site's Mosquitto bridging `sensors/#` to `upstream` at `qos`, as most sites run today.
@@ -152,6 +185,7 @@ pub fn bridge(dir: &Path, upstream: SocketAddr, qos: u8) -> Result<Broker> {
     mosquitto(
         dir,
         "site-bridge",
+        None,
         &format!(
             "\nconnection upstream\naddress {upstream}\ntopic sensors/# out {qos}\nbridge_protocol_version mqttv311\ncleansession true\n"
         ),

@@ -92,6 +92,8 @@ pub enum Incoming<'a> {
         payload: &'a [u8],
         /// Its packet id, if it is QoS 1 or 2 (and wants an acknowledgement).
         pkid: Option<u16>,
+        /// Its retain flag: set when a broker sends a retained message to a new subscription.
+        retain: bool,
     },
     /// A PUBACK.
     PubAck,
@@ -256,6 +258,7 @@ impl Conn {
                     topic,
                     payload: &body[at + skip..],
                     pkid,
+                    retain: first & 1 == 1,
                 }
             }
             4 => Incoming::PubAck,
