@@ -287,7 +287,6 @@ impl Config {
             "retained_publishers": retained::PUBLISHERS,
             "retained_window": retained::WINDOW,
             "retained_bound": retained::BOUND,
-            "retained_queued_bytes": retained::QUEUED_BYTES,
             "retained_mosquitto_autosave_s": retained::MOSQUITTO_AUTOSAVE_S,
             "retain_conns": self.retain_conns,
         })

@@ -1772,12 +1772,11 @@ impl Retained {
              configuration of the other steps and a fresh data directory, bare Mosquitto with \
              `persistence true`, `autosave_interval {}` (it saves `mosquitto.db` every second \
              or two) and `sys_interval 1`. Watchpost is allowed {bound} retained messages \
-             (`[broker] max_retained_messages`, default 10,000, its own alerts included); both \
-             are allowed {bound} queued messages per session (Watchpost `max_queued_messages`, \
-             with `max_queued_bytes` at {}; Mosquitto `max_queued_messages`). With the default \
-             of 1,000, a new subscriber to `#` is given only the first thousand or so of the \
-             retained messages and the rest are dropped, by Mosquitto at QoS 1, by Watchpost \
-             at QoS 0 too. VmRSS is read, then {} connections publish {} retained messages at \
+             (`[broker] max_retained_messages`, default 10,000, its own alerts included); \
+             Mosquitto is allowed {bound} queued messages per session (`max_queued_messages`): \
+             with its default of 1,000, a new subscriber to `#` is given only the first \
+             thousand or so of the retained messages at QoS 1. Watchpost gives a subscription \
+             every retained message whatever the session's queue bound. VmRSS is read, then {} connections publish {} retained messages at \
              QoS 1, {} in flight each: one per topic `site/area{{i/100}}/dev{{i}}/config`, a \
              device's configuration as JSON of about 100 bytes. Once the broker counts them all \
              (`watchpost_broker_retained_messages`, refreshed every 5 s; Mosquitto's \
@@ -1796,7 +1795,6 @@ impl Retained {
              its files measured again. Re-run this step alone with `cargo run --release -p \
              watchpost-e2e --bin watchpost-bench -- --only retained`.\n\n",
             c["retained_mosquitto_autosave_s"],
-            bytes(c["retained_queued_bytes"].as_f64().unwrap_or(0.0)),
             c["retained_publishers"],
             count(messages),
             c["retained_window"],
