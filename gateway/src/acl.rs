@@ -244,9 +244,9 @@ impl Policy {
                 continue;
             }
             let applies = match &rule.topics {
-                Topics::Filters(filters) => filters
-                    .iter()
-                    .any(|f| matches_topic(f, topic, &client) == Some(true)),
+                Topics::Filters(filters) => {
+                    filters.iter().any(|f| publish_applies(f, topic, &client))
+                }
                 Topics::OwnSources => client.identity.name().is_some_and(|name| {
                     self.sources
                         .iter()
@@ -273,19 +273,44 @@ impl Policy {
             if !rule.action.includes(Action::Subscribe) || !rule.who.applies_to(identity) {
                 continue;
             }
-            let applies = rule.filters().iter().any(|f| {
-                let test = match rule.permission {
-                    Permission::Allow => within,
-                    Permission::Deny => overlaps,
-                };
-                test(filter, f, &client) == Some(true)
-            });
+            let applies = rule
+                .filters()
+                .iter()
+                .any(|f| subscribe_applies(rule.permission, f, filter, &client));
             if applies {
                 return decide(rule);
             }
         }
         Err(Denied::NoRule)
     }
+}
+
+/// True if the rule's `filter` can be used for `client`: it has the values its placeholders
+/// need. A rule never applies through a filter that lacks one, even where a wildcard in
+/// the subscription would make the level irrelevant.
+fn usable_for(filter: &str, client: &Client<'_>) -> bool {
+    (client.user.is_some() || !filter.contains("%u"))
+        && (client.id.is_some() || !filter.contains("%c"))
+}
+
+/// Does a publish rule's `filter` apply to a publish on `topic`?
+fn publish_applies(filter: &str, topic: &str, client: &Client<'_>) -> bool {
+    usable_for(filter, client) && matches_topic(filter, topic, client) == Some(true)
+}
+
+/// Does a subscribe rule's `filter` apply to a subscription to `subscription`? An allow
+/// when it covers it, a deny when the two have a topic in common.
+fn subscribe_applies(
+    permission: Permission,
+    filter: &str,
+    subscription: &str,
+    client: &Client<'_>,
+) -> bool {
+    let test = match permission {
+        Permission::Allow => within,
+        Permission::Deny => overlaps,
+    };
+    usable_for(filter, client) && test(subscription, filter, client) == Some(true)
 }
 
 fn everything() -> Topics {
@@ -530,6 +555,70 @@ pub fn check_matchers(filter: &str, pattern: &str) {
         Some(some_in_both),
         "overlaps({filter:?}, {pattern:?})"
     );
+}
+
+/// Checks that `%u` and `%c` stand for the client's name and id exactly as if they had been
+/// written in the filter, for the tests and the fuzz target `acl`: with `pattern` holding
+/// placeholders, a topic or subscription `subject`, and a name and client id that may stand
+/// in a level, each matcher gives the same answer as on the pattern with the values written
+/// in; with a value that may not, a pattern that needs it matches nothing. Panics with the
+/// counterexample.
+#[doc(hidden)]
+pub fn check_placeholders(pattern: &str, user: &str, client_id: &str, subject: &str) {
+    if subject.contains('%') || crate::topic::TopicFilter::new(subject).is_err() {
+        return;
+    }
+    let identity = Identity::Named {
+        name: user.to_owned(),
+        role: Role::Device,
+    };
+    let client = Client::new(&identity, client_id);
+    let written = match (client.user, client.id) {
+        (Some(u), Some(c)) => pattern.replace("%u", u).replace("%c", c),
+        _ => {
+            if !usable_for(pattern, &client) {
+                let applies = publish_applies(pattern, subject, &client)
+                    || subscribe_applies(Permission::Allow, pattern, subject, &client)
+                    || subscribe_applies(Permission::Deny, pattern, subject, &client);
+                assert!(
+                    !applies,
+                    "{pattern:?} applied to {subject:?} without a value"
+                );
+            }
+            return;
+        }
+    };
+    if written.contains('%') || crate::topic::TopicFilter::new(&written).is_err() {
+        return;
+    }
+    let nobody = Client {
+        identity: &identity,
+        user: None,
+        id: None,
+    };
+    let pairs = [
+        (
+            matches_topic(pattern, subject, &client),
+            matches_topic(&written, subject, &nobody),
+            "matches_topic",
+        ),
+        (
+            within(subject, pattern, &client),
+            within(subject, &written, &nobody),
+            "within",
+        ),
+        (
+            overlaps(subject, pattern, &client),
+            overlaps(subject, &written, &nobody),
+            "overlaps",
+        ),
+    ];
+    for (placeholders, values, what) in pairs {
+        assert_eq!(
+            placeholders, values,
+            "{what}: {pattern:?} for {user:?}/{client_id:?} against {subject:?} (written: {written:?})"
+        );
+    }
 }
 
 /// Calls `visit` with every topic of 1 to `depth` levels taken from `levels`.

@@ -281,3 +281,54 @@ fn shadowed_and_redundant_rules_are_found() {
         vec![(1, Finding::Redundant(0)), (4, Finding::Shadowed(3))]
     );
 }
+
+#[test]
+fn placeholders_match_as_if_the_values_were_written() {
+    let patterns = [
+        "cmd/%u/#",
+        "%u",
+        "x/%c",
+        "dev-%u-%c/+",
+        "%u%c/a",
+        "+/%u",
+        "#",
+        "%c/%u/%c",
+    ];
+    let subjects = [
+        "cmd/a/set",
+        "cmd/+/set",
+        "cmd/#",
+        "a",
+        "#",
+        "x/a@1",
+        "x/+",
+        "dev-a-a@1/z",
+        "aa@1/a",
+        "+/a",
+        "a@1/a/a@1",
+        "+/+/+",
+    ];
+    for pattern in patterns {
+        for subject in subjects {
+            for (user, id) in [("a", "a@1"), ("a", "a"), ("", "a"), ("a+b", "c"), ("a", "")] {
+                check_placeholders(pattern, user, id, subject);
+            }
+        }
+    }
+    // A deny rule with %u never applies to a client without a name, even to `#`.
+    let policy = Policy::new(
+        vec![rule(
+            Who::Everyone,
+            Permission::Deny,
+            Action::Subscribe,
+            &["%u/x"],
+            1,
+        )],
+        sources(),
+    );
+    assert!(policy.may_subscribe(&Identity::Anonymous, "c", "#").is_ok());
+    assert_eq!(
+        policy.may_subscribe(&device("a"), "c", "#"),
+        Err(Denied::Rule(1))
+    );
+}
