@@ -843,13 +843,12 @@ impl Session {
                 codes.push(reason::UNSPECIFIED);
                 continue;
             }
-            if ctx
-                .gate
-                .policy()
-                .may_subscribe(&self.identity, &self.client_id, plain)
-                .is_err()
+            if let Err(why) =
+                ctx.gate
+                    .policy()
+                    .may_subscribe(&self.identity, &self.client_id, plain)
             {
-                denied.push(truncate(filter).to_owned());
+                denied.push(format!("{} ({why})", truncate(filter)));
                 codes.push(reason::NOT_AUTHORIZED);
                 continue;
             }
@@ -911,7 +910,7 @@ impl Session {
                 .count_refusal(&client, |c| c.subscribe_denied += 1);
             self.warn(
                 now,
-                format_args!("subscription refused: {denied:?} not allowed for this client"),
+                format_args!("subscription refused: {}", denied.join(", ")),
             );
         }
         let refused = codes.iter().filter(|c| **c >= 0x80).count();
