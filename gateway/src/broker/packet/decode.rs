@@ -147,7 +147,8 @@ pub fn connect_level(buf: &[u8]) -> Result<Option<u8>, DecodeError> {
     let Some((remaining, header_len)) = remaining_length(buf)? else {
         return Ok(None);
     };
-    let body = &buf[header_len..];
+    // The CONNECT's own bytes only: what follows it must not change the answer.
+    let body = &buf[header_len..buf.len().min(header_len + remaining)];
     let (Some(&hi), Some(&lo)) = (body.first(), body.get(1)) else {
         return short_connect(remaining, 2);
     };

@@ -964,6 +964,26 @@ fn connect_level_reads_the_protocol_level() {
     );
 }
 
+/// Found by the `packet` fuzz target: a CONNECT shorter than its protocol name's length had
+/// the name's length read from the bytes after it, so the answer depended on whether more
+/// bytes had arrived ("ends before its protocol name" with two bytes, "protocol name of 0
+/// bytes" with four).
+#[test]
+fn connect_level_reads_nothing_after_the_connect() {
+    let short = [0x10, 0x01, 0x00, 0x00, 0x00];
+    for n in 2..=short.len() {
+        assert_eq!(
+            connect_level(&short[..n]),
+            Err(DecodeError::Malformed(
+                "CONNECT ends before its protocol name".into()
+            )),
+            "{n} bytes"
+        );
+    }
+    let empty = [0x10, 0x00, 0xC0, 0x00];
+    assert_eq!(connect_level(&empty), connect_level(&empty[..2]));
+}
+
 // Generated packets: every packet MQTT 5 may carry, round-tripped in both versions.
 
 const PUBACK_CODES: &[u8] = &[0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
