@@ -68,7 +68,7 @@ async fn protocol_violations_get_their_reason_code_and_others_carry_on() {
     let bystander = Publisher::connect(addr, "bystander").await.unwrap();
 
     // (what, bytes after a good MQTT 5 CONNECT, the DISCONNECT's reason code)
-    let table: [(&str, &[u8], u8); 6] = [
+    let table: [(&str, &[u8], u8); 7] = [
         (
             "PUBLISH with QoS 3",
             &[0x36, 0x05, 0x00, 0x01, b't', 0x00, 0x01],
@@ -84,6 +84,14 @@ async fn protocol_violations_get_their_reason_code_and_others_carry_on() {
             &[
                 0x10, 0x0d, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x00, 0x00, 0x00,
                 0x00,
+            ],
+            reason::PROTOCOL_ERROR,
+        ),
+        (
+            // Once found answered with 0x84, which DISCONNECT does not have.
+            "a second CONNECT, of MQTT 3.1.1",
+            &[
+                0x10, 0x0c, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x00, 0x00, 0x00,
             ],
             reason::PROTOCOL_ERROR,
         ),
@@ -128,7 +136,7 @@ async fn protocol_violations_get_their_reason_code_and_others_carry_on() {
             .stats()
             .protocol_errors
             .load(std::sync::atomic::Ordering::Relaxed)
-            >= 6
+            >= 7
     })
     .await;
     assert!(counted, "each violation counted");

@@ -571,12 +571,12 @@ async fn run<S: Stream>(
                 Err(e) => {
                     if session.version.is_v5() {
                         out.send.push(Packet::Disconnect(Disconnect::new(
-                            e.code(),
+                            e.disconnect_code(),
                             &e.to_string(),
                         )));
                     }
                     close = Some(Close {
-                        code: e.code(),
+                        code: e.disconnect_code(),
                         why: e.to_string(),
                         clean: false,
                         will: true,

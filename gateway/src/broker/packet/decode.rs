@@ -66,6 +66,17 @@ impl DecodeError {
             DecodeError::PayloadFormatInvalid(_) => reason::PAYLOAD_FORMAT_INVALID,
         }
     }
+
+    /// The reason code of the DISCONNECT that closes a connection for this error once its
+    /// CONNECT was accepted: [`DecodeError::code`], but for another protocol. That is news
+    /// only in the first packet: a later CONNECT is a protocol error whatever it says (MQTT 5,
+    /// 3.1.0-2), and DISCONNECT has no reason code 0x84.
+    pub fn disconnect_code(&self) -> u8 {
+        match self {
+            DecodeError::UnsupportedProtocol(_) => reason::PROTOCOL_ERROR,
+            _ => self.code(),
+        }
+    }
 }
 
 fn malformed(why: impl Into<Cow<'static, str>>) -> DecodeError {

@@ -984,6 +984,25 @@ fn connect_level_reads_nothing_after_the_connect() {
     assert_eq!(connect_level(&empty), connect_level(&empty[..2]));
 }
 
+/// Found by the `session` fuzz target: a second CONNECT of another protocol level was
+/// answered with a DISCONNECT of 0x84, a reason code DISCONNECT does not have (a client
+/// reads it as malformed). After the first CONNECT, any CONNECT is a protocol error.
+#[test]
+fn a_later_connect_of_another_protocol_closes_with_a_protocol_error() {
+    let mqtt311 = connect4(0x02, &s("c"));
+    let e = dec(&mqtt311, V5).unwrap_err();
+    assert_eq!(e.code(), reason::UNSUPPORTED_PROTOCOL_VERSION, "in CONNACK");
+    assert_eq!(e.disconnect_code(), reason::PROTOCOL_ERROR, "in DISCONNECT");
+    let qos3 = dec(&[0x36, 0x05, 0x00, 0x01, b't', 0x00, 0x01], V5).unwrap_err();
+    assert_eq!(qos3.disconnect_code(), qos3.code(), "other errors");
+    let d = Packet::Disconnect(Disconnect::new(e.disconnect_code(), &e.to_string()));
+    assert_eq!(
+        dec(&enc(&d, V5), V5),
+        Ok(d),
+        "a DISCONNECT a client can read"
+    );
+}
+
 // Generated packets: every packet MQTT 5 may carry, round-tripped in both versions.
 
 const PUBACK_CODES: &[u8] = &[0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
