@@ -303,6 +303,9 @@ async fn handshake<S: Stream>(
     let Packet::Connect(connect) = first else {
         return Err(ConnError::NotConnect);
     };
+    if let Some(max) = connect.maximum_packet_size.filter(|_| version.is_v5()) {
+        io.max_out = max as usize;
+    }
     let refused = |why: &str| {
         Stats::inc(&shared.stats.auth_failures);
         shared.log_refusal(
@@ -702,6 +705,8 @@ struct Io<S> {
     /// The version chosen at CONNECT.
     version: Version,
     max: usize,
+    /// The client's Maximum Packet Size (MQTT 5), once its CONNECT says it.
+    max_out: usize,
 }
 
 impl<S: Stream> Io<S> {
@@ -714,6 +719,7 @@ impl<S: Stream> Io<S> {
             write: BytesMut::new(),
             version: Version::V311,
             max: shared.limits.max_packet,
+            max_out: usize::MAX,
         }
     }
 
@@ -758,9 +764,13 @@ impl<S: Stream> Io<S> {
         Ok(n)
     }
 
-    /// Encodes `packet` into the write buffer.
+    /// Encodes `packet` into the write buffer, without its reason string and user properties
+    /// if they would make it larger than the client takes.
     fn queue(&mut self, packet: &Packet) {
-        packet::encode(packet, self.version, &mut self.write);
+        match packet::fitted(packet, self.version, self.max_out) {
+            Some(smaller) => packet::encode(&smaller, self.version, &mut self.write),
+            None => packet::encode(packet, self.version, &mut self.write),
+        }
     }
 
     /// After a DISCONNECT of the server's: closes the sending side and reads and discards what
@@ -839,34 +849,113 @@ mod tests {
     use super::*;
     use crate::broker::hub::HubLimits;
 
-    /// A connection's memory is mostly its future: ten thousand idle devices each hold one.
-    /// Whatever only some connections need (the CONNECT handshake, the TLS session, a
-    /// lingering close) is boxed, so that it does not size everyone's.
-    #[tokio::test]
-    async fn a_plain_connection_s_future_stays_small() {
-        let dir = tempfile::tempdir().unwrap();
+    /// What every connection of a test shares, with `max_packet` as the broker's limit.
+    fn shared(dir: &std::path::Path, inject: mpsc::Sender<Vec<Message>>) -> Arc<Shared> {
         let stats = Arc::new(Stats::default());
-        let gate = Gate::new(true, &dir.path().join("c.toml"), Vec::new(), 0).unwrap();
-        let (inject, _rx) = mpsc::channel(1);
-        let shared = Arc::new(Shared {
+        let gate = Gate::new(true, &dir.join("c.toml"), Vec::new(), 0).unwrap();
+        Arc::new(Shared {
             hub: Arc::new(Hub::new(HubLimits::default(), stats.clone())),
             inject,
             gate: Arc::new(gate),
             connect_timeout: Duration::from_secs(5),
             limits: SessionLimits::default(),
             max_connections: 10,
-            stats: stats.clone(),
+            stats,
             refusal_logged_at: Mutex::default(),
             violation_logged_at: Mutex::default(),
             next_connection: AtomicU64::default(),
-        });
+        })
+    }
+
+    /// A connection's memory is mostly its future: ten thousand idle devices each hold one.
+    /// Whatever only some connections need (the CONNECT handshake, the TLS session, a
+    /// lingering close) is boxed, so that it does not size everyone's.
+    #[tokio::test]
+    async fn a_plain_connection_s_future_stays_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inject, _rx) = mpsc::channel(1);
+        let shared = shared(dir.path(), inject);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let _client = TcpStream::connect(addr).await.unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
+        let stats = shared.stats.clone();
         let future = serve(stream, peer, shared, Slot::take(&stats));
         let size = std::mem::size_of_val(&future);
         println!("a plain connection's future: {size} bytes");
         assert!(size < 1280, "{size} bytes");
+    }
+
+    /// Found by the `session` fuzz target: the reason strings of a SUBACK and of a DISCONNECT
+    /// made them larger than the Maximum Packet Size the client had set, which MQTT 5 forbids
+    /// (the client closes the connection). They go without their reason strings now.
+    #[tokio::test]
+    async fn packets_fit_the_client_s_maximum_packet_size() {
+        use super::packet::{Connect, Publish, Subscribe, SubscriptionOptions};
+        const MAX: usize = 24;
+        let dir = tempfile::tempdir().unwrap();
+        let (inject, _rx) = mpsc::channel(1);
+        let shared = shared(dir.path(), inject);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let stats = shared.stats.clone();
+        let server = tokio::spawn(serve(stream, peer, shared, Slot::take(&stats)));
+
+        let mut bytes = BytesMut::new();
+        let packets = [
+            Packet::Connect(Box::new(Connect {
+                clean_start: true,
+                client_id: "small".into(),
+                receive_maximum: u16::MAX,
+                maximum_packet_size: Some(MAX as u32),
+                request_problem_information: true,
+                ..Connect::default()
+            })),
+            // Refused, with a reason string of about 100 bytes.
+            Packet::Subscribe(Subscribe {
+                pkid: 1,
+                filters: vec![("a/#/b".into(), SubscriptionOptions::default())],
+                ..Subscribe::default()
+            }),
+            // Closes the connection, with a reason string of about 40 bytes.
+            Packet::Publish(Publish {
+                topic: "a/+".into(),
+                ..Publish::default()
+            }),
+        ];
+        for p in &packets {
+            packet::encode(p, Version::V5, &mut bytes);
+        }
+        client.write_all(&bytes).await.unwrap();
+        let mut got = Vec::new();
+        timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+            .await
+            .expect("the connection is closed")
+            .unwrap();
+        let mut got = BytesMut::from(&got[..]);
+        let mut sizes = Vec::new();
+        let mut answers = Vec::new();
+        while !got.is_empty() {
+            let before = got.len();
+            let p = packet::decode(&mut got, Version::V5, MAX)
+                .expect("no packet larger than the client takes")
+                .expect("whole packets");
+            sizes.push(before - got.len());
+            answers.push(p);
+        }
+        match &answers[..] {
+            [Packet::ConnAck(_), Packet::SubAck(s), Packet::Disconnect(d)] => {
+                assert_eq!(s.codes, [reason::TOPIC_FILTER_INVALID]);
+                assert_eq!(s.reason_string, None);
+                assert_eq!(d.code, reason::TOPIC_NAME_INVALID);
+                assert_eq!(d.reason_string, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(sizes.iter().all(|n| *n <= MAX), "{sizes:?}");
+        drop(client);
+        server.await.unwrap();
     }
 }

@@ -45,6 +45,45 @@ pub fn encoded_len(packet: &Packet, version: Version) -> usize {
     1 + vbi_len(count.0) + count.0
 }
 
+/// `packet` without its reason string and user properties, if it is larger than `max` bytes
+/// with them and has any; `None` if it is to be sent as it is.
+///
+/// A client's Maximum Packet Size binds every packet the server sends it (MQTT 5,
+/// 3.1.2.11.4), and the reason string and user properties are what a server leaves out
+/// rather than exceed it (3.2.2.3.9, 3.9.2.1.2, 3.14.2.2.3, ...). A publish too large is not
+/// this function's: it is discarded as if delivered (`Session::fill`).
+pub fn fitted(packet: &Packet, version: Version, max: usize) -> Option<Packet> {
+    let reasons = match packet {
+        Packet::ConnAck(c) => c.reason_string.is_some() || !c.user_properties.is_empty(),
+        Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
+            has_reason_props(a.reason_string.as_ref(), &a.user_properties)
+        }
+        Packet::SubAck(s) => has_reason_props(s.reason_string.as_ref(), &s.user_properties),
+        Packet::UnsubAck(u) => has_reason_props(u.reason_string.as_ref(), &u.user_properties),
+        Packet::Disconnect(d) => has_reason_props(d.reason_string.as_ref(), &d.user_properties),
+        Packet::Auth(a) => has_reason_props(a.reason_string.as_ref(), &a.user_properties),
+        _ => false,
+    };
+    if !reasons || encoded_len(packet, version) <= max {
+        return None;
+    }
+    let mut packet = packet.clone();
+    let (reason, users) = match &mut packet {
+        Packet::ConnAck(c) => (&mut c.reason_string, &mut c.user_properties),
+        Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
+            (&mut a.reason_string, &mut a.user_properties)
+        }
+        Packet::SubAck(s) => (&mut s.reason_string, &mut s.user_properties),
+        Packet::UnsubAck(u) => (&mut u.reason_string, &mut u.user_properties),
+        Packet::Disconnect(d) => (&mut d.reason_string, &mut d.user_properties),
+        Packet::Auth(a) => (&mut a.reason_string, &mut a.user_properties),
+        _ => return None,
+    };
+    *reason = None;
+    users.clear();
+    Some(packet)
+}
+
 /// False for the packets 3.1.1 does not have: a DISCONNECT from the server, and AUTH.
 fn written(packet: &Packet, version: Version) -> bool {
     version.is_v5() || !matches!(packet, Packet::Disconnect(_) | Packet::Auth(_))

@@ -21,7 +21,7 @@ mod tests;
 use bytes::Bytes;
 
 pub use decode::{DecodeError, connect_level, decode};
-pub use encode::{encode, encoded_len};
+pub use encode::{encode, encoded_len, fitted};
 
 /// The protocol version of a connection, from its CONNECT's protocol level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1003,6 +1003,50 @@ fn a_later_connect_of_another_protocol_closes_with_a_protocol_error() {
     );
 }
 
+/// A client's Maximum Packet Size binds what the server sends; the reason string and user
+/// properties are what goes when a packet would be too large with them.
+#[test]
+fn fitted_leaves_out_reasons_only_when_they_make_a_packet_too_large() {
+    let suback = Packet::SubAck(SubAck {
+        pkid: 1,
+        codes: vec![reason::TOPIC_FILTER_INVALID],
+        reason_string: Some("0x8F not a valid filter".into()),
+        user_properties: users(),
+    });
+    let bare = Packet::SubAck(SubAck {
+        pkid: 1,
+        codes: vec![reason::TOPIC_FILTER_INVALID],
+        ..SubAck::default()
+    });
+    let size = encoded_len(&suback, V5);
+    assert_eq!(fitted(&suback, V5, size), None, "it fits");
+    assert_eq!(fitted(&suback, V5, size - 1), Some(bare.clone()));
+    assert_eq!(
+        fitted(&suback, V5, 1),
+        Some(bare.clone()),
+        "as small as it gets"
+    );
+    assert_eq!(fitted(&bare, V5, 1), None, "nothing to leave out");
+    let publish = Packet::Publish(Publish {
+        topic: Bytes::from_static(b"t"),
+        payload: Bytes::from_static(b"too long for the client"),
+        ..Publish::default()
+    });
+    assert_eq!(
+        fitted(&publish, V5, 8),
+        None,
+        "a publish is not this function's"
+    );
+    let disconnect = Packet::Disconnect(Disconnect::new(reason::PROTOCOL_ERROR, "why"));
+    assert_eq!(
+        fitted(&disconnect, V5, 4),
+        Some(Packet::Disconnect(Disconnect::new(
+            reason::PROTOCOL_ERROR,
+            ""
+        )))
+    );
+}
+
 // Generated packets: every packet MQTT 5 may carry, round-tripped in both versions.
 
 const PUBACK_CODES: &[u8] = &[0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
