@@ -21,6 +21,8 @@
 //! in `hub`'s documentation. `SECURITY.md` has the threat model.
 
 mod connection;
+#[doc(hidden)]
+pub mod front_check;
 pub(crate) mod gate;
 mod hub;
 pub mod packet;

@@ -1,6 +1,7 @@
 //! Property tests of the hostile-input surface: the native payload decoder (`codec`), foreign
-//! payloads (`sources`), the configuration parser and checker (`config`) and the readings and
-//! expected-alert parsers of `test-rules` (`replay`).
+//! payloads (`sources`), the configuration parser and checker (`config`), the readings and
+//! expected-alert parsers of `test-rules` (`replay`), and the broker's packet front: the MQTT
+//! codec and one client's session (`front`).
 //!
 //! Each target is fed its committed seed corpus (`tests/corpus/<target>/`), mutations of it,
 //! and structured generators; the properties themselves live in `check.rs`, which the
@@ -12,5 +13,6 @@ mod check;
 mod codec;
 mod config;
 mod corpus;
+mod front;
 mod readings;
 mod sources;
