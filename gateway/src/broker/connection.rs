@@ -444,7 +444,7 @@ async fn open<S: Stream>(
     let registration = shared.gate.register(&session.client_id, &admitted);
     io.queue(&Packet::ConnAck(Box::new(connack)));
     let mut out = Output::default();
-    session.resend(Instant::now().into_std(), &mut out);
+    session.resend(shared.ctx(), Instant::now().into_std(), &mut out);
     for p in &out.send {
         io.queue(p);
     }

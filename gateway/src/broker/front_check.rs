@@ -9,10 +9,11 @@
 //! its documentation). Each function panics, naming the property and the packet, when a
 //! property does not hold; a panic of the code under test is a failure too.
 
+use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::gate::{Admitted, Gate, Proof};
 use super::hub::{Hub, HubLimits, Message, QueueLimits};
@@ -464,6 +465,8 @@ struct Client {
     receive_maximum: usize,
     /// Topic aliases it accepts from the broker (MQTT 5).
     aliases: u16,
+    /// The topic aliases the broker has set on this connection, as the client knows them.
+    known_aliases: RefCell<Vec<(u16, Bytes)>>,
 }
 
 /// A CONNECT from three bytes, for inputs that do not spell one out (`session`'s mode bit 1
@@ -598,6 +601,7 @@ pub fn session(input: &[u8]) {
         } else {
             0
         },
+        known_aliases: RefCell::default(),
     };
     let start = Instant::now();
     let Some((mut session, _)) = open(&rig, &client, connect.clone(), 1, start) else {
@@ -677,6 +681,8 @@ fn open(
     };
     let clean_start = connect.clean_start;
     let v = client.version;
+    // Topic aliases live as long as a connection.
+    client.known_aliases.borrow_mut().clear();
     match Session::open(connect, v, admitted, connection, rig.ctx()) {
         Err(refused) => {
             assert!(
@@ -703,7 +709,7 @@ fn open(
             }
             let mut out = Output::default();
             let mut session = opened.session;
-            session.resend(now, &mut out);
+            session.resend(rig.ctx(), now, &mut out);
             for p in &out.send {
                 if let Packet::Publish(x) = p {
                     assert!(
@@ -1039,6 +1045,18 @@ fn check_delivered(client: &Client, session: &Session, out: &Output) {
                 "topic alias {alias} for a client that allows {}",
                 client.aliases
             );
+        }
+        let mut known = client.known_aliases.borrow_mut();
+        match (x.topic.is_empty(), x.topic_alias) {
+            (false, Some(alias)) => {
+                known.retain(|(a, _)| *a != alias);
+                known.push((alias, x.topic.clone()));
+            }
+            (true, Some(alias)) => assert!(
+                known.iter().any(|(a, _)| *a == alias),
+                "a publish by topic alias {alias}, which the client was never sent"
+            ),
+            _ => {}
         }
         assert_eq!(
             x.pkid == 0,

@@ -960,20 +960,28 @@ impl Session {
     }
 
     /// After a reconnect to a kept session: what was in flight, again (QoS 1 and 2 publishes
-    /// with DUP set, PUBRELs), before anything new.
-    pub(crate) fn resend(&mut self, now: Instant, out: &mut Output) {
+    /// with DUP set, PUBRELs), before anything new. A publish now too large for the client is
+    /// discarded as if delivered, as in [`Session::fill`]: topic aliases do not outlive a
+    /// connection, and the client may have asked for less this time.
+    pub(crate) fn resend(&mut self, ctx: Ctx<'_>, now: Instant, out: &mut Output) {
         let Some(mailbox) = self.mailbox.clone() else {
             return;
         };
-        let outbox = mailbox.lock();
-        for inflight in &outbox.inflight {
+        let mut outbox = mailbox.lock();
+        let mut i = 0;
+        while i < outbox.inflight.len() {
+            let inflight = &outbox.inflight[i];
             if inflight.released {
                 out.send.push(Packet::PubRel(Ack::new(inflight.pkid)));
+            } else if let Some(packet) = self.deliverable(&inflight.item, inflight.pkid, true, now)
+            {
+                out.send.push(packet);
             } else {
-                let mut publish = self.outgoing(&inflight.item, inflight.pkid, now);
-                publish.dup = true;
-                out.send.push(Packet::Publish(publish));
+                Stats::inc(&ctx.stats.too_large_for_client);
+                outbox.inflight.remove(i);
+                continue;
             }
+            i += 1;
         }
     }
 
@@ -999,14 +1007,10 @@ impl Session {
             } else {
                 outbox.next_pkid()
             };
-            let publish = self.outgoing(&item, pkid, now);
-            let packet = Packet::Publish(publish);
-            if encoded_len(&packet, self.version) > self.client_max_packet {
-                // MQTT 5, 3.1.2.11.4: a message too large for the client is discarded as if
-                // delivered.
+            let Some(packet) = self.deliverable(&item, pkid, false, now) else {
                 Stats::inc(&ctx.stats.too_large_for_client);
                 continue;
-            }
+            };
             if item.qos != QoS::AtMostOnce {
                 outbox.inflight.push_back(Inflight {
                     pkid,
@@ -1016,6 +1020,23 @@ impl Session {
             }
             out.send.push(packet);
         }
+    }
+
+    /// The PUBLISH that delivers `item` to this client, or `None` if it is larger than the
+    /// client takes: MQTT 5 (3.1.2.11.4) has it discarded as if delivered. A topic alias it
+    /// would have set is forgotten with it, as the client never learns it.
+    fn deliverable(&mut self, item: &Queued, pkid: u16, dup: bool, now: Instant) -> Option<Packet> {
+        let mut publish = self.outgoing(item, pkid, now);
+        publish.dup = dup;
+        let new_alias = publish.topic_alias.filter(|_| !publish.topic.is_empty());
+        let packet = Packet::Publish(publish);
+        if encoded_len(&packet, self.version) <= self.client_max_packet {
+            return Some(packet);
+        }
+        if let (Some(alias), Some(extras)) = (new_alias, &mut self.extras) {
+            extras.aliases_out.retain(|(_, a)| *a != alias);
+        }
+        None
     }
 
     /// The PUBLISH that delivers `item` to this client.

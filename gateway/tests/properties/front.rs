@@ -769,6 +769,48 @@ fn seeds_written() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             ],
         ),
     );
+    session(
+        "alias-of-a-message-too-large.bin",
+        session_seed(
+            Mode {
+                reconnect: true,
+                ..v5
+            },
+            Synthetic {
+                expiry: 1,
+                max_packet: 1,
+                aliases: 3,
+                ..plain
+            },
+            &[
+                retained("sensors/c-7/temp", QoS::AtLeastOnce, 1, "21.5"),
+                subscribe(2, &[("#", QoS::AtMostOnce)]),
+                subscribe(3, &[("sensors/#", QoS::AtLeastOnce)]),
+            ],
+        ),
+    );
+    session(
+        "resend-larger-than-first-sent.bin",
+        session_seed(
+            Mode {
+                reconnect: true,
+                ..v5
+            },
+            Synthetic {
+                persistent: true,
+                expiry: 2,
+                max_packet: 2,
+                aliases: 1,
+                ..c7
+            },
+            &[
+                subscribe(1, &[("sensors/c-7/t", QoS::AtLeastOnce)]),
+                publish("sensors/c-7/t", QoS::AtLeastOnce, 10, "1"),
+                Packet::PubAck(Ack::new(1)),
+                publish("sensors/c-7/t", QoS::AtLeastOnce, 11, &"x".repeat(50)),
+            ],
+        ),
+    );
     let mut garbage = session_seed(v311, c7, &[Packet::PingReq]);
     garbage.extend([0x00, 0x00]);
     session("malformed-after-connect.bin", garbage);

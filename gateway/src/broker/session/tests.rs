@@ -345,7 +345,7 @@ fn a_kept_session_is_present_on_return_and_resends_what_was_in_flight() {
     assert!(again.connack.session_present);
     let mut c = again.session;
     let mut out = Output::default();
-    c.resend(Instant::now(), &mut out);
+    c.resend(rig.ctx(), Instant::now(), &mut out);
     let resent = published(&out);
     assert_eq!(resent.len(), 1);
     assert!(resent[0].dup);
@@ -919,6 +919,76 @@ fn messages_too_large_for_the_client_are_dropped_and_counted() {
     let (out, _) = step(&rig, &mut c, Packet::Publish(big));
     assert!(published(&out).is_empty());
     assert_eq!(Stats::get(&rig.stats.too_large_for_client), 1);
+}
+
+/// Found by the `session` property tests: a message sent by topic alias (a few bytes) was
+/// resent after a reconnect with its whole topic, as aliases do not outlive a connection, and
+/// so larger than the client's Maximum Packet Size. It is discarded as if delivered, as a
+/// message too large is when first sent.
+#[test]
+fn a_resend_too_large_for_the_client_is_dropped_and_counted() {
+    let rig = Rig::new();
+    let kept = Connect {
+        clean_start: false,
+        session_expiry: 60,
+        ..connect("c")
+    };
+    let mut c = rig.open(kept.clone(), Version::V5).unwrap().session;
+    step(&rig, &mut c, subscribe(1, "t", qos(QoS::AtLeastOnce), None));
+    let Packet::Publish(mut big) = publish("t", QoS::AtLeastOnce, 2) else {
+        unreachable!()
+    };
+    big.payload = Bytes::from(vec![b'.'; 64]);
+    let (out, _) = step(&rig, &mut c, Packet::Publish(big));
+    assert_eq!(published(&out).len(), 1, "in flight, not acknowledged");
+    c.end(rig.ctx(), Instant::now());
+    let smaller = Connect {
+        maximum_packet_size: Some(40),
+        ..kept
+    };
+    let mut c = rig
+        .open_as(smaller, Version::V5, Identity::Anonymous, 2)
+        .unwrap()
+        .session;
+    let mut out = Output::default();
+    c.resend(rig.ctx(), Instant::now(), &mut out);
+    assert!(out.send.is_empty(), "{:?}", out.send);
+    assert_eq!(Stats::get(&rig.stats.too_large_for_client), 1);
+    assert_eq!(rig.hub.inflight_of("c"), 0, "as if delivered");
+}
+
+/// Found by the `session` property tests: a message too large for the client set a topic
+/// alias as it was discarded, and the next message on its topic went by that alias alone,
+/// which the client had never been told.
+#[test]
+fn a_message_too_large_sets_no_topic_alias() {
+    let rig = Rig::new();
+    let asked = Connect {
+        maximum_packet_size: Some(40),
+        topic_alias_maximum: 4,
+        ..connect("c")
+    };
+    let mut c = rig.open(asked, Version::V5).unwrap().session;
+    step(
+        &rig,
+        &mut c,
+        subscribe(1, "t/x", qos(QoS::AtMostOnce), None),
+    );
+    let Packet::Publish(mut big) = publish("t/x", QoS::AtMostOnce, 0) else {
+        unreachable!()
+    };
+    big.payload = Bytes::from(vec![b'.'; 64]);
+    let (out, _) = step(&rig, &mut c, Packet::Publish(big));
+    assert!(published(&out).is_empty(), "too large");
+    let (out, _) = step(&rig, &mut c, publish("t/x", QoS::AtMostOnce, 0));
+    let sent = published(&out);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        &sent[0].topic[..],
+        b"t/x",
+        "the topic, with the alias it sets"
+    );
+    assert_eq!(sent[0].topic_alias, Some(1));
 }
 
 #[test]
