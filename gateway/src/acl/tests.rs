@@ -332,3 +332,19 @@ fn placeholders_match_as_if_the_values_were_written() {
         Err(Denied::Rule(1))
     );
 }
+
+#[test]
+fn the_fuzz_seeds_keep_the_properties() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/acl");
+    let mut seeds = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let mut lines = text.split('\n');
+        let mut next = || lines.next().unwrap_or_default();
+        let (subject, pattern, user, id) = (next(), next(), next(), next());
+        check_matchers(subject, pattern);
+        check_placeholders(pattern, user, id, subject);
+        seeds += 1;
+    }
+    assert!(seeds >= 8, "{seeds} seeds in {}", dir.display());
+}

@@ -621,7 +621,7 @@ pub fn session(input: &[u8]) {
     // the session kept or ended.
     let will = close.as_ref().is_none_or(|c| c.will);
     if will {
-        if let Some((message, delay)) = session.last_will(now) {
+        if let Some((message, delay)) = session.last_will(rig.ctx(), now) {
             check_routed(&client, std::slice::from_ref(&message));
             let delay = delay.min(session.expiry());
             if delay == 0 {
