@@ -54,6 +54,16 @@ async fn retained_now(addr: std::net::SocketAddr) -> Vec<(String, String)> {
     }
 }
 
+/// Publishes each (topic, payload) retained at QoS 1.
+async fn publish_all(client: &Publisher, messages: &[(String, String)]) {
+    for (topic, payload) in messages {
+        client
+            .publish_retained(topic, QoS::AtLeastOnce, payload.as_str())
+            .await
+            .unwrap();
+    }
+}
+
 fn topics(n: usize) -> Vec<(String, String)> {
     let mut all: Vec<_> = (0..n)
         .map(|i| match i % 3 {
@@ -78,12 +88,7 @@ async fn acknowledged_retained_messages_survive_a_sigkill() {
 
     let wanted = topics(60);
     let client = Publisher::connect(addr, "dashboard").await.unwrap();
-    for (topic, payload) in &wanted {
-        client
-            .publish_retained(topic, QoS::AtLeastOnce, payload.as_str())
-            .await
-            .unwrap();
-    }
+    publish_all(&client, &wanted).await;
     // An empty payload deletes; a second message replaces.
     let (deleted, _) = &wanted[0];
     client
@@ -123,12 +128,7 @@ async fn retained_messages_survive_a_restart_within_their_bounds() {
 
     let wanted = topics(5);
     let client = Publisher::connect(addr, "dashboard").await.unwrap();
-    for (topic, payload) in &wanted {
-        client
-            .publish_retained(topic, QoS::AtLeastOnce, payload.as_str())
-            .await
-            .unwrap();
-    }
+    publish_all(&client, &wanted).await;
     // MQTT 3.1.1 cannot refuse a publish: the two beyond the bound are acknowledged, logged
     // and counted, and not kept.
     client.wait_acked(5, DEADLINE).await.unwrap();

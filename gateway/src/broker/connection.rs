@@ -572,18 +572,7 @@ async fn run<S: Stream>(
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    if session.version.is_v5() {
-                        out.send.push(Packet::Disconnect(Disconnect::new(
-                            e.disconnect_code(),
-                            &e.to_string(),
-                        )));
-                    }
-                    close = Some(Close {
-                        code: e.disconnect_code(),
-                        why: e.to_string(),
-                        clean: false,
-                        will: true,
-                    });
+                    close = Some(Close::malformed(&e, session.version, &mut out));
                     break;
                 }
             }

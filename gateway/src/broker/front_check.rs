@@ -757,16 +757,7 @@ fn round(
             Err(e) => {
                 check_error(&e);
                 // As the connection closes it.
-                if v.is_v5() {
-                    let d = Disconnect::new(e.disconnect_code(), &e.to_string());
-                    out.send.push(Packet::Disconnect(d));
-                }
-                close = Some(Close {
-                    code: e.disconnect_code(),
-                    why: e.to_string(),
-                    clean: false,
-                    will: true,
-                });
+                close = Some(Close::malformed(&e, v, &mut out));
                 break;
             }
         }

@@ -28,8 +28,8 @@ use super::client_id_allowed;
 use super::gate::{Admitted, Gate, Proof, SharedBucket};
 use super::hub::{Hub, Inflight, Mailbox, Message, Queued, Subscription, split_shared};
 use super::packet::{
-    Ack, ConnAck, Connect, Disconnect, Packet, Publish, QoS, SubAck, Subscribe, UnsubAck,
-    Unsubscribe, Version, Will, encoded_len, reason,
+    Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Publish, QoS, SubAck, Subscribe,
+    UnsubAck, Unsubscribe, Version, Will, encoded_len, reason,
 };
 use crate::access::{self, Identity};
 use crate::codec;
@@ -123,6 +123,19 @@ impl Close {
             clean: false,
             will: true,
         }
+    }
+
+    /// The client sent bytes that are not a packet it may send: an MQTT 5 client is told why
+    /// (a DISCONNECT, last in `out`), and the session ends as after any protocol violation.
+    pub(crate) fn malformed(error: &DecodeError, version: Version, out: &mut Output) -> Close {
+        let code = error.disconnect_code();
+        if version.is_v5() {
+            out.send.push(Packet::Disconnect(Disconnect::new(
+                code,
+                &error.to_string(),
+            )));
+        }
+        Close::violation(code, error.to_string())
     }
 }
 
