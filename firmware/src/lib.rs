@@ -10,6 +10,8 @@
 //! | [`payload`] | topics and payloads of the gateway's contract, into fixed buffers |
 //! | [`mqtt`] | MQTT 3.1.1 session over any `embedded-io` byte stream: QoS 1, keep-alive, reconnect |
 //! | [`sensor`] | sensors behind embedded-hal 1.0; SHT4x glue |
+//! | [`input`] | digital inputs (leak probes, contacts) as states: debounced, reported on change and heartbeat |
+//! | [`gateways`] | a list of gateway addresses, tried in turn after a failed connect or a lost session |
 //! | [`serial`] | a UART (embedded-hal-nb) as a link: for modems in transparent mode |
 //! | [`node`] | one device: samples → report by exception → `seq` → ring → session |
 //!
@@ -21,6 +23,8 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod gateways;
+pub mod input;
 pub mod mqtt;
 pub mod node;
 pub mod payload;

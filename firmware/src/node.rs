@@ -7,6 +7,14 @@
 //! from the ring only once the broker acknowledged it. While the link is down the ring fills; when
 //! it is full the oldest message is dropped and counted. Boards and the fleet simulator run the
 //! same `Node`; they differ only in their clock, sensor and link.
+//!
+//! States (a leak probe, a door: [`Node::report_state`], fed by [`crate::input`]) share the ring
+//! and the `seq` with numeric readings, in order. When the ring is full, numeric messages go
+//! first: the oldest of them is dropped to make room, and a state message is dropped only when
+//! the ring holds nothing else. The message in flight (sent, PUBACK not yet read) is never
+//! dropped, so the acknowledgement always removes the message it acknowledges.
+
+use core::cell::Cell;
 
 use crate::mqtt::{self, Event, Link, Outbox, Session};
 use crate::payload::{self, Writer};
@@ -20,6 +28,32 @@ pub struct Sample<const M: usize> {
     pub seq: u32,
     /// Value of each metric in thousandths, `None` where the metric was not due.
     pub values: [Option<i32>; M],
+}
+
+/// A message in the ring: numeric values due at one sample, or one state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message<'a, const M: usize> {
+    /// Numeric values, from [`Node::sample`].
+    Values(Sample<M>),
+    /// A state reading, from [`Node::report_state`].
+    State {
+        /// The device's message counter.
+        seq: u32,
+        /// Metric name, e.g. `water_leak`.
+        metric: &'a str,
+        /// The state.
+        state: payload::State<'a>,
+    },
+}
+
+impl<const M: usize> Message<'_, M> {
+    /// The message's `seq`.
+    pub fn seq(&self) -> u32 {
+        match self {
+            Message::Values(sample) => sample.seq,
+            Message::State { seq, .. } => *seq,
+        }
+    }
 }
 
 /// What a node is and how it reports. `M` metrics, in the order the sensor delivers them.
@@ -51,6 +85,8 @@ pub enum ConfigError {
     BadMetricName,
     /// The longest message of this configuration does not fit the session's buffers.
     TooLarge,
+    /// A state word the gateway would not read back as written ([`payload::State::check`]).
+    BadState,
 }
 
 impl core::fmt::Display for ConfigError {
@@ -61,6 +97,7 @@ impl core::fmt::Display for ConfigError {
                 "metric names must be 1-32 of A-Z a-z 0-9 - _ . and not seq or status"
             }
             ConfigError::TooLarge => "the largest message does not fit the MQTT buffers",
+            ConfigError::BadState => "a state word the gateway would not read back as written",
         })
     }
 }
@@ -70,12 +107,16 @@ impl core::fmt::Display for ConfigError {
 pub struct Counters {
     /// Samples offered.
     pub samples: u32,
-    /// Messages queued (each took a `seq`).
+    /// Messages queued (each took a `seq`), states included.
     pub queued: u32,
+    /// State messages queued.
+    pub states: u32,
     /// Metric values in the queued messages.
     pub values: u32,
-    /// Messages dropped from the full ring, oldest first.
+    /// Messages dropped from the full ring: numeric ones first, oldest first.
     pub dropped: u32,
+    /// State messages among `dropped` (only when the ring held nothing else).
+    pub states_dropped: u32,
     /// Messages waiting in the ring, the one in flight included.
     pub waiting: u32,
     /// The session's counters.
@@ -89,18 +130,47 @@ pub struct Node<'a, const M: usize, const DEPTH: usize> {
     next_seq: u32,
     samples: u32,
     values: u32,
+    states: u32,
     session: Session<'a>,
 }
 
 struct Queue<'a, const M: usize, const DEPTH: usize> {
     device: &'a str,
     metrics: [&'a str; M],
-    ring: Ring<Sample<M>, DEPTH>,
+    ring: Ring<Message<'a, M>, DEPTH>,
+    /// The front message was handed to the session (it may be in flight): it stays until the
+    /// session pops it.
+    front_out: Cell<bool>,
+    states_dropped: u32,
+}
+
+impl<'a, const M: usize, const DEPTH: usize> Queue<'a, M, DEPTH> {
+    /// Appends `message`; when the ring is full, drops the oldest numeric message first, the
+    /// oldest state only when there is no numeric one, and never the message in flight.
+    fn push(&mut self, message: Message<'a, M>) {
+        if self.ring.is_full() {
+            let skip = usize::from(self.front_out.get());
+            let numeric = self
+                .ring
+                .iter()
+                .enumerate()
+                .skip(skip)
+                .find(|(_, m)| matches!(m, Message::Values(_)));
+            let victim = numeric.map_or(skip, |(i, _)| i);
+            if let Some(Message::State { .. }) = self.ring.evict(victim) {
+                self.states_dropped = self.states_dropped.saturating_add(1);
+            }
+        }
+        // There is room now (`Node::new` makes sure the ring holds at least two).
+        self.ring.push(message);
+    }
 }
 
 impl<'a, const M: usize, const DEPTH: usize> Node<'a, M, DEPTH> {
     /// A node that has sent nothing; it connects on its first [`poll`](Self::poll).
     pub fn new(config: Config<'a, M>) -> Result<Self, ConfigError> {
+        // One message may be in flight while another waits to take its place.
+        const { assert!(DEPTH >= 2, "a node's ring holds at least two messages") };
         if !payload::name_ok(config.device) {
             return Err(ConfigError::BadDeviceId);
         }
@@ -126,11 +196,14 @@ impl<'a, const M: usize, const DEPTH: usize> Node<'a, M, DEPTH> {
                 device: config.device,
                 metrics: config.metrics,
                 ring: Ring::new(),
+                front_out: Cell::new(false),
+                states_dropped: 0,
             },
             reporters: config.deadband.map(Reporter::new),
             next_seq: 0,
             samples: 0,
             values: 0,
+            states: 0,
             session,
         })
     }
@@ -152,10 +225,36 @@ impl<'a, const M: usize, const DEPTH: usize> Node<'a, M, DEPTH> {
             return None;
         }
         self.values = self.values.wrapping_add(count);
+        let seq = self.take_seq();
+        self.queue
+            .push(Message::Values(Sample { seq, values: due }));
+        Some(seq)
+    }
+
+    /// Queues one state reading of `metric` (a digital input's change or heartbeat, as
+    /// [`crate::input`] decides) and returns its `seq`. It goes out in order with the numeric
+    /// messages, on `sensors/{device}/{metric}`. Fails, queueing nothing, when the metric name
+    /// or the state word is one the gateway would not read as written.
+    pub fn report_state(
+        &mut self,
+        metric: &'a str,
+        state: payload::State<'a>,
+    ) -> Result<u32, ConfigError> {
+        if !payload::metric_name_ok(metric) {
+            return Err(ConfigError::BadMetricName);
+        }
+        state.check().map_err(|_| ConfigError::BadState)?;
+        self.values = self.values.wrapping_add(1);
+        self.states = self.states.wrapping_add(1);
+        let seq = self.take_seq();
+        self.queue.push(Message::State { seq, metric, state });
+        Ok(seq)
+    }
+
+    fn take_seq(&mut self) -> u32 {
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
-        self.queue.ring.push(Sample { seq, values: due });
-        Some(seq)
+        seq
     }
 
     /// The network path: lets the session do what is due at `now_ms` over `link`. After
@@ -190,8 +289,10 @@ impl<'a, const M: usize, const DEPTH: usize> Node<'a, M, DEPTH> {
         Counters {
             samples: self.samples,
             queued: self.next_seq,
+            states: self.states,
             values: self.values,
             dropped: self.queue.ring.dropped(),
+            states_dropped: self.queue.states_dropped,
             waiting: self.queue.ring.len() as u32,
             mqtt: self.session.counters(),
         }
@@ -200,15 +301,22 @@ impl<'a, const M: usize, const DEPTH: usize> Node<'a, M, DEPTH> {
 
 impl<const M: usize, const DEPTH: usize> Outbox for Queue<'_, M, DEPTH> {
     fn peek(&self, topic: &mut Writer<'_>, body: &mut Writer<'_>) -> Result<bool, payload::Error> {
-        let Some(sample) = self.ring.front() else {
+        let Some(message) = self.ring.front() else {
             return Ok(false);
         };
-        encode(self.device, &self.metrics, sample, topic, body)?;
+        match message {
+            Message::Values(sample) => encode(self.device, &self.metrics, sample, topic, body)?,
+            Message::State { seq, metric, state } => {
+                encode_state(self.device, metric, *state, *seq, topic, body)?
+            }
+        }
+        self.front_out.set(true);
         Ok(true)
     }
 
     fn pop(&mut self) {
         self.ring.pop_front();
+        self.front_out.set(false);
     }
 }
 
@@ -360,7 +468,76 @@ mod tests {
         }
         let c = node.counters();
         assert_eq!((c.queued, c.waiting, c.dropped), (6, 4, 2));
-        assert_eq!(node.queue.ring.front().map(|s| s.seq), Some(2));
+        assert_eq!(node.queue.ring.front().map(Message::seq), Some(2));
+    }
+
+    #[test]
+    fn a_state_takes_the_next_seq_and_goes_out_in_order() {
+        let mut node: Node<'_, 2, 4> = Node::new(config()).unwrap();
+        assert_eq!(node.sample(0, [21_500, 40_100]), Some(0));
+        assert_eq!(
+            node.report_state("water_leak", payload::State::Bool(true)),
+            Ok(1)
+        );
+        assert_eq!(node.sample(1, [23_000, 40_100]), Some(2));
+        node.queue.pop();
+        assert_eq!(
+            encoded(&node),
+            (
+                "sensors/node-1/water_leak".into(),
+                r#"{"v":true,"seq":1}"#.into()
+            )
+        );
+        node.queue.pop();
+        assert_eq!(encoded(&node).1, r#"{"v":23,"seq":2}"#);
+        let c = node.counters();
+        assert_eq!((c.queued, c.states, c.values), (3, 1, 2 + 1 + 1));
+    }
+
+    #[test]
+    fn a_full_ring_drops_numbers_before_states_and_never_the_message_in_flight() {
+        let mut node: Node<'_, 2, 4> = Node::new(config()).unwrap();
+        node.sample(0, [20_000, 40_000]); // seq 0
+        encoded(&node); // handed to the session: in flight from here
+        node.report_state("water_leak", payload::State::Bool(true))
+            .unwrap(); // 1
+        node.sample(1, [22_000, 40_000]); // 2
+        node.report_state("water_leak", payload::State::Bool(false))
+            .unwrap(); // 3
+        node.sample(2, [24_000, 40_000]); // 4: drops 2, the oldest number not in flight
+        node.sample(3, [26_000, 40_000]); // 5: drops 4
+        let seqs = |node: &Node<'_, 2, 4>| -> std::vec::Vec<u32> {
+            node.queue.ring.iter().map(Message::seq).collect()
+        };
+        assert_eq!(seqs(&node), [0, 1, 3, 5]);
+        node.report_state("water_leak", payload::State::Bool(true))
+            .unwrap(); // 6: drops 5
+        node.report_state("water_leak", payload::State::Bool(false))
+            .unwrap(); // 7: drops 1
+        assert_eq!(
+            seqs(&node),
+            [0, 3, 6, 7],
+            "only states left: the oldest not in flight"
+        );
+        let c = node.counters();
+        assert_eq!((c.dropped, c.states_dropped), (4, 1));
+        // The PUBACK of seq 0 removes seq 0.
+        node.queue.pop();
+        assert_eq!(seqs(&node), [3, 6, 7]);
+    }
+
+    #[test]
+    fn bad_state_reports_queue_nothing() {
+        let mut node: Node<'_, 2, 4> = Node::new(config()).unwrap();
+        assert_eq!(
+            node.report_state("seq", payload::State::Bool(true)),
+            Err(ConfigError::BadMetricName)
+        );
+        assert_eq!(
+            node.report_state("door", payload::State::Word("OPEN")),
+            Err(ConfigError::BadState)
+        );
+        assert_eq!((node.next_seq(), node.counters().waiting), (0, 0));
     }
 
     #[test]

@@ -38,6 +38,39 @@ impl<T, const N: usize> Ring<T, N> {
         evicted
     }
 
+    /// Drops the item at `index` (0 is the oldest) and counts it, keeping the others in order;
+    /// returns it, or `None` when there is no such item. Takes time in proportion to the items
+    /// held: for a full ring making room for something that matters more than what it drops.
+    pub fn evict(&mut self, index: usize) -> Option<T> {
+        let len = self.items.len();
+        if index >= len {
+            return None;
+        }
+        // Turn the deque once round, leaving the one item out.
+        let mut evicted = None;
+        for i in 0..len {
+            let item = self.items.pop_front()?;
+            if i == index {
+                evicted = Some(item);
+            } else {
+                // Cannot fail: one item was taken out for each put back.
+                let _ = self.items.push_back(item);
+            }
+        }
+        self.dropped = self.dropped.saturating_add(1);
+        evicted
+    }
+
+    /// The items, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.items.iter()
+    }
+
+    /// True when the next [`push`](Self::push) drops an item.
+    pub fn is_full(&self) -> bool {
+        self.items.is_full()
+    }
+
     /// The oldest item.
     pub fn front(&self) -> Option<&T> {
         self.items.front()
@@ -91,5 +124,21 @@ mod tests {
         assert_eq!(ring.pop_front(), Some(5));
         assert_eq!(ring.pop_front(), None);
         assert_eq!(ring.dropped(), 2, "popping is not dropping");
+    }
+
+    #[test]
+    fn evicting_from_the_middle_keeps_the_others_in_order() {
+        let mut ring: Ring<u32, 4> = Ring::new();
+        for i in 0..4 {
+            ring.push(i);
+        }
+        assert!(ring.is_full());
+        assert_eq!(ring.evict(2), Some(2));
+        assert_eq!(ring.evict(3), None, "only three left");
+        assert_eq!(ring.dropped(), 1);
+        ring.push(4);
+        assert_eq!(ring.iter().copied().collect::<Vec<_>>(), [0, 1, 3, 4]);
+        assert_eq!(ring.evict(0), Some(0));
+        assert_eq!(ring.front(), Some(&1));
     }
 }
