@@ -17,7 +17,11 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use watchpost::codec::{self, Limits, Message};
-use watchpost_e2e::{Collector, Mosquitto, OVERHEAT, Received, gateway_config, wait_until};
+use watchpost::config::UplinkConfig;
+use watchpost::rules::Severity;
+use watchpost_e2e::{
+    Collector, Mosquitto, OVERHEAT, Received, gateway_config, shipped_config, wait_until,
+};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 /// The device id the image is built with (the board's default).
@@ -117,6 +121,22 @@ impl Qemu {
         assert!(
             wait_until(DEADLINE, || self.count(prefix) >= n).await,
             "the firmware did not log {n} × {prefix:?} within {DEADLINE:?}; its log:\n{}",
+            self.lines().join("\n")
+        );
+    }
+
+    /// Waits until the firmware has queued `n` messages with a temperature (the leak probe's
+    /// heartbeats are queued too, whenever they are due).
+    async fn wait_temperatures_queued(&self, n: usize) {
+        let count = || {
+            self.queued()
+                .iter()
+                .filter(|(_, values)| values.starts_with("temperature="))
+                .count()
+        };
+        assert!(
+            wait_until(DEADLINE, || count() >= n).await,
+            "the firmware did not queue {n} temperatures within {DEADLINE:?}; its log:\n{}",
             self.lines().join("\n")
         );
     }
@@ -359,10 +379,14 @@ async fn qemu_firmware_reconnects_after_a_gateway_restart_and_delivers_what_it_b
     gateway.shutdown().await;
     qemu.wait_log("mqtt link lost", 1).await;
     let buffered = [30.0, 31.5, 33.0];
-    let queued_before = qemu.queued().len();
+    let queued_before = qemu
+        .queued()
+        .iter()
+        .filter(|(_, values)| values.starts_with("temperature="))
+        .count();
     for (i, t) in buffered.iter().enumerate() {
         qemu.script(&format!("temperature={t}"));
-        qemu.wait_log("queued seq=", queued_before + i + 1).await;
+        qemu.wait_temperatures_queued(queued_before + i + 1).await;
     }
     assert!(
         temperatures_seen(&before)
@@ -413,5 +437,95 @@ async fn qemu_firmware_reconnects_after_a_gateway_restart_and_delivers_what_it_b
         .filter(|t| buffered.contains(t))
         .collect();
     assert_eq!(outage, buffered, "delivered in the order they were taken");
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_qemu_leak_probe_raises_and_clears_a_critical_alert_through_the_shipped_rules() {
+    let upstream = Mosquitto::start().unwrap();
+    let upstream_alerts = Collector::subscribe(upstream.addr(), "site-test/alerts/#")
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    // The quickstart configuration as shipped (its `water-leak` rule), with an uplink added.
+    let mut config = shipped_config("watchpost.toml", data.path());
+    config.uplink = Some(UplinkConfig {
+        host: "127.0.0.1".into(),
+        port: upstream.port(),
+        tls: false,
+        client_id: "watchpost-qemu-leak".into(),
+        topic_prefix: "site-test".into(),
+        forward: vec![Severity::Critical],
+        keep_alive: Duration::from_secs(5),
+        summaries: None,
+        ca_file: None,
+        client_cert: None,
+        login: None,
+    });
+    let gateway = watchpost::start(config).await.unwrap();
+    let sensors = Collector::subscribe(gateway.mqtt_addr(), "sensors/+/water_leak")
+        .await
+        .unwrap();
+    let modem = Modem::start().await;
+    modem.route_to(Some(gateway.mqtt_addr()));
+    let mut qemu = Qemu::boot(modem.addr);
+    qemu.wait_log("mqtt connected", 1).await;
+    // The probe is dry at boot, and says so once its pin has settled.
+    let states = |c: &Collector| -> Vec<bool> {
+        c.messages()
+            .iter()
+            .map(|m| m.json()["v"].as_bool().expect("a leak state is a boolean"))
+            .collect()
+    };
+    assert!(
+        wait_until(DEADLINE, || states(&sensors).first() == Some(&false)).await,
+        "the dry state never reached the gateway; firmware log:\n{}",
+        qemu.lines().join("\n")
+    );
+
+    qemu.script("water_leak=1");
+    let raised = upstream_alerts.wait_for(1, DEADLINE).await.unwrap();
+    assert_eq!(
+        raised[0].topic,
+        format!("site-test/alerts/critical/{DEVICE}/water-leak")
+    );
+    let doc = raised[0].json();
+    assert_eq!(
+        (doc["state"].as_str(), doc["value"].as_bool()),
+        (Some("raised"), Some(true))
+    );
+
+    qemu.script("water_leak=0");
+    let both = upstream_alerts.wait_for(2, DEADLINE).await.unwrap();
+    let doc = both[1].json();
+    assert_eq!(
+        (doc["state"].as_str(), doc["value"].as_bool()),
+        (Some("cleared"), Some(false))
+    );
+    assert_eq!(doc["id"], both[0].json()["id"], "one episode");
+    // Wet, then dry, each reported once as it settled (heartbeats may repeat a state, never
+    // invert one), and every state the firmware queued went out under its own seq.
+    let seen = states(&sensors);
+    let mut changes = seen.clone();
+    changes.dedup();
+    assert_eq!(
+        changes,
+        [false, true, false],
+        "states at the gateway: {seen:?}"
+    );
+    let leak_seqs: Vec<u64> = qemu
+        .queued()
+        .into_iter()
+        .filter(|(_, values)| values.starts_with("water_leak="))
+        .map(|(seq, _)| seq)
+        .collect();
+    let gateway_seqs: Vec<u64> = readings(&sensors.messages())
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect();
+    assert!(
+        leak_seqs.starts_with(&gateway_seqs),
+        "gateway {gateway_seqs:?}, firmware {leak_seqs:?}"
+    );
     gateway.shutdown().await;
 }

@@ -1,4 +1,5 @@
-//! Board support for QEMU's mps2-an386: the CMSDK APB UARTs and a millisecond clock on SysTick.
+//! Board support for QEMU's mps2-an386: the CMSDK APB UARTs, a millisecond clock on SysTick, and
+//! a scripted input pin.
 //!
 //! QEMU maps the first `-serial` to UART0 and the second to UART1. Its UART model holds one
 //! byte each way and holds back input until that byte is read, so nothing is lost while the
@@ -6,7 +7,7 @@
 #![no_std]
 
 use core::convert::Infallible;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use cortex_m::peripheral::SYST;
 use cortex_m::peripheral::syst::SystClkSource;
@@ -158,5 +159,34 @@ impl Clock {
         self.now += u64::from(ticks.wrapping_sub(self.last));
         self.last = ticks;
         self.now
+    }
+}
+
+/// A digital input pin whose level the test script sets. QEMU models the mps2 boards' GPIO
+/// blocks as unimplemented devices, so nothing outside the machine can drive a real pin; this one
+/// reads an atomic flag that the script line handler writes, and everything after the pin
+/// (debouncing, reporting, the ring, MQTT) is the firmware's real code.
+pub struct ScriptedPin {
+    high: &'static AtomicBool,
+}
+
+impl ScriptedPin {
+    /// A pin that reads high while `high` is set.
+    pub const fn new(high: &'static AtomicBool) -> Self {
+        Self { high }
+    }
+}
+
+impl embedded_hal::digital::ErrorType for ScriptedPin {
+    type Error = Infallible;
+}
+
+impl embedded_hal::digital::InputPin for ScriptedPin {
+    fn is_high(&mut self) -> Result<bool, Infallible> {
+        Ok(self.high.load(Ordering::Relaxed))
+    }
+
+    fn is_low(&mut self) -> Result<bool, Infallible> {
+        Ok(!self.high.load(Ordering::Relaxed))
     }
 }

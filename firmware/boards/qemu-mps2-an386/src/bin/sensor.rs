@@ -2,21 +2,26 @@
 //!
 //! The simulated sensor holds a temperature and a humidity that lines on UART0 set:
 //! `temperature=95.2` or `humidity=40`. Every 100 ms the node samples them; report by
-//! exception decides what goes to the gateway. Log lines on UART0 say what happened, one per
-//! event, in a form the end-to-end tests read (`queued seq=3 ...`, `mqtt connected`, ...).
+//! exception decides what goes to the gateway. A leak probe sits on a scripted pin with a
+//! pull-up: `water_leak=1` shorts it to ground (wet), `water_leak=0` lets it go (dry); the pin
+//! is read every millisecond, debounced (50 ms) and its state published at once on a change and
+//! every 5 s. Log lines on UART0 say what happened, one per event, in a form the end-to-end
+//! tests read (`queued seq=3 ...`, `mqtt connected`, ...).
 #![no_std]
 #![no_main]
 
 use core::fmt::Write as _;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use cortex_m_rt::entry;
 use panic_halt as _;
+use watchpost_firmware::input::Input;
 use watchpost_firmware::mqtt::{Error, Event};
 use watchpost_firmware::node::{Config, Node};
-use watchpost_firmware::payload::parse_milli;
+use watchpost_firmware::payload::{State, parse_milli};
 use watchpost_firmware::report::Deadband;
 use watchpost_firmware::sensor::CLIMATE;
-use watchpost_qemu_mps2_an386::{Clock, UART0, UART1, Uart};
+use watchpost_qemu_mps2_an386::{Clock, ScriptedPin, UART0, UART1, Uart};
 
 /// Device id, set at build time: `WATCHPOST_DEVICE_ID=boiler-1 cargo build --release`.
 const DEVICE: &str = match option_env!("WATCHPOST_DEVICE_ID") {
@@ -33,6 +38,10 @@ const CREDENTIALS: Option<(&str, &str)> = match (
 /// Messages kept while the gateway is unreachable.
 const RING: usize = 32;
 const SAMPLE_MS: u64 = 100;
+/// The leak probe's metric: the shipped rule `water-leak` matches `sensors/+/water_leak`.
+const LEAK: &str = "water_leak";
+/// The leak probe's pin: high (pulled up) while dry, low while the probe is wet.
+static LEAK_PIN_HIGH: AtomicBool = AtomicBool::new(true);
 
 #[entry]
 fn main() -> ! {
@@ -76,6 +85,8 @@ fn main() -> ! {
     };
     let _ = writeln!(log, "watchpost qemu-mps2-an386 device={DEVICE} ring={RING}");
 
+    // Active low: the probe pulls the pin to ground when wet.
+    let mut leak = Input::new(ScriptedPin::new(&LEAK_PIN_HIGH), true, 50, 5_000);
     // The simulated sensor: what the script last set.
     let mut values = [21_000, 40_000];
     let mut line = [0u8; 48];
@@ -93,6 +104,20 @@ fn main() -> ! {
         }
 
         let now = clock.now();
+        let Ok(wet) = leak.poll(now);
+        if let Some(wet) = wet {
+            let _ = match node.report_state(LEAK, State::Bool(wet)) {
+                Ok(seq) => {
+                    let c = node.counters();
+                    writeln!(
+                        log,
+                        "queued seq={seq} {LEAK}={wet} waiting={} dropped={}",
+                        c.waiting, c.dropped
+                    )
+                }
+                Err(e) => writeln!(log, "{LEAK} not queued: {e}"),
+            };
+        }
         if now >= next_sample {
             next_sample = now + SAMPLE_MS;
             if let Some(seq) = node.sample(now, values) {
@@ -131,7 +156,7 @@ fn main() -> ! {
     }
 }
 
-/// Applies one script line: `temperature=95.2` or `humidity=40`.
+/// Applies one script line: `temperature=95.2`, `humidity=40`, `water_leak=1` or `water_leak=0`.
 fn script(log: &mut Uart, line: &[u8], values: &mut [i32; 2]) {
     let Ok(line) = core::str::from_utf8(line) else {
         return;
@@ -140,6 +165,19 @@ fn script(log: &mut Uart, line: &[u8], values: &mut [i32; 2]) {
         let _ = writeln!(log, "script? {line}");
         return;
     };
+    if name.trim() == LEAK {
+        let wet = match value.trim() {
+            "1" => true,
+            "0" => false,
+            _ => {
+                let _ = writeln!(log, "script? {line}");
+                return;
+            }
+        };
+        LEAK_PIN_HIGH.store(!wet, Ordering::Relaxed);
+        let _ = writeln!(log, "script {LEAK}={}", u8::from(wet));
+        return;
+    }
     match (
         CLIMATE.iter().position(|m| *m == name.trim()),
         parse_milli(value),
