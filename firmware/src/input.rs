@@ -143,6 +143,16 @@ impl<P: InputPin> Input<P> {
     pub fn state(&self) -> Option<bool> {
         self.reporter.state()
     }
+
+    /// The pin.
+    pub fn pin(&self) -> &P {
+        &self.pin
+    }
+
+    /// The pin, e.g. to reconfigure it or, in a simulation, to move what it reads.
+    pub fn pin_mut(&mut self) -> &mut P {
+        &mut self.pin
+    }
 }
 
 #[cfg(test)]

@@ -3,18 +3,23 @@
 //! UART, fed by a signal model instead of a sensor.
 //!
 //! What differs from a board is only what a board supplies: the clock ([`Instant`]), the sensor
-//! ([`Signal`]: noise, drift, rare excursions; optionally a third metric, pressure) and the link
-//! ([`TcpLink`]). Devices are shared out over a few threads that poll their nodes; [`run`]
+//! ([`Signal`]: noise, drift, rare excursions; optionally a third metric, pressure), optionally a
+//! leak probe on a bouncing pin ([`LeakProbe`], read through the firmware's own
+//! [`Input`]) and the link ([`TcpLink`], over the firmware's list of [`Gateways`]). Devices are shared out over a few threads that poll their nodes; [`run`]
 //! returns a [`Report`] of what was sampled, queued, sent and acknowledged, which benchmarks
 //! read.
 
+use std::convert::Infallible;
 use std::io::{self, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use watchpost_firmware::gateways::Gateways;
+use watchpost_firmware::input::Input;
 use watchpost_firmware::mqtt::{Event, Link};
 use watchpost_firmware::node::{Config, Counters, Node};
+use watchpost_firmware::payload::State;
 use watchpost_firmware::report::Deadband;
 use watchpost_firmware::sensor::CLIMATE;
 
@@ -27,11 +32,21 @@ pub const CLIMATE_PRESSURE: [&str; 3] = [CLIMATE[0], CLIMATE[1], "pressure"];
 /// Excursion length, in samples, when nothing else is asked for.
 pub const EXCURSION_SAMPLES: (u32, u32) = (5, 20);
 
+/// The leak probe's metric, as the shipped rule `water-leak` expects (`sensors/+/water_leak`).
+pub const LEAK: &str = "water_leak";
+
+/// How long a leak probe's pin bounces after the probe gets wet or dry, in ms.
+pub const PROBE_BOUNCE_MS: u64 = 8;
+
+/// Debounce time of the simulated probe's input, in ms (longer than its bounce).
+pub const PROBE_SETTLE_MS: u64 = 20;
+
 /// What to simulate.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The gateway's MQTT 3.1.1 listener.
-    pub gateway: SocketAddr,
+    /// The gateways' MQTT listeners, in the order a device tries them: the first, then the
+    /// next after a failed connect or a lost session.
+    pub gateways: Vec<SocketAddr>,
     /// Number of devices.
     pub devices: usize,
     /// Samples per second per device.
@@ -59,13 +74,21 @@ pub struct Options {
     pub deadband: [Deadband<i32>; 3],
     /// MQTT keep-alive in ms.
     pub keep_alive_ms: u32,
+    /// How long a device waits for a CONNACK, PUBACK or PINGRESP before the link counts as dead.
+    pub ack_timeout_ms: u32,
+    /// Probability, per sample, that a device's leak probe gets wet (for as many samples as an
+    /// excursion lasts). 0: the devices have no probe.
+    pub leak: f64,
+    /// The leak probe's heartbeat: its state is sent again this often while nothing changes.
+    pub leak_heartbeat_ms: u64,
 }
 
 impl Options {
-    /// Defaults for `devices` devices against `gateway`: 1 sample/s, no excursions, 10 s.
+    /// Defaults for `devices` devices against `gateway`: 1 sample/s, no excursions, no leak
+    /// probe, 10 s.
     pub fn new(gateway: SocketAddr, devices: usize) -> Self {
         Self {
-            gateway,
+            gateways: vec![gateway],
             devices,
             rate: 1.0,
             anomaly: 0.0,
@@ -94,6 +117,9 @@ impl Options {
                 },
             ],
             keep_alive_ms: 30_000,
+            ack_timeout_ms: 5_000,
+            leak: 0.0,
+            leak_heartbeat_ms: 60_000,
         }
     }
 
@@ -159,10 +185,19 @@ pub struct Report {
     pub links_lost: u64,
     /// Bytes written to the gateway.
     pub bytes_out: u64,
+    /// State messages (leak probe changes and heartbeats) among `queued`.
+    pub states: u64,
+    /// Times a leak probe got wet.
+    pub leaks: u64,
+    /// Moves from one gateway of the list to another.
+    pub gateway_moves: u64,
 }
 
 impl Report {
-    fn add(&mut self, c: &Counters, signal: &Signal, up: bool) {
+    fn add(&mut self, c: &Counters, signal: &Signal, up: bool, leaks: u64, moves: u32) {
+        self.states += u64::from(c.states);
+        self.leaks += leaks;
+        self.gateway_moves += u64::from(moves);
         self.samples += u64::from(c.samples);
         self.queued += u64::from(c.queued);
         self.values += u64::from(c.values);
@@ -197,6 +232,9 @@ impl Report {
             "connects": self.connects,
             "links_lost": self.links_lost,
             "bytes_out": self.bytes_out,
+            "states": self.states,
+            "leaks": self.leaks,
+            "gateway_moves": self.gateway_moves,
             "acked_per_s": if secs > 0.0 { self.acked as f64 / secs } else { 0.0 },
         })
     }
@@ -222,15 +260,24 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "dropped {}, unsent {}, excursions {} ({} samples), connects {}, links lost {}, bytes out {}",
+            "dropped {}, unsent {}, excursions {} ({} samples), connects {}, links lost {}, gateway moves {}, bytes out {}",
             self.dropped,
             self.unsent,
             self.excursions,
             self.excursion_samples,
             self.connects,
             self.links_lost,
+            self.gateway_moves,
             self.bytes_out
-        )
+        )?;
+        if self.leaks > 0 || self.states > 0 {
+            writeln!(
+                f,
+                "leaks {}, leak probe states queued {}",
+                self.leaks, self.states
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -348,10 +395,10 @@ impl Signal {
     }
 }
 
-/// A TCP connection to the gateway as a firmware [`Link`]: non-blocking reads, a new socket on
-/// every reconnect.
-pub struct TcpLink {
-    addr: SocketAddr,
+/// A TCP connection to a gateway as a firmware [`Link`]: non-blocking reads, a new socket on
+/// every reconnect, to the next gateway of the list after the first.
+pub struct TcpLink<'a> {
+    gateways: Gateways<'a, SocketAddr>,
     stream: Option<TcpStream>,
     buf: [u8; 64],
     start: usize,
@@ -359,11 +406,11 @@ pub struct TcpLink {
     eof: bool,
 }
 
-impl TcpLink {
-    /// A link to `addr`; it connects when the session first asks it to.
-    pub fn new(addr: SocketAddr) -> Self {
+impl<'a> TcpLink<'a> {
+    /// A link to `gateways`; it connects when the session first asks it to.
+    pub fn new(gateways: Gateways<'a, SocketAddr>) -> Self {
         Self {
-            addr,
+            gateways,
             stream: None,
             buf: [0; 64],
             start: 0,
@@ -377,13 +424,23 @@ impl TcpLink {
             .as_mut()
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
     }
+
+    /// Moves between gateways so far.
+    pub fn moves(&self) -> u32 {
+        self.gateways.moves()
+    }
+
+    /// The gateway in use, or to be tried first.
+    pub fn gateway(&self) -> SocketAddr {
+        *self.gateways.current().1
+    }
 }
 
-impl embedded_io::ErrorType for TcpLink {
+impl embedded_io::ErrorType for TcpLink<'_> {
     type Error = io::Error;
 }
 
-impl embedded_io::ReadReady for TcpLink {
+impl embedded_io::ReadReady for TcpLink<'_> {
     fn read_ready(&mut self) -> io::Result<bool> {
         if self.start < self.end || self.eof {
             return Ok(true);
@@ -406,7 +463,7 @@ impl embedded_io::ReadReady for TcpLink {
     }
 }
 
-impl embedded_io::Read for TcpLink {
+impl embedded_io::Read for TcpLink<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.start == self.end && !self.eof {
             // Only called after read_ready said yes; block briefly otherwise.
@@ -423,7 +480,7 @@ impl embedded_io::Read for TcpLink {
     }
 }
 
-impl embedded_io::Write for TcpLink {
+impl embedded_io::Write for TcpLink<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
@@ -441,11 +498,12 @@ impl embedded_io::Write for TcpLink {
     }
 }
 
-impl Link for TcpLink {
+impl Link for TcpLink<'_> {
     fn reopen(&mut self) -> io::Result<()> {
         self.stream = None;
         (self.start, self.end, self.eof) = (0, 0, false);
-        let stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2))?;
+        let addr = *self.gateways.next_address();
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         stream.set_nodelay(true)?;
         stream.set_nonblocking(true)?;
         self.stream = Some(stream);
@@ -453,10 +511,85 @@ impl Link for TcpLink {
     }
 }
 
+/// A leak probe (two electrodes that water shorts) on a pin with a pull-up, as the firmware's
+/// [`Input`] reads it: high while dry, low while wet, and for [`PROBE_BOUNCE_MS`] after either
+/// change a level that flips at random. Wet spells start with probability `chance` per sample
+/// and last as long as the signal's excursions.
+#[derive(Debug, Clone)]
+pub struct LeakProbe {
+    rng: fastrand::Rng,
+    chance: f64,
+    spell: (u32, u32),
+    wet_left: u32,
+    wet: bool,
+    changed_at: Option<u64>,
+    now: u64,
+    /// Wet spells started.
+    pub leaks: u64,
+}
+
+impl LeakProbe {
+    /// A dry probe seeded with `seed`.
+    pub fn new(seed: u64, chance: f64, spell: (u32, u32)) -> Self {
+        Self {
+            rng: fastrand::Rng::with_seed(seed ^ 0x6c65_616b),
+            chance,
+            spell: (spell.0.max(1), spell.1.max(spell.0).max(1)),
+            wet_left: 0,
+            wet: false,
+            changed_at: None,
+            now: 0,
+            leaks: 0,
+        }
+    }
+
+    /// One sample period at `now_ms`: a wet spell may start or end.
+    pub fn sample(&mut self, now_ms: u64) {
+        if self.wet_left == 0 && self.rng.f64() < self.chance {
+            self.wet_left = self.rng.u32(self.spell.0..=self.spell.1);
+            self.leaks += 1;
+        }
+        let wet = self.wet_left > 0;
+        self.wet_left = self.wet_left.saturating_sub(1);
+        if wet != self.wet {
+            self.wet = wet;
+            self.changed_at = Some(now_ms);
+        }
+    }
+
+    /// Whether the probe is wet (what the debounced input should end up reporting).
+    pub fn is_wet(&self) -> bool {
+        self.wet
+    }
+
+    /// The time the next pin read happens at.
+    pub fn set_now(&mut self, now_ms: u64) {
+        self.now = now_ms;
+    }
+}
+
+impl embedded_hal::digital::ErrorType for LeakProbe {
+    type Error = Infallible;
+}
+
+impl embedded_hal::digital::InputPin for LeakProbe {
+    fn is_high(&mut self) -> Result<bool, Infallible> {
+        let bouncing = self
+            .changed_at
+            .is_some_and(|at| self.now.saturating_sub(at) < PROBE_BOUNCE_MS);
+        Ok(if bouncing { self.rng.bool() } else { !self.wet })
+    }
+
+    fn is_low(&mut self) -> Result<bool, Infallible> {
+        self.is_high().map(|high| !high)
+    }
+}
+
 struct Device<'a, const M: usize> {
     node: Node<'a, M, RING>,
-    link: TcpLink,
+    link: TcpLink<'a>,
     signal: Signal,
+    probe: Option<Input<LeakProbe>>,
     next_sample: u64,
     last_poll: u64,
 }
@@ -487,6 +620,11 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     anyhow::ensure!(
         0 < options.excursion.0 && options.excursion.0 <= options.excursion.1,
         "excursions last at least one sample, and the shortest is not longer than the longest"
+    );
+    anyhow::ensure!(!options.gateways.is_empty(), "give at least one --gateway");
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&options.leak),
+        "--leak is a probability between 0 and 1"
     );
     let ids: Vec<String> = (0..options.devices)
         .map(|i| format!("{}{i}", options.prefix))
@@ -558,6 +696,9 @@ fn merge(total: &mut Report, part: &Report) {
     total.connects += part.connects;
     total.links_lost += part.links_lost;
     total.bytes_out += part.bytes_out;
+    total.states += part.states;
+    total.leaks += part.leaks;
+    total.gateway_moves += part.gateway_moves;
 }
 
 fn run_shard<const M: usize>(
@@ -582,16 +723,24 @@ fn run_shard<const M: usize>(
             deadband: sensor.deadband,
             credentials: None,
             keep_alive_ms: options.keep_alive_ms,
-            ack_timeout_ms: 5_000,
+            ack_timeout_ms: options.ack_timeout_ms,
             backoff_ms: (500, 30_000),
         })
         .map_err(|e| anyhow::anyhow!("device {id}: {e}"))?;
         // Spread the first samples over one period.
         let next_sample = signal.rng.u64(0..period_ms);
+        let gateways = Gateways::new(&options.gateways)
+            .ok_or_else(|| anyhow::anyhow!("give at least one --gateway"))?;
+        let probe = (options.leak > 0.0).then(|| {
+            let pin = LeakProbe::new(seed, options.leak, options.excursion);
+            // Active low: the wet probe pulls the pin to ground.
+            Input::new(pin, true, PROBE_SETTLE_MS, options.leak_heartbeat_ms)
+        });
         devices.push(Device {
             node,
-            link: TcpLink::new(options.gateway),
+            link: TcpLink::new(gateways),
             signal,
+            probe,
             next_sample,
             last_poll: 0,
         });
@@ -611,8 +760,21 @@ fn run_shard<const M: usize>(
             if sampling && now >= d.next_sample {
                 let values = (sensor.sample)(&mut d.signal);
                 d.node.sample(now, values);
+                if let Some(probe) = d.probe.as_mut() {
+                    probe.pin_mut().sample(now);
+                }
                 d.next_sample += period_ms;
                 due = true;
+            }
+            if let Some(probe) = d.probe.as_mut().filter(|_| sampling) {
+                probe.pin_mut().set_now(now);
+                let Ok(state) = probe.poll(now);
+                if let Some(wet) = state {
+                    d.node
+                        .report_state(LEAK, State::Bool(wet))
+                        .map_err(|e| anyhow::anyhow!("{LEAK}: {e}"))?;
+                    due = true;
+                }
             }
             let waiting = d.node.counters().waiting > 0;
             if due || waiting || !d.node.is_up() || now.saturating_sub(d.last_poll) >= 100 {
@@ -631,7 +793,14 @@ fn run_shard<const M: usize>(
     }
     let mut report = Report::default();
     for d in &devices {
-        report.add(&d.node.counters(), &d.signal, d.node.is_up());
+        let leaks = d.probe.as_ref().map_or(0, |p| p.pin().leaks);
+        report.add(
+            &d.node.counters(),
+            &d.signal,
+            d.node.is_up(),
+            leaks,
+            d.link.moves(),
+        );
     }
     report.connected_at_end = connected_at_end.unwrap_or(report.connected_at_end);
     Ok(report)
@@ -717,6 +886,42 @@ mod tests {
         let mut o = Options::new(([127, 0, 0, 1], 1883).into(), 1);
         o.every_sample();
         assert!(o.deadband.iter().all(|b| b.delta == 0));
+    }
+
+    #[test]
+    fn a_bouncing_leak_probe_is_reported_once_per_change_through_the_firmware_input() {
+        use embedded_hal::digital::InputPin as _;
+        // Wet spells of 3 to 6 samples, 100 ms apart; the pin is read every millisecond.
+        let mut input = Input::new(
+            LeakProbe::new(7, 0.05, (3, 6)),
+            true,
+            PROBE_SETTLE_MS,
+            60_000,
+        );
+        let (mut reports, mut physical, mut flips) = (Vec::new(), Vec::new(), 0);
+        let mut last_level = None;
+        for now in 0..60_000u64 {
+            if now % 100 == 0 {
+                input.pin_mut().sample(now);
+                let wet = input.pin().is_wet();
+                if physical.last() != Some(&wet) {
+                    physical.push(wet);
+                }
+            }
+            input.pin_mut().set_now(now);
+            let level = input.pin_mut().is_high().unwrap();
+            flips += usize::from(last_level.is_some_and(|l| l != level));
+            last_level = Some(level);
+            input.pin_mut().set_now(now);
+            if let Ok(Some(wet)) = input.poll(now) {
+                reports.push(wet);
+            }
+        }
+        let leaks = input.pin().leaks;
+        assert!(leaks > 10, "{leaks}");
+        assert!(flips > 4 * physical.len(), "the pin bounced: {flips} flips");
+        // Dry at first, then one report per change of the probe: no bounce got through.
+        assert_eq!(reports, physical, "{} leaks", leaks);
     }
 
     #[test]

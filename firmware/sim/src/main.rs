@@ -34,9 +34,25 @@ struct Args {
     /// MQTT keep-alive in seconds.
     #[arg(long, default_value_t = 30)]
     keep_alive: u32,
-    /// The gateway's MQTT 3.1.1 listener.
-    #[arg(long, default_value = "127.0.0.1:1883")]
-    gateway: SocketAddr,
+    /// The gateway's MQTT listener. Give it more than once (or a comma-separated list) for a
+    /// site with several gateways: a device moves to the next after a failed connect or a lost
+    /// session.
+    #[arg(
+        long = "gateway",
+        default_value = "127.0.0.1:1883",
+        value_delimiter = ','
+    )]
+    gateways: Vec<SocketAddr>,
+    /// Seconds a device waits for an answer from the gateway before its link counts as dead.
+    #[arg(long, default_value_t = 5.0)]
+    ack_timeout: f64,
+    /// Give every device a leak probe that gets wet with this probability per sample (for as
+    /// long as an excursion lasts); its state goes to sensors/{device}/water_leak.
+    #[arg(long, default_value_t = 0.0)]
+    leak: f64,
+    /// Seconds between two reports of a leak probe's unchanged state.
+    #[arg(long, default_value_t = 60.0)]
+    leak_heartbeat: f64,
     /// Seconds of sampling.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
@@ -76,8 +92,19 @@ fn main() -> anyhow::Result<()> {
         Duration::try_from_secs_f64(s)
             .map_err(|_| anyhow::anyhow!("--{name} must be a non-negative number of seconds"))
     };
-    let mut options = watchpost_sim::Options::new(args.gateway, args.devices);
+    let first = *args
+        .gateways
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("give at least one --gateway"))?;
+    let mut options = watchpost_sim::Options::new(first, args.devices);
+    options.gateways = args.gateways;
     options.rate = args.rate;
+    options.leak = args.leak;
+    options.leak_heartbeat_ms = seconds(args.leak_heartbeat, "leak-heartbeat")?.as_millis() as u64;
+    options.ack_timeout_ms = seconds(args.ack_timeout, "ack-timeout")?
+        .as_millis()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("--ack-timeout is too long"))?;
     options.anomaly = args.anomaly;
     options.metrics = args.metrics;
     options.keep_alive_ms = args.keep_alive.saturating_mul(1000);
