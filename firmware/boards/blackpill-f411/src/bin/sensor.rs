@@ -1,7 +1,9 @@
-//! Watchpost sensor node on an STM32F411 Black Pill: SHT4x on I2C1, a transparent modem on USART2.
+//! Watchpost sensor node on an STM32F411 Black Pill: SHT4x on I2C1, a transparent modem on USART2,
+//! a leak probe on PB12.
 //!
 //! Wiring and set-up are in `firmware/README.md`. Every 2 s the node measures temperature and
-//! humidity; report by exception decides what goes to the gateway; the MQTT session runs over
+//! humidity; report by exception decides what goes to the gateway. The leak probe's pin is read
+//! every millisecond, debounced, and its state sent at once on a change and every 5 min; the MQTT session runs over
 //! the modem's serial line and finds a dead link by its keep-alive. Logs go out over RTT.
 #![no_std]
 #![no_main]
@@ -17,8 +19,10 @@ use stm32f4xx_hal::pac;
 use stm32f4xx_hal::prelude::*;
 use stm32f4xx_hal::rcc::Config as Clocks;
 use stm32f4xx_hal::serial::Config as SerialConfig;
+use watchpost_firmware::input::Input;
 use watchpost_firmware::mqtt::{Error, Event};
 use watchpost_firmware::node::{Config, Node};
+use watchpost_firmware::payload::State;
 use watchpost_firmware::report::Deadband;
 use watchpost_firmware::sensor::{CLIMATE, Sensor, Sht4x};
 use watchpost_firmware::serial::UartLink;
@@ -40,6 +44,8 @@ const CREDENTIALS: Option<(&str, &str)> = match (
 /// Messages kept while the gateway is unreachable (about 20 bytes each).
 const RING: usize = 256;
 const SAMPLE_MS: u64 = 2_000;
+/// The leak probe's metric: the shipped rule `water-leak` matches `sensors/+/water_leak`.
+const LEAK: &str = "water_leak";
 const SYSCLK_HZ: u32 = 84_000_000;
 
 static TICKS: AtomicU32 = AtomicU32::new(0);
@@ -82,6 +88,8 @@ fn main() -> ! {
         Err(_) => panic!("USART2 cannot run at 115200 baud with these clocks"),
     };
     let mut link = UartLink::new(modem);
+    // The probe's two wires go to PB12 and GND: water shorts them, pulling the pin low.
+    let mut leak = Input::new(gpiob.pb12.into_pull_up_input(), true, 50, 300_000);
 
     let config = Config {
         device: DEVICE,
@@ -119,6 +127,13 @@ fn main() -> ! {
         now += u64::from(ticks.wrapping_sub(last));
         last = ticks;
 
+        let Ok(wet) = leak.poll(now);
+        if let Some(wet) = wet {
+            match node.report_state(LEAK, State::Bool(wet)) {
+                Ok(seq) => rprintln!("queued seq={} {}={}", seq, LEAK, wet),
+                Err(e) => rprintln!("{}: {}", LEAK, e),
+            }
+        }
         if now >= next_sample {
             next_sample = now + SAMPLE_MS;
             match sensor.measure() {
