@@ -5,8 +5,9 @@
 //! the Wi-Fi link and the DHCP lease; the session's reads and writes poll the stack too, so a
 //! CONNECT written while the TCP handshake is still under way is held back and sent once the
 //! connection is up. A lost Wi-Fi link or DHCP lease aborts the socket at once, so the session
-//! sees its link closed and reconnects with its own backoff. Not here: DNS (gateways are
-//! addresses), TLS, IPv6.
+//! sees its link closed and reconnects with its own backoff. Each new connection goes to the
+//! next gateway of the list ([`Gateways`]): the first at start, another after every failed
+//! connect or lost session. Not here: DNS (gateways are addresses), TLS, IPv6.
 
 use core::fmt;
 use core::net::SocketAddrV4;
@@ -18,6 +19,7 @@ use smoltcp::phy::{Device, DeviceCapabilities, Medium};
 use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Cidr};
+use watchpost_firmware::gateways::Gateways;
 use watchpost_firmware::mqtt::{Link, PACKET_MAX};
 
 /// Bytes the TCP socket buffers each way. The session has at most one PUBLISH (at most
@@ -176,7 +178,7 @@ pub struct Net<D: Driver> {
     tcp: SocketHandle,
     link_up: bool,
     address: Option<Ipv4Cidr>,
-    gateway: SocketAddrV4,
+    gateways: Gateways<'static, SocketAddrV4>,
     local_port: u16,
     /// A connection was opened since the last reopen: once it is closed, reads see the end.
     opened: bool,
@@ -186,9 +188,14 @@ pub struct Net<D: Driver> {
 }
 
 impl<D: Driver> Net<D> {
-    /// A stack on `driver` whose MQTT link goes to `gateway`. `seed` must differ per boot (TCP
-    /// sequence numbers, DHCP transaction ids, local ports).
-    pub fn new(driver: D, storage: &'static mut Storage, gateway: SocketAddrV4, seed: u64) -> Self {
+    /// A stack on `driver` whose MQTT link goes to the `gateways` in turn. `seed` must differ
+    /// per boot (TCP sequence numbers, DHCP transaction ids, local ports).
+    pub fn new(
+        driver: D,
+        storage: &'static mut Storage,
+        gateways: Gateways<'static, SocketAddrV4>,
+        seed: u64,
+    ) -> Self {
         let mut phy = Phy(driver);
         let mac = match phy.0.hardware_address() {
             embassy_net_driver::HardwareAddress::Ethernet(mac) => mac,
@@ -215,7 +222,7 @@ impl<D: Driver> Net<D> {
             tcp,
             link_up: false,
             address: None,
-            gateway,
+            gateways,
             // An ephemeral port (49152..=65535) that differs per boot.
             local_port: 49_152 + (seed % 16_384) as u16,
             opened: false,
@@ -229,9 +236,15 @@ impl<D: Driver> Net<D> {
         self.link_up && self.address.is_some()
     }
 
-    /// The gateway the link connects to.
-    pub fn gateway(&self) -> SocketAddrV4 {
-        self.gateway
+    /// The gateway the link connects (or last connected) to, and its place in the list.
+    pub fn gateway(&self) -> (usize, SocketAddrV4) {
+        let (index, address) = self.gateways.current();
+        (index, *address)
+    }
+
+    /// Number of gateways in the list.
+    pub fn gateway_count(&self) -> usize {
+        self.gateways.list().len()
     }
 
     /// Moves packets, follows the Wi-Fi link and the DHCP lease; call every tick. Returns what
@@ -377,8 +390,9 @@ impl<D: Driver> embedded_io::Write for Net<D> {
 }
 
 impl<D: Driver> Link for Net<D> {
-    /// Aborts the previous connection (a reset goes out) and opens a new one to the gateway.
-    /// The handshake completes in later polls; what the session writes meanwhile is held.
+    /// Aborts the previous connection (a reset goes out) and opens a new one to the next
+    /// gateway of the list; without a network it fails and the list stays where it is. The
+    /// handshake completes in later polls; what the session writes meanwhile is held.
     fn reopen(&mut self) -> Result<(), NetError> {
         self.sockets.get_mut::<tcp::Socket>(self.tcp).abort();
         self.held_len = 0;
@@ -392,7 +406,8 @@ impl<D: Driver> Link for Net<D> {
         } else {
             self.local_port + 1
         };
-        let remote = (*self.gateway.ip(), self.gateway.port());
+        let gateway = self.gateways.next_address();
+        let remote = (*gateway.ip(), gateway.port());
         let socket = self.sockets.get_mut::<tcp::Socket>(self.tcp);
         socket
             .connect(self.iface.context(), remote, self.local_port)

@@ -1,10 +1,13 @@
-//! Watchpost sensor node on an ESP32-C3: SHT4x on I2C (GPIO6 SDA, GPIO7 SCL), MQTT over Wi-Fi.
+//! Watchpost sensor node on an ESP32-C3: SHT4x on I2C (GPIO6 SDA, GPIO7 SCL), a leak probe on
+//! GPIO4, MQTT over Wi-Fi.
 //!
 //! Wiring, configuration and flashing are in `firmware/README.md`. Every 2 s the node measures
-//! temperature and humidity; report by exception decides what goes to the gateway; the MQTT
-//! session runs over a TCP connection of the Wi-Fi station (DHCP address) and reconnects with
-//! backoff, while the station itself re-associates with backoff when the link drops. Samples
-//! keep going into the ring while either is down. Logs go out over the USB serial port.
+//! temperature and humidity; report by exception decides what goes to the gateway. The leak
+//! probe's pin is read every tick (10 ms), debounced, and its state sent at once on a change and
+//! every 5 min. The MQTT session runs over a TCP connection of the Wi-Fi station (DHCP address)
+//! and reconnects with backoff, to the next gateway of the list each time, while the station
+//! itself re-associates with backoff when the link drops. Samples and states keep going into the
+//! ring while either is down. Logs go out over the USB serial port.
 #![no_std]
 #![no_main]
 
@@ -13,6 +16,7 @@ use core::pin::pin;
 use esp_backtrace as _;
 use esp_hal::clock::CpuClock;
 use esp_hal::delay::Delay;
+use esp_hal::gpio::{Input as Pin, InputConfig, Pull};
 use esp_hal::i2c::master::{Config as I2cConfig, I2c};
 use esp_hal::rng::Rng;
 use esp_hal::time::Duration;
@@ -23,20 +27,25 @@ use esp_radio::wifi::{
     AuthenticationMethodConfig, Config as WifiConfig, ControllerConfig, Interface, WifiController,
 };
 use static_cell::StaticCell;
-use watchpost_esp32c3::config::{CREDENTIALS, DEVICE, GATEWAYS, WIFI_PASSWORD, WIFI_SSID};
+use watchpost_esp32c3::config::{self, CREDENTIALS, DEVICE, GATEWAYS, WIFI_PASSWORD, WIFI_SSID};
 use watchpost_esp32c3::net::{self, Net, NetEvent, Storage};
 use watchpost_esp32c3::wifi;
+use watchpost_firmware::gateways::Gateways;
+use watchpost_firmware::input::Input;
 use watchpost_firmware::mqtt::{Error, Event};
 use watchpost_firmware::node::{Config, Node};
+use watchpost_firmware::payload::State;
 use watchpost_firmware::report::Deadband;
 use watchpost_firmware::sensor::{CLIMATE, Sensor, Sht4x};
 
 esp_bootloader_esp_idf::esp_app_desc!();
 
-/// Messages kept while Wi-Fi or the gateway is unreachable (20 bytes each): at the fastest
+/// Messages kept while Wi-Fi or the gateway is unreachable (24 bytes each): at the fastest
 /// rate (one every 10 s) almost 3 hours, at the heartbeat rate days.
 const RING: usize = 1024;
 const SAMPLE_MS: u64 = 2_000;
+/// The leak probe's metric: the shipped rule `water-leak` matches `sensors/+/water_leak`.
+const LEAK: &str = "water_leak";
 /// The main loop runs every tick and sleeps in between, which lets the radio's tasks run.
 const TICK_MS: u64 = 10;
 /// Wi-Fi re-association delays: first and longest.
@@ -61,6 +70,13 @@ fn main() -> ! {
         Err(e) => panic!("I2C0 at 100 kHz: {e:?}"),
     };
     let mut sensor = Sht4x::new(i2c, Delay::new());
+    // The probe's two wires go to GPIO4 and GND: water shorts them, pulling the pin low against
+    // the internal pull-up. 50 ms to settle; the state again every 5 min while nothing changes.
+    let probe = Pin::new(
+        peripherals.GPIO4,
+        InputConfig::default().with_pull(Pull::Up),
+    );
+    let mut leak = Input::new(probe, true, 50, 300_000);
 
     let auth = if WIFI_PASSWORD.is_empty() {
         AuthenticationMethodConfig::Open
@@ -87,12 +103,10 @@ fn main() -> ! {
     };
     let rng = Rng::new();
     let seed = (u64::from(rng.random()) << 32) | u64::from(rng.random());
-    let mut link = Net::new(
-        station_interface,
-        NET.init(Storage::new()),
-        GATEWAYS[0],
-        seed,
-    );
+    let Some(gateways) = Gateways::new(&GATEWAYS) else {
+        panic!("WATCHPOST_GATEWAYS: no gateway");
+    };
+    let mut link = Net::new(station_interface, NET.init(Storage::new()), gateways, seed);
 
     let config = Config {
         device: DEVICE,
@@ -119,10 +133,10 @@ fn main() -> ! {
         Err(e) => panic!("configuration: {e}"),
     };
     println!(
-        "watchpost esp32c3 device={} ring={} gateway={}",
+        "watchpost esp32c3 device={} ring={} gateways={}",
         DEVICE,
         RING,
-        link.gateway()
+        config::GATEWAY_LIST
     );
 
     let mut station = pin!(wifi::keep_connected(controller, WIFI_SSID, WIFI_BACKOFF_MS));
@@ -136,6 +150,20 @@ fn main() -> ! {
             Some(NetEvent::AddressLost) => println!("ip: DHCP lease lost"),
         }
         let now = net::now_ms();
+
+        let Ok(wet) = leak.poll(now);
+        if let Some(wet) = wet {
+            match node.report_state(LEAK, State::Bool(wet)) {
+                Ok(seq) => {
+                    let c = node.counters();
+                    println!(
+                        "queued seq={} {}={} waiting={} dropped={}",
+                        seq, LEAK, wet, c.waiting, c.dropped
+                    );
+                }
+                Err(e) => println!("{}: {}", LEAK, e),
+            }
+        }
 
         if now >= next_sample {
             next_sample = now + SAMPLE_MS;
@@ -162,8 +190,16 @@ fn main() -> ! {
             && let Some(event) = node.poll(now, &mut link)
         {
             match event {
-                Event::Connecting => println!("mqtt connecting to {}", link.gateway()),
-                Event::Connected => println!("mqtt connected to {}", link.gateway()),
+                Event::Connecting => {
+                    let (index, gateway) = link.gateway();
+                    println!(
+                        "mqtt connecting to {} (gateway {} of {})",
+                        gateway,
+                        index + 1,
+                        link.gateway_count()
+                    );
+                }
+                Event::Connected => println!("mqtt connected to {}", link.gateway().1),
                 Event::Refused(code) => println!("mqtt refused code={}; check credentials", code),
                 Event::Acked => {}
                 Event::LinkLost { cause, retry_in_ms } => {
