@@ -56,7 +56,19 @@ pub fn mosquitto_binary() -> Result<PathBuf> {
 
 /// A port that was free a moment ago (Mosquitto cannot bind port 0 and report it): whoever
 /// binds it should try again with another if it is taken by then.
+///
+/// It is drawn below Linux's ephemeral range (32768-60999), which every listener on
+/// `127.0.0.1:0` and every outgoing connection of the tests takes its ports from. A port from
+/// that range could be taken by another test between this check and Mosquitto's bind, and
+/// Mosquitto's readiness probe would then connect to that test's listener and report a broker
+/// that had in fact failed to start.
 pub fn free_port() -> Result<u16> {
+    for _ in 0..100 {
+        let port = fastrand::u16(20_000..32_000);
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(listener.local_addr()?.port());
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

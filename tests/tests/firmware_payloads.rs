@@ -169,7 +169,7 @@ fn the_largest_message_a_node_accepts_fits_its_buffers_and_decodes() {
         ack_timeout_ms: 1_000,
         backoff_ms: (1, 1),
     };
-    assert!(watchpost_firmware::node::Node::<3, 1>::new(config).is_ok());
+    assert!(watchpost_firmware::node::Node::<3, 2>::new(config).is_ok());
     let sample = Sample {
         seq: u32::MAX,
         values: [Some(i32::MIN); 3],
