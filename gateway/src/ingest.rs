@@ -1255,7 +1255,7 @@ pub enum Control {
 pub async fn run(
     mut engine: Engine,
     broker: Broker,
-    mut readings: mpsc::Receiver<Vec<crate::broker::Message>>,
+    mut readings: mpsc::Receiver<crate::broker::Batch>,
     outputs: Outputs,
     mut control: mpsc::Receiver<Control>,
     shutdown: impl std::future::Future<Output = ()>,
@@ -1279,6 +1279,8 @@ pub async fn run(
         }
         // Biased, with readings last: under a flood of readings, deadlines, reloads and
         // housekeeping (the watchdog's heartbeat) still get their turn.
+        // Alerts to publish, and who waits for this round's writes to be committed.
+        let mut judged = Vec::new();
         let alerts = tokio::select! {
             biased;
             _ = &mut shutdown => break,
@@ -1304,10 +1306,12 @@ pub async fn run(
                     break;
                 };
                 let mut alerts = Vec::new();
-                for publish in &batch {
+                let mut handled = false;
+                for publish in &batch.messages {
                     if !engine.handles(&publish.topic) {
                         continue;
                     }
+                    handled = true;
                     // What a bridge forwarding everything would send for this message.
                     let baseline = crate::uplink::qos1_bytes(
                         outputs.prefix_len + 1 + publish.topic.len(),
@@ -1319,13 +1323,28 @@ pub async fn run(
                     Stats::add(&stats.ingest_nanos, started.elapsed().as_nanos() as u64);
                     Stats::inc(&stats.ingest_count);
                 }
+                if handled {
+                    judged = batch.judged;
+                } else {
+                    // Nothing here is ingest's: nothing to wait for.
+                    for reply in batch.judged {
+                        let _ = reply.send(());
+                    }
+                }
                 alerts
             }
         };
         for alert in alerts {
             dispatch(&alert, &broker, &outputs);
         }
-        if engine.buffered_history() >= HISTORY_BATCH {
+        if !judged.is_empty() {
+            // Someone waits to acknowledge these publishes: their raw readings go to the store
+            // now, not when the buffer is full, and the store answers once all is committed.
+            let (rollups, raw) = engine.take_history();
+            outputs.store.rollups(rollups);
+            outputs.store.raw(raw);
+            outputs.store.judged(judged);
+        } else if engine.buffered_history() >= HISTORY_BATCH {
             let (rollups, raw) = engine.take_history();
             outputs.store.rollups(rollups);
             outputs.store.raw(raw);

@@ -348,6 +348,7 @@ enum Command {
         reply: oneshot::Sender<Vec<OutboxItem>>,
     },
     Flush(oneshot::Sender<()>),
+    Judged(Vec<oneshot::Sender<()>>),
     Retained(Vec<RetainedChange>, oneshot::Sender<()>),
     RetainedAll(oneshot::Sender<Vec<RetainedRow>>),
 }
@@ -470,6 +471,12 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Flush(reply));
         let _ = rx.await;
+    }
+
+    /// Answers each of `waiting` once everything sent before is committed: how ingest tells the
+    /// broker that what it wrote for a batch of publishes is in the database.
+    pub fn judged(&self, waiting: Vec<oneshot::Sender<()>>) {
+        self.send(Command::Judged(waiting));
     }
 
     /// Writes changes to the retained messages; returns once they are committed, or false
@@ -622,6 +629,12 @@ impl Writer {
                 Command::Flush(reply) => {
                     self.commit(&mut writes);
                     let _ = reply.send(());
+                }
+                Command::Judged(waiting) => {
+                    self.commit(&mut writes);
+                    for reply in waiting {
+                        let _ = reply.send(());
+                    }
                 }
                 Command::RetainedAll(reply) => {
                     self.commit(&mut writes);
@@ -1055,6 +1068,7 @@ fn write(tx: &rusqlite::Transaction<'_>, w: &Command) -> rusqlite::Result<Effect
         }
         Command::OutboxPage { .. }
         | Command::Flush(_)
+        | Command::Judged(_)
         | Command::SavedAlerts(_)
         | Command::RetainedAll(_) => Ok(Effect::default()),
     }

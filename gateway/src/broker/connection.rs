@@ -21,14 +21,14 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, debug_span, info, warn};
 
 use super::gate::{Admitted, Gate, Refusal, Registration};
-use super::hub::{Hub, Message};
-use super::packet::{self, ConnAck, DecodeError, Disconnect, Packet, Version, reason};
+use super::hub::{Batch, Hub, Message};
+use super::packet::{self, ConnAck, DecodeError, Disconnect, Packet, QoS, Version, reason};
 use super::session::{Close, Ctx, Opened, Output, Session, SessionLimits, truncate};
 use super::tls;
 use crate::codec;
@@ -55,7 +55,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 pub(crate) struct Shared {
     pub(crate) hub: Arc<Hub>,
     /// Publishes of every client, a batch at a time ([`inject`]).
-    pub(crate) inject: mpsc::Sender<Vec<Message>>,
+    pub(crate) inject: mpsc::Sender<Batch>,
     pub(crate) gate: Arc<Gate>,
     pub(crate) connect_timeout: Duration,
     pub(crate) limits: SessionLimits,
@@ -434,7 +434,7 @@ async fn open<S: Stream>(
         proof,
     } = handshake(io, peer, shared, certificate, connection).await?;
     if let Some(will) = old_will {
-        let _ = hand_on(&shared.inject, vec![will]).await;
+        let _ = hand_on(&shared.inject, vec![will].into()).await;
     }
     // One connection per client id: a newer one takes over (MQTT requires it).
     let admitted = Admitted {
@@ -511,7 +511,7 @@ async fn finish<S: Stream>(
             Some((message, delay)) => {
                 let delay = delay.min(session.expiry());
                 if delay == 0 {
-                    let _ = hand_on(&shared.inject, vec![message]).await;
+                    let _ = hand_on(&shared.inject, vec![message].into()).await;
                 } else {
                     shared.hub.delay_will(
                         &session.client_id,
@@ -534,7 +534,7 @@ async fn finish<S: Stream>(
                     payload: bytes::Bytes::from_static(b"offline"),
                     ..Message::default()
                 };
-                let _ = hand_on(&shared.inject, vec![message]).await;
+                let _ = hand_on(&shared.inject, vec![message].into()).await;
             }
             None => {}
         }
@@ -581,8 +581,27 @@ async fn run<S: Stream>(
         if !out.route.is_empty() {
             // Waiting here is the backpressure: this client is not read while ingest is
             // behind. An error means the broker is stopping.
-            let route = std::mem::take(&mut out.route);
-            if hand_on(&shared.inject, route).await.is_err() {
+            let messages = std::mem::take(&mut out.route);
+            // A QoS 1 or 2 publish is acknowledged once ingest has judged it and the store
+            // has committed what that wrote: an acknowledged reading, and the alert it
+            // raised, survive a crash of the gateway, and the device does not send it again.
+            let (judged, waiting) = if messages.iter().any(|m| m.qos != QoS::AtMostOnce) {
+                let (tx, rx) = oneshot::channel();
+                (vec![tx], Some(rx))
+            } else {
+                (Vec::new(), None)
+            };
+            if hand_on(&shared.inject, Batch { messages, judged })
+                .await
+                .is_err()
+            {
+                return End::Lost(None);
+            }
+            // Boxed: it must not size every connection's future. An error means the gateway
+            // is stopping before it could judge them: nothing is acknowledged.
+            if let Some(waiting) = waiting
+                && Box::pin(waiting).await.is_err()
+            {
                 return End::Lost(None);
             }
         }
@@ -657,8 +676,8 @@ async fn run<S: Stream>(
 /// sender is gone. Waiting for ingest is the backpressure that slows publishers down when
 /// ingest is behind; nothing is dropped between a connection and ingest.
 pub(crate) async fn inject(
-    mut rx: mpsc::Receiver<Vec<Message>>,
-    ingest: mpsc::Sender<Vec<Message>>,
+    mut rx: mpsc::Receiver<Batch>,
+    ingest: mpsc::Sender<Batch>,
     hub: Arc<Hub>,
 ) {
     let mut batches = Vec::with_capacity(16);
@@ -670,10 +689,12 @@ pub(crate) async fn inject(
         let mut arrived = batches.drain(..);
         let mut all = arrived.next().expect("n > 0");
         for more in arrived {
-            all.extend(more);
+            all.messages.extend(more.messages);
+            all.judged.extend(more.judged);
         }
         if hub.listening() {
-            let shared: Vec<Arc<Message>> = all.iter().map(|m| Arc::new(m.clone())).collect();
+            let shared: Vec<Arc<Message>> =
+                all.messages.iter().map(|m| Arc::new(m.clone())).collect();
             hub.route(&shared, std::time::Instant::now());
         }
         if ingest.send(all).await.is_err() {
@@ -823,11 +844,11 @@ impl<S: Stream> Io<S> {
 
 /// Hands `messages` to the injector: at once if it has room, else waiting (boxed, as it is
 /// rare: only while ingest is behind). An error means the broker is stopping.
-async fn hand_on(injector: &mpsc::Sender<Vec<Message>>, messages: Vec<Message>) -> Result<(), ()> {
-    match injector.try_send(messages) {
+async fn hand_on(injector: &mpsc::Sender<Batch>, batch: Batch) -> Result<(), ()> {
+    match injector.try_send(batch) {
         Ok(()) => Ok(()),
-        Err(mpsc::error::TrySendError::Full(messages)) => {
-            Box::pin(injector.send(messages)).await.map_err(|_| ())
+        Err(mpsc::error::TrySendError::Full(batch)) => {
+            Box::pin(injector.send(batch)).await.map_err(|_| ())
         }
         Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
     }
@@ -839,7 +860,7 @@ mod tests {
     use crate::broker::hub::HubLimits;
 
     /// What every connection of a test shares, with `max_packet` as the broker's limit.
-    fn shared(dir: &std::path::Path, inject: mpsc::Sender<Vec<Message>>) -> Arc<Shared> {
+    fn shared(dir: &std::path::Path, inject: mpsc::Sender<Batch>) -> Arc<Shared> {
         let stats = Arc::new(Stats::default());
         let gate = Gate::new(true, &dir.join("c.toml"), Vec::new(), 0).unwrap();
         Arc::new(Shared {

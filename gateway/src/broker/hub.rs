@@ -57,6 +57,28 @@ pub struct Message {
     pub origin: u64,
 }
 
+/// Publishes on their way from the clients, through the injector, to ingest.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// The publishes, in the order they arrived.
+    pub messages: Vec<Message>,
+    /// Answered once ingest has judged `messages` and the store has committed what judging
+    /// them wrote (alert transitions, raw history): the connections that sent QoS 1 and 2
+    /// publishes among them acknowledge those only then, so that a reading a gateway
+    /// acknowledged survives a crash of that gateway. Dropped unanswered if the gateway stops
+    /// first.
+    pub judged: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl From<Vec<Message>> for Batch {
+    fn from(messages: Vec<Message>) -> Self {
+        Batch {
+            messages,
+            judged: Vec::new(),
+        }
+    }
+}
+
 impl Message {
     /// True once its expiry interval has passed.
     pub(crate) fn expired(&self, now: Instant) -> bool {

@@ -15,7 +15,9 @@
 //! when some subscription may hear them, to the hub. A sensor that only publishes never gets
 //! a session in the hub and costs a few KiB. Ingest is never behind a queue that could drop
 //! what it has not read yet: the injector waits for it, and the clients wait for the
-//! injector.
+//! injector. A QoS 1 or 2 publish is acknowledged only once ingest has judged it and the store
+//! has committed what that wrote ([`Batch::judged`]), so that nothing a client handed over is
+//! lost when the gateway is killed.
 //!
 //! rumqttd's router did the routing until MQTT 5 had to work in full; why it was replaced is
 //! in `hub`'s documentation. `SECURITY.md` has the threat model.
@@ -50,7 +52,7 @@ use crate::stats::Stats;
 use crate::store::Store;
 
 pub(crate) use gate::Gate;
-pub use hub::Message;
+pub use hub::{Batch, Message};
 pub use session::MAX_TOPIC_BYTES;
 
 /// Client ids starting with this are reserved for the gateway.
@@ -265,11 +267,7 @@ impl Listeners {
 
 /// Ends sessions whose expiry passed and publishes the wills whose delay passed; now and
 /// then counts the sessions for the metrics.
-async fn tick(
-    hub: Arc<hub::Hub>,
-    inject: tokio::sync::mpsc::Sender<Vec<Message>>,
-    stats: Arc<Stats>,
-) {
+async fn tick(hub: Arc<hub::Hub>, inject: tokio::sync::mpsc::Sender<Batch>, stats: Arc<Stats>) {
     let mut every = tokio::time::interval(TICK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for round in 0u64.. {
@@ -285,7 +283,7 @@ async fn tick(
             set(&stats.retained_messages, hub.retained.len());
         }
         let wills = hub.tick(std::time::Instant::now());
-        if !wills.is_empty() && inject.send(wills).await.is_err() {
+        if !wills.is_empty() && inject.send(wills.into()).await.is_err() {
             return;
         }
     }
@@ -296,7 +294,7 @@ pub(crate) struct Pipes {
     /// The router.
     pub(crate) broker: Broker,
     /// Batches of publishes for ingest; full when ingest is behind, and then the front waits.
-    pub(crate) readings: tokio::sync::mpsc::Sender<Vec<Message>>,
+    pub(crate) readings: tokio::sync::mpsc::Sender<Batch>,
 }
 
 /// The gate for `config` with the ACL rules and sources: its credentials file read, and a
