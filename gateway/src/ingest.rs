@@ -1334,16 +1334,26 @@ pub async fn run(
                 alerts
             }
         };
+        let raised = !alerts.is_empty();
         for alert in alerts {
             dispatch(&alert, &broker, &outputs);
         }
         if !judged.is_empty() {
-            // Someone waits to acknowledge these publishes: their raw readings go to the store
-            // now, not when the buffer is full, and the store answers once all is committed.
+            // Someone waits to acknowledge these publishes. What judging them wrote (alert
+            // transitions, raw readings, which go now rather than when the buffer is full) must
+            // be committed first; if they wrote nothing, there is nothing to wait for, and the
+            // store is not woken for them.
             let (rollups, raw) = engine.take_history();
+            let wrote = raised || !rollups.is_empty() || !raw.is_empty();
             outputs.store.rollups(rollups);
             outputs.store.raw(raw);
-            outputs.store.judged(judged);
+            if wrote {
+                outputs.store.judged(judged);
+            } else {
+                for reply in judged {
+                    let _ = reply.send(());
+                }
+            }
         } else if engine.buffered_history() >= HISTORY_BATCH {
             let (rollups, raw) = engine.take_history();
             outputs.store.rollups(rollups);

@@ -5,18 +5,16 @@
 //! acknowledged was committed before the PUBACK, and what it had not acknowledged the devices
 //! sent again to B.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use watchpost::store::Reader;
+use watchpost_e2e::failover::{self, KEEP_RAW};
 use watchpost_e2e::{GatewayProcess, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_watchpost");
 const DEVICES: usize = 3;
 
-/// A gateway on loopback that keeps every raw reading with its `seq`, so that its database
-/// says exactly what it took.
+/// A gateway on loopback that keeps every raw reading with its `seq`.
 fn write_config(dir: &Path, id: &str) -> PathBuf {
     let path = dir.join("watchpost.toml");
     std::fs::write(
@@ -24,24 +22,13 @@ fn write_config(dir: &Path, id: &str) -> PathBuf {
         format!(
             "[gateway]\nid = \"{id}\"\ndata_dir = {:?}\n\
              [broker]\nlisten = \"127.0.0.1:0\"\nallow_anonymous = true\n[http]\nlisten = \"127.0.0.1:0\"\n\
-             [history]\nraw_retention = \"1h\"\n\
+             {KEEP_RAW}\
              [[rule]]\nname = \"overheat\"\nmatch = \"sensors/+/temperature\"\nabove = 90.0\nclear_below = 85.0\nseverity = \"critical\"\n",
             dir.join("data").display().to_string()
         ),
     )
     .unwrap();
     path
-}
-
-/// `seq`s of every stored reading of `device`.
-fn stored_seqs(data: &Path, device: &str) -> BTreeSet<u64> {
-    Reader::open(data)
-        .map(|r| r.raw_readings(0).unwrap_or_default())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|r| r.device == device)
-        .filter_map(|r| r.seq)
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,26 +40,14 @@ async fn a_device_with_two_gateways_loses_nothing_when_the_first_is_killed() {
     let addr_b = b.wait_ready(Duration::from_secs(20));
     let (data_a, data_b) = (dir_a.path().join("data"), dir_b.path().join("data"));
 
-    let mut options = watchpost_sim::Options::new(addr_a, DEVICES);
-    options.gateways.push(addr_b);
-    options.rate = 20.0;
-    options.every_sample();
-    options.metrics = 1;
-    options.duration = Duration::from_secs(5);
-    options.drain = Duration::from_secs(15);
-    options.keep_alive_ms = 2_000;
-    options.ack_timeout_ms = 1_000;
-    options.prefix = "pair-".into();
+    let options = failover::fleet(addr_a, addr_b, DEVICES);
     let sim = tokio::task::spawn_blocking(move || watchpost_sim::run(&options));
-
     // A takes readings for a while, and dies while they keep coming.
-    let stored_at_a = || {
-        (0..DEVICES)
-            .map(|i| stored_seqs(&data_a, &format!("pair-{i}")).len())
-            .sum::<usize>()
-    };
     assert!(
-        wait_until(Duration::from_secs(20), || stored_at_a() >= 60).await,
+        wait_until(Duration::from_secs(20), || failover::stored(
+            &data_a, DEVICES
+        ) >= 60)
+        .await,
         "A never stored readings"
     );
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -82,36 +57,5 @@ async fn a_device_with_two_gateways_loses_nothing_when_the_first_is_killed() {
     b.signal(libc::SIGTERM);
     b.wait_exit(Duration::from_secs(20)).expect("B stopped");
 
-    // The devices: everything queued was acknowledged, by one gateway or the other.
-    assert_eq!(report.connected_at_end, DEVICES, "{report}");
-    assert!(report.gateway_moves >= DEVICES as u64, "{report}");
-    assert_eq!((report.dropped, report.unsent), (0, 0), "{report}");
-    assert_eq!(report.acked, report.queued, "{report}");
-    // The gateways: every seq of every device is in A's or B's database.
-    let devices_at_b = Reader::open(&data_b).unwrap().devices().unwrap();
-    let mut stored = 0;
-    for i in 0..DEVICES {
-        let device = format!("pair-{i}");
-        let at_a = stored_seqs(&data_a, &device);
-        let at_b = stored_seqs(&data_b, &device);
-        assert!(
-            !at_a.is_empty() && !at_b.is_empty(),
-            "{device}: A stored {}, B {}",
-            at_a.len(),
-            at_b.len()
-        );
-        let all: BTreeSet<u64> = at_a.union(&at_b).copied().collect();
-        let expected: BTreeSet<u64> = (0..=*all.last().unwrap()).collect();
-        let missing: Vec<u64> = expected.difference(&all).copied().collect();
-        assert!(
-            missing.is_empty(),
-            "{device}: {missing:?} acknowledged by no database (A up to {:?}, B from {:?})",
-            at_a.last(),
-            at_b.first()
-        );
-        stored += all.len() as u64;
-        let record = devices_at_b.iter().find(|d| d.device == device).unwrap();
-        assert_eq!(record.lost, 0, "{device} at B: {record:?}");
-    }
-    assert_eq!(stored, report.queued, "{report}");
+    failover::assert_nothing_lost(&report, DEVICES, &data_a, &data_b);
 }

@@ -13,6 +13,7 @@ use tempfile::TempDir;
 use watchpost::config::{self, Config};
 
 pub mod clients;
+pub mod failover;
 pub mod pki;
 
 /// Polls `condition` every 10 ms until it holds or `timeout` passes; returns whether it held.
