@@ -14,6 +14,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use watchpost::codec::{self, Limits, Message};
@@ -336,27 +337,43 @@ async fn a_scripted_excursion_on_qemu_raises_and_clears_an_alert_upstream() {
     let mut qemu = Qemu::boot(modem.addr);
     qemu.wait_log("mqtt connected", 1).await;
 
-    qemu.script("temperature=95.5");
-    let raised = upstream_alerts.wait_for(1, DEADLINE).await.unwrap();
-    assert_eq!(
-        raised[0].topic,
-        format!("site-test/alerts/critical/{DEVICE}/overheat")
-    );
-    let doc = raised[0].json();
-    assert_eq!(
-        (doc["state"].as_str(), doc["value"].as_f64()),
-        (Some("raised"), Some(95.5))
-    );
+    raise_and_clear(
+        &mut qemu,
+        &upstream_alerts,
+        "overheat",
+        ("temperature=95.5", json!(95.5)),
+        ("temperature=21.25", json!(21.25)),
+    )
+    .await;
+    gateway.shutdown().await;
+}
 
-    qemu.script("temperature=21.25");
+/// Scripts `raise`, expects the critical alert of `rule` raised upstream with the value
+/// `raised`, then scripts `clear` and expects it cleared with `cleared`, under the same id.
+async fn raise_and_clear(
+    qemu: &mut Qemu,
+    upstream_alerts: &Collector,
+    rule: &str,
+    (raise, raised): (&str, Value),
+    (clear, cleared): (&str, Value),
+) {
+    qemu.script(raise);
+    let first = upstream_alerts.wait_for(1, DEADLINE).await.unwrap();
+    assert_eq!(
+        first[0].topic,
+        format!("site-test/alerts/critical/{DEVICE}/{rule}")
+    );
+    let doc = first[0].json();
+    assert_eq!((&doc["state"], &doc["value"]), (&json!("raised"), &raised));
+
+    qemu.script(clear);
     let both = upstream_alerts.wait_for(2, DEADLINE).await.unwrap();
     let doc = both[1].json();
     assert_eq!(
-        (doc["state"].as_str(), doc["value"].as_f64()),
-        (Some("cleared"), Some(21.25))
+        (&doc["state"], &doc["value"]),
+        (&json!("cleared"), &cleared)
     );
     assert_eq!(doc["id"], both[0].json()["id"], "one episode");
-    gateway.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -483,26 +500,14 @@ async fn the_qemu_leak_probe_raises_and_clears_a_critical_alert_through_the_ship
         qemu.lines().join("\n")
     );
 
-    qemu.script("water_leak=1");
-    let raised = upstream_alerts.wait_for(1, DEADLINE).await.unwrap();
-    assert_eq!(
-        raised[0].topic,
-        format!("site-test/alerts/critical/{DEVICE}/water-leak")
-    );
-    let doc = raised[0].json();
-    assert_eq!(
-        (doc["state"].as_str(), doc["value"].as_bool()),
-        (Some("raised"), Some(true))
-    );
-
-    qemu.script("water_leak=0");
-    let both = upstream_alerts.wait_for(2, DEADLINE).await.unwrap();
-    let doc = both[1].json();
-    assert_eq!(
-        (doc["state"].as_str(), doc["value"].as_bool()),
-        (Some("cleared"), Some(false))
-    );
-    assert_eq!(doc["id"], both[0].json()["id"], "one episode");
+    raise_and_clear(
+        &mut qemu,
+        &upstream_alerts,
+        "water-leak",
+        ("water_leak=1", json!(true)),
+        ("water_leak=0", json!(false)),
+    )
+    .await;
     // Wet, then dry, each reported once as it settled (heartbeats may repeat a state, never
     // invert one), and every state the firmware queued went out under its own seq.
     let seen = states(&sensors);
