@@ -1306,12 +1306,10 @@ pub async fn run(
                     break;
                 };
                 let mut alerts = Vec::new();
-                let mut handled = false;
                 for publish in &batch.messages {
                     if !engine.handles(&publish.topic) {
                         continue;
                     }
-                    handled = true;
                     // What a bridge forwarding everything would send for this message.
                     let baseline = crate::uplink::qos1_bytes(
                         outputs.prefix_len + 1 + publish.topic.len(),
@@ -1323,14 +1321,7 @@ pub async fn run(
                     Stats::add(&stats.ingest_nanos, started.elapsed().as_nanos() as u64);
                     Stats::inc(&stats.ingest_count);
                 }
-                if handled {
-                    judged = batch.judged;
-                } else {
-                    // Nothing here is ingest's: nothing to wait for.
-                    for reply in batch.judged {
-                        let _ = reply.send(());
-                    }
-                }
+                judged = batch.judged;
                 alerts
             }
         };
@@ -1338,11 +1329,11 @@ pub async fn run(
         for alert in alerts {
             dispatch(&alert, &broker, &outputs);
         }
-        if !judged.is_empty() {
-            // Someone waits to acknowledge these publishes. What judging them wrote (alert
-            // transitions, raw readings, which go now rather than when the buffer is full) must
-            // be committed first; if they wrote nothing, there is nothing to wait for, and the
-            // store is not woken for them.
+        // History goes to the store when the buffer is full, and at once when someone waits to
+        // acknowledge these publishes: what judging them wrote (alert transitions, raw
+        // readings) must be committed first. If they wrote nothing, there is nothing to wait
+        // for, and the store is not woken for them.
+        if !judged.is_empty() || engine.buffered_history() >= HISTORY_BATCH {
             let (rollups, raw) = engine.take_history();
             let wrote = raised || !rollups.is_empty() || !raw.is_empty();
             outputs.store.rollups(rollups);
@@ -1354,10 +1345,6 @@ pub async fn run(
                     let _ = reply.send(());
                 }
             }
-        } else if engine.buffered_history() >= HISTORY_BATCH {
-            let (rollups, raw) = engine.take_history();
-            outputs.store.rollups(rollups);
-            outputs.store.raw(raw);
         }
     }
     store_round(&outputs.store, engine.finish(now_millis()));

@@ -347,8 +347,8 @@ enum Command {
         limit: usize,
         reply: oneshot::Sender<Vec<OutboxItem>>,
     },
-    Flush(oneshot::Sender<()>),
-    Judged(Vec<oneshot::Sender<()>>),
+    /// Each is answered once everything sent before is committed.
+    Flush(Vec<oneshot::Sender<()>>),
     Retained(Vec<RetainedChange>, oneshot::Sender<()>),
     RetainedAll(oneshot::Sender<Vec<RetainedRow>>),
 }
@@ -469,14 +469,16 @@ impl Store {
     /// Resolves once everything sent before is committed.
     pub async fn flush(&self) {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Flush(reply));
+        self.send(Command::Flush(vec![reply]));
         let _ = rx.await;
     }
 
     /// Answers each of `waiting` once everything sent before is committed: how ingest tells the
     /// broker that what it wrote for a batch of publishes is in the database.
     pub fn judged(&self, waiting: Vec<oneshot::Sender<()>>) {
-        self.send(Command::Judged(waiting));
+        if !waiting.is_empty() {
+            self.send(Command::Flush(waiting));
+        }
     }
 
     /// Writes changes to the retained messages; returns once they are committed, or false
@@ -626,11 +628,7 @@ impl Writer {
                     });
                     let _ = reply.send(page);
                 }
-                Command::Flush(reply) => {
-                    self.commit(&mut writes);
-                    let _ = reply.send(());
-                }
-                Command::Judged(waiting) => {
+                Command::Flush(waiting) => {
                     self.commit(&mut writes);
                     for reply in waiting {
                         let _ = reply.send(());
@@ -1068,7 +1066,6 @@ fn write(tx: &rusqlite::Transaction<'_>, w: &Command) -> rusqlite::Result<Effect
         }
         Command::OutboxPage { .. }
         | Command::Flush(_)
-        | Command::Judged(_)
         | Command::SavedAlerts(_)
         | Command::RetainedAll(_) => Ok(Effect::default()),
     }

@@ -119,32 +119,9 @@ impl Cable {
                     let Ok(gateway) = TcpStream::connect(gateway).await else {
                         return;
                     };
-                    let (mut dr, mut dw) = device.into_split();
-                    let (mut gr, mut gw) = gateway.into_split();
-                    let c1 = cut.clone();
-                    let up = async move {
-                        let mut buf = [0u8; 4096];
-                        while let Ok(n @ 1..) = dr.read(&mut buf).await {
-                            if c1.load(Ordering::SeqCst) {
-                                std::future::pending::<()>().await;
-                            }
-                            if gw.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    };
-                    let down = async move {
-                        let mut buf = [0u8; 4096];
-                        while let Ok(n @ 1..) = gr.read(&mut buf).await {
-                            if cut.load(Ordering::SeqCst) {
-                                std::future::pending::<()>().await;
-                            }
-                            if dw.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    };
-                    tokio::join!(up, down);
+                    let (dr, dw) = device.into_split();
+                    let (gr, gw) = gateway.into_split();
+                    tokio::join!(pipe(dr, gw, &cut), pipe(gr, dw, &cut));
                 });
             }
         });
@@ -156,6 +133,23 @@ impl Cable {
         self.cut.store(true, Ordering::SeqCst);
         // Wake the accept loop so that it drops the listener: connects are refused from here.
         let _ = TcpStream::connect(self.addr).await;
+    }
+}
+
+/// Copies `from` to `to` until either ends; once `cut` is set, holds everything it reads.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cut: &AtomicBool,
+) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        if cut.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
     }
 }
 

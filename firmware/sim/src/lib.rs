@@ -429,11 +429,6 @@ impl<'a> TcpLink<'a> {
     pub fn moves(&self) -> u32 {
         self.gateways.moves()
     }
-
-    /// The gateway in use, or to be tried first.
-    pub fn gateway(&self) -> SocketAddr {
-        *self.gateways.current().1
-    }
 }
 
 impl embedded_io::ErrorType for TcpLink<'_> {
