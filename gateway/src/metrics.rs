@@ -196,6 +196,11 @@ pub fn render(stats: &Stats, info: &Info) -> String {
         "Outbox messages acknowledged by the upstream broker.",
         g(&stats.uplink_acked),
     );
+    o.counter(
+        "watchpost_uplink_held_total",
+        "Times an outbox message was refused by the upstream or over its limits; it stays in the outbox.",
+        g(&stats.uplink_held),
+    );
     let upstream = g(&stats.upstream_bytes);
     let baseline = g(&stats.forward_all_bytes);
     o.counter(

@@ -129,6 +129,9 @@ pub struct Stats {
     pub outbox_oldest_ms: AtomicU64,
     /// Outbox rows acknowledged by the upstream broker (PUBACK).
     pub uplink_acked: AtomicU64,
+    /// Outbox rows the upstream would not take on a connection (an MQTT 5 PUBACK with an error
+    /// reason code, or a row over the upstream's limits); they stay in the outbox.
+    pub uplink_held: AtomicU64,
     /// The upstream broker accepted our connection and answers; false after a failure or
     /// when acknowledgements stop arriving.
     pub uplink_connected: AtomicBool,

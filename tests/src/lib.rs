@@ -144,6 +144,56 @@ pub fn launch_mosquitto(conf: &Path, ports: &[u16], log: Option<&Path>) -> Resul
     }
 }
 
+/// Bare rumqttd 0.20 with only its MQTT 3.1.1 listener, on a free loopback port, in a thread
+/// of this process (for the rest of it): an upstream that does not speak MQTT 5. Returns its
+/// address once it accepts connections.
+pub fn start_rumqttd_v311() -> Result<SocketAddr> {
+    use std::collections::HashMap;
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let server = rumqttd::ServerSettings {
+        name: "v4".into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections: rumqttd::ConnectionSettings {
+            connection_timeout_ms: 5_000,
+            max_payload_size: 64 * 1024,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: false,
+        },
+    };
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: 100,
+            max_outgoing_packet_count: 256,
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 4,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("v4".to_owned(), server)])),
+        ..Default::default()
+    };
+    let mut broker = rumqttd::Broker::new(config);
+    std::thread::spawn(move || {
+        if let Err(e) = broker.start() {
+            eprintln!("rumqttd stopped: {e}");
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(listen).is_err() {
+        if Instant::now() >= deadline {
+            bail!("rumqttd did not listen on {listen} within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(listen)
+}
+
 /// Sends `signal` (e.g. `libc::SIGSTOP`) to process `pid`.
 pub fn send_signal(pid: u32, signal: i32) {
     // SAFETY: kill(2) has no memory-safety preconditions.
@@ -309,6 +359,13 @@ impl Collector {
         options.set_keep_alive(Duration::from_secs(30));
         options.set_clean_session(false);
         options.set_max_packet_size(1024 * 1024, 1024 * 1024);
+        Self::subscribe_with(AsyncClient::new(options, 1024), filter).await
+    }
+
+    /// Like [`Collector::subscribe_persistent`] with the caller's options (TLS, a login, a
+    /// client id); the session is made persistent here.
+    pub async fn subscribe_options(mut options: MqttOptions, filter: &str) -> Result<Collector> {
+        options.set_clean_session(false);
         Self::subscribe_with(AsyncClient::new(options, 1024), filter).await
     }
 

@@ -60,6 +60,7 @@ impl Site {
             ca_file: None,
             client_cert: None,
             login: None,
+            delivery: Default::default(),
         });
         adjust(&mut config);
         let gateway = watchpost::start(config).await.unwrap();

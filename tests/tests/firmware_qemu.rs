@@ -478,6 +478,7 @@ async fn the_qemu_leak_probe_raises_and_clears_a_critical_alert_through_the_ship
         ca_file: None,
         client_cert: None,
         login: None,
+        delivery: Default::default(),
     });
     let gateway = watchpost::start(config).await.unwrap();
     let sensors = Collector::subscribe(gateway.mqtt_addr(), "sensors/+/water_leak")

@@ -953,7 +953,7 @@ fn compile_uplink(raw: &RawUplink, gateway_id: &str, sink: &mut Sink<'_>) -> Upl
         );
     }
     let summaries = raw.summaries.as_ref().map(|s| compile_summaries(s, sink));
-    UplinkConfig {
+    let mut uplink = UplinkConfig {
         host,
         port,
         tls,
@@ -965,7 +965,10 @@ fn compile_uplink(raw: &RawUplink, gateway_id: &str, sink: &mut Sink<'_>) -> Upl
         ca_file,
         client_cert,
         login,
-    }
+        delivery: Default::default(),
+    };
+    uplink.delivery = super::delivery::compile(raw, &mut uplink, sink);
+    uplink
 }
 
 fn compile_summaries(raw: &Spanned<RawSummaries>, sink: &mut Sink<'_>) -> SummaryConfig {

@@ -30,6 +30,9 @@ use crate::sources::Source;
 
 mod acl;
 mod compile;
+mod delivery;
+pub use delivery::MIN_KEEP_ALIVE_V5;
+pub(crate) use delivery::base64_decode;
 mod diagnostics;
 mod raw;
 mod rules;
@@ -219,7 +222,118 @@ pub struct UplinkConfig {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Username and password on the upstream broker.
     pub login: Option<(String, Secret)>,
+    /// How alerts go upstream: protocol, QoS, retain and the cloud's form (`profile`).
+    pub delivery: Delivery,
 }
+
+/// `[uplink] profile`: the rules of one IoT cloud, set with one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// AWS IoT Core: X.509 client certificate, QoS at most 1, at most 7 `/` in a topic.
+    AwsIotCore,
+    /// Azure IoT Hub: MQTT 3.1.1, SAS token or X.509, `devices/{id}/messages/events/`.
+    AzureIotHub,
+    /// HiveMQ Cloud: TLS and a login.
+    HivemqCloud,
+    /// EMQX Cloud: TLS and a login.
+    EmqxCloud,
+    /// Any MQTT 5 broker or cluster.
+    Mqtt5,
+    /// ThingsBoard: access token as user name, alerts on the gateway API.
+    Thingsboard,
+}
+
+impl Profile {
+    /// Every profile, with the name written in the file.
+    pub const ALL: [(Profile, &'static str); 6] = [
+        (Profile::AwsIotCore, "aws-iot-core"),
+        (Profile::AzureIotHub, "azure-iot-hub"),
+        (Profile::HivemqCloud, "hivemq-cloud"),
+        (Profile::EmqxCloud, "emqx-cloud"),
+        (Profile::Mqtt5, "mqtt5"),
+        (Profile::Thingsboard, "thingsboard"),
+    ];
+
+    /// The name written in the file.
+    pub fn name(self) -> &'static str {
+        Profile::ALL
+            .iter()
+            .find(|(p, _)| *p == self)
+            .map_or("?", |(_, n)| n)
+    }
+}
+
+/// `[uplink] mqtt_version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MqttVersion {
+    /// MQTT 5 where the upstream speaks it, else 3.1.1.
+    #[default]
+    Auto,
+    /// MQTT 5 only.
+    V5,
+    /// MQTT 3.1.1 only.
+    V311,
+}
+
+/// The form of what goes upstream.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Form {
+    /// `{topic_prefix}/alerts/{severity}/{device}/{rule}`, the alert document as it is.
+    #[default]
+    Plain,
+    /// Azure IoT Hub: `devices/{client_id}/messages/events/{properties}`, the document as the
+    /// body and its fields as message properties.
+    Azure {
+        /// The device's shared access key (base64), from which SAS tokens are made; `None`
+        /// with an X.509 client certificate.
+        key: Option<Secret>,
+        /// Lifetime of one SAS token; a new one is made before it ends.
+        token_ttl: Duration,
+    },
+    /// ThingsBoard's gateway API: an alert as telemetry (`v1/gateway/telemetry`) or as
+    /// attributes (`v1/gateway/attributes`) of the device that raised it.
+    Thingsboard {
+        /// Attributes instead of telemetry.
+        attributes: bool,
+    },
+}
+
+/// How alerts go upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The cloud profile, if any.
+    pub profile: Option<Profile>,
+    /// The MQTT version spoken upstream.
+    pub mqtt_version: MqttVersion,
+    /// QoS of every publish: 1 (default) or 2.
+    pub qos: u8,
+    /// Alerts are published retained (not where the upstream says it has no retain).
+    pub retain: bool,
+    /// Largest payload the upstream takes, where a profile knows it.
+    pub max_payload: Option<usize>,
+    /// The ALPN protocol to offer in the TLS handshake (AWS IoT Core on port 443).
+    pub alpn: Option<&'static str>,
+    /// Topic and payload form.
+    pub form: Form,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery {
+            profile: None,
+            mqtt_version: MqttVersion::Auto,
+            qos: 1,
+            retain: true,
+            max_payload: None,
+            alpn: None,
+            form: Form::Plain,
+        }
+    }
+}
+
+/// The API version in the user name of an Azure IoT Hub device (the current GA version of
+/// the device API in Microsoft's IoT Hub MQTT documentation).
+pub const AZURE_API_VERSION: &str = "2021-04-12";
 
 /// `[uplink.summaries]`: one compact message per site and interval.
 #[derive(Debug, Clone, PartialEq)]

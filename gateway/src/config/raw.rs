@@ -183,6 +183,14 @@ pub(super) struct RawUplink {
     pub(super) client_key: Option<Spanned<String>>,
     pub(super) username: Option<Spanned<String>>,
     pub(super) password: Option<Spanned<String>>,
+    pub(super) profile: Option<Spanned<String>>,
+    pub(super) mqtt_version: Option<Spanned<String>>,
+    pub(super) qos: Option<Spanned<i64>>,
+    pub(super) retain: Option<Spanned<bool>>,
+    pub(super) shared_access_key: Option<Spanned<String>>,
+    pub(super) token_ttl: Option<Spanned<String>>,
+    pub(super) access_token: Option<Spanned<String>>,
+    pub(super) alerts_as: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -711,3 +711,125 @@ fn check_explains_acl_rules_that_never_match_or_never_decide() {
     // And the lack of [[rule]].
     assert_eq!(warnings.len(), expected.len() + 1, "{warnings:#?}");
 }
+
+/// `[uplink]` with `url` and `lines`, for the profile tests; `{pem}` stands for an existing file.
+fn uplink_source(url: &str, lines: &str, pem: &str) -> String {
+    format!(
+        "{MINIMAL}[uplink]\nurl = \"{url}\"\n{}",
+        lines.replace("{pem}", pem)
+    )
+}
+
+#[test]
+fn cloud_profiles_refuse_what_their_cloud_forbids_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("x.pem");
+    std::fs::write(&pem, "not checked here").unwrap();
+    let pem = format!("{:?}", pem.display().to_string());
+    let aws = "profile = \"aws-iot-core\"\nclient_cert = {pem}\nclient_key = {pem}\n";
+    let azure = "profile = \"azure-iot-hub\"\nshared_access_key = \"c2VjcmV0LWtleQ==\"\n";
+    let tb = "profile = \"thingsboard\"\naccess_token = \"A1b2C3\"\n";
+    #[rustfmt::skip]
+    let table: &[(&str, String, &str)] = &[
+        // (url, [uplink] lines, what the error says)
+        ("mqtts://a.iot.eu-west-1.amazonaws.com", format!("{aws}qos = 2\n"), "AWS IoT Core does not support QoS 2"),
+        ("mqtt://a.iot.eu-west-1.amazonaws.com", aws.into(), "the cloud accepts MQTT only over TLS"),
+        ("mqtts://a.iot.eu-west-1.amazonaws.com", "profile = \"aws-iot-core\"\n".into(), "authenticates a device by its X.509 certificate"),
+        ("mqtts://a.iot.eu-west-1.amazonaws.com:1883", aws.into(), "serves MQTT on port 8883, or 443 with ALPN, not 1883"),
+        ("mqtts://a.iot.eu-west-1.amazonaws.com", format!("{aws}topic_prefix = \"a/b/c/d/e\"\n"), "at most 7 '/' in a topic"),
+        ("mqtts://a.iot.eu-west-1.amazonaws.com", format!("{aws}topic_prefix = \"$aws/x\"\n"), "topics beginning with '$' are reserved"),
+        ("mqtts://a.iot.eu-west-1.amazonaws.com", format!("{aws}keep_alive = \"20m1s\"\n"), "keep-alive between 30s and 1200s, not 1201s"),
+        ("mqtts://hub.azure-devices.net", format!("{azure}retain = true\n"), "retain = true is refused: Azure IoT Hub does not keep retained messages"),
+        ("mqtts://hub.azure-devices.net", format!("{azure}qos = 2\n"), "Azure IoT Hub does not support QoS 2"),
+        ("mqtts://hub.azure-devices.net", format!("{azure}mqtt_version = \"5\"\n"), "device endpoint speaks MQTT 3.1.1"),
+        ("mqtts://hub.azure-devices.net:443", azure.into(), "serves MQTT on port 8883, not 443"),
+        ("mqtts://hub.azure-devices.net", format!("{azure}username = \"u\"\npassword = \"p\"\n"), "makes the user name and password itself"),
+        ("mqtts://hub.azure-devices.net", "profile = \"azure-iot-hub\"\n".into(), "a shared access key or an X.509 certificate"),
+        ("mqtts://hub.azure-devices.net", "profile = \"azure-iot-hub\"\nshared_access_key = \"not base64!\"\n".into(), "`shared_access_key` is not base64"),
+        ("mqtts://hub.azure-devices.net", format!("{azure}token_ttl = \"10s\"\n"), "`token_ttl` must be between 1m and 365d"),
+        ("mqtt://x.s1.eu.hivemq.cloud", "profile = \"hivemq-cloud\"\nusername = \"u\"\npassword = \"p\"\n".into(), "the cloud accepts MQTT only over TLS"),
+        ("mqtts://x.s1.eu.hivemq.cloud", "profile = \"hivemq-cloud\"\n".into(), "authenticates a client by user name and password"),
+        ("mqtts://x.emqxsl.com", "profile = \"emqx-cloud\"\n".into(), "authenticates a client by user name and password"),
+        ("mqtts://broker.example.net", "profile = \"mqtt5\"\nmqtt_version = \"3.1.1\"\n".into(), "profile \"mqtt5\" speaks MQTT 5"),
+        ("mqtts://tb.example.net", format!("{tb}retain = true\n"), "retain = true is refused: ThingsBoard keeps no retained messages"),
+        ("mqtts://tb.example.net", format!("{tb}qos = 2\n"), "ThingsBoard does not support QoS 2"),
+        ("mqtts://tb.example.net", "profile = \"thingsboard\"\n".into(), "authenticates the gateway device by its access token"),
+        ("mqtts://tb.example.net", format!("{tb}alerts_as = \"alarms\"\n"), "`alerts_as` \"alarms\" is not a form ThingsBoard takes"),
+        ("mqtts://tb.example.net", format!("{tb}username = \"u\"\n"), "makes the user name and password itself"),
+        ("mqtts://broker.example.net", "profile = \"aws\"\n".into(), "unknown profile \"aws\""),
+        ("mqtts://broker.example.net", "qos = 0\n".into(), "`qos` 0 cannot carry alerts"),
+        ("mqtts://broker.example.net", "mqtt_version = \"3\"\n".into(), "`mqtt_version` \"3\" is not a version"),
+        ("mqtts://broker.example.net", "shared_access_key = \"c2VjcmV0\"\n".into(), "`shared_access_key` belongs to profile \"azure-iot-hub\""),
+        ("mqtts://broker.example.net", "access_token = \"t\"\n".into(), "`access_token` belongs to profile \"thingsboard\""),
+    ];
+    for (url, lines, expected) in table {
+        let found = errors(&uplink_source(url, lines, &pem));
+        assert!(
+            found.iter().any(|e| e.contains(expected)),
+            "{expected:?} not in {found:#?}\nfor {lines}"
+        );
+    }
+}
+
+#[test]
+fn cloud_profiles_set_what_their_cloud_requires() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("x.pem");
+    std::fs::write(&pem, "not checked here").unwrap();
+    let pem = format!("{:?}", pem.display().to_string());
+    let uplink = |url: &str, lines: &str| {
+        parse(&uplink_source(url, lines, &pem), "t.toml")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .config
+            .uplink
+            .unwrap()
+    };
+    let none = uplink("mqtts://broker.example.net", "");
+    assert_eq!(none.delivery, Delivery::default());
+    assert!(none.delivery.retain && none.delivery.mqtt_version == MqttVersion::Auto);
+
+    let aws = uplink(
+        "mqtts://a.iot.eu-west-1.amazonaws.com:443",
+        "profile = \"aws-iot-core\"\nclient_cert = {pem}\nclient_key = {pem}\n",
+    );
+    assert_eq!(aws.delivery.profile, Some(Profile::AwsIotCore));
+    assert!(!aws.delivery.retain, "retain is off by default");
+    assert_eq!(aws.delivery.alpn, Some("x-amzn-mqtt-ca"));
+    assert_eq!(aws.delivery.max_payload, Some(128 * 1024));
+
+    let azure = uplink(
+        "mqtts://hub.azure-devices.net",
+        "profile = \"azure-iot-hub\"\nclient_id = \"gw-17\"\nshared_access_key = \"c2VjcmV0LWtleQ==\"\ntoken_ttl = \"2h\"\n",
+    );
+    assert_eq!(azure.delivery.mqtt_version, MqttVersion::V311);
+    assert!(!azure.delivery.retain);
+    let (user, password) = azure.login.clone().unwrap();
+    assert_eq!(
+        user, "hub.azure-devices.net/gw-17/?api-version=2021-04-12",
+        "the user name the hub expects"
+    );
+    assert_eq!(password.expose(), "", "the SAS token is made at connect");
+    assert!(
+        matches!(&azure.delivery.form, Form::Azure { key: Some(k), token_ttl } if k.expose() == "c2VjcmV0LWtleQ==" && *token_ttl == Duration::from_secs(7200))
+    );
+    assert!(
+        !format!("{azure:?}").contains("c2VjcmV0LWtleQ"),
+        "the key is a secret"
+    );
+
+    let tb = uplink(
+        "mqtts://tb.example.net",
+        "profile = \"thingsboard\"\naccess_token = \"A1b2C3\"\nalerts_as = \"attributes\"\n",
+    );
+    assert_eq!(tb.login.as_ref().map(|(u, _)| u.as_str()), Some("A1b2C3"));
+    assert_eq!(tb.delivery.form, Form::Thingsboard { attributes: true });
+
+    let hive = uplink(
+        "mqtts://x.s1.eu.hivemq.cloud",
+        "profile = \"hivemq-cloud\"\nusername = \"u\"\npassword = \"p\"\nqos = 2\n",
+    );
+    assert_eq!(
+        (hive.delivery.mqtt_version, hive.delivery.qos),
+        (MqttVersion::V5, 2)
+    );
+}
