@@ -1013,6 +1013,31 @@ mod tests {
     }
 
     #[test]
+    fn aws_on_port_443_offers_the_alpn_protocol_aws_iot_core_wants() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let alpn = |config: &UplinkConfig| {
+            let uplink = Uplink::prepare(config).unwrap();
+            [uplink.options.v4.transport(), uplink.options.v5.transport()].map(|t| match t {
+                Transport::Tls(TlsConfiguration::Rustls(tls)) => tls.alpn_protocols.clone(),
+                _ => panic!("not TLS"),
+            })
+        };
+        let mut config = tls_uplink(Some(&ca_file), None);
+        assert_eq!(alpn(&config), [Vec::<Vec<u8>>::new(), Vec::new()]);
+        config.port = 443;
+        config.delivery.alpn = Some(crate::config::AWS_ALPN);
+        let offered = vec![b"x-amzn-mqtt-ca".to_vec()];
+        assert_eq!(alpn(&config), [offered.clone(), offered]);
+    }
+
+    #[test]
     fn backoff_doubles_up_to_the_cap_with_bounded_jitter() {
         assert_eq!(backoff(1, 0.0), Duration::from_millis(250));
         assert_eq!(backoff(1, 1.0), Duration::from_millis(500));
