@@ -63,6 +63,7 @@ async fn through_store(keep_raw: bool, msgs: &[(Vec<u8>, Vec<u8>)]) -> Row {
     let options = StoreOptions {
         max_db_bytes: 8 << 30,
         raw_retention: keep_raw.then_some(Duration::from_secs(86_400)),
+        reserve_bytes: 0,
     };
     let (store, thread) = Store::open(dir.path(), options, stats.clone()).expect("store opens");
     // One-second windows so that rollups really reach the store during the run.
@@ -109,6 +110,7 @@ async fn alert_cost(n: usize) -> Vec<Duration> {
     let options = StoreOptions {
         max_db_bytes: 8 << 30,
         raw_retention: None,
+        reserve_bytes: 0,
     };
     let (store, thread) = Store::open(dir.path(), options, stats.clone()).expect("store opens");
     let mut committed = store.committed();

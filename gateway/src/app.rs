@@ -90,6 +90,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let store_options = StoreOptions {
         max_db_bytes: config.history.max_db_bytes,
         raw_retention: config.history.raw_retention,
+        reserve_bytes: config.history.reserve_bytes,
     };
     let (store, store_thread) =
         Store::open(&config.gateway.data_dir, store_options, stats.clone())?;

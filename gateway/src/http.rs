@@ -53,14 +53,23 @@ async fn metrics_text(State(e): State<Arc<Endpoint>>) -> impl IntoResponse {
     )
 }
 
-/// 200 `ready` while serving; 200 `degraded` (still serving) with the upstream down; 503
-/// when ingest has stopped going round.
+/// 200 `ready` while serving; 200 `degraded` (still serving) with the data directory full or
+/// the upstream down; 503 when ingest has stopped going round.
 async fn ready(State(e): State<Arc<Endpoint>>) -> (StatusCode, String) {
     let beat = Stats::get(&e.stats.ingest_heartbeat_ms);
     if now_millis().saturating_sub(beat) > INGEST_STALL_MS {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: ingest is not making progress\n".into(),
+        );
+    }
+    if e.stats.disk_full.load(std::sync::atomic::Ordering::Relaxed) {
+        return (
+            StatusCode::OK,
+            format!(
+                "degraded: the data directory's file system is full: history is shed ({} rows so far); readings are judged and alerts and the outbox go on in the reserve\n",
+                Stats::get(&e.stats.history_shed)
+            ),
         );
     }
     let up = e

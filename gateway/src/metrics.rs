@@ -196,6 +196,16 @@ pub fn render(stats: &Stats, info: &Info) -> String {
         "Outbox messages acknowledged by the upstream broker.",
         g(&stats.uplink_acked),
     );
+    o.gauge(
+        "watchpost_disk_full",
+        "1 while the data directory's file system is full: history is shed, alerts and the outbox use the reserve.",
+        u8::from(stats.disk_full.load(std::sync::atomic::Ordering::Relaxed)),
+    );
+    o.counter(
+        "watchpost_history_shed_total",
+        "History rows (raw readings, rollups) not written because the disk was full or the database failed.",
+        g(&stats.history_shed),
+    );
     o.counter(
         "watchpost_uplink_held_total",
         "Times an outbox message was refused by the upstream or over its limits; it stays in the outbox.",
@@ -365,6 +375,12 @@ pub struct Status {
     /// Clients refused at CONNECT.
     #[serde(default)]
     pub auth_failures: u64,
+    /// The data directory's file system is full: history is shed.
+    #[serde(default)]
+    pub disk_full: bool,
+    /// History rows not written because the disk was full or the database failed.
+    #[serde(default)]
+    pub history_shed: u64,
     /// Publishes and subscriptions refused and publishes rate-limited, by client.
     #[serde(default)]
     pub refusals: BTreeMap<String, ClientRefusals>,
@@ -395,6 +411,8 @@ pub fn status(stats: &Stats, info: &Info) -> Status {
         alerts_active: g(&stats.alerts_active),
         last_reload: stats.last_reload(),
         auth_failures: g(&stats.auth_failures),
+        disk_full: stats.disk_full.load(std::sync::atomic::Ordering::Relaxed),
+        history_shed: g(&stats.history_shed),
         refusals: stats.client_refusals(),
     }
 }
@@ -429,6 +447,14 @@ pub fn summary(s: &Status) -> String {
         s.devices_online, s.devices_offline, s.devices_stale
     );
     let _ = writeln!(out, "alerts:   {} raised", s.alerts_active);
+    let disk = match (s.disk_full, s.history_shed) {
+        (true, shed) => format!(
+            "FULL: history is shed ({shed} rows so far); alerts and the outbox use the reserve"
+        ),
+        (false, 0) => "ok".to_owned(),
+        (false, shed) => format!("ok ({shed} history rows shed since start)"),
+    };
+    let _ = writeln!(out, "disk:     {disk}");
     let reload = match &s.last_reload {
         None => "none since start".to_owned(),
         Some(r) => format!(
@@ -518,6 +544,31 @@ mod tests {
             summary(&s).contains("uplink:   DOWN: mqtt://up:1883"),
             "{}",
             summary(&s)
+        );
+        assert!(summary(&s).contains("disk:     ok\n"), "{}", summary(&s));
+    }
+
+    #[test]
+    fn the_summary_and_the_metrics_say_when_the_disk_is_full() {
+        let stats = Stats::default();
+        stats
+            .disk_full
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Stats::add(&stats.history_shed, 42);
+        let info = Info {
+            gateway: "g".into(),
+            upstream: None,
+        };
+        let text = summary(&status(&stats, &info));
+        assert!(
+            text.contains("disk:     FULL: history is shed (42 rows so far)"),
+            "{text}"
+        );
+        let metrics = render(&stats, &info);
+        assert!(metrics.contains("\nwatchpost_disk_full 1\n"), "{metrics}");
+        assert!(
+            metrics.contains("\nwatchpost_history_shed_total 42\n"),
+            "{metrics}"
         );
     }
 }

@@ -137,6 +137,12 @@ pub struct Stats {
     pub uplink_connected: AtomicBool,
     /// History rows dropped to keep the database within its budget.
     pub history_evicted: AtomicU64,
+    /// History rows (raw readings, rollups) not written because the data directory's file
+    /// system was full or the database failed.
+    pub history_shed: AtomicU64,
+    /// The data directory's file system is full: history is shed, alerts and the outbox use
+    /// the reserve.
+    pub disk_full: AtomicBool,
     /// Clients refused at CONNECT: wrong or missing credentials, a name or will not theirs.
     pub auth_failures: AtomicU64,
     /// TLS handshakes that failed.

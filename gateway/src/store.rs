@@ -26,7 +26,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::aggregate::{Closed, StateRollup};
 use crate::alert::{AlertDoc, now_millis};
@@ -310,7 +310,18 @@ pub struct StoreOptions {
     pub max_db_bytes: u64,
     /// How long raw readings are kept, if they are kept.
     pub raw_retention: Option<Duration>,
+    /// Bytes set aside in the data directory ([`RESERVE_FILE`]) for alerts and the outbox,
+    /// given back to the file system when it fills up; 0 sets none aside.
+    pub reserve_bytes: u64,
 }
+
+/// The file that holds the reserve, in the data directory.
+pub const RESERVE_FILE: &str = "watchpost.reserve";
+/// Default size of the reserve: room for thousands of alert transitions and outbox rows, and
+/// the write-ahead log they go through.
+pub const DEFAULT_RESERVE_BYTES: u64 = 16 * 1024 * 1024;
+/// How often the free space is looked at while the file system is full.
+const SPACE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The last state of one alert, as stored for the next start.
 #[derive(Debug, Clone, PartialEq)]
@@ -387,7 +398,7 @@ impl Store {
         let path = data_dir.join(DB_FILE);
         let conn = open_db(&path)?;
         let (writer, committed) =
-            Writer::new(conn, options, stats).map_err(|source| StoreError::Open {
+            Writer::new(conn, data_dir, options, stats).map_err(|source| StoreError::Open {
                 path: path.clone(),
                 source,
             })?;
@@ -556,11 +567,19 @@ struct Writer {
     committed: watch::Sender<u64>,
     last_maintenance: Instant,
     over_budget_logged: Option<Instant>,
+    /// The data directory, where the reserve is.
+    data_dir: PathBuf,
+    /// Since when the file system has been full and history is shed, if it is.
+    full_since: Option<Instant>,
+    /// Flushes waiting for alert or outbox writes that could not be committed yet: a QoS 1
+    /// publish is acknowledged only once what it caused is durable.
+    blocked: Vec<oneshot::Sender<()>>,
 }
 
 impl Writer {
     fn new(
         conn: Connection,
+        data_dir: &Path,
         options: StoreOptions,
         stats: Arc<Stats>,
     ) -> rusqlite::Result<(Writer, watch::Receiver<u64>)> {
@@ -580,15 +599,27 @@ impl Writer {
             committed,
             last_maintenance: Instant::now(),
             over_budget_logged: None,
+            data_dir: data_dir.to_owned(),
+            full_since: None,
+            blocked: Vec::new(),
         };
         writer.update_outbox_stats();
+        let mut writer = writer;
+        if let Err(e) = writer.set_reserve_aside() {
+            writer.run_short(&format!("the reserve cannot be set aside: {e}"));
+        }
         Ok((writer, rx))
     }
 
     fn run(mut self, rx: mpsc::Receiver<Command>) {
         let mut batch = Vec::with_capacity(64);
         loop {
-            match rx.recv_timeout(MAINTENANCE_EVERY) {
+            let wait = if self.full_since.is_some() {
+                SPACE_CHECK_EVERY
+            } else {
+                MAINTENANCE_EVERY
+            };
+            match rx.recv_timeout(wait) {
                 Ok(first) => batch.push(first),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -600,6 +631,9 @@ impl Writer {
                 }
             }
             self.handle(&mut batch);
+            if self.full_since.is_some() {
+                self.look_for_space();
+            }
             if self.last_maintenance.elapsed() >= MAINTENANCE_EVERY {
                 self.last_maintenance = Instant::now();
                 if let Err(e) = self.maintain() {
@@ -630,8 +664,13 @@ impl Writer {
                 }
                 Command::Flush(waiting) => {
                     self.commit(&mut writes);
-                    for reply in waiting {
-                        let _ = reply.send(());
+                    if self.retry.is_empty() {
+                        for reply in waiting {
+                            let _ = reply.send(());
+                        }
+                    } else {
+                        // Answered once the alert and outbox writes before it are committed.
+                        self.blocked.extend(waiting);
                     }
                 }
                 Command::RetainedAll(reply) => {
@@ -663,27 +702,20 @@ impl Writer {
             retry.append(writes);
             *writes = retry;
         }
+        if self.full_since.is_some() {
+            self.shed(writes);
+        }
         if writes.is_empty() {
             return;
         }
-        let outbox_rows = writes
-            .iter()
-            .any(|w| matches!(w, Command::Alert(_, Some(_)) | Command::Outbox(_)));
-        if outbox_rows {
-            // An alert that may go upstream must survive a power cut, not only a crash.
-            let _ = self.conn.pragma_update(None, "synchronous", "FULL");
-        }
-        let result = (|| {
-            let tx = self.conn.transaction()?;
-            let mut effect = Effect::default();
-            for w in writes.iter() {
-                effect.add(write(&tx, w)?);
+        let mut result = self.transaction(writes);
+        if let Err(e) = &result {
+            if out_of_space(e) && self.full_since.is_none() {
+                // The file system is full: give the reserve back and write what matters in it.
+                self.run_short(&e.to_string());
+                self.shed(writes);
+                result = self.transaction(writes);
             }
-            tx.commit()?;
-            Ok::<_, rusqlite::Error>(effect)
-        })();
-        if outbox_rows {
-            let _ = self.conn.pragma_update(None, "synchronous", "NORMAL");
         }
         match result {
             Ok(effect) => {
@@ -701,6 +733,9 @@ impl Writer {
                         let _ = reply.send(());
                     }
                 }
+                for reply in self.blocked.drain(..) {
+                    let _ = reply.send(());
+                }
             }
             Err(e) => {
                 // Alerts and acknowledgements are kept and tried again with the next batch;
@@ -715,6 +750,8 @@ impl Writer {
                     )
                 });
                 let kept = keep.len();
+                let dropped = drop.iter().map(history_rows).sum::<u64>();
+                Stats::add(&self.stats.history_shed, dropped);
                 self.retry = keep;
                 if self.retry.len() > MAX_RETRY {
                     let excess = self.retry.len() - MAX_RETRY;
@@ -729,11 +766,123 @@ impl Writer {
                     .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
                 {
                     self.failing_since = Some(Instant::now());
-                    error!(error = %e, kept, dropped = drop.len(), "cannot write to the database (disk full or failing?); alerts are kept in memory and retried, history in this batch is lost");
+                    error!(error = %e, kept, dropped, "cannot write to the database; alerts are kept in memory and retried (QoS 1 publishes wait for them), history in this batch is lost");
                 }
             }
         }
         writes.clear();
+    }
+
+    /// Writes `writes` in one transaction; an alert or outbox row is synced to disk.
+    fn transaction(&mut self, writes: &[Command]) -> rusqlite::Result<Effect> {
+        let outbox_rows = writes
+            .iter()
+            .any(|w| matches!(w, Command::Alert(_, Some(_)) | Command::Outbox(_)));
+        if outbox_rows {
+            // An alert that may go upstream must survive a power cut, not only a crash.
+            let _ = self.conn.pragma_update(None, "synchronous", "FULL");
+        }
+        let result = (|| {
+            let tx = self.conn.transaction()?;
+            let mut effect = Effect::default();
+            for w in writes {
+                effect.add(write(&tx, w)?);
+            }
+            tx.commit()?;
+            Ok::<_, rusqlite::Error>(effect)
+        })();
+        if outbox_rows {
+            let _ = self.conn.pragma_update(None, "synchronous", "NORMAL");
+        }
+        result
+    }
+
+    /// While the file system is full: drops history (raw readings, rollups) from `writes`,
+    /// counted, so that alerts, the outbox and the device counters get the space.
+    fn shed(&mut self, writes: &mut Vec<Command>) {
+        let mut shed = 0;
+        writes.retain(|w| {
+            let rows = history_rows(w);
+            shed += rows;
+            rows == 0
+        });
+        Stats::add(&self.stats.history_shed, shed);
+    }
+
+    /// The file system is full (or the reserve could not be set aside): from now on history
+    /// is shed, and the reserve goes back to the file system for alerts and the outbox.
+    fn run_short(&mut self, why: &str) {
+        if self.full_since.is_some() {
+            return;
+        }
+        self.full_since = Some(Instant::now());
+        self.stats.disk_full.store(true, Ordering::Relaxed);
+        let reserve = self.data_dir.join(RESERVE_FILE);
+        let given = std::fs::metadata(&reserve).map_or(0, |m| m.len());
+        let _ = std::fs::remove_file(&reserve);
+        error!(
+            data_dir = %self.data_dir.display(),
+            reserve_mb = given / 1024 / 1024,
+            "the data directory's file system is full ({why}): history (raw readings, rollups) is shed until there is room again; alerts, the outbox and acknowledgements go on in the reserve"
+        );
+    }
+
+    /// While short of space: once the file system has room for the reserve and as much again,
+    /// sets the reserve aside again and lets history be written.
+    fn look_for_space(&mut self) {
+        let wanted = self
+            .options
+            .reserve_bytes
+            .saturating_mul(2)
+            .max(1024 * 1024);
+        match available_bytes(&self.data_dir) {
+            Some(free) if free >= wanted => {}
+            _ => return,
+        }
+        if let Err(e) = self.set_reserve_aside() {
+            debug!(error = %e, "the reserve cannot be set aside yet");
+            return;
+        }
+        let since = self
+            .full_since
+            .take()
+            .map(|t| t.elapsed())
+            .unwrap_or_default();
+        self.stats.disk_full.store(false, Ordering::Relaxed);
+        info!(
+            full_for_s = since.as_secs(),
+            shed_rows = Stats::get(&self.stats.history_shed),
+            "the data directory has room again: history is written again and the reserve is set aside"
+        );
+    }
+
+    /// Writes the reserve file (real blocks, not a sparse file), or removes what was written.
+    fn set_reserve_aside(&self) -> std::io::Result<()> {
+        let path = self.data_dir.join(RESERVE_FILE);
+        let size = self.options.reserve_bytes;
+        if size == 0 {
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == size) {
+            return Ok(());
+        }
+        let result = (|| {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&path)?;
+            let chunk = vec![0u8; 1024 * 1024];
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                file.write_all(&chunk[..n])?;
+                left -= n as u64;
+            }
+            file.sync_all()
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        result
     }
 
     fn update_outbox_stats(&self) {
@@ -888,6 +1037,41 @@ impl Writer {
             .pragma_query_value(None, "page_size", |r| r.get(0))?;
         Ok(((pages - free).max(0) * size) as u64)
     }
+}
+
+/// History rows a write carries (raw readings, rollups); 0 for anything else.
+fn history_rows(w: &Command) -> u64 {
+    match w {
+        Command::Rollups(rows) => rows.len() as u64,
+        Command::Raw(rows) => rows.len() as u64,
+        _ => 0,
+    }
+}
+
+/// True if `e` says the disk is full (or failing to write, which a full disk can look like).
+fn out_of_space(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure)
+    )
+}
+
+/// Bytes an unprivileged writer can still use on the file system of `dir`.
+fn available_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `path` is a valid NUL-terminated string and `st` points to writable memory of
+    // the right type; statvfs(3) fills it in on success.
+    let r = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    // 32-bit on armhf, 64-bit here.
+    #[allow(clippy::unnecessary_cast)]
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// What a transaction did to the outbox.
@@ -1462,6 +1646,7 @@ mod tests {
         StoreOptions {
             max_db_bytes: 1 << 30,
             raw_retention: None,
+            reserve_bytes: 0,
         }
     }
 
@@ -1569,6 +1754,7 @@ mod tests {
         let opts = StoreOptions {
             max_db_bytes: 2 * 1024 * 1024,
             raw_retention: Some(Duration::from_secs(365 * 86_400)),
+            reserve_bytes: 0,
         };
         let (store, thread) = Store::open(dir.path(), opts, stats.clone()).unwrap();
         let now = now_millis();
@@ -1596,6 +1782,7 @@ mod tests {
         thread.join();
         let (mut w, _) = Writer::new(
             open_db(&dir.path().join(DB_FILE)).unwrap(),
+            dir.path(),
             opts,
             stats.clone(),
         )
@@ -1633,11 +1820,12 @@ mod tests {
         let stats = Arc::new(Stats::default());
         let (mut w, committed) = Writer::new(
             open_db(&dir.path().join(DB_FILE)).unwrap(),
+            dir.path(),
             options(),
             stats.clone(),
         )
         .unwrap();
-        // Every write now fails, as on a full disk.
+        // Every write now fails, as on a failing disk.
         w.conn.pragma_update(None, "query_only", true).unwrap();
         let mut batch = vec![
             Command::Alert(Box::new(doc("a")), Some(entry("a"))),
@@ -1655,13 +1843,21 @@ mod tests {
                 }),
             }]),
         ];
-        w.commit(&mut batch);
+        let (judged, mut answer) = oneshot::channel();
+        batch.push(Command::Flush(vec![judged]));
+        w.handle(&mut batch);
         assert_eq!(w.retry.len(), 1, "the alert is kept, the rollup is not");
+        assert_eq!(Stats::get(&stats.history_shed), 1, "the rollup is counted");
         assert_eq!(*committed.borrow(), 0);
+        assert!(
+            answer.try_recv().is_err(),
+            "what waits for the alert to be durable is not answered"
+        );
 
         w.conn.pragma_update(None, "query_only", false).unwrap();
         w.commit(&mut vec![Command::Outbox(entry("b"))]);
         assert!(w.retry.is_empty());
+        assert!(answer.try_recv().is_ok(), "answered once it is committed");
         assert_eq!(*committed.borrow(), 2);
         let ids: Vec<_> = w
             .outbox_page(0, 10)
@@ -1671,6 +1867,79 @@ mod tests {
             .collect();
         assert_eq!(ids, ["a", "b"], "the retried alert keeps its place");
         assert_eq!(Stats::get(&stats.outbox_depth), 2);
+    }
+
+    #[test]
+    fn a_full_disk_gives_the_reserve_back_sheds_history_and_keeps_alerts() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let opts = StoreOptions {
+            reserve_bytes: 1024 * 1024,
+            ..options()
+        };
+        let (mut w, committed) = Writer::new(
+            open_db(&dir.path().join(DB_FILE)).unwrap(),
+            dir.path(),
+            opts,
+            stats.clone(),
+        )
+        .unwrap();
+        let reserve = dir.path().join(RESERVE_FILE);
+        assert_eq!(std::fs::metadata(&reserve).unwrap().len(), 1024 * 1024);
+        // SQLite answers SQLITE_FULL, as on a full disk, once the file may not grow.
+        let pages: i64 = w
+            .conn
+            .pragma_query_value(None, "page_count", |r| r.get(0))
+            .unwrap();
+        w.conn.pragma_update(None, "max_page_count", pages).unwrap();
+        let raw = |n: usize| {
+            Command::Raw(
+                (0..n)
+                    .map(|i| RawRow {
+                        device: format!("d{i}"),
+                        metric: "t".into(),
+                        at: i as Millis,
+                        value: Value::Number(i as f64),
+                        seq: None,
+                    })
+                    .collect(),
+            )
+        };
+        let (judged, mut answer) = oneshot::channel();
+        w.handle(&mut vec![
+            raw(500),
+            Command::Alert(Box::new(doc("a")), Some(entry("a"))),
+            Command::Flush(vec![judged]),
+        ]);
+        assert!(stats.disk_full.load(Ordering::Relaxed));
+        assert!(
+            !reserve.exists(),
+            "the reserve went back to the file system"
+        );
+        assert_eq!(Stats::get(&stats.history_shed), 500);
+        // Without the history, the alert fits: committed in the same round, and whatever
+        // waited for it is answered.
+        assert!(w.retry.is_empty());
+        assert_eq!(*committed.borrow(), 1, "the alert is in the outbox");
+        assert!(answer.try_recv().is_ok());
+        // More history while full is shed before it is tried.
+        w.commit(&mut vec![raw(10)]);
+        assert_eq!(Stats::get(&stats.history_shed), 510);
+
+        w.conn
+            .pragma_update(None, "max_page_count", 1_000_000)
+            .unwrap();
+        // The file system has room: the reserve is set aside again and history is written.
+        w.look_for_space();
+        assert!(!stats.disk_full.load(Ordering::Relaxed));
+        assert_eq!(std::fs::metadata(&reserve).unwrap().len(), 1024 * 1024);
+        w.commit(&mut vec![raw(3)]);
+        assert_eq!(Stats::get(&stats.history_shed), 510);
+        let rows: i64 = w
+            .conn
+            .query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 3);
     }
 
     #[test]

@@ -1032,10 +1032,20 @@ fn compile_history(raw: &RawHistory, sink: &mut Sink<'_>) -> HistoryConfig {
         Some(m) => m.get_ref().saturating_mul(1024 * 1024),
         None => defaults.max_db_bytes,
     };
+    // 0 sets nothing aside; more than 1 GiB is surely a mistake.
+    let reserve_bytes = match &raw.reserve_mb {
+        Some(m) if *m.get_ref() > 1024 => {
+            sink.error(m.span(), "`reserve_mb` must be at most 1024", None);
+            defaults.reserve_bytes
+        }
+        Some(m) => m.get_ref() * 1024 * 1024,
+        None => defaults.reserve_bytes,
+    };
     HistoryConfig {
         window,
         raw_retention,
         max_db_bytes,
+        reserve_bytes,
     }
 }
 

@@ -353,6 +353,9 @@ pub struct HistoryConfig {
     pub raw_retention: Option<Duration>,
     /// Disk budget of the database in bytes; the oldest history goes first when it is reached.
     pub max_db_bytes: u64,
+    /// Bytes set aside in the data directory for alerts and the outbox when its file system
+    /// fills up (`reserve_mb`).
+    pub reserve_bytes: u64,
 }
 
 impl Default for HistoryConfig {
@@ -361,6 +364,7 @@ impl Default for HistoryConfig {
             window: Duration::from_secs(60),
             raw_retention: None,
             max_db_bytes: DEFAULT_MAX_DB_MB * 1024 * 1024,
+            reserve_bytes: crate::store::DEFAULT_RESERVE_BYTES,
         }
     }
 }

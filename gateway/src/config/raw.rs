@@ -206,6 +206,7 @@ pub(super) struct RawHistory {
     pub(super) window: Option<Spanned<String>>,
     pub(super) raw_retention: Option<Spanned<String>>,
     pub(super) max_db_mb: Option<Spanned<u64>>,
+    pub(super) reserve_mb: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
