@@ -18,6 +18,7 @@
 //! | [`sources`] | foreign topic layouts (Tasmota, ESPHome, Shelly, ...) mapped onto readings by configuration |
 //! | [`topic`] | MQTT topic filter syntax and matching |
 //! | [`loss`] | pure loss accounting from each device's `seq`: gaps, duplicates, late arrivals |
+//! | [`clock`] | the wall clock for timestamps, the monotonic clock for durations, both in one [`clock::Stamp`]; logs steps of the wall clock |
 //! | [`rules`] | pure rule evaluation: (rule, state, input, now) → (state, transition) |
 //! | [`aggregate`] | windowed rollups and site summaries as state machines with time passed in |
 //! | [`ingest`] | the task that takes the broker's batches and drives codec → loss → rules and rollups → outputs |
@@ -38,6 +39,7 @@ pub mod aggregate;
 pub mod alert;
 pub mod app;
 pub mod broker;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod http;
