@@ -127,8 +127,10 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         summaries: config.uplink.as_ref().and_then(|u| u.summaries.clone()),
         stale_after: config.gateway.stale_after,
     };
-    let now = crate::alert::now_millis();
-    let mut engine = Engine::new(options, stats.clone(), now);
+    // One clock for ingest from here on: restored alerts are put on its monotonic half.
+    let mut clock = crate::clock::Clock::new();
+    let now = clock.now();
+    let mut engine = Engine::new(options, stats.clone(), now.wall);
     // Alerts outlive restarts: publish every alert's last document again (retained), and
     // take raised ones back so that they are not raised a second time.
     let saved = store.saved_alerts().await;
@@ -157,6 +159,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     };
     tasks.push(tokio::spawn(ingest::run(
         engine,
+        clock,
         broker.clone(),
         readings_rx,
         outputs,

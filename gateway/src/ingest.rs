@@ -8,6 +8,11 @@
 //! `watchpost test-rules`. [`run`] is the thin task around it that owns the link.
 //! Malformed input is counted per device and logged at most once per device per minute; it
 //! never stops ingest and never touches another device's state.
+//!
+//! Time comes in as a [`Stamp`] (see [`crate::clock`]): deadlines, staleness and log limits
+//! run on its monotonic half, documents, history rows, rollup windows and summaries on its
+//! wall half. [`run`] reads both clocks from one [`Clock`], which logs steps of the wall
+//! clock.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -20,8 +25,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::aggregate::{Closed, SiteSummary, StreamWindow, window_start};
-use crate::alert::{AlertDoc, now_millis, rfc3339};
+use crate::alert::{AlertDoc, rfc3339};
 use crate::broker::Broker;
+use crate::clock::{Clock, Stamp};
 use crate::codec::{self, DecodeError, Limits, Message, Readings};
 use crate::config::SummaryConfig;
 use crate::loss::{Seq, SeqTracker};
@@ -91,14 +97,16 @@ pub struct Engine {
     /// Boxed: the map's table has room for more devices than there are, and each slot of a
     /// `Device` would be a few hundred bytes.
     devices: HashMap<Box<str>, Box<Device>>,
-    /// Deadlines of rule states (`for`, silence, grace, cooldown, renotify), earliest first.
-    /// An entry may be early or stale: when it comes up, the state's real deadline decides.
+    /// Deadlines of rule states (`for`, silence, grace, cooldown, renotify) on the monotonic
+    /// clock, earliest first. An entry may be early or stale: when it comes up, the state's
+    /// real deadline decides.
     deadlines: BinaryHeap<Reverse<Deadline>>,
     error_log: LogLimit,
     loss_log: LogLimit,
     rollups: Vec<RollupRow>,
     raw: Vec<RawRow>,
     summary: Option<Summary>,
+    /// Monotonic time of the next scan for rollup windows of quiet streams.
     next_window_scan: Millis,
 }
 
@@ -114,6 +122,8 @@ struct Device {
     episodes: Vec<(usize, Millis)>,
     /// What the device last said on its status topic, if anything.
     online: Option<bool>,
+    /// Monotonic time of the last message, for staleness (`counters` has the wall time).
+    last_seen: Millis,
 }
 
 /// A device's streams by metric name. Devices report a handful of metrics, so a list that
@@ -249,7 +259,7 @@ impl StepContext<'_> {
         state: &mut RuleState,
         target: Target<'_>,
         input: Input,
-        now: Millis,
+        now: Stamp,
     ) {
         let transition = rule.step(state, input, now);
         self.after_step(rule, rule_idx, state, target, transition, now);
@@ -262,7 +272,7 @@ impl StepContext<'_> {
         state: &mut RuleState,
         target: Target<'_>,
         transition: Option<crate::rules::Transition>,
-        now: Millis,
+        now: Stamp,
     ) {
         let Target {
             device,
@@ -285,7 +295,7 @@ impl StepContext<'_> {
                 None => episodes.push((rule_idx, t.since)),
             }
             if let State::Raised { since, .. } = &mut state.core {
-                *since = t.since;
+                since.wall = t.since;
             }
         }
         match (t.state, t.repeat) {
@@ -315,8 +325,9 @@ impl StepContext<'_> {
         });
     }
 
-    /// Schedules a wake-up at `at` unless one at or before it is already scheduled for this
-    /// state: a wake-up that comes early finds the state's real deadline and schedules that.
+    /// Schedules a wake-up at monotonic time `at` unless one at or before it is already
+    /// scheduled for this state: a wake-up that comes early finds the state's real deadline
+    /// and schedules that.
     fn schedule(
         &mut self,
         at: Millis,
@@ -369,6 +380,7 @@ fn new_device(rules: &[Rule], name: &str) -> Device {
         published: DeviceCounters::default(),
         episodes: Vec::new(),
         online: None,
+        last_seen: 0,
     }
 }
 
@@ -402,7 +414,7 @@ fn new_stream(
 }
 
 impl Engine {
-    /// An engine with no state yet; `now` starts the first summary interval.
+    /// An engine with no state yet; `now` (wall clock) starts the first summary interval.
     pub fn new(options: EngineOptions, stats: Arc<Stats>, now: Millis) -> Self {
         let summary = options.summaries.as_ref().map(|s| {
             let interval = (s.interval.as_millis() as Millis).max(1);
@@ -427,7 +439,7 @@ impl Engine {
             rollups: Vec::new(),
             raw: Vec::new(),
             summary,
-            next_window_scan: now,
+            next_window_scan: 0,
         }
     }
 
@@ -449,7 +461,13 @@ impl Engine {
 
     /// Handles one message at time `now`: native `sensors/...` or a configured source.
     /// Returns the alert transitions it caused; history waits for [`Engine::housekeeping`].
-    pub fn on_message(&mut self, topic: &[u8], payload: &[u8], now: Millis) -> Vec<Alert> {
+    pub fn on_message(
+        &mut self,
+        topic: &[u8],
+        payload: &[u8],
+        now: impl Into<Stamp>,
+    ) -> Vec<Alert> {
+        let now = now.into();
         Stats::inc(&self.stats.messages);
         let Ok(topic) = std::str::from_utf8(topic) else {
             self.malformed(None, "<not UTF-8>", &DecodeError::NotUtf8, now);
@@ -503,8 +521,9 @@ impl Engine {
         device: &str,
         metric: &str,
         value: Value,
-        now: Millis,
+        now: impl Into<Stamp>,
     ) -> Vec<Alert> {
+        let now = now.into();
         Stats::inc(&self.stats.messages);
         let readings = Readings {
             device: device.into(),
@@ -517,7 +536,13 @@ impl Engine {
     }
 
     /// A device said it is online or offline (a status message, usually its last will).
-    pub fn presence(&mut self, device_name: &str, online: bool, now: Millis) -> Vec<Alert> {
+    pub fn presence(
+        &mut self,
+        device_name: &str,
+        online: bool,
+        now: impl Into<Stamp>,
+    ) -> Vec<Alert> {
+        let now = now.into();
         debug!(device = device_name, online, "device presence");
         let Engine {
             options,
@@ -530,7 +555,8 @@ impl Engine {
             .entry(device_name.into())
             .or_insert_with(|| Box::new(new_device(&options.rules, device_name)));
         device.counters.messages += 1;
-        device.counters.last_seen_ms = now;
+        device.counters.last_seen_ms = now.wall;
+        device.last_seen = now.mono;
         device.online = Some(online);
         let mut out = Vec::new();
         let mut ctx = StepContext {
@@ -559,7 +585,7 @@ impl Engine {
         out
     }
 
-    fn readings(&mut self, topic: &str, readings: Readings<'_>, now: Millis) -> Vec<Alert> {
+    fn readings(&mut self, topic: &str, readings: Readings<'_>, now: Stamp) -> Vec<Alert> {
         let Readings {
             device: device_name,
             seq,
@@ -617,7 +643,8 @@ impl Engine {
             .entry(device_name.into())
             .or_insert_with(|| Box::new(new_device(&options.rules, device_name)));
         device.counters.messages += 1;
-        device.counters.last_seen_ms = now;
+        device.counters.last_seen_ms = now.wall;
+        device.last_seen = now.mono;
         device.counters.unmapped += u64::from(unmapped);
         if device.online == Some(false) {
             // Readings mean it is back, whatever its last will said.
@@ -637,7 +664,7 @@ impl Engine {
                     }
                     Seq::Gap(n) => {
                         Stats::add(&stats.seq_gap_messages, n);
-                        if let Some(suppressed) = loss_log.should_log(device_name, now) {
+                        if let Some(suppressed) = loss_log.should_log(device_name, now.mono) {
                             warn!(
                                 device = device_name,
                                 lost = n,
@@ -682,7 +709,7 @@ impl Engine {
             let stream = streams.get_mut(metric).expect("inserted above");
             match &mut stream.window {
                 Some(w) => {
-                    if let Some(closed) = w.add(value, now, *window_ms) {
+                    if let Some(closed) = w.add(value, now.wall, *window_ms) {
                         rollups.push(RollupRow {
                             device: device_name.into(),
                             metric: metric.into(),
@@ -694,7 +721,7 @@ impl Engine {
                     stream.window = Some(StreamWindow::new(
                         value,
                         stream.last.as_ref(),
-                        now,
+                        now.wall,
                         *window_ms,
                     ))
                 }
@@ -706,7 +733,7 @@ impl Engine {
                 raw.push(RawRow {
                     device: device_name.into(),
                     metric: metric.into(),
-                    at: now,
+                    at: now.wall,
                     value: value.clone(),
                     seq,
                 });
@@ -772,9 +799,14 @@ impl Engine {
     }
 
     /// Lets deadlines whose time has come fire; returns the transitions.
-    pub fn on_tick(&mut self, now: Millis) -> Vec<Alert> {
+    pub fn on_tick(&mut self, now: impl Into<Stamp>) -> Vec<Alert> {
+        let now = now.into();
         let mut out = Vec::new();
-        while self.deadlines.peek().is_some_and(|Reverse(d)| d.at <= now) {
+        while self
+            .deadlines
+            .peek()
+            .is_some_and(|Reverse(d)| d.at <= now.mono)
+        {
             let Some(Reverse(d)) = self.deadlines.pop() else {
                 break;
             };
@@ -826,7 +858,7 @@ impl Engine {
                 out: &mut out,
             };
             match rule.deadline(state) {
-                Some(due) if due <= now => {
+                Some(due) if due <= now.mono => {
                     let transition = rule.step(state, Input::Tick, now);
                     let target = Target {
                         device: &d.device,
@@ -843,14 +875,16 @@ impl Engine {
         out
     }
 
-    /// The earliest time at which [`Engine::on_tick`] has something to do.
+    /// The earliest monotonic time at which [`Engine::on_tick`] has something to do.
     pub fn next_deadline(&self) -> Option<Millis> {
         self.deadlines.peek().map(|Reverse(d)| d.at)
     }
 
     /// Brings back alerts that were raised when the gateway stopped, so that they are not
-    /// raised a second time. Alerts of rules that no longer exist are skipped.
-    pub fn restore(&mut self, saved: &[SavedAlert], now: Millis) -> usize {
+    /// raised a second time. Alerts of rules that no longer exist are skipped. A saved
+    /// alert's `since` is a wall time; its monotonic time is taken to be as long ago.
+    pub fn restore(&mut self, saved: &[SavedAlert], now: impl Into<Stamp>) -> usize {
+        let now = now.into();
         let mut restored = 0;
         for s in saved.iter().filter(|s| s.raised) {
             let Some(rule_idx) = self.options.rules.iter().position(|r| r.name == s.rule) else {
@@ -881,14 +915,17 @@ impl Engine {
             };
             if let Some(state) = state {
                 state.core = State::Raised {
-                    since: s.since,
+                    since: Stamp {
+                        wall: s.since,
+                        mono: now.mono_of(s.since),
+                    },
                     threshold: s.threshold,
                 };
                 // What the last document said, so that a renotification repeats it.
                 state.value = serde_json::from_str::<AlertDoc>(&s.doc)
                     .map(|d| d.value)
                     .unwrap_or_else(|_| Value::Number(s.threshold.unwrap_or_default()));
-                state.notified_at = now;
+                state.notified_at = now.mono;
                 device.episodes.retain(|(r, _)| *r != rule_idx);
                 device.episodes.push((rule_idx, s.since));
                 restored += 1;
@@ -905,8 +942,9 @@ impl Engine {
         &mut self,
         rules: Vec<Rule>,
         sources: Vec<Source>,
-        now: Millis,
+        now: impl Into<Stamp>,
     ) -> (Vec<Alert>, ReloadOutcome) {
+        let now = now.into();
         let old = std::mem::replace(&mut self.options.rules, rules);
         self.options.sources = sources;
         let new = &self.options.rules;
@@ -950,8 +988,8 @@ impl Engine {
             if let State::Raised { since, threshold } = state.core {
                 let t = crate::rules::Transition {
                     state: AlertState::Cleared,
-                    since,
-                    at: now,
+                    since: since.wall,
+                    at: now.wall,
                     value: last.unwrap_or(&state.value).clone(),
                     threshold,
                     repeat: 0,
@@ -1071,11 +1109,12 @@ impl Engine {
 
     /// The periodic round: closes rollup windows of quiet streams, publishes counters, and
     /// produces a summary when its interval ends.
-    pub fn housekeeping(&mut self, now: Millis) -> Housekeeping {
-        if now >= self.next_window_scan {
+    pub fn housekeeping(&mut self, now: impl Into<Stamp>) -> Housekeeping {
+        let now = now.into();
+        if now.mono >= self.next_window_scan {
             // A window ends at the next reading, or here for a stream that went quiet.
-            self.next_window_scan = now + 5_000;
-            self.close_windows(|w, len| w.close_if_due(now, len));
+            self.next_window_scan = now.mono.saturating_add(5_000);
+            self.close_windows(|w, len| w.close_if_due(now.wall, len));
         }
         let mut out = Housekeeping::default();
         let mut changed = Vec::new();
@@ -1085,7 +1124,7 @@ impl Engine {
             if &**name != OTHER_DEVICES {
                 match d.online {
                     Some(false) => offline += 1,
-                    _ if now.saturating_sub(d.counters.last_seen_ms) > stale_after => stale += 1,
+                    _ if now.mono.saturating_sub(d.last_seen) > stale_after => stale += 1,
                     _ => online += 1,
                 }
             }
@@ -1115,15 +1154,16 @@ impl Engine {
         self.stats.devices_offline.store(offline, Relaxed);
         self.stats.devices_stale.store(stale, Relaxed);
         self.stats.alerts_active.store(active, Relaxed);
-        out.summary = self.summary_due(now);
+        out.summary = self.summary_due(now.wall);
         (out.rollups, out.raw) = self.take_history();
         out
     }
 
     /// Everything that would be lost by stopping now: open windows as partial rollups (they
     /// merge with the rest of their window after a restart) and unpublished counters.
-    pub fn finish(&mut self, now: Millis) -> Housekeeping {
-        self.close_windows(|w, len| Some(w.rollup(now, len)));
+    pub fn finish(&mut self, now: impl Into<Stamp>) -> Housekeeping {
+        let now = now.into();
+        self.close_windows(|w, len| Some(w.rollup(now.wall, len)));
         self.next_window_scan = Millis::MAX;
         self.housekeeping(now)
     }
@@ -1165,7 +1205,7 @@ impl Engine {
         })
     }
 
-    fn malformed(&mut self, device: Option<&str>, what: &str, error: &DecodeError, now: Millis) {
+    fn malformed(&mut self, device: Option<&str>, what: &str, error: &DecodeError, now: Stamp) {
         Stats::inc(&self.stats.decode_errors);
         let tracked = device.filter(|d| {
             self.devices.contains_key(*d) || self.devices.len() < MAX_ERROR_ONLY_DEVICES
@@ -1177,9 +1217,10 @@ impl Engine {
             .entry(key.into())
             .or_insert_with(|| Box::new(new_device(rules, key)));
         d.counters.decode_errors += 1;
-        d.counters.last_seen_ms = now;
+        d.counters.last_seen_ms = now.wall;
+        d.last_seen = now.mono;
         let logged_as = device.unwrap_or(OTHER_DEVICES);
-        if let Some(suppressed) = self.error_log.should_log(logged_as, now) {
+        if let Some(suppressed) = self.error_log.should_log(logged_as, now.mono) {
             warn!(
                 device = logged_as,
                 suppressed,
@@ -1199,7 +1240,7 @@ struct LogLimit {
 }
 
 impl LogLimit {
-    /// `Some(suppressed since last time)` if `key` may be logged at `now`.
+    /// `Some(suppressed since last time)` if `key` may be logged at monotonic time `now`.
     fn should_log(&mut self, key: &str, now: Millis) -> Option<u64> {
         let interval = ERROR_LOG_INTERVAL.as_millis() as Millis;
         match self.last.get_mut(key) {
@@ -1251,9 +1292,11 @@ pub enum Control {
 }
 
 /// The ingest task: judges the batches of publishes the broker's injector hands it, until
-/// `shutdown` resolves or the broker goes away; publishes alerts on the broker.
+/// `shutdown` resolves or the broker goes away; publishes alerts on the broker. `clock` is
+/// the one whose stamps the engine has seen so far (its restored alerts).
 pub async fn run(
     mut engine: Engine,
+    mut clock: Clock,
     broker: Broker,
     mut readings: mpsc::Receiver<crate::broker::Batch>,
     outputs: Outputs,
@@ -1272,7 +1315,7 @@ pub async fn run(
         let next = engine.next_deadline();
         if next != armed {
             if let Some(at) = next {
-                let wait = Duration::from_millis(at.saturating_sub(now_millis()));
+                let wait = Duration::from_millis(at.saturating_sub(clock.now().mono));
                 timer.as_mut().reset(tokio::time::Instant::now() + wait);
             }
             armed = next;
@@ -1286,16 +1329,16 @@ pub async fn run(
             _ = &mut shutdown => break,
             _ = &mut timer, if armed.is_some() => {
                 armed = None;
-                engine.on_tick(now_millis())
+                engine.on_tick(clock.now())
             }
             Some(Control::Reload { rules, sources, reply }) = control.recv() => {
-                let (cleared, outcome) = engine.replace_rules(rules, sources, now_millis());
+                let (cleared, outcome) = engine.replace_rules(rules, sources, clock.now());
                 let _ = reply.send(outcome);
                 cleared
             }
             _ = housekeeping.tick() => {
-                let now = now_millis();
-                stats.ingest_heartbeat_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+                let now = clock.now();
+                stats.ingest_heartbeat_ms.store(now.wall, std::sync::atomic::Ordering::Relaxed);
                 let round = engine.housekeeping(now);
                 store_round(&outputs.store, round);
                 continue;
@@ -1317,7 +1360,7 @@ pub async fn run(
                     );
                     Stats::add(&stats.forward_all_bytes, baseline);
                     let started = std::time::Instant::now();
-                    alerts.extend(engine.on_message(&publish.topic, &publish.payload, now_millis()));
+                    alerts.extend(engine.on_message(&publish.topic, &publish.payload, clock.now()));
                     Stats::add(&stats.ingest_nanos, started.elapsed().as_nanos() as u64);
                     Stats::inc(&stats.ingest_count);
                 }
@@ -1347,7 +1390,7 @@ pub async fn run(
             }
         }
     }
-    store_round(&outputs.store, engine.finish(now_millis()));
+    store_round(&outputs.store, engine.finish(clock.now()));
     debug!("ingest stopped");
 }
 

@@ -717,3 +717,66 @@ fn a_chattering_contact_under_for_schedules_one_wake_up_not_one_per_change() {
     assert!(e.on_tick(699_999).is_empty());
     assert_eq!(states(&e.on_tick(700_000)), [("hall", "door-open", Raised)]);
 }
+
+/// 2026-11-21T18:05:45.123Z.
+const Y2026: Millis = 1_795_284_345_123;
+
+#[test]
+fn a_wall_clock_step_during_for_neither_fires_it_early_nor_stalls_it() {
+    // Booted in 1970, NTP steps to 2026; NTP steps back a minute.
+    for (name, start, step) in [
+        ("1970 to 2026", 30_000, Y2026 as i64 - 30_000),
+        ("a minute back", Y2026, -60_000),
+    ] {
+        let at = |t: Millis| Stamp {
+            wall: (start + t)
+                .checked_add_signed(if t >= 4_500 { step } else { 0 })
+                .unwrap(),
+            mono: start + t,
+        };
+        let mut e = engine(10_000);
+        assert!(
+            e.on_message(b"sensors/a/temperature", b"95", at(0))
+                .is_empty()
+        );
+        assert!(
+            e.on_message(b"sensors/a/temperature", b"96", at(5_000))
+                .is_empty()
+        );
+        assert_eq!(e.next_deadline(), Some(start + 10_000), "{name}: monotonic");
+        assert!(e.on_tick(at(9_999)).is_empty(), "{name}: not early");
+        let raised = e.on_tick(at(10_000));
+        assert_eq!(
+            states(&raised),
+            [("a", "overheat", Raised)],
+            "{name}: on time"
+        );
+        let doc = &raised[0].doc;
+        let now = at(10_000).wall;
+        assert_eq!(
+            (doc.id.clone(), doc.since.clone(), doc.at.clone()),
+            (
+                format!("site:a:overheat:{}", now - 10_000),
+                rfc3339(now - 10_000),
+                rfc3339(now)
+            ),
+            "{name}: documents in the wall clock's new time"
+        );
+        let cleared = e.on_message(b"sensors/a/temperature", b"70", at(20_000));
+        assert_eq!(cleared[0].doc.id, doc.id, "{name}: one episode, one id");
+    }
+}
+
+#[test]
+fn a_wall_clock_step_forward_makes_no_device_stale() {
+    let mut e = engine(0);
+    e.on_message(b"sensors/a/temperature", b"20", Stamp::from(Y2026));
+    let an_hour_later_on_the_wall_a_second_on_the_box = Stamp {
+        wall: Y2026 + 3_601_000,
+        mono: Y2026 + 1_000,
+    };
+    e.housekeeping(an_hour_later_on_the_wall_a_second_on_the_box);
+    let stats = &e.stats;
+    assert_eq!(Stats::get(&stats.devices_stale), 0);
+    assert_eq!(Stats::get(&stats.devices_online), 1);
+}

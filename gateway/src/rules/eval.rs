@@ -1,5 +1,6 @@
 //! Evaluation: one step of a rule on its state, given an input and the time. Pure: no I/O,
-//! no clock reads.
+//! no clock reads. Durations compare the monotonic halves of [`Stamp`]s; documents get wall
+//! times.
 
 use super::*;
 
@@ -40,8 +41,15 @@ impl Rule {
         }
     }
 
-    /// One step of the rule; returns the transition to publish, if any.
-    pub fn step(&self, s: &mut RuleState, input: Input<'_>, now: Millis) -> Option<Transition> {
+    /// One step of the rule at `now` (a [`Stamp`], or one number of virtual time); returns
+    /// the transition to publish, if any.
+    pub fn step(
+        &self,
+        s: &mut RuleState,
+        input: Input<'_>,
+        now: impl Into<Stamp>,
+    ) -> Option<Transition> {
+        let now = now.into();
         match (&self.kind, input) {
             (_, Input::Tick) => self.tick(s, now),
             // The numeric kinds pass over what they cannot judge: NaN and states.
@@ -65,7 +73,7 @@ impl Rule {
                 let rate = rate_of_change(
                     &mut s.memory,
                     v.as_number()?,
-                    now,
+                    now.mono,
                     ms(*window),
                     *per_seconds,
                 )?;
@@ -82,7 +90,7 @@ impl Rule {
                 let z = deviation(
                     &mut s.memory,
                     v.as_number()?,
-                    now,
+                    now.mono,
                     ms(*window),
                     *min_samples,
                 )?;
@@ -97,7 +105,7 @@ impl Rule {
                 self.judge(s, verdict, v.clone(), now)
             }
             (Kind::Flapping { changes, window }, Input::Reading(v)) => {
-                let n = count_changes(&mut s.memory, Some(v), now, ms(*window));
+                let n = count_changes(&mut s.memory, Some(v), now.mono, ms(*window));
                 self.judge(s, flapping(*changes, n), Value::Number(n as f64), now)
             }
             (Kind::Silence { .. }, Input::Reading(_)) => {
@@ -108,17 +116,17 @@ impl Rule {
                 } = &mut s.memory
                 {
                     if let Some(prev) = *last {
-                        let gap = now.saturating_sub(prev) as f64;
+                        let gap = now.mono.saturating_sub(prev.mono) as f64;
                         *samples = samples.saturating_add(1);
                         // A running mean at first, then exponentially weighted (about 20).
                         let alpha = (1.0 / f64::from(*samples)).max(0.05);
                         *interval += alpha * (gap - *interval);
                     }
-                    *last = Some(last.map_or(now, |l| l.max(now)));
+                    *last = Some(last.map_or(now, |l| if l.mono > now.mono { l } else { now }));
                 }
                 match s.core {
                     State::Raised { since, threshold } => {
-                        let silent = now.saturating_sub(since) as f64 / 1000.0;
+                        let silent = now.mono.saturating_sub(since.mono) as f64 / 1000.0;
                         Some(clear(s, self, since, now, Value::Number(silent), threshold))
                     }
                     _ => None,
@@ -141,7 +149,7 @@ impl Rule {
                     None
                 }
                 State::Raised { since, threshold } => {
-                    let offline = now.saturating_sub(since) as f64 / 1000.0;
+                    let offline = now.mono.saturating_sub(since.mono) as f64 / 1000.0;
                     Some(clear(
                         s,
                         self,
@@ -163,7 +171,7 @@ impl Rule {
         s: &mut RuleState,
         verdict: Verdict,
         value: Value,
-        now: Millis,
+        now: Stamp,
     ) -> Option<Transition> {
         s.value = value;
         match s.core {
@@ -190,30 +198,34 @@ impl Rule {
     }
 
     /// Raises a pending alert if it has held long enough and no cooldown is running.
-    fn try_raise(&self, s: &mut RuleState, now: Millis) -> Option<Transition> {
+    fn try_raise(&self, s: &mut RuleState, now: Stamp) -> Option<Transition> {
         let State::Pending { since, threshold } = s.core else {
             return None;
         };
-        if now.saturating_sub(since) < self.hold_ms() || now < s.quiet_until {
+        if now.mono.saturating_sub(since.mono) < self.hold_ms() || now.mono < s.quiet_until {
             return None;
         }
+        let since = Stamp {
+            wall: now.wall_of(since),
+            ..since
+        };
         s.core = State::Raised { since, threshold };
-        s.notified_at = now;
+        s.notified_at = now.mono;
         s.repeats = 0;
         Some(Transition {
             state: AlertState::Raised,
-            since,
-            at: now,
+            since: since.wall,
+            at: now.wall,
             value: s.value.clone(),
             threshold,
             repeat: 0,
         })
     }
 
-    fn tick(&self, s: &mut RuleState, now: Millis) -> Option<Transition> {
+    fn tick(&self, s: &mut RuleState, now: Stamp) -> Option<Transition> {
         if let Kind::Flapping { changes, window } = self.kind {
             // Changes leave the window as time passes: that alone may end the condition.
-            let n = count_changes(&mut s.memory, None, now, ms(window));
+            let n = count_changes(&mut s.memory, None, now.mono, ms(window));
             let verdict = flapping(changes, n);
             match s.core {
                 State::Pending { .. } if verdict.fires.is_none() => {
@@ -232,21 +244,21 @@ impl Rule {
             State::Pending { .. } => self.try_raise(s, now),
             State::Raised { since, threshold } => {
                 let every = ms(self.renotify?);
-                if now.saturating_sub(s.notified_at) < every {
+                if now.mono.saturating_sub(s.notified_at) < every {
                     return None;
                 }
-                s.notified_at = now;
+                s.notified_at = now.mono;
                 s.repeats += 1;
                 let value = match self.kind {
                     Kind::Silence { .. } | Kind::Presence { .. } => {
-                        Value::Number(now.saturating_sub(since) as f64 / 1000.0)
+                        Value::Number(now.mono.saturating_sub(since.mono) as f64 / 1000.0)
                     }
                     _ => s.value.clone(),
                 };
                 Some(Transition {
                     state: AlertState::Raised,
-                    since,
-                    at: now,
+                    since: since.wall,
+                    at: now.wall,
                     value,
                     threshold,
                     repeat: s.repeats,
@@ -263,21 +275,22 @@ impl Rule {
                     return None;
                 };
                 let limit = silence_limit(after, &s.memory)?;
-                let silent = now.saturating_sub(last);
-                if silent < limit || now < s.quiet_until {
+                let silent = now.mono.saturating_sub(last.mono);
+                if silent < limit || now.mono < s.quiet_until {
                     return None;
                 }
                 let threshold = Some(limit as f64 / 1000.0);
-                s.core = State::Raised {
-                    since: last,
-                    threshold,
+                let since = Stamp {
+                    wall: now.wall_of(last),
+                    ..last
                 };
-                s.notified_at = now;
+                s.core = State::Raised { since, threshold };
+                s.notified_at = now.mono;
                 s.repeats = 0;
                 Some(Transition {
                     state: AlertState::Raised,
-                    since: last,
-                    at: now,
+                    since: since.wall,
+                    at: now.wall,
                     value: Value::Number(silent as f64 / 1000.0),
                     threshold,
                     repeat: 0,
@@ -286,11 +299,11 @@ impl Rule {
         }
     }
 
-    /// The next time at which [`Input::Tick`] may change something, if any.
+    /// The next monotonic time at which [`Input::Tick`] may change something, if any.
     pub fn deadline(&self, s: &RuleState) -> Option<Millis> {
         let own = match s.core {
             State::Pending { since, .. } => {
-                Some(since.saturating_add(self.hold_ms()).max(s.quiet_until))
+                Some(since.mono.saturating_add(self.hold_ms()).max(s.quiet_until))
             }
             State::Raised { .. } => self.renotify.map(|r| s.notified_at.saturating_add(ms(r))),
             State::Normal => {
@@ -304,7 +317,8 @@ impl Rule {
                     return None;
                 };
                 Some(
-                    last.saturating_add(silence_limit(after, &s.memory)?)
+                    last.mono
+                        .saturating_add(silence_limit(after, &s.memory)?)
                         .max(s.quiet_until),
                 )
             }
@@ -381,18 +395,18 @@ fn count_changes(memory: &mut Memory, value: Option<&Value>, now: Millis, window
 fn clear(
     s: &mut RuleState,
     rule: &Rule,
-    since: Millis,
-    now: Millis,
+    since: Stamp,
+    now: Stamp,
     value: Value,
     threshold: Option<f64>,
 ) -> Transition {
     s.core = State::Normal;
-    s.quiet_until = rule.cooldown.map_or(0, |c| now.saturating_add(ms(c)));
+    s.quiet_until = rule.cooldown.map_or(0, |c| now.mono.saturating_add(ms(c)));
     s.repeats = 0;
     Transition {
         state: AlertState::Cleared,
-        since,
-        at: now,
+        since: since.wall,
+        at: now.wall,
         value,
         threshold,
         repeat: 0,

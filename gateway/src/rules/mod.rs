@@ -34,16 +34,25 @@
 //! hysteresis (`clear_below`/`clear_above`) and `for`, which also elapses on an
 //! [`Input::Tick`] so that an alert fires on time between readings. NaN changes nothing. Time
 //! that runs backwards counts as no time passing.
+//!
+//! Time comes in as a [`Stamp`], one instant on two clocks (see [`crate::clock`]): every
+//! duration (`for`, silence, grace, cooldown, renotify, the windows) is measured on its
+//! monotonic half, so a step of the wall clock neither fires a rule early nor stalls it;
+//! the documents' `since` and `at` are wall times. A step between the start of an episode
+//! and its raise gives the episode a `since` counted back from the raise on the monotonic
+//! clock, in the wall clock's new time. Virtual time passes one number for both halves.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::clock::Stamp;
 use crate::topic::TopicFilter;
 use crate::value::Value;
 
-/// Milliseconds since the Unix epoch: the clock every rule runs on.
+/// Milliseconds: since the Unix epoch on the wall clock, or on the monotonic clock (see
+/// [`Stamp`]); virtual time (replays, tests) is both.
 pub type Millis = u64;
 
 /// Most readings a rate rule remembers per stream, whatever its window.
@@ -285,14 +294,14 @@ pub enum State {
     /// The latest value judged is [`RuleState::value`].
     Pending {
         /// When the condition started to hold.
-        since: Millis,
+        since: Stamp,
         /// The bound it crosses (none for a state rule).
         threshold: Option<f64>,
     },
     /// The alert is raised.
     Raised {
-        /// When the condition started to hold; names the episode.
-        since: Millis,
+        /// When the condition started to hold; its wall half names the episode.
+        since: Stamp,
         /// The bound that was crossed (none for a state rule).
         threshold: Option<f64>,
     },
@@ -304,7 +313,7 @@ pub enum Memory {
     /// Nothing.
     #[default]
     None,
-    /// Readings in the rate window, oldest first.
+    /// Readings in the rate window, oldest first, at monotonic times.
     Rate(VecDeque<(Millis, f64)>),
     /// Exponentially weighted mean and variance.
     Deviation {
@@ -314,7 +323,7 @@ pub enum Memory {
         var: f64,
         /// Readings seen.
         n: u32,
-        /// Time of the last reading.
+        /// Monotonic time of the last reading.
         last: Millis,
     },
     /// Changes of value, for flapping; boxed, so that every other rule's memory stays as
@@ -322,8 +331,8 @@ pub enum Memory {
     Flapping(Box<Changes>),
     /// Reporting rhythm.
     Silence {
-        /// Time of the last reading.
-        last: Option<Millis>,
+        /// Time of the last reading; the start of a silence.
+        last: Option<Stamp>,
         /// Mean interval between readings, ms (exponentially weighted).
         interval: f64,
         /// Intervals seen.
@@ -336,7 +345,7 @@ pub enum Memory {
 pub struct Changes {
     /// The last value seen.
     pub last: Option<Value>,
-    /// When the value changed, oldest first, within the window.
+    /// When the value changed (monotonic), oldest first, within the window.
     pub at: VecDeque<Millis>,
 }
 
@@ -347,17 +356,17 @@ pub struct RuleState {
     pub core: State,
     /// Kind-specific memory.
     pub memory: Memory,
-    /// No raise before this time (a cooldown after the last clear).
+    /// No raise before this monotonic time (a cooldown after the last clear).
     pub quiet_until: Millis,
-    /// When the alert was last published while raised.
+    /// When the alert was last published while raised (monotonic).
     pub notified_at: Millis,
     /// Renotifications of the current episode so far.
     pub repeats: u32,
     /// The latest value judged (what a raise and a renotification report).
     pub value: Value,
-    /// Kept by whoever drives the rule (ingest): the earliest time for which a wake-up is
-    /// already scheduled, 0 for none, so that a state that goes pending again and again (a
-    /// chattering contact under `for`) does not schedule one wake-up per change.
+    /// Kept by whoever drives the rule (ingest): the earliest monotonic time for which a
+    /// wake-up is already scheduled, 0 for none, so that a state that goes pending again and
+    /// again (a chattering contact under `for`) does not schedule one wake-up per change.
     pub scheduled: Millis,
 }
 
@@ -388,9 +397,9 @@ pub enum AlertState {
 pub struct Transition {
     /// Raised or cleared.
     pub state: AlertState,
-    /// When the episode began (the condition first held).
+    /// When the episode began (the condition first held), wall clock.
     pub since: Millis,
-    /// When this transition happened.
+    /// When this transition happened, wall clock.
     pub at: Millis,
     /// The value that caused it.
     pub value: Value,

@@ -769,6 +769,279 @@ fn cooldown_holds_back_a_flapping_alert() {
     );
 }
 
+/// Wall-clock steps: rules judge durations on the monotonic clock, documents get wall times.
+mod clock_steps {
+    use super::*;
+
+    const HOUR: Millis = 3_600_000;
+    /// 2026-11-21T18:05:45.123Z.
+    const Y2026: Millis = 1_795_284_345_123;
+
+    /// A box's clocks: from `start` (both clocks read it), the wall clock moves by `by`
+    /// when `at` ms have passed on the monotonic clock.
+    #[derive(Clone, Copy)]
+    struct Steps {
+        name: &'static str,
+        start: Millis,
+        at: Millis,
+        by: i64,
+    }
+
+    impl Steps {
+        /// The stamp `t` ms after the start, on the monotonic clock.
+        fn stamp(self, t: Millis) -> Stamp {
+            let mono = self.start + t;
+            let wall = if t >= self.at {
+                mono.checked_add_signed(self.by).unwrap()
+            } else {
+                mono
+            };
+            Stamp { wall, mono }
+        }
+    }
+
+    /// Forward an hour, from 1970 (a box without a real-time clock, 30 s after boot) to
+    /// 2026, and back a minute (NTP correcting a fast clock), each `at` ms into the run.
+    fn steps(at: Millis) -> [Steps; 3] {
+        [
+            Steps {
+                name: "an hour forward",
+                start: Y2026,
+                at,
+                by: HOUR as i64,
+            },
+            Steps {
+                name: "1970 to 2026",
+                start: 30_000,
+                at,
+                by: (Y2026 - 30_000) as i64,
+            },
+            Steps {
+                name: "a minute back",
+                start: Y2026,
+                at,
+                by: -60_000,
+            },
+        ]
+    }
+
+    /// Feeds `(t, input)` at the stamps of `clock`; returns each transition with its `t`.
+    fn drive(rule: &Rule, clock: Steps, inputs: &[(Millis, Input)]) -> Vec<(Millis, Transition)> {
+        let mut state = rule.new_state();
+        inputs
+            .iter()
+            .filter_map(|&(t, input)| {
+                rule.step(&mut state, input, clock.stamp(t))
+                    .map(|tr| (t, tr))
+            })
+            .collect()
+    }
+
+    /// `input` and a tick every second from 0 to `to`, and a tick 1 ms before each of
+    /// `edges`, in order of time.
+    fn timeline(
+        input: Input<'static>,
+        to: Millis,
+        edges: &[Millis],
+    ) -> Vec<(Millis, Input<'static>)> {
+        let mut v: Vec<_> = (0..=to / 1_000)
+            .flat_map(|s| [(s * 1_000, input), (s * 1_000, Tick)])
+            .collect();
+        v.extend(edges.iter().map(|e| (e - 1, Tick)));
+        v.sort_by_key(|(t, _)| *t);
+        v
+    }
+
+    #[test]
+    fn for_and_grace_fire_when_their_monotonic_time_is_up_across_wall_clock_steps() {
+        let presence = Rule {
+            filter: TopicFilter::new("sensors/+/status").unwrap(),
+            ..rule(
+                Kind::Presence {
+                    grace: Duration::from_secs(10),
+                },
+                0,
+            )
+        };
+        let cases: [(&str, Rule, Input); 2] = [
+            ("threshold for 10 s", threshold(90.0, None, 10_000), R(95.0)),
+            ("presence grace 10 s", presence, P(false)),
+        ];
+        for (what, rule, input) in cases {
+            // The step comes 4.5 s into the 10 s.
+            for clock in steps(4_500) {
+                let case = format!("{what}, {}", clock.name);
+                let got = drive(&rule, clock, &timeline(input, 20_000, &[10_000]));
+                let raised: Vec<_> = got.iter().map(|(t, tr)| (*t, tr.state)).collect();
+                assert_eq!(raised, [(10_000, Raised)], "{case}: exactly at 10 s, once");
+                let tr = &got[0].1;
+                let now = clock.stamp(10_000);
+                assert_eq!(tr.at, now.wall, "{case}: `at` is the wall clock");
+                assert_eq!(
+                    tr.since,
+                    now.wall - 10_000,
+                    "{case}: `since` is 10 s before, in the wall clock's new time"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_pending_rule_waits_for_its_deadline_on_the_monotonic_clock() {
+        let r = threshold(90.0, None, 10_000);
+        for clock in steps(4_500) {
+            let mut s = r.new_state();
+            assert_eq!(r.step(&mut s, R(95.0), clock.stamp(0)), None);
+            assert_eq!(r.deadline(&s), Some(clock.start + 10_000), "{}", clock.name);
+            assert_eq!(
+                r.step(&mut s, Tick, clock.stamp(9_999)),
+                None,
+                "{}",
+                clock.name
+            );
+            assert_eq!(r.deadline(&s), Some(clock.start + 10_000), "{}", clock.name);
+        }
+    }
+
+    #[test]
+    fn silence_fires_when_its_monotonic_time_is_up_across_wall_clock_steps() {
+        let r = rule(
+            Kind::Silence {
+                after: SilenceAfter::Fixed(Duration::from_secs(30)),
+                scope: Scope::Metric,
+            },
+            0,
+        );
+        // The last reading at 5 s; the step 12 s into the silence; a reading at 60 s.
+        for clock in steps(17_000) {
+            let mut inputs: Vec<_> = (0..=5).map(|s| (s * 1_000, R(1.0))).collect();
+            inputs.extend((6..=59).map(|s| (s * 1_000, Tick)));
+            inputs.extend([(34_999, Tick), (60_000, R(1.0))]);
+            inputs.sort_by_key(|(t, _)| *t);
+            let got = drive(&r, clock, &inputs);
+            let summary: Vec<_> = got
+                .iter()
+                .map(|(t, tr)| (*t, tr.state, tr.value.clone()))
+                .collect();
+            assert_eq!(
+                summary,
+                [
+                    (35_000, Raised, Value::Number(30.0)),
+                    (60_000, Cleared, Value::Number(55.0)),
+                ],
+                "{}: raised exactly 30 s after the last reading; silent for 55 s when it clears",
+                clock.name
+            );
+            let raised = &got[0].1;
+            let now = clock.stamp(35_000);
+            assert_eq!(
+                (raised.since, raised.at),
+                (now.wall - 30_000, now.wall),
+                "{}: the silence began 30 s ago, in the wall clock's new time",
+                clock.name
+            );
+            assert_eq!(got[1].1.since, raised.since, "{}: one episode", clock.name);
+        }
+    }
+
+    #[test]
+    fn renotify_and_cooldown_run_on_the_monotonic_clock() {
+        let mut r = threshold(90.0, Some(85.0), 0);
+        r.renotify = Some(Duration::from_secs(60));
+        r.cooldown = Some(Duration::from_secs(20));
+        for clock in steps(30_000) {
+            let mut inputs = vec![(0, R(95.0))];
+            inputs.extend((1..=130).map(|s| (s * 1_000, Tick)));
+            inputs.extend([(59_999, Tick), (119_999, Tick)]);
+            inputs.sort_by_key(|(t, _)| *t);
+            inputs.push((130_500, R(80.0)));
+            inputs.extend((131..=160).flat_map(|s| [(s * 1_000, R(95.0)), (s * 1_000, Tick)]));
+            inputs.push((150_499, R(95.0)));
+            inputs.push((150_500, R(95.0)));
+            inputs.sort_by_key(|(t, _)| *t);
+            let got: Vec<_> = drive(&r, clock, &inputs)
+                .into_iter()
+                .map(|(t, tr)| (t, tr.state, tr.repeat))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    (0, Raised, 0),
+                    (60_000, Raised, 1),
+                    (120_000, Raised, 2),
+                    (130_500, Cleared, 0),
+                    (150_500, Raised, 0),
+                ],
+                "{}: a reminder every 60 s, and no raise within 20 s of the clear",
+                clock.name
+            );
+        }
+    }
+
+    #[test]
+    fn rates_and_flapping_windows_count_monotonic_time_across_wall_clock_steps() {
+        let rate = rule(
+            Kind::Rate {
+                threshold: high(1.0, None),
+                per_seconds: 1.0,
+                window: Duration::from_secs(60),
+            },
+            0,
+        );
+        let flapping = rule(
+            Kind::Flapping {
+                changes: 2,
+                window: Duration::from_secs(10),
+            },
+            0,
+        );
+        for clock in steps(5_000) {
+            let got = drive(&rate, clock, &[(0, R(0.0)), (10_000, R(20.0))]);
+            assert_eq!(
+                got.iter()
+                    .map(|(t, tr)| (*t, tr.state, tr.value.clone()))
+                    .collect::<Vec<_>>(),
+                [(10_000, Raised, Value::Number(2.0))],
+                "{}: 20 in 10 s is 2 per second",
+                clock.name
+            );
+            let inputs = [
+                (0, S("open")),
+                (1_000, S("closed")),
+                (2_000, S("open")),
+                (3_000, S("closed")),
+                (11_000, Tick),
+                (11_001, Tick),
+            ];
+            let got: Vec<_> = drive(&flapping, clock, &inputs)
+                .into_iter()
+                .map(|(t, tr)| (t, tr.state))
+                .collect();
+            assert_eq!(
+                got,
+                [(3_000, Raised), (11_001, Cleared)],
+                "{}: changes age out of the window on the monotonic clock",
+                clock.name
+            );
+        }
+    }
+
+    #[test]
+    fn without_a_step_documents_carry_the_wall_clock_as_stamped() {
+        // The two clocks of a real box disagree by a constant (the monotonic one starts at
+        // the wall time of the process start, to the millisecond): ids stay the wall times.
+        let r = threshold(90.0, None, 10_000);
+        let mut s = r.new_state();
+        let at = |t: Millis| Stamp {
+            wall: Y2026 + t,
+            mono: Y2026 - 1 + t,
+        };
+        assert_eq!(r.step(&mut s, R(95.0), at(0)), None);
+        let t = r.step(&mut s, Tick, at(10_000)).unwrap();
+        assert_eq!((t.since, t.at), (Y2026, Y2026 + 10_000));
+    }
+}
+
 mod properties {
     use super::*;
     use proptest::prelude::*;
