@@ -84,9 +84,10 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     stats
         .started_ms
         .store(started, std::sync::atomic::Ordering::Relaxed);
-    stats
-        .ingest_heartbeat_ms
-        .store(started, std::sync::atomic::Ordering::Relaxed);
+    stats.ingest_heartbeat_ms.store(
+        crate::stats::monotonic_ms(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let store_options = StoreOptions {
         max_db_bytes: config.history.max_db_bytes,
         raw_retention: config.history.raw_retention,
@@ -357,7 +358,7 @@ async fn watchdog(period: Duration, stats: Arc<Stats>, shutdown: crate::shutdown
     let mut stalled = false;
     shutdown.every(period / 2, || {
         let behind =
-            crate::alert::now_millis().saturating_sub(Stats::get(&stats.ingest_heartbeat_ms));
+            crate::stats::monotonic_ms().saturating_sub(Stats::get(&stats.ingest_heartbeat_ms));
         if behind <= crate::http::INGEST_STALL_MS {
             stalled = false;
             if let Err(e) = sd_notify::notify(&[NotifyState::Watchdog]) {

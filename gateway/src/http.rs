@@ -11,7 +11,6 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tracing::error;
 
-use crate::alert::now_millis;
 use crate::metrics::{self, Info};
 use crate::shutdown::Signal;
 use crate::stats::Stats;
@@ -57,7 +56,7 @@ async fn metrics_text(State(e): State<Arc<Endpoint>>) -> impl IntoResponse {
 /// the upstream down; 503 when ingest has stopped going round.
 async fn ready(State(e): State<Arc<Endpoint>>) -> (StatusCode, String) {
     let beat = Stats::get(&e.stats.ingest_heartbeat_ms);
-    if now_millis().saturating_sub(beat) > INGEST_STALL_MS {
+    if crate::stats::monotonic_ms().saturating_sub(beat) > INGEST_STALL_MS {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: ingest is not making progress\n".into(),

@@ -1338,7 +1338,7 @@ pub async fn run(
             }
             _ = housekeeping.tick() => {
                 let now = clock.now();
-                stats.ingest_heartbeat_ms.store(now.wall, std::sync::atomic::Ordering::Relaxed);
+                stats.ingest_heartbeat_ms.store(crate::stats::monotonic_ms(), std::sync::atomic::Ordering::Relaxed);
                 let round = engine.housekeeping(now);
                 store_round(&outputs.store, round);
                 continue;

@@ -100,7 +100,8 @@ pub struct Stats {
     pub ingest_nanos: AtomicU64,
     /// Messages judged, for `ingest_nanos`.
     pub ingest_count: AtomicU64,
-    /// Last time the ingest loop went round, ms since the epoch: it must keep moving.
+    /// Last time the ingest loop went round, on [`monotonic_ms`]: it must keep moving. Not the
+    /// wall clock, whose steps would make a working loop look stalled, or a stalled one alive.
     pub ingest_heartbeat_ms: AtomicU64,
     /// Alerts raised.
     pub alerts_raised: AtomicU64,
@@ -280,6 +281,16 @@ impl Stats {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
+
+/// Milliseconds on a monotonic clock that starts with the first call in this process: for
+/// heartbeats, which a step of the wall clock must not move.
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 #[cfg(test)]
