@@ -86,16 +86,20 @@ for version in $versions; do
     "$suite/run.sh" "$version" "$port" "${only[@]}" | tee "$tmp/v$version.out" || true
     closing=$(tail -n 1 "$tmp/v$version.out")
     # Some of the suite's tests race with their own sleeps (test_request_response publishes
-    # before its second subscriber's SUBACK): a test that failed is run once more, alone,
-    # and said so. A test that fails twice fails the suite.
+    # before its second subscriber's SUBACK: it waits on the first client's callback; it failed
+    # 1 run in 5 here on an idle machine): a test that failed is run again, alone, up to twice,
+    # and said so. A test that fails three times fails the suite.
     mapfile -t failed < <(grep -E '^(FAIL|HANG) ' "$tmp/v$version.out" | awk '{print $2}')
     if [ "${#failed[@]}" -gt 0 ] && [ "${#failed[@]}" -le 2 ]; then
-        echo "--- MQTT $version: once more, alone: ${failed[*]}"
-        if "$suite/run.sh" "$version" "$port" "${failed[@]}" | tee "$tmp/v$version-again.out" \
-            | tail -n 1 | grep -qx "${#failed[@]} passed, 0 failed"; then
-            echo "RETRIED ${failed[*]}: passed the second time"
-            closing="$want passed, 0 failed"
-        fi
+        for again in 1 2; do
+            echo "--- MQTT $version: again ($again of 2), alone: ${failed[*]}"
+            if "$suite/run.sh" "$version" "$port" "${failed[@]}" | tee "$tmp/v$version-again.out" \
+                | tail -n 1 | grep -qx "${#failed[@]} passed, 0 failed"; then
+                echo "RETRIED ${failed[*]}: passed at attempt $((again + 1))"
+                closing="$want passed, 0 failed"
+                break
+            fi
+        done
     fi
     if [ "$closing" != "$want passed, 0 failed" ]; then
         passed=false
