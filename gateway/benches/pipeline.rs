@@ -1,7 +1,10 @@
 //! Throughput of the ingest pipeline without the network: decode → loss accounting → rules →
 //! rollups → store, and the cost of one alert from its reading to its outbox commit.
 //!
-//! Run: `cargo bench -p watchpost --bench pipeline` (prints a table; nothing is asserted).
+//! Run: `cargo bench -p watchpost --bench pipeline` (prints tables; nothing is asserted), or
+//! `cargo bench -p watchpost --bench pipeline -- commits` for the durability cost alone: one
+//! alert transition committed with its outbox row (`synchronous = FULL`, the WAL synced per
+//! commit) against the same transition kept as history only (`synchronous = NORMAL`).
 //! The database lives in a temporary directory on the same disk as the build.
 
 use std::sync::Arc;
@@ -143,11 +146,73 @@ async fn alert_cost(n: usize) -> Vec<Duration> {
     costs
 }
 
+/// Latency of committing one alert transition at a time, `n` times: with its outbox row
+/// (`synchronous = FULL`) if `upstream`, else as history only (`synchronous = NORMAL`).
+async fn transition_commit(n: usize, upstream: bool) -> Vec<Duration> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stats = Arc::new(Stats::default());
+    let options = StoreOptions {
+        max_db_bytes: 8 << 30,
+        raw_retention: None,
+    };
+    let (store, thread) = Store::open(dir.path(), options, stats.clone()).expect("store opens");
+    let mut engine = engine(Duration::from_secs(60), false, stats);
+    let mut costs = Vec::with_capacity(n);
+    for i in 0..n {
+        // The quickstart's freezing rule: below 2 raises at once, 20 clears.
+        let topic = format!("sensors/cold-{}/temperature", i % 50);
+        let reading: &[u8] = if (i / 50) % 2 == 0 { b"1.5" } else { b"20" };
+        let docs = engine.on_message(topic.as_bytes(), reading, now_millis());
+        let doc = docs.into_iter().next().expect("a transition").doc;
+        let entry = upstream.then(|| OutboxEntry {
+            id: doc.id.clone(),
+            topic: doc.topic(),
+            payload: doc.to_json().into(),
+            retain: true,
+        });
+        let start = Instant::now();
+        store.alert(&doc, entry);
+        store.flush().await;
+        costs.push(start.elapsed());
+    }
+    drop(store);
+    thread.join();
+    costs.sort();
+    costs
+}
+
+/// The cost of durability: one transition per commit, FULL against NORMAL.
+fn commits(runtime: &tokio::runtime::Runtime) {
+    let n = 2000;
+    println!("| one alert transition per commit | p50 | p90 | p99 | max | commits/s |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
+    for (what, upstream) in [
+        ("with its outbox row: `synchronous = FULL`", true),
+        ("history only: `synchronous = NORMAL`", false),
+    ] {
+        let costs = runtime.block_on(transition_commit(n, upstream));
+        let total: Duration = costs.iter().sum();
+        println!(
+            "| {what} | {} | {} | {} | {} | {:.0} |",
+            ms(percentile(&costs, 0.5)),
+            ms(percentile(&costs, 0.9)),
+            ms(percentile(&costs, 0.99)),
+            ms(*costs.last().expect("some")),
+            costs.len() as f64 / total.as_secs_f64()
+        );
+    }
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
+    if std::env::args().any(|a| a == "commits") {
+        commits(&runtime);
+        return;
+    }
     let n = 1_000_000;
     let msgs = messages(n);
 
@@ -195,4 +260,6 @@ fn main() {
         ms(percentile(&costs, 0.99)),
         ms(*costs.last().expect("some"))
     );
+    println!();
+    commits(&runtime);
 }
