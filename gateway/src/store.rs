@@ -773,13 +773,16 @@ impl Writer {
         writes.clear();
     }
 
-    /// Writes `writes` in one transaction; an alert or outbox row is synced to disk.
+    /// Writes `writes` in one transaction; an alert transition or outbox row is synced to
+    /// disk.
     fn transaction(&mut self, writes: &[Command]) -> rusqlite::Result<Effect> {
+        // Every alert transition (forwarded or local: the reading that caused it is
+        // acknowledged after this commit) and whatever may go upstream must survive a power
+        // cut, not only a crash.
         let outbox_rows = writes
             .iter()
-            .any(|w| matches!(w, Command::Alert(_, Some(_)) | Command::Outbox(_)));
+            .any(|w| matches!(w, Command::Alert(..) | Command::Outbox(_)));
         if outbox_rows {
-            // An alert that may go upstream must survive a power cut, not only a crash.
             let _ = self.conn.pragma_update(None, "synchronous", "FULL");
         }
         let result = (|| {
