@@ -135,6 +135,9 @@ pub(crate) struct Outbox {
     pub(crate) incoming: Vec<u16>,
     /// A connection serves the session now.
     online: bool,
+    /// Messages dropped for a full queue since the last log line about it, and when that was.
+    dropped: u64,
+    drop_logged: Option<Instant>,
 }
 
 impl Outbox {
@@ -162,7 +165,12 @@ impl Outbox {
 pub(crate) struct Mailbox {
     outbox: Mutex<Outbox>,
     notify: Notify,
+    /// The session's client id, for the log.
+    client: Box<str>,
 }
+
+/// How often a session whose queue is full is logged, at most.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Bounds of a session's queue.
 #[derive(Debug, Clone, Copy)]
@@ -204,6 +212,26 @@ impl Mailbox {
         }
         let size = item.message.size();
         if outbox.queue.len() >= limits.messages || outbox.bytes + size > limits.bytes {
+            // A client that does not read (or reads too slowly) loses messages, never the
+            // gateway its memory; as Mosquitto does with max_queued_messages.
+            outbox.dropped += 1;
+            if outbox
+                .drop_logged
+                .is_none_or(|t| t.elapsed() >= DROP_LOG_EVERY)
+            {
+                tracing::warn!(
+                    client = %self.client,
+                    dropped = outbox.dropped,
+                    queued = outbox.queue.len(),
+                    queued_bytes = outbox.bytes,
+                    online = outbox.online,
+                    "messages for this client dropped: its queue is full (broker.max_queued_messages = {}, max_queued_bytes = {}); it is not reading fast enough, or is offline (logged at most once a minute per client; every drop is counted in watchpost_broker_queue_dropped_total)",
+                    limits.messages,
+                    limits.bytes
+                );
+                outbox.drop_logged = Some(Instant::now());
+                outbox.dropped = 0;
+            }
             return Err(NotQueued::Full);
         }
         outbox.bytes += size;
@@ -566,7 +594,10 @@ impl Hub {
             }
             return Some(entry.mailbox.clone());
         }
-        let mailbox = Arc::new(Mailbox::default());
+        let mailbox = Arc::new(Mailbox {
+            client: client_id.into(),
+            ..Mailbox::default()
+        });
         mailbox.lock().online = true;
         state.sessions.insert(
             client_id.into(),
