@@ -61,15 +61,31 @@ struct Row {
     took: Duration,
 }
 
-async fn through_store(keep_raw: bool, msgs: &[(Vec<u8>, Vec<u8>)]) -> Row {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let stats = Arc::new(Stats::default());
+/// A store in `dir` with a budget it never reaches, no reserve, and raw readings kept for
+/// `raw_retention`.
+fn open_store(
+    dir: &std::path::Path,
+    raw_retention: Option<Duration>,
+    stats: &Arc<Stats>,
+) -> (Store, watchpost::store::StoreThread) {
     let options = StoreOptions {
         max_db_bytes: 8 << 30,
-        raw_retention: keep_raw.then_some(Duration::from_secs(86_400)),
+        raw_retention,
         reserve_bytes: 0,
     };
-    let (store, thread) = Store::open(dir.path(), options, stats.clone()).expect("store opens");
+    Store::open(dir, options, stats.clone()).expect("store opens")
+}
+
+async fn through_store(keep_raw: bool, msgs: &[(Vec<u8>, Vec<u8>)]) -> Row {
+    let (dir, stats) = (
+        tempfile::tempdir().expect("temp dir"),
+        Arc::new(Stats::default()),
+    );
+    let (store, thread) = open_store(
+        dir.path(),
+        keep_raw.then_some(Duration::from_secs(86_400)),
+        &stats,
+    );
     // One-second windows so that rollups really reach the store during the run.
     let mut engine = engine(Duration::from_secs(1), keep_raw, stats);
     let start = Instant::now();
@@ -109,14 +125,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 async fn alert_cost(n: usize) -> Vec<Duration> {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let stats = Arc::new(Stats::default());
-    let options = StoreOptions {
-        max_db_bytes: 8 << 30,
-        raw_retention: None,
-        reserve_bytes: 0,
-    };
-    let (store, thread) = Store::open(dir.path(), options, stats.clone()).expect("store opens");
+    let (dir, stats) = (
+        tempfile::tempdir().expect("temp dir"),
+        Arc::new(Stats::default()),
+    );
+    let (store, thread) = open_store(dir.path(), None, &stats);
     let mut committed = store.committed();
     let mut engine = engine(Duration::from_secs(60), false, stats);
     let mut costs = Vec::with_capacity(n);
@@ -151,14 +164,11 @@ async fn alert_cost(n: usize) -> Vec<Duration> {
 /// row (synced, `synchronous = FULL`) if `upstream`, else a raw reading of the same rule's
 /// input (history only, `synchronous = NORMAL`).
 async fn transition_commit(n: usize, upstream: bool) -> Vec<Duration> {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let stats = Arc::new(Stats::default());
-    let options = StoreOptions {
-        max_db_bytes: 8 << 30,
-        raw_retention: None,
-        reserve_bytes: 0,
-    };
-    let (store, thread) = Store::open(dir.path(), options, stats.clone()).expect("store opens");
+    let (dir, stats) = (
+        tempfile::tempdir().expect("temp dir"),
+        Arc::new(Stats::default()),
+    );
+    let (store, thread) = open_store(dir.path(), None, &stats);
     let mut engine = engine(Duration::from_secs(60), false, stats);
     let mut costs = Vec::with_capacity(n);
     for i in 0..n {
