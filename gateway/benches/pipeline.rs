@@ -35,6 +35,7 @@ fn engine(window: Duration, keep_raw: bool, stats: Arc<Stats>) -> Engine {
         keep_raw,
         summaries: None,
         stale_after: std::time::Duration::from_secs(600),
+        forget_after: watchpost::config::DEFAULT_FORGET_AFTER,
     };
     Engine::new(options, stats, now_millis())
 }

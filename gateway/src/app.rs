@@ -127,6 +127,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         keep_raw: config.history.raw_retention.is_some(),
         summaries: config.uplink.as_ref().and_then(|u| u.summaries.clone()),
         stale_after: config.gateway.stale_after,
+        forget_after: config.gateway.forget_after,
     };
     // One clock for ingest from here on: restored alerts are put on its monotonic half.
     let mut clock = crate::clock::Clock::new();

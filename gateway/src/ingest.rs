@@ -37,6 +37,13 @@ use crate::stats::{DeviceCounters, OTHER_DEVICES, Stats};
 use crate::store::{DeviceDelta, OutboxEntry, RawRow, RollupRow, SavedAlert, Store};
 use crate::value::Value;
 
+/// Devices forgotten since the allocator last gave memory back, at which [`run`] asks it to
+/// again while devices are still being forgotten (glibc keeps freed memory in its arenas
+/// until told). It asks in any case at the first round that forgets no one after some did.
+/// Either way one round after the forgetting: the store frees the rows that forgetting handed
+/// it (deltas, partial rollups) once it has written them.
+const TRIM_AFTER_FORGOTTEN: usize = 4096;
+
 /// How often one device's malformed input (or lost messages) is logged.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -78,6 +85,10 @@ pub struct EngineOptions {
     pub summaries: Option<SummaryConfig>,
     /// A device not heard from for this long counts as stale.
     pub stale_after: Duration,
+    /// A device not heard from for this long whose every rule is at rest (nothing raised or
+    /// pending, no deadline) is forgotten: dropped from memory, its counters already in the
+    /// store. If it comes back, it comes back as new.
+    pub forget_after: Duration,
 }
 
 /// An alert transition and how its rule wants it forwarded.
@@ -218,6 +229,8 @@ pub struct Housekeeping {
     pub devices: Vec<DeviceDelta>,
     /// A summary for upstream, when an interval ended.
     pub summary: Option<OutboxEntry>,
+    /// Devices forgotten in this round (silent for `forget_after`, every rule at rest).
+    pub forgotten: usize,
 }
 
 /// What the rules of a reload changed.
@@ -1155,8 +1168,68 @@ impl Engine {
         self.stats.devices_stale.store(stale, Relaxed);
         self.stats.alerts_active.store(active, Relaxed);
         out.summary = self.summary_due(now.wall);
+        out.forgotten = self.forget_idle(now);
         (out.rollups, out.raw) = self.take_history();
         out
+    }
+
+    /// Drops the devices silent for `forget_after` whose every rule is at rest: nothing
+    /// raised, nothing pending, no deadline to wait for (a silence rule that has yet to fire
+    /// keeps its device). Their counters went to the store in this round (the caller runs this
+    /// after the deltas); an open rollup window goes to the store as a partial rollup, which
+    /// merges with the rest of its window if the device returns within it. Learned memory of
+    /// rules (a deviation rule's mean, a rate or flapping window) and the `seq` memory go
+    /// with the device: if it returns, it starts over as a new device, its first `seq` taken
+    /// as it comes, so no loss is reported for the time it was away. Returns how many.
+    fn forget_idle(&mut self, now: Stamp) -> usize {
+        let forget_after = self.options.forget_after.as_millis() as Millis;
+        let rules = &self.options.rules;
+        let gone: Vec<Box<str>> = self
+            .devices
+            .iter()
+            .filter(|(name, d)| {
+                &***name != OTHER_DEVICES
+                    && now.mono.saturating_sub(d.last_seen) >= forget_after
+                    && at_rest(rules, d)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        if gone.is_empty() {
+            return 0;
+        }
+        for name in &gone {
+            let Some(d) = self.devices.remove(name) else {
+                continue;
+            };
+            for (metric, s) in &d.streams {
+                if let Some(w) = &s.window {
+                    self.rollups.push(RollupRow {
+                        device: name.to_string(),
+                        metric: metric.to_string(),
+                        rollup: w.rollup(now.wall, self.window_ms),
+                    });
+                }
+            }
+        }
+        // A hash table keeps its size after removals: give the room back once most is empty.
+        if self.devices.capacity() > 4 * self.devices.len().max(64) {
+            self.devices.shrink_to_fit();
+        }
+        self.error_log.prune(now.mono);
+        self.loss_log.prune(now.mono);
+        self.stats.forget_devices(gone.iter().map(|n| &**n));
+        Stats::add(&self.stats.devices_forgotten, gone.len() as u64);
+        debug!(
+            forgotten = gone.len(),
+            remaining = self.devices.len(),
+            "devices silent for gateway.forget_after forgotten; their counters and history stay in the database"
+        );
+        gone.len()
+    }
+
+    /// Devices held in memory now.
+    pub fn devices_in_memory(&self) -> usize {
+        self.devices.len()
     }
 
     /// Everything that would be lost by stopping now: open windows as partial rollups (they
@@ -1230,6 +1303,15 @@ impl Engine {
     }
 }
 
+/// True if every rule state of `d` is at rest: nothing raised or pending, and no deadline
+/// that would change that by itself.
+fn at_rest(rules: &[Rule], d: &Device) -> bool {
+    let rest = |(i, s): &(usize, RuleState)| {
+        s.core == State::Normal && rules.get(*i).is_none_or(|r| r.deadline(s).is_none())
+    };
+    d.device_rules.iter().all(rest) && d.streams.values().all(|st| st.rules.iter().all(rest))
+}
+
 /// Topic, below the upstream prefix, of summaries.
 pub const SUMMARY_TOPIC: &str = "summaries";
 
@@ -1264,6 +1346,17 @@ impl LogLimit {
                 }
                 Some(0)
             }
+        }
+    }
+
+    /// Forgets keys last logged more than an interval ago with nothing suppressed since:
+    /// logging them again would say the same.
+    fn prune(&mut self, now: Millis) {
+        let interval = ERROR_LOG_INTERVAL.as_millis() as Millis;
+        self.last
+            .retain(|_, (at, suppressed)| *suppressed > 0 || now.saturating_sub(*at) < interval);
+        if self.last.capacity() > 4 * self.last.len().max(64) {
+            self.last.shrink_to_fit();
         }
     }
 }
@@ -1310,6 +1403,7 @@ pub async fn run(
     tokio::pin!(timer);
     let mut armed: Option<Millis> = None;
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
+    let mut forgotten_since_trim = 0;
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = engine.next_deadline();
@@ -1340,7 +1434,15 @@ pub async fn run(
                 let now = clock.now();
                 stats.ingest_heartbeat_ms.store(crate::stats::monotonic_ms(), std::sync::atomic::Ordering::Relaxed);
                 let round = engine.housekeeping(now);
+                let forgotten = round.forgotten;
                 store_round(&outputs.store, round);
+                if forgotten_since_trim >= TRIM_AFTER_FORGOTTEN
+                    || (forgotten == 0 && forgotten_since_trim > 0)
+                {
+                    forgotten_since_trim = 0;
+                    give_back_memory();
+                }
+                forgotten_since_trim += forgotten;
                 continue;
             }
             batch = readings.recv() => {
@@ -1392,6 +1494,17 @@ pub async fn run(
     }
     store_round(&outputs.store, engine.finish(clock.now()));
     debug!("ingest stopped");
+}
+
+/// Asks the allocator to give the memory it holds free back to the system. glibc's malloc
+/// keeps what was freed in its arenas (one per thread that allocated, up to eight per core):
+/// without this, the memory of forgotten devices would stay in RSS, free but not returned.
+fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers; it only returns free pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn store_round(store: &Store, round: Housekeeping) {

@@ -161,6 +161,11 @@ pub fn render(stats: &Stats, info: &Info) -> String {
             g(value),
         );
     }
+    o.counter(
+        "watchpost_devices_forgotten_total",
+        "Devices dropped from memory after gateway.forget_after of silence with every rule at rest; their counters and history stay in the database.",
+        g(&stats.devices_forgotten),
+    );
     o.gauge(
         "watchpost_outbox_depth",
         "Messages waiting in the outbox for the upstream's acknowledgement.",

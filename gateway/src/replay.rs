@@ -194,6 +194,7 @@ pub fn replay(config: &Config, readings: &[Recorded], until: Option<Millis>) -> 
         keep_raw: false,
         summaries: None,
         stale_after: std::time::Duration::from_secs(600),
+        forget_after: config.gateway.forget_after,
     };
     let start = readings.first().map_or(0, |r| r.at);
     let mut engine = Engine::new(options, Arc::new(Stats::default()), start);

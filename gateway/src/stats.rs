@@ -119,6 +119,9 @@ pub struct Stats {
     pub devices_offline: AtomicU64,
     /// Devices not heard from for longer than `gateway.stale_after`.
     pub devices_stale: AtomicU64,
+    /// Devices forgotten: silent for `gateway.forget_after` with every rule at rest, dropped
+    /// from memory (their counters and history stay in the database).
+    pub devices_forgotten: AtomicU64,
     /// MQTT bytes every reading would have cost upstream (QoS 1 PUBLISH and PUBACK), the
     /// baseline of the reduction ratio.
     pub forward_all_bytes: AtomicU64,
@@ -210,6 +213,14 @@ impl Stats {
                     map.insert(name.to_owned(), counters.clone());
                 }
             }
+        }
+    }
+
+    /// Drops the copies of the counters of devices ingest forgot.
+    pub fn forget_devices<'a>(&self, devices: impl IntoIterator<Item = &'a str>) {
+        let mut map = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        for name in devices {
+            map.remove(name);
         }
     }
 

@@ -17,11 +17,11 @@ use super::raw::{
 };
 use super::rules::compile_rule;
 use super::{
-    BrokerConfig, CREDENTIALS_FILE, Config, DEFAULT_DATA_DIR, DEFAULT_HTTP_LISTEN, DEFAULT_LISTEN,
-    DEFAULT_LOG, DEFAULT_MAX_PUBLISH_RATE, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_MESSAGES,
-    DEFAULT_MAX_RETAINED_BYTES, DEFAULT_MAX_RETAINED_MESSAGES, DEFAULT_MAX_SESSION_EXPIRY,
-    DEFAULT_RECEIVE_MAXIMUM, GatewayConfig, HistoryConfig, HttpConfig, Secret, SummaryConfig,
-    TlsListener, UplinkConfig,
+    BrokerConfig, CREDENTIALS_FILE, Config, DEFAULT_DATA_DIR, DEFAULT_FORGET_AFTER,
+    DEFAULT_HTTP_LISTEN, DEFAULT_LISTEN, DEFAULT_LOG, DEFAULT_MAX_PUBLISH_RATE,
+    DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_MESSAGES, DEFAULT_MAX_RETAINED_BYTES,
+    DEFAULT_MAX_RETAINED_MESSAGES, DEFAULT_MAX_SESSION_EXPIRY, DEFAULT_RECEIVE_MAXIMUM,
+    GatewayConfig, HistoryConfig, HttpConfig, Secret, SummaryConfig, TlsListener, UplinkConfig,
 };
 use crate::codec;
 use crate::rules::{Kind, Rule, Severity};
@@ -76,12 +76,37 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
         "stale_after",
         Duration::from_secs(600),
     );
+    let forget_after = sink.duration(
+        &raw_gateway.forget_after,
+        "forget_after",
+        DEFAULT_FORGET_AFTER,
+    );
+    if let Some(raw) = &raw_gateway.forget_after {
+        if forget_after < Duration::from_secs(1) {
+            sink.error(
+                raw.span(),
+                "`forget_after` must be at least 1s",
+                Some("how long a silent device is kept in memory, e.g. \"1d\"".into()),
+            );
+        } else if forget_after < stale_after {
+            sink.error(
+                raw.span(),
+                format!(
+                    "`forget_after` ({}) is shorter than `stale_after` ({}): devices would be forgotten before they count as stale",
+                    humantime::format_duration(forget_after),
+                    humantime::format_duration(stale_after)
+                ),
+                Some("make `forget_after` at least as long as `stale_after` (default 10m)".into()),
+            );
+        }
+    }
     let gateway = GatewayConfig {
         id,
         data_dir,
         watch_config: raw_gateway.watch_config.unwrap_or(false),
         log,
         stale_after,
+        forget_after,
     };
     let http = HttpConfig {
         listen: match &raw.http.listen {

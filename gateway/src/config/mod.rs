@@ -86,6 +86,9 @@ pub struct GatewayConfig {
     pub log: String,
     /// A device not heard from for this long counts as stale.
     pub stale_after: Duration,
+    /// A device not heard from for this long, with every rule at rest (nothing raised or
+    /// pending), is dropped from memory; its counters and history stay in the database.
+    pub forget_after: Duration,
 }
 
 /// `[http]`: metrics, health and status.
@@ -94,6 +97,9 @@ pub struct HttpConfig {
     /// Where the endpoint listens; `None` switches it off.
     pub listen: Option<SocketAddr>,
 }
+
+/// How long a silent device is kept in memory by default (`gateway.forget_after`).
+pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(86_400);
 
 /// Default HTTP endpoint: loopback only.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9183";

@@ -127,6 +127,7 @@ pub(super) struct RawGateway {
     pub(super) watch_config: Option<bool>,
     pub(super) log: Option<Spanned<String>>,
     pub(super) stale_after: Option<Spanned<String>>,
+    pub(super) forget_after: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -833,3 +833,33 @@ fn cloud_profiles_set_what_their_cloud_requires() {
         (MqttVersion::V5, 2)
     );
 }
+
+#[test]
+fn forget_after_defaults_to_a_day_and_is_checked_against_stale_after() {
+    let c = parse(MINIMAL, "t.toml").unwrap().config;
+    assert_eq!(c.gateway.forget_after, DEFAULT_FORGET_AFTER);
+    let with = |lines: &str| MINIMAL.replacen("[gateway]\n", &format!("[gateway]\n{lines}"), 1);
+    let c = parse(
+        &with("stale_after = \"2s\"\nforget_after = \"5s\"\n"),
+        "t.toml",
+    )
+    .unwrap()
+    .config;
+    assert_eq!(c.gateway.forget_after, Duration::from_secs(5));
+    let bad = errors(&with("forget_after = \"5m\"\n"));
+    assert_eq!(bad.len(), 1, "{bad:#?}");
+    assert!(
+        bad[0].starts_with("2:16 `forget_after` (5m) is shorter than `stale_after` (10m)"),
+        "{bad:#?}"
+    );
+    let bad = errors(&with("forget_after = \"0s\"\n"));
+    assert!(
+        bad[0].contains("`forget_after` must be at least 1s"),
+        "{bad:#?}"
+    );
+    let bad = errors(&with("forget_after = \"soon\"\n"));
+    assert!(
+        bad[0].contains("`forget_after` is not a duration"),
+        "{bad:#?}"
+    );
+}

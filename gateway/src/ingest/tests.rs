@@ -42,6 +42,7 @@ fn options(rules: Vec<Rule>) -> EngineOptions {
         keep_raw: false,
         summaries: None,
         stale_after: Duration::from_secs(600),
+        forget_after: Duration::from_secs(3600),
     }
 }
 
@@ -779,4 +780,94 @@ fn a_wall_clock_step_forward_makes_no_device_stale() {
     let stats = &e.stats;
     assert_eq!(Stats::get(&stats.devices_stale), 0);
     assert_eq!(Stats::get(&stats.devices_online), 1);
+}
+
+/// `forget_after` of [`options`], in ms.
+const FORGET_MS: Millis = 3_600_000;
+
+#[test]
+fn devices_silent_for_forget_after_are_forgotten_but_not_while_an_alert_is_raised() {
+    let mut e = engine(0);
+    e.on_message(b"sensors/quiet/temperature", b"20", 0);
+    let raised = e.on_message(b"sensors/hot/temperature", b"95", 0);
+    assert_eq!(states(&raised), [("hot", "overheat", Raised)]);
+    let round = e.housekeeping(1);
+    assert_eq!(
+        round.devices.len(),
+        2,
+        "both devices' counters go to the store"
+    );
+    assert_eq!(e.housekeeping(FORGET_MS - 1).forgotten, 0, "not yet");
+    assert_eq!(e.devices_in_memory(), 2);
+
+    let round = e.housekeeping(FORGET_MS);
+    assert_eq!(
+        round.forgotten, 1,
+        "the quiet one, not the one with a raised alert"
+    );
+    assert_eq!(e.devices_in_memory(), 1);
+    assert!(
+        e.stats.device("quiet").is_none(),
+        "its copy in the stats goes too"
+    );
+    assert!(e.stats.device("hot").is_some());
+    assert_eq!(Stats::get(&e.stats.devices_forgotten), 1);
+
+    // Still raised a day later: kept, and it clears as it would have.
+    assert_eq!(e.housekeeping(30 * FORGET_MS).forgotten, 0);
+    let cleared = e.on_message(b"sensors/hot/temperature", b"80", 30 * FORGET_MS);
+    assert_eq!(states(&cleared), [("hot", "overheat", Cleared)]);
+    assert_eq!(e.housekeeping(31 * FORGET_MS - 1).forgotten, 0);
+    assert_eq!(e.housekeeping(31 * FORGET_MS).forgotten, 1, "at rest now");
+    assert_eq!(e.devices_in_memory(), 0);
+}
+
+#[test]
+fn a_device_a_silence_rule_is_waiting_for_is_not_forgotten() {
+    let silence = rule(
+        "quiet",
+        "sensors/+/+",
+        Kind::Silence {
+            after: SilenceAfter::Fixed(Duration::from_secs(7200)),
+            scope: Scope::Device,
+        },
+        0,
+    );
+    let mut e = Engine::new(options(vec![silence]), Arc::new(Stats::default()), 0);
+    e.on_message(b"sensors/d/temperature", b"1", 0);
+    assert_eq!(
+        e.housekeeping(FORGET_MS).forgotten,
+        0,
+        "its silence has not been judged yet"
+    );
+    let raised = e.on_tick(7_200_000);
+    assert_eq!(states(&raised), [("d", "quiet", Raised)]);
+    assert_eq!(e.housekeeping(10 * FORGET_MS).forgotten, 0, "raised");
+    assert_eq!(e.devices_in_memory(), 1);
+}
+
+#[test]
+fn a_device_that_returns_after_being_forgotten_starts_over_without_a_loss() {
+    let mut e = engine(0);
+    for seq in 0..5u64 {
+        let payload = format!("{{\"v\":20,\"seq\":{seq}}}");
+        e.on_message(b"sensors/d/temperature", payload.as_bytes(), seq);
+    }
+    e.housekeeping(10);
+    assert_eq!(e.housekeeping(10 + FORGET_MS).forgotten, 1);
+
+    // Back with its counter far on (it kept counting, or it was reflashed): a new device,
+    // judged at once, and no messages reported lost for the time it was away.
+    let back = 2 * FORGET_MS;
+    let raised = e.on_message(b"sensors/d/temperature", br#"{"v":95,"seq":100}"#, back);
+    assert_eq!(states(&raised), [("d", "overheat", Raised)]);
+    let round = e.housekeeping(back + 1);
+    assert_eq!(round.devices.len(), 1);
+    let add = &round.devices[0].add;
+    assert_eq!((add.messages, add.loss.lost, add.loss.restarts), (1, 0, 0));
+    assert_eq!(Stats::get(&e.stats.seq_gap_messages), 0);
+    // Its `seq` is followed from there on.
+    e.on_message(b"sensors/d/temperature", br#"{"v":95,"seq":103}"#, back + 2);
+    e.housekeeping(back + 3);
+    assert_eq!(e.stats.device("d").unwrap().loss.lost, 2);
 }
