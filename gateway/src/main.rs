@@ -164,6 +164,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    fixed_trim_threshold();
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => run(config),
@@ -726,4 +727,18 @@ fn init_logging(configured: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .init();
+}
+
+/// Makes glibc's malloc give free memory at the top of every arena back to the system once
+/// it exceeds 128 KiB, as it does at start. Left to itself, glibc raises that threshold (up to
+/// 64 MiB) each time a large block is freed, and `malloc_trim` does not shrink the arenas of
+/// threads other than the main one: after a churn of devices, the memory of the forgotten ones
+/// stayed in RSS (34 MiB instead of 22 MiB after 100,000 devices). Setting the threshold
+/// also fixes the mmap threshold at its default (128 KiB). Before any thread starts.
+fn fixed_trim_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt takes no pointers; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+    }
 }
