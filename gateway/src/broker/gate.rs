@@ -90,6 +90,12 @@ impl Bucket {
         }
     }
 
+    /// True if it has refilled by `now`: then it is the same as a fresh one.
+    fn full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.rate
+    }
+
     /// Takes a token if there is one.
     pub(crate) fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
@@ -101,6 +107,21 @@ impl Bucket {
         } else {
             false
         }
+    }
+}
+
+/// Names with a rate limit remembered beyond which those of names no connection uses, and
+/// refilled, are forgotten (names of client certificates need not be in the credentials file,
+/// so there may be any number of them over time).
+const BUCKETS_BEFORE_PRUNING: usize = 1024;
+
+/// Drops the buckets no connection holds that have refilled: a fresh one is the same.
+fn prune_buckets(buckets: &mut HashMap<String, SharedBucket>, now: Instant) {
+    buckets.retain(|_, b| {
+        Arc::strong_count(b) > 1 || !b.lock().unwrap_or_else(|p| p.into_inner()).full(now)
+    });
+    if buckets.capacity() > 4 * buckets.len().max(64) {
+        buckets.shrink_to_fit();
     }
 }
 
@@ -292,14 +313,16 @@ impl Gate {
         let fresh = || Arc::new(Mutex::new(Bucket::new(self.rate, Instant::now())));
         match identity {
             Identity::Anonymous => Some(fresh()),
-            Identity::Named { name, .. } => Some(
-                self.buckets
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(name.clone())
-                    .or_insert_with(fresh)
-                    .clone(),
-            ),
+            Identity::Named { name, .. } => {
+                let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(bucket) = buckets.get(name) {
+                    return Some(bucket.clone());
+                }
+                if buckets.len() >= BUCKETS_BEFORE_PRUNING {
+                    prune_buckets(&mut buckets, Instant::now());
+                }
+                Some(buckets.entry(name.clone()).or_insert_with(fresh).clone())
+            }
         }
     }
 }
@@ -673,5 +696,39 @@ mod tests {
             .filter(|_| b.take(t0 + Duration::from_secs(10)))
             .count();
         assert_eq!(taken, 10, "never more than the burst");
+    }
+
+    #[test]
+    fn pruning_forgets_only_refilled_buckets_no_connection_holds() {
+        let t0 = Instant::now();
+        let bucket = |tokens_taken: usize| {
+            let b = Arc::new(Mutex::new(Bucket::new(10, t0)));
+            for _ in 0..tokens_taken {
+                b.lock().unwrap().take(t0);
+            }
+            b
+        };
+        let mut buckets = HashMap::new();
+        buckets.insert("gone-full".to_owned(), bucket(0));
+        buckets.insert("gone-drained".to_owned(), bucket(10));
+        let held = bucket(0);
+        buckets.insert("connected".to_owned(), held.clone());
+        prune_buckets(&mut buckets, t0 + Duration::from_millis(100));
+        let mut left: Vec<_> = buckets.keys().cloned().collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["connected", "gone-drained"],
+            "a drained bucket still limits"
+        );
+        prune_buckets(&mut buckets, t0 + Duration::from_secs(2));
+        assert_eq!(
+            buckets.len(),
+            1,
+            "refilled by then: the same as a fresh one"
+        );
+        drop(held);
+        prune_buckets(&mut buckets, t0 + Duration::from_secs(2));
+        assert!(buckets.is_empty());
     }
 }
