@@ -9,7 +9,7 @@
 //! It builds the release gateway and the simulator first (`cargo build --release -p
 //! watchpost`, then `-p watchpost-sim`), runs the workloads ([`plant`], [`saturation`], its
 //! mixed variant with a share of states and its variant with every reading retained,
-//! [`fleet`], [`sessions`], [`retained`]) `--runs` times, writes every raw figure as JSON next
+//! [`fleet`], [`sessions`], [`retained`], [`churn`]) `--runs` times, writes every raw figure as JSON next
 //! to the logs, and renders the tables ([`report`]). `--from-json` renders tables again from a
 //! saved run without running anything. Helper modes (`flood`, `rumqttd`, `count-sub`) are this
 //! binary started by itself as a separate process, so that load and counting never share a
@@ -23,9 +23,10 @@
 //! | [`proxy`] | the byte-counting TCP proxy on the uplinks |
 //! | [`flood`], [`peer`] | helper modes: load, bare rumqttd, a counting subscriber |
 //! | [`probe`] | latency probes and the subscribers that time them |
-//! | [`plant`], [`saturation`], [`fleet`], [`sessions`], [`retained`] | the workloads |
+//! | [`plant`], [`saturation`], [`fleet`], [`sessions`], [`retained`], [`churn`] | the workloads |
 //! | [`stats`], [`report`] | percentiles and medians; the tables |
 
+mod churn;
 mod fleet;
 mod flood;
 mod peer;
@@ -94,6 +95,9 @@ enum Phase {
     /// Saturation (10 connections) of Watchpost and bare Mosquitto with every reading
     /// retained.
     RetainedSaturation,
+    /// Distinct devices that each connect once, publish and leave: memory before, at the peak
+    /// and after Watchpost forgot them (issue 21).
+    Churn,
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,6 +164,8 @@ pub struct Config {
     pub retained: retained::Plan,
     /// Connection counts of the saturation load with every reading retained.
     pub retain_conns: Vec<usize>,
+    /// Devices that come and go.
+    pub churn: churn::Plan,
 }
 
 impl Config {
@@ -211,6 +217,11 @@ impl Config {
             },
             retained: retained::Plan { messages: 10_000 },
             retain_conns: vec![10],
+            churn: churn::Plan {
+                devices: 100_000,
+                warm_up: 10_000,
+                forget_after: "5s",
+            },
         };
         if !quick {
             return full;
@@ -249,6 +260,11 @@ impl Config {
                 ..full.sessions
             },
             retained: retained::Plan { messages: 1000 },
+            churn: churn::Plan {
+                devices: 10_000,
+                warm_up: 1000,
+                forget_after: "2s",
+            },
             ..full
         }
     }
@@ -289,6 +305,11 @@ impl Config {
             "retained_bound": retained::BOUND,
             "retained_mosquitto_autosave_s": retained::MOSQUITTO_AUTOSAVE_S,
             "retain_conns": self.retain_conns,
+            "churn_devices": self.churn.devices,
+            "churn_warm_up": self.churn.warm_up,
+            "churn_workers": churn::WORKERS,
+            "churn_forget_after": self.churn.forget_after,
+            "churn_settle_s": churn::SETTLE.as_secs_f64(),
         })
     }
 }
@@ -560,6 +581,15 @@ fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
                 all.push(retained::run(&bins, &d, system, &config.retained)?);
             }
             result["retained"] = json!(all);
+        }
+        if wanted(Phase::Churn) {
+            let mut all = Vec::new();
+            for system in [System::Watchpost, System::Mosquitto] {
+                step(&format!("churn {}", system.name()));
+                let d = dir.join(format!("churn-{}", system.name()));
+                all.push(churn::run(&bins, &d, system, &config.churn)?);
+            }
+            result["churn"] = json!(all);
         }
         result["load_at_steps"] = json!(loads.take());
         if let Some(list) = doc["runs"].as_array_mut() {
