@@ -39,10 +39,14 @@ use crate::value::Value;
 
 /// Devices forgotten since the allocator last gave memory back, at which [`run`] asks it to
 /// again while devices are still being forgotten (glibc keeps freed memory in its arenas
-/// until told). It asks in any case at the first round that forgets no one after some did.
-/// Either way one round after the forgetting: the store frees the rows that forgetting handed
-/// it (deltas, partial rollups) once it has written them.
+/// until told). It asks in any case at the first round that forgets no one after at least
+/// [`TRIM_AT_LEAST`] were: a device or two now and then is not worth the allocator's time
+/// (its locks are held while it looks). Either way one round after the forgetting: the store
+/// frees the rows that forgetting handed it (deltas, partial rollups) once it has written them.
 const TRIM_AFTER_FORGOTTEN: usize = 4096;
+
+/// Devices forgotten (about 900 B each) below which no memory is given back yet.
+const TRIM_AT_LEAST: usize = 64;
 
 /// How often one device's malformed input (or lost messages) is logged.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
@@ -1437,7 +1441,7 @@ pub async fn run(
                 let forgotten = round.forgotten;
                 store_round(&outputs.store, round);
                 if forgotten_since_trim >= TRIM_AFTER_FORGOTTEN
-                    || (forgotten == 0 && forgotten_since_trim > 0)
+                    || (forgotten == 0 && forgotten_since_trim >= TRIM_AT_LEAST)
                 {
                     forgotten_since_trim = 0;
                     give_back_memory();
