@@ -107,6 +107,11 @@ enum Command {
         /// Print the JSON the gateway answers.
         #[arg(long)]
         json: bool,
+        /// Only say whether the gateway serves (its /readyz): exit status 0 if it answers 200
+        /// (`ready`, or `degraded` while it still serves locally), 1 otherwise. For health
+        /// checks such as keepalived's `vrrp_script`.
+        #[arg(long, conflicts_with = "json")]
+        check: bool,
     },
     /// Manage who may connect: devices and operators with their own secrets.
     Device {
@@ -236,7 +241,11 @@ fn main() -> ExitCode {
             expect,
             json,
         } => test_rules(config, readings, from_db, since, run_on, expect, json),
-        Command::Status { config, json } => status(config, json),
+        Command::Status {
+            config,
+            json,
+            check,
+        } => status(config, json, check),
         Command::Device { action } => device(action),
         Command::Devices { config, json } => query(config, |r| {
             let records = r.devices()?;
@@ -371,7 +380,7 @@ fn test_rules(
     }
 }
 
-fn status(config: Option<PathBuf>, json: bool) -> ExitCode {
+fn status(config: Option<PathBuf>, json: bool, check: bool) -> ExitCode {
     let loaded = match load(config.as_ref()) {
         Ok(l) => l,
         Err(e) => {
@@ -392,6 +401,22 @@ fn status(config: Option<PathBuf>, json: bool) -> ExitCode {
             std::net::Ipv6Addr::LOCALHOST.into()
         };
         addr.set_ip(local);
+    }
+    if check {
+        return match watchpost::http::get_blocking(addr, "/readyz") {
+            Ok((200, body)) => {
+                println!("{}", body.trim_end());
+                ExitCode::SUCCESS
+            }
+            Ok((code, body)) => {
+                println!("{code}: {}", body.trim_end());
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                println!("no gateway answers on http://{addr} ({e})");
+                ExitCode::FAILURE
+            }
+        };
     }
     let answer = watchpost::http::get_blocking(addr, "/status");
     let body = match answer {

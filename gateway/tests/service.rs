@@ -164,9 +164,28 @@ fn status_summarises_the_running_gateway_and_says_when_the_uplink_is_down() {
     assert!(ok);
     let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(doc["uplink_connected"], false);
+    // `status --check`, what keepalived's vrrp_script runs: serving locally with the upstream
+    // down is still serving.
+    let check = |config: &Path| {
+        let out = Command::new(BIN)
+            .args(["status", "--check", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = check(&status_config);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("degraded: serving locally"), "{out}");
 
     gateway.signal(libc::SIGTERM);
     gateway.wait_exit(Duration::from_secs(5)).expect("stops");
     let (ok, out) = status(&status_config);
     assert!(!ok && out.contains("no gateway answers"), "{out}");
+    let (code, out) = check(&status_config);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.starts_with("no gateway answers"), "{out}");
 }
