@@ -697,8 +697,13 @@ impl Pending {
         self.aliases.clear();
     }
 
-    /// The publish of `entry` under this connection's limits, or why it cannot go on it.
-    fn message(&mut self, entry: &OutboxEntry, shaper: &Shaper) -> Result<Message, String> {
+    /// The publish of `entry` under this connection's limits and its topic in full (an alias
+    /// may carry it), or why it cannot go on this connection.
+    fn message(
+        &mut self,
+        entry: &OutboxEntry,
+        shaper: &Shaper,
+    ) -> Result<(Message, String), String> {
         let qos = self.qos.min(self.limits.max_qos);
         if qos == 0 {
             return Err("the upstream allows QoS 0 only".into());
@@ -728,18 +733,19 @@ impl Pending {
                 ));
             }
         }
+        let topic = message.topic.clone();
         if self.version == Version::V5 {
             let room = self.limits.topic_alias_max.min(MAX_ALIASES);
-            if let Some(&alias) = self.aliases.get(&message.topic) {
+            if let Some(&alias) = self.aliases.get(&topic) {
                 message.alias = Some(alias);
                 message.topic = String::new();
             } else if (self.aliases.len() as u16) < room {
                 let alias = self.aliases.len() as u16 + 1;
-                self.aliases.insert(message.topic.clone(), alias);
+                self.aliases.insert(topic.clone(), alias);
                 message.alias = Some(alias);
             }
         }
-        Ok(message)
+        Ok((message, topic))
     }
 
     /// Hands queued rows to the client while the window has room. Rows this connection cannot
@@ -751,7 +757,7 @@ impl Pending {
             };
             let entry = entry.clone();
             self.next_send = seq + 1;
-            let message = match self.message(&entry, shaper) {
+            let (message, topic) = match self.message(&entry, shaper) {
                 Ok(m) => m,
                 Err(why) => {
                     self.held.insert(seq);
@@ -765,20 +771,12 @@ impl Pending {
             if !client.try_publish(&message) {
                 // Tried again on the next round.
                 self.next_send = seq;
-                if let Some(alias) = message.alias.filter(|_| !message.topic.is_empty()) {
-                    self.aliases.retain(|_, a| *a != alias);
+                // An alias set up by this publish was not sent: it is not in use.
+                if message.alias.is_some() && !message.topic.is_empty() {
+                    self.aliases.remove(&topic);
                 }
                 break;
             }
-            let topic = if message.topic.is_empty() {
-                self.aliases
-                    .iter()
-                    .find(|(_, a)| Some(**a) == message.alias)
-                    .map(|(t, _)| t.clone())
-                    .unwrap_or_default()
-            } else {
-                message.topic.clone()
-            };
             self.handed.push_back(OnWire {
                 seq,
                 id: entry.id.clone(),
