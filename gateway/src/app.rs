@@ -119,7 +119,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         )));
     }
     let options = EngineOptions {
-        gateway: config.gateway.id.clone(),
+        gateway: config.gateway.site.clone(),
         rules: config.rules.clone(),
         sources: config.sources.clone(),
         limits: config.broker.limits,
@@ -157,7 +157,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         prefix_len: config
             .uplink
             .as_ref()
-            .map_or(config.gateway.id.len(), |u| u.topic_prefix.len()),
+            .map_or(config.gateway.site.len(), |u| u.topic_prefix.len()),
     };
     tasks.push(tokio::spawn(ingest::run(
         engine,

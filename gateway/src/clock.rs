@@ -41,6 +41,14 @@ use crate::rules::Millis;
 /// A disagreement between the wall and the monotonic clock larger than this is a step.
 pub const STEP_THRESHOLD_MS: Millis = 2_000;
 
+/// How far the wall clock may drift (NTP slewing it) from the monotonic clock plus the
+/// clock's offset before [`Clock`] takes the offset again. Between two such resyncs the two
+/// halves of every stamp differ by the same offset, to the millisecond: read separately,
+/// each rounded down, they would differ by one now and then, and a duration measured on one
+/// half would not equal the same duration on the other. Gateways of a site pair measure
+/// durations of each other's readings from the wall times those carry.
+pub const RESYNC_MS: Millis = 20;
+
 /// One instant on both clocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub struct Stamp {
@@ -67,6 +75,21 @@ impl Stamp {
             Some(_) => self
                 .wall
                 .saturating_sub(self.mono.saturating_sub(earlier.mono)),
+        }
+    }
+
+    /// The instant `mono` (at or before this one) on both clocks: its wall half counted back
+    /// from this one's. While the wall clock does not step, this is exactly the wall time a
+    /// [`Clock`] stamps at `mono`, so that a transition judged late at its deadline carries
+    /// the deadline's time, the same on two gateways that judge the same readings.
+    pub fn at_mono(self, mono: Millis) -> Stamp {
+        Stamp {
+            mono,
+            wall: if mono <= self.mono {
+                self.wall.saturating_sub(self.mono - mono)
+            } else {
+                self.wall.saturating_add(mono - self.mono)
+            },
         }
     }
 
@@ -119,6 +142,8 @@ pub struct Clock {
     origin: Instant,
     origin_ms: Millis,
     last: Stamp,
+    /// Wall minus monotonic time, in ms, as last taken.
+    offset: i128,
 }
 
 impl Default for Clock {
@@ -135,16 +160,30 @@ impl Clock {
             origin: Instant::now(),
             origin_ms: wall,
             last: Stamp::from(wall),
+            offset: 0,
+        }
+    }
+
+    /// The stamp of a wall time another gateway gave a reading, on this clock: its
+    /// monotonic half is where this clock's would have been at that wall time.
+    pub fn stamp_of(&self, wall: Millis) -> Stamp {
+        let mono = (i128::from(wall) - self.offset).clamp(0, i128::from(Millis::MAX));
+        Stamp {
+            wall,
+            mono: mono as Millis,
         }
     }
 
     /// Now, on both clocks; logs a step of the wall clock since the last reading.
     pub fn now(&mut self) -> Stamp {
         let elapsed = Millis::try_from(self.origin.elapsed().as_millis()).unwrap_or(Millis::MAX);
-        let now = Stamp {
-            wall: now_millis(),
-            mono: self.origin_ms.saturating_add(elapsed),
-        };
+        let mono = self.origin_ms.saturating_add(elapsed);
+        let raw = i128::from(now_millis());
+        if (raw - (i128::from(mono) + self.offset)).unsigned_abs() > u128::from(RESYNC_MS) {
+            self.offset = raw - i128::from(mono);
+        }
+        let wall = (i128::from(mono) + self.offset).clamp(0, i128::from(Millis::MAX)) as Millis;
+        let now = Stamp { wall, mono };
         if let Some(step) = self.observe(now) {
             warn!(
                 %step,
@@ -224,6 +263,7 @@ mod tests {
             origin: Instant::now(),
             origin_ms: 10_000,
             last: at(10_000, 10_000),
+            offset: 0,
         };
         let readings = [
             (at(11_000, 11_000), None),
@@ -305,5 +345,20 @@ mod tests {
         let a = clock.now();
         let b = clock.now();
         assert!(b.mono >= a.mono);
+    }
+
+    #[test]
+    fn both_halves_keep_one_offset_so_durations_agree_to_the_millisecond() {
+        let mut clock = Clock::new();
+        let first = clock.now();
+        let offset = i128::from(first.wall) - i128::from(first.mono);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
+        while std::time::Instant::now() < deadline {
+            let now = clock.now();
+            assert_eq!(i128::from(now.wall) - i128::from(now.mono), offset);
+            // Another gateway's reading, stamped with a wall time: back on this clock.
+            assert_eq!(clock.stamp_of(now.wall), now);
+            assert_eq!(now.at_mono(first.mono), first);
+        }
     }
 }

@@ -123,6 +123,14 @@ pub struct Engine {
     summary: Option<Summary>,
     /// Monotonic time of the next scan for rollup windows of quiet streams.
     next_window_scan: Millis,
+    /// Deadlines of devices whose readings come from the site's other gateway, while that
+    /// gateway is heard from: they come up as its readings say its time has passed, never on
+    /// this gateway's timer, so that both gateways fire them after the same readings.
+    peer_deadlines: BinaryHeap<Reverse<Deadline>>,
+    /// The other gateway is heard from (a site pair, and not taken over).
+    peer_active: bool,
+    /// The message being judged came from the other gateway.
+    from_peer: bool,
 }
 
 struct Device {
@@ -139,6 +147,9 @@ struct Device {
     online: Option<bool>,
     /// Monotonic time of the last message, for staleness (`counters` has the wall time).
     last_seen: Millis,
+    /// Its last message came from the site's other gateway (a mirrored reading): its
+    /// deadlines follow that gateway's time (see [`Engine::on_peer_message`]).
+    via_peer: bool,
 }
 
 /// A device's streams by metric name. Devices report a handful of metrics, so a list that
@@ -398,6 +409,7 @@ fn new_device(rules: &[Rule], name: &str) -> Device {
         episodes: Vec::new(),
         online: None,
         last_seen: 0,
+        via_peer: false,
     }
 }
 
@@ -457,6 +469,9 @@ impl Engine {
             raw: Vec::new(),
             summary,
             next_window_scan: 0,
+            peer_deadlines: BinaryHeap::new(),
+            peer_active: false,
+            from_peer: false,
         }
     }
 
@@ -566,11 +581,20 @@ impl Engine {
             stats,
             devices,
             deadlines,
+            peer_deadlines,
+            peer_active,
+            from_peer,
             ..
         } = self;
         let device = devices
             .entry(device_name.into())
             .or_insert_with(|| Box::new(new_device(&options.rules, device_name)));
+        device.via_peer = *from_peer;
+        let deadlines = if *from_peer && *peer_active {
+            peer_deadlines
+        } else {
+            deadlines
+        };
         device.counters.messages += 1;
         device.counters.last_seen_ms = now.wall;
         device.last_seen = now.mono;
@@ -650,6 +674,9 @@ impl Engine {
             stats,
             devices,
             deadlines,
+            peer_deadlines,
+            peer_active,
+            from_peer,
             loss_log,
             rollups,
             raw,
@@ -659,6 +686,12 @@ impl Engine {
         let device = devices
             .entry(device_name.into())
             .or_insert_with(|| Box::new(new_device(&options.rules, device_name)));
+        device.via_peer = *from_peer;
+        let deadlines = if *from_peer && *peer_active {
+            peer_deadlines
+        } else {
+            deadlines
+        };
         device.counters.messages += 1;
         device.counters.last_seen_ms = now.wall;
         device.last_seen = now.mono;
@@ -815,16 +848,55 @@ impl Engine {
         out
     }
 
-    /// Lets deadlines whose time has come fire; returns the transitions.
+    /// Lets deadlines whose time has come fire; returns the transitions. Each is judged at
+    /// its deadline, not at `now`: a wake-up that comes late (a busy gateway, or one that
+    /// waited for its peer's readings) writes the same document as one on time.
     pub fn on_tick(&mut self, now: impl Into<Stamp>) -> Vec<Alert> {
-        let now = now.into();
+        self.fire_due(false, now.into())
+    }
+
+    /// A message from the site's other gateway: a reading or presence its own client gave it,
+    /// with the stamp it gave it (put on this gateway's clock). The deadlines of that
+    /// gateway's devices that come up to the stamp fire first, then the message is judged
+    /// like one of this gateway's own clients'.
+    pub fn on_peer_message(&mut self, topic: &[u8], payload: &[u8], stamp: Stamp) -> Vec<Alert> {
+        let mut out = self.fire_due(true, stamp);
+        self.from_peer = true;
+        out.extend(self.on_message(topic, payload, stamp));
+        self.from_peer = false;
+        out
+    }
+
+    /// The other gateway says its time is `stamp`, and that every reading it stamped up to
+    /// then has been sent: the deadlines of its devices up to `stamp` fire.
+    pub fn peer_time(&mut self, stamp: Stamp) -> Vec<Alert> {
+        self.fire_due(true, stamp)
+    }
+
+    /// The other gateway is heard from (`true`), or has not been for `peer.takeover_after`
+    /// (`false`): then this gateway's timer fires the deadlines of its devices too.
+    pub fn set_peer_active(&mut self, active: bool) {
+        if self.peer_active && !active {
+            self.deadlines.extend(self.peer_deadlines.drain());
+        }
+        self.peer_active = active;
+    }
+
+    /// Fires the deadlines of one heap (this gateway's timer's, or the peer's) due at
+    /// `until`. A deadline of a device that changed hands moves to the other heap, at its
+    /// state's real deadline.
+    fn fire_due(&mut self, peer_heap: bool, until: Stamp) -> Vec<Alert> {
         let mut out = Vec::new();
-        while self
-            .deadlines
-            .peek()
-            .is_some_and(|Reverse(d)| d.at <= now.mono)
-        {
-            let Some(Reverse(d)) = self.deadlines.pop() else {
+        loop {
+            let heap = if peer_heap {
+                &mut self.peer_deadlines
+            } else {
+                &mut self.deadlines
+            };
+            if heap.peek().is_none_or(|Reverse(d)| d.at > until.mono) {
+                break;
+            }
+            let Some(Reverse(d)) = heap.pop() else {
                 break;
             };
             let Engine {
@@ -832,11 +904,14 @@ impl Engine {
                 stats,
                 devices,
                 deadlines,
+                peer_deadlines,
+                peer_active,
                 ..
             } = self;
             let Some(dev) = devices.get_mut(&*d.device) else {
                 continue;
             };
+            let peer_owned = dev.via_peer && *peer_active;
             let Device {
                 streams,
                 device_rules,
@@ -871,19 +946,24 @@ impl Engine {
             let mut ctx = StepContext {
                 gateway: &options.gateway,
                 stats,
-                deadlines,
+                deadlines: if peer_owned {
+                    peer_deadlines
+                } else {
+                    deadlines
+                },
                 out: &mut out,
             };
             match rule.deadline(state) {
-                Some(due) if due <= now.mono => {
-                    let transition = rule.step(state, Input::Tick, now);
+                Some(due) if due <= until.mono && peer_owned == peer_heap => {
+                    let at = until.at_mono(due);
+                    let transition = rule.step(state, Input::Tick, at);
                     let target = Target {
                         device: &d.device,
                         metric,
                         stream: d.metric.as_deref(),
                         episodes,
                     };
-                    ctx.after_step(rule, d.rule, state, target, transition, now);
+                    ctx.after_step(rule, d.rule, state, target, transition, at);
                 }
                 Some(later) => ctx.schedule(later, state, &d.device, d.metric.as_deref(), d.rule),
                 None => {}

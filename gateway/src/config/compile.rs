@@ -21,7 +21,8 @@ use super::{
     DEFAULT_HTTP_LISTEN, DEFAULT_LISTEN, DEFAULT_LOG, DEFAULT_MAX_PUBLISH_RATE,
     DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_MESSAGES, DEFAULT_MAX_RETAINED_BYTES,
     DEFAULT_MAX_RETAINED_MESSAGES, DEFAULT_MAX_SESSION_EXPIRY, DEFAULT_RECEIVE_MAXIMUM,
-    GatewayConfig, HistoryConfig, HttpConfig, Secret, SummaryConfig, TlsListener, UplinkConfig,
+    DEFAULT_TAKEOVER_AFTER, GatewayConfig, HistoryConfig, HttpConfig, PeerConfig, Secret,
+    SummaryConfig, TlsListener, UplinkConfig,
 };
 use crate::codec;
 use crate::rules::{Kind, Rule, Severity};
@@ -100,8 +101,30 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
             );
         }
     }
+    let site = match &raw_gateway.site {
+        Some(site) => {
+            if !is_name(site.get_ref()) {
+                sink.error(
+                    site.span(),
+                    format!("site id {:?} is not a valid name", site.get_ref()),
+                    Some(NAME_HELP.into()),
+                );
+            }
+            site.get_ref().clone()
+        }
+        None => id.clone(),
+    };
+    let peer = raw.peer.as_ref().map(|p| compile_peer(p, &id, sink));
+    if peer.is_some() && raw_gateway.site.is_none() {
+        sink.warn(
+            raw_gateway.id.span(),
+            "a gateway with a [peer] has no `site`: the site id is this gateway's id, and the two gateways' alert ids will differ",
+            Some("give both gateways the same `site = \"...\"` in [gateway]".into()),
+        );
+    }
     let gateway = GatewayConfig {
         id,
+        site,
         data_dir,
         watch_config: raw_gateway.watch_config.unwrap_or(false),
         log,
@@ -124,7 +147,7 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
     let uplink = raw
         .uplink
         .as_ref()
-        .map(|u| compile_uplink(u, &gateway.id, sink));
+        .map(|u| compile_uplink(u, &gateway.id, &gateway.site, sink));
     let history = compile_history(&raw.history, sink);
 
     let mut names = HashSet::new();
@@ -185,9 +208,56 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
         uplink,
         history,
         http,
+        peer,
         rules,
         sources,
         acl,
+    }
+}
+
+/// `[peer]`: the other gateway of a site pair.
+fn compile_peer(raw: &super::raw::RawPeer, own_id: &str, sink: &mut Sink<'_>) -> PeerConfig {
+    let name = raw.name.get_ref().clone();
+    if !is_name(&name) {
+        sink.error(
+            raw.name.span(),
+            format!("peer name {name:?} is not a valid name"),
+            Some(NAME_HELP.into()),
+        );
+    } else if name == own_id {
+        sink.error(
+            raw.name.span(),
+            "the peer has this gateway's own id",
+            Some("`name` is the other gateway's [gateway] id; each gateway of a pair has its own id and both share `site`".into()),
+        );
+    }
+    let address = sink
+        .socket_addr(&raw.address, "address")
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1883)));
+    if raw.secret_file.get_ref().trim().is_empty() {
+        sink.error(
+            raw.secret_file.span(),
+            "`secret_file` is empty",
+            Some("a file with the secret both gateways share, e.g. \"/etc/watchpost/peer.secret\" (`head -c 32 /dev/urandom | base64 > peer.secret`)".into()),
+        );
+    }
+    let takeover_after = sink.duration(
+        &raw.takeover_after,
+        "takeover_after",
+        DEFAULT_TAKEOVER_AFTER,
+    );
+    if takeover_after < Duration::from_secs(1) {
+        sink.error(
+            raw.takeover_after.as_ref().map_or(0..0, |t| t.span()),
+            "`takeover_after` must be at least 1s",
+            None,
+        );
+    }
+    PeerConfig {
+        name,
+        address,
+        secret_file: PathBuf::from(raw.secret_file.get_ref()),
+        takeover_after,
     }
 }
 
@@ -860,7 +930,12 @@ fn at_least(
     }
 }
 
-fn compile_uplink(raw: &RawUplink, gateway_id: &str, sink: &mut Sink<'_>) -> UplinkConfig {
+fn compile_uplink(
+    raw: &RawUplink,
+    gateway_id: &str,
+    site: &str,
+    sink: &mut Sink<'_>,
+) -> UplinkConfig {
     let (tls, host, port) = match parse_url(raw.url.get_ref()) {
         Ok(parts) => parts,
         Err(why) => {
@@ -899,7 +974,7 @@ fn compile_uplink(raw: &RawUplink, gateway_id: &str, sink: &mut Sink<'_>) -> Upl
             }
             prefix
         }
-        None => gateway_id.to_owned(),
+        None => site.to_owned(),
     };
     let forward = match &raw.forward {
         Some(f) => {

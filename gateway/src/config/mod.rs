@@ -64,6 +64,8 @@ pub struct Config {
     pub history: HistoryConfig,
     /// The HTTP endpoint.
     pub http: HttpConfig,
+    /// The other gateway of a site pair, if this gateway is one of two.
+    pub peer: Option<PeerConfig>,
     /// Rules, in file order.
     pub rules: Vec<Rule>,
     /// Foreign topic layouts mapped onto readings.
@@ -75,8 +77,12 @@ pub struct Config {
 /// `[gateway]`
 #[derive(Debug, Clone, PartialEq)]
 pub struct GatewayConfig {
-    /// Site id: part of alert ids and the default upstream topic prefix.
+    /// This gateway's id: its upstream client id, its name to a peer, and by default the
+    /// site id too.
     pub id: String,
+    /// Site id: part of alert ids, the `gateway` field of alert documents, and the default
+    /// upstream topic prefix. The two gateways of a site pair share it; `id` by default.
+    pub site: String,
     /// Where the SQLite database lives; created if missing.
     pub data_dir: PathBuf,
     /// Reload the rules when the configuration file changes (besides on SIGHUP).
@@ -90,6 +96,23 @@ pub struct GatewayConfig {
     /// pending), is dropped from memory; its counters and history stay in the database.
     pub forget_after: Duration,
 }
+
+/// `[peer]`: the other gateway of a site pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerConfig {
+    /// The peer's gateway id (its `[gateway] id`).
+    pub name: String,
+    /// The peer's MQTT listener.
+    pub address: SocketAddr,
+    /// A file holding the secret both gateways share (at least 16 bytes).
+    pub secret_file: PathBuf,
+    /// With no word from the peer for this long, this gateway also judges the silence of
+    /// the devices that were the peer's.
+    pub takeover_after: Duration,
+}
+
+/// Default `peer.takeover_after`.
+pub const DEFAULT_TAKEOVER_AFTER: Duration = Duration::from_secs(10);
 
 /// `[http]`: metrics, health and status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -487,6 +510,9 @@ pub fn parse(source: &str, name: &str) -> Result<Loaded, ConfigError> {
                 .get("http")
                 .and_then(|v| section(v, "[http]", &mut sink))
                 .unwrap_or_default(),
+            peer: root
+                .get("peer")
+                .and_then(|v| section(v, "[peer]", &mut sink)),
             rules: array(root.get("rule"), "[[rule]]", &mut sink),
             sources: array(root.get("source"), "[[source]]", &mut sink),
             acl: array(root.get("acl"), "[[acl]]", &mut sink),

@@ -14,7 +14,7 @@ use crate::rules::Severity;
 
 /// Top-level keys of the file.
 pub(super) const TOP_LEVEL: &[&str] = &[
-    "gateway", "broker", "uplink", "history", "http", "rule", "source", "acl",
+    "gateway", "broker", "uplink", "history", "http", "peer", "rule", "source", "acl",
 ];
 
 /// The sections of the file, read independently.
@@ -23,6 +23,7 @@ pub(super) struct Raw {
     pub(super) uplink: Option<RawUplink>,
     pub(super) history: RawHistory,
     pub(super) http: RawHttp,
+    pub(super) peer: Option<RawPeer>,
     pub(super) rules: Vec<(Range<usize>, RawRule)>,
     pub(super) sources: Vec<(Range<usize>, RawSource)>,
     pub(super) acl: Vec<(Range<usize>, RawAcl)>,
@@ -123,11 +124,21 @@ pub(super) fn array<'de, T: Deserialize<'de>>(
 #[serde(deny_unknown_fields)]
 pub(super) struct RawGateway {
     pub(super) id: Spanned<String>,
+    pub(super) site: Option<Spanned<String>>,
     pub(super) data_dir: Option<Spanned<String>>,
     pub(super) watch_config: Option<bool>,
     pub(super) log: Option<Spanned<String>>,
     pub(super) stale_after: Option<Spanned<String>>,
     pub(super) forget_after: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPeer {
+    pub(super) name: Spanned<String>,
+    pub(super) address: Spanned<String>,
+    pub(super) secret_file: Spanned<String>,
+    pub(super) takeover_after: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

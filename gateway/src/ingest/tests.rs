@@ -871,3 +871,100 @@ fn a_device_that_returns_after_being_forgotten_starts_over_without_a_loss() {
     e.housekeeping(back + 3);
     assert_eq!(e.stats.device("d").unwrap().loss.lost, 2);
 }
+
+/// A silence rule for any metric of a device, waiting 2 s.
+fn silent_2s() -> Rule {
+    rule(
+        "silent",
+        "sensors/+/+",
+        Kind::Silence {
+            after: SilenceAfter::Fixed(Duration::from_secs(2)),
+            scope: Scope::Device,
+        },
+        0,
+    )
+}
+
+#[test]
+fn a_wake_up_that_comes_late_writes_the_document_of_one_on_time() {
+    let run = |tick_at: Millis| {
+        let mut e = Engine::new(
+            options(vec![overheat(1_000), silent_2s()]),
+            Arc::new(Stats::default()),
+            0,
+        );
+        let mut docs = Vec::new();
+        docs.extend(e.on_message(b"sensors/a/temperature", b"95", 10_000));
+        docs.extend(e.on_tick(10_000 + tick_at));
+        docs.extend(e.on_tick(12_000 + tick_at));
+        docs.into_iter().map(|a| a.doc).collect::<Vec<_>>()
+    };
+    let on_time = run(0);
+    assert_eq!(
+        on_time
+            .iter()
+            .map(|d| (d.rule.as_str(), d.at.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("overheat", "1970-01-01T00:00:11.000Z"),
+            ("silent", "1970-01-01T00:00:12.000Z")
+        ]
+    );
+    assert_eq!(run(1_700), on_time, "late by 1.7 s: the same documents");
+}
+
+#[test]
+fn a_peers_devices_fire_by_the_peers_time_and_the_two_engines_agree() {
+    // Gateway A judges its device's readings as they come; gateway B gets them mirrored,
+    // with A's stamps, and the time A says it has reached.
+    let rules = || vec![overheat(1_000), silent_2s()];
+    let mut a = Engine::new(options(rules()), Arc::new(Stats::default()), 0);
+    let mut b = Engine::new(options(rules()), Arc::new(Stats::default()), 0);
+    b.set_peer_active(true);
+    let readings: [(Millis, &[u8]); 4] = [
+        (10_000, b"95"),
+        (10_400, b"96"),
+        (10_900, b"80"),
+        (11_500, b"97"),
+    ];
+    let mut from_a = Vec::new();
+    let mut from_b = Vec::new();
+    for (at, value) in readings {
+        from_a.extend(a.on_tick(at));
+        from_a.extend(a.on_message(b"sensors/a/temperature", value, at));
+        // B's own timer runs ahead of A's readings: it must not fire A's device's deadlines.
+        from_b.extend(b.on_tick(at + 5_000));
+        from_b.extend(b.on_peer_message(b"sensors/a/temperature", value, Stamp::from(at)));
+    }
+    for t in [12_500, 13_600, 20_000] {
+        from_a.extend(a.on_tick(t));
+        from_b.extend(b.peer_time(Stamp::from(t)));
+    }
+    let docs = |v: Vec<Alert>| v.into_iter().map(|a| a.doc).collect::<Vec<_>>();
+    let (from_a, from_b) = (docs(from_a), docs(from_b));
+    assert_eq!(
+        from_a
+            .iter()
+            .map(|d| (d.rule.as_str(), d.state, d.since.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("overheat", Raised, "1970-01-01T00:00:11.500Z"),
+            ("silent", Raised, "1970-01-01T00:00:11.500Z"),
+        ]
+    );
+    assert_eq!(from_b, from_a);
+
+    // A is gone: B's own timer now fires what A's time would have.
+    let mut c = Engine::new(options(rules()), Arc::new(Stats::default()), 0);
+    c.set_peer_active(true);
+    assert!(
+        c.on_peer_message(b"sensors/x/temperature", b"20", Stamp::from(1_000))
+            .is_empty()
+    );
+    assert!(
+        c.on_tick(60_000).is_empty(),
+        "held while the peer is heard from"
+    );
+    c.set_peer_active(false);
+    assert_eq!(states(&c.on_tick(60_000)), [("x", "silent", Raised)]);
+}
