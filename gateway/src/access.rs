@@ -24,6 +24,10 @@ pub enum Role {
     Device,
     /// A person or service watching: subscribes, never publishes.
     Operator,
+    /// The site's other gateway, admitted by a token of the shared peer secret
+    /// ([`crate::peer`]); never in the credentials file.
+    #[serde(skip)]
+    Peer,
 }
 
 /// Who a connected client is.

@@ -61,6 +61,7 @@ impl std::fmt::Display for Who {
             Who::Client(n) => write!(f, "client {n:?}"),
             Who::Role(Role::Device) => f.write_str("devices"),
             Who::Role(Role::Operator) => f.write_str("operators"),
+            Who::Role(Role::Peer) => f.write_str("the peer gateway"),
             Who::Anonymous => f.write_str("anonymous clients"),
             Who::Everyone => f.write_str("every client"),
         }
@@ -235,6 +236,17 @@ impl Policy {
         client_id: &str,
         topic: &str,
     ) -> Result<(), Denied> {
+        if let Identity::Named {
+            role: Role::Peer, ..
+        } = identity
+        {
+            // The peer mirrors on its topic, and does nothing else.
+            return if topic == crate::peer::MIRROR_TOPIC {
+                Ok(())
+            } else {
+                Err(Denied::NoRule)
+            };
+        }
         if gateway_topic(topic) {
             return Err(Denied::GatewayTopic);
         }
@@ -268,6 +280,17 @@ impl Policy {
         client_id: &str,
         filter: &str,
     ) -> Result<(), Denied> {
+        if matches!(
+            identity,
+            Identity::Named {
+                role: Role::Peer,
+                ..
+            }
+        ) || filter.starts_with("$watchpost")
+        {
+            // The mirror is between the two gateways only.
+            return Err(Denied::NoRule);
+        }
         let client = Client::new(identity, client_id);
         for rule in &self.rules {
             if !rule.action.includes(Action::Subscribe) || !rule.who.applies_to(identity) {

@@ -49,6 +49,9 @@ pub enum StartError {
     /// The uplink configuration is unusable.
     #[error(transparent)]
     Uplink(#[from] UplinkError),
+    /// The site pair cannot start.
+    #[error(transparent)]
+    Peer(#[from] crate::peer::PeerError),
 }
 
 /// A running gateway.
@@ -106,6 +109,11 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         None => None,
     };
     let uplink = config.uplink.as_ref().map(Uplink::prepare).transpose()?;
+    let peer_secret = config
+        .peer
+        .as_ref()
+        .map(|p| crate::peer::Secret::read(&p.secret_file))
+        .transpose()?;
 
     let broker = Broker::new(&config.broker, stats.clone());
 
@@ -151,7 +159,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     // Batches of publishes from the broker's injector; when ingest is behind, the injector
     // waits, and so do the clients.
     let (readings_tx, readings_rx) = mpsc::channel(INGEST_QUEUE);
-    let outputs = Outputs {
+    let mut outputs = Outputs {
+        peer: None,
         store,
         forward: config.uplink.as_ref().map(|u| u.forward.clone()),
         prefix_len: config
@@ -159,6 +168,29 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             .as_ref()
             .map_or(config.gateway.site.len(), |u| u.topic_prefix.len()),
     };
+    let peer = match (&config.peer, peer_secret) {
+        (Some(p), Some(secret)) => {
+            gate.set_peer(&p.name, secret.clone());
+            let (out, from_ingest) = mpsc::unbounded_channel();
+            let mirror = crate::peer::Mirror {
+                own: config.gateway.id.clone(),
+                address: p.address,
+                secret,
+            };
+            tasks.push(tokio::spawn(mirror.run(
+                from_ingest,
+                stats.clone(),
+                signal.clone(),
+            )));
+            info!(peer = %p.name, address = %p.address, site = %config.gateway.site, "one of a site pair: mirroring this gateway's clients to the peer");
+            Some(ingest::PeerIngest::new(
+                out,
+                crate::peer::Incoming::new(p.takeover_after, stats.clone()),
+            ))
+        }
+        _ => None,
+    };
+    outputs.peer = peer;
     tasks.push(tokio::spawn(ingest::run(
         engine,
         clock,

@@ -1453,6 +1453,120 @@ pub struct Outputs {
     pub forward: Option<Vec<Severity>>,
     /// Length of the upstream topic prefix, for the forward-everything baseline.
     pub prefix_len: usize,
+    /// One of a site pair: the mirror of this gateway's clients' publishes to the peer.
+    pub peer: Option<PeerIngest>,
+}
+
+/// The site pair, as ingest sees it: where its own clients' publishes go to be mirrored,
+/// and what it knows of the peer's mirror.
+pub struct PeerIngest {
+    /// To the mirror task.
+    pub out: mpsc::UnboundedSender<crate::peer::MirrorOut>,
+    /// This process's stream id (random, never 0).
+    pub stream: u64,
+    /// The peer's frames so far.
+    pub incoming: crate::peer::Incoming,
+    /// The last entry number given.
+    next_seq: u64,
+    /// When an unreadable frame was last logged.
+    malformed_logged: Option<std::time::Instant>,
+}
+
+impl PeerIngest {
+    /// The pair's ingest side, mirroring to `out`.
+    pub fn new(
+        out: mpsc::UnboundedSender<crate::peer::MirrorOut>,
+        incoming: crate::peer::Incoming,
+    ) -> PeerIngest {
+        PeerIngest {
+            out,
+            stream: fastrand::u64(1..),
+            incoming,
+            next_seq: 0,
+            malformed_logged: None,
+        }
+    }
+
+    /// A frame from the peer: its new entries judged by their stamps and routed to this
+    /// gateway's subscribers, then its watermark; returns the transitions.
+    fn take_frame(
+        &mut self,
+        engine: &mut Engine,
+        clock: &mut Clock,
+        payload: &Bytes,
+        routed: &mut Vec<crate::broker::Message>,
+    ) -> Vec<Alert> {
+        let frame = match crate::peer::frame::decode(payload.clone()) {
+            Ok(f) => f,
+            Err(e) => {
+                let now = std::time::Instant::now();
+                if self
+                    .malformed_logged
+                    .is_none_or(|t| now.duration_since(t) >= ERROR_LOG_INTERVAL)
+                {
+                    self.malformed_logged = Some(now);
+                    warn!(error = %e, "a mirror frame from the peer cannot be read (are both gateways the same version?); logged at most once a minute");
+                }
+                return Vec::new();
+            }
+        };
+        let now = clock.now();
+        self.incoming.heard(frame.watermark, now.wall);
+        if !self.incoming.active {
+            self.incoming.active = true;
+            engine.set_peer_active(true);
+            Stats::set(&engine.stats.peer_active, 1);
+            info!("the peer gateway is heard from: its devices' deadlines follow its readings");
+        }
+        let mut out = Vec::new();
+        for e in frame.entries {
+            if !self.incoming.accept(&e) {
+                continue;
+            }
+            let stamp = clock.stamp_of(e.wall);
+            out.extend(engine.on_peer_message(&e.topic, &e.payload, stamp));
+            routed.push(crate::broker::Message {
+                topic: e.topic,
+                payload: e.payload,
+                qos: match e.qos {
+                    0 => crate::broker::packet::QoS::AtMostOnce,
+                    1 => crate::broker::packet::QoS::AtLeastOnce,
+                    _ => crate::broker::packet::QoS::ExactlyOnce,
+                },
+                retain: e.retain,
+                ..crate::broker::Message::default()
+            });
+        }
+        out.extend(engine.peer_time(clock.stamp_of(frame.watermark)));
+        out
+    }
+
+    /// An entry for a publish of this gateway's own client, stamped `wall`.
+    fn entry(&mut self, publish: &crate::broker::Message, wall: Millis) -> crate::peer::Entry {
+        self.next_seq += 1;
+        crate::peer::Entry {
+            stream: self.stream,
+            seq: self.next_seq,
+            wall,
+            retain: publish.retain,
+            qos: publish.qos as u8,
+            topic: publish.topic.clone(),
+            payload: publish.payload.clone(),
+        }
+    }
+
+    /// The peer has been silent for `takeover_after`: its devices' deadlines go to this
+    /// gateway's timer.
+    fn check_takeover(&mut self, engine: &mut Engine) {
+        if self.incoming.active && self.incoming.silent_too_long() {
+            self.incoming.active = false;
+            engine.set_peer_active(false);
+            Stats::set(&engine.stats.peer_active, 0);
+            warn!(
+                "no word from the peer gateway for peer.takeover_after: this gateway now also judges the silence of the devices it mirrored"
+            );
+        }
+    }
 }
 
 /// Requests to the running ingest task.
@@ -1480,7 +1594,11 @@ pub async fn run(
     mut control: mpsc::Receiver<Control>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let mut outputs = outputs;
+    let mut peer = outputs.peer.take();
     let stats = engine.stats.clone();
+    let mut beat = tokio::time::interval(crate::peer::HEARTBEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     // One timer for the earliest deadline, re-armed only when that changes.
     let timer = tokio::time::sleep(Duration::ZERO);
@@ -1502,6 +1620,11 @@ pub async fn run(
         // housekeeping (the watchdog's heartbeat) still get their turn.
         // Alerts to publish, and who waits for this round's writes to be committed.
         let mut judged = Vec::new();
+        // This gateway's clients' publishes for the peer, the stamp of the last one, and the
+        // peer's publishes for this gateway's subscribers.
+        let mut mirrored = Vec::new();
+        let mut watermark = 0;
+        let mut routed = Vec::new();
         let alerts = tokio::select! {
             biased;
             _ = &mut shutdown => break,
@@ -1529,6 +1652,20 @@ pub async fn run(
                 forgotten_since_trim += forgotten;
                 continue;
             }
+            _ = beat.tick(), if peer.is_some() => {
+                // Every reading stamped so far has been handed to the mirror: the peer may
+                // fire this gateway's devices' deadlines up to now.
+                let now = clock.now();
+                let p = peer.as_mut().expect("checked");
+                p.check_takeover(&mut engine);
+                let _ = p.out.send(crate::peer::MirrorOut {
+                    entries: Vec::new(),
+                    watermark: now.wall,
+                    judged: Vec::new(),
+                    committed: None,
+                });
+                continue;
+            }
             batch = readings.recv() => {
                 let Some(batch) = batch else {
                     error!("the broker's connections stopped; ingest ends");
@@ -1536,6 +1673,13 @@ pub async fn run(
                 };
                 let mut alerts = Vec::new();
                 for publish in &batch.messages {
+                    if &publish.topic[..] == crate::peer::MIRROR_TOPIC.as_bytes() {
+                        // Only the peer may publish there (the ACL); without a [peer], no one.
+                        if let Some(p) = peer.as_mut() {
+                            alerts.extend(p.take_frame(&mut engine, &mut clock, &publish.payload, &mut routed));
+                        }
+                        continue;
+                    }
                     if !engine.handles(&publish.topic) {
                         continue;
                     }
@@ -1546,7 +1690,15 @@ pub async fn run(
                     );
                     Stats::add(&stats.forward_all_bytes, baseline);
                     let started = std::time::Instant::now();
-                    alerts.extend(engine.on_message(&publish.topic, &publish.payload, clock.now()));
+                    let now = clock.now();
+                    // Deadlines that came up first, so that a peer judging these readings
+                    // after the same deadlines agrees.
+                    alerts.extend(engine.on_tick(now));
+                    alerts.extend(engine.on_message(&publish.topic, &publish.payload, now));
+                    if let Some(p) = peer.as_mut() {
+                        mirrored.push(p.entry(publish, now.wall));
+                        watermark = now.wall;
+                    }
                     Stats::add(&stats.ingest_nanos, started.elapsed().as_nanos() as u64);
                     Stats::inc(&stats.ingest_count);
                 }
@@ -1557,6 +1709,19 @@ pub async fn run(
         let raised = !alerts.is_empty();
         for alert in alerts {
             dispatch(&alert, &broker, &outputs);
+        }
+        if !routed.is_empty() {
+            broker.route_from_peer(routed);
+        }
+        // With the peer connected, clients' acknowledgements wait for it as well as for the
+        // store (the mirror task answers them).
+        let mut for_peer = Vec::new();
+        let mut committed = None;
+        if !mirrored.is_empty() && !judged.is_empty() {
+            for_peer = std::mem::take(&mut judged);
+            let (tx, rx) = oneshot::channel();
+            judged.push(tx);
+            committed = Some(rx);
         }
         // History goes to the store when the buffer is full, and at once when someone waits to
         // acknowledge these publishes: what judging them wrote (alert transitions, raw
@@ -1574,6 +1739,14 @@ pub async fn run(
                     let _ = reply.send(());
                 }
             }
+        }
+        if let (Some(p), false) = (peer.as_ref(), mirrored.is_empty()) {
+            let _ = p.out.send(crate::peer::MirrorOut {
+                entries: mirrored,
+                watermark,
+                judged: for_peer,
+                committed,
+            });
         }
     }
     store_round(&outputs.store, engine.finish(clock.now()));

@@ -46,6 +46,7 @@ pub mod http;
 pub mod ingest;
 pub mod loss;
 pub mod metrics;
+pub mod peer;
 pub mod pem;
 pub mod query;
 pub mod replay;

@@ -557,6 +557,7 @@ fn device(action: DeviceAction) -> ExitCode {
                     let role = match e.role {
                         Role::Device => "device",
                         Role::Operator => "operator",
+                        Role::Peer => "peer",
                     };
                     println!("{name:<32} {role:<9} {}", e.created);
                 }

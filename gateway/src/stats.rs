@@ -149,6 +149,35 @@ pub struct Stats {
     pub disk_full: AtomicBool,
     /// Clients refused at CONNECT: wrong or missing credentials, a name or will not theirs.
     pub auth_failures: AtomicU64,
+    /// Site pair: 1 while the mirror to the peer's broker is connected.
+    pub peer_link_up: AtomicU64,
+    /// Site pair: frames waiting for the peer's acknowledgement, and their bytes.
+    pub peer_backlog_frames: AtomicU64,
+    /// See `peer_backlog_frames`.
+    pub peer_backlog_bytes: AtomicU64,
+    /// Site pair: mirrored publishes dropped because the backlog was full.
+    pub peer_mirror_dropped: AtomicU64,
+    /// Site pair: frames and publishes sent to the peer (again after a reconnect).
+    pub peer_frames_sent: AtomicU64,
+    /// See `peer_frames_sent`.
+    pub peer_entries_sent: AtomicU64,
+    /// Site pair: devices' acknowledgements given without the peer's, after the wait.
+    pub peer_ack_timeouts: AtomicU64,
+    /// Site pair: monotonic ms (`monotonic_ms`) of the last frame from the peer; 0: none yet.
+    pub peer_heard_ms: AtomicU64,
+    /// Site pair: how far behind this gateway's wall clock the peer's last watermark was.
+    pub peer_lag_ms: AtomicU64,
+    /// Site pair: frames received from the peer.
+    pub peer_frames_received: AtomicU64,
+    /// Site pair: mirrored publishes judged, seen before (sent again), and missing.
+    pub peer_entries_received: AtomicU64,
+    /// See `peer_entries_received`.
+    pub peer_entries_duplicate: AtomicU64,
+    /// See `peer_entries_received`.
+    pub peer_entries_gap: AtomicU64,
+    /// Site pair: 1 while the peer's devices' deadlines follow the peer's time; 0 once it
+    /// has been silent for `peer.takeover_after` (this gateway judges them alone).
+    pub peer_active: AtomicU64,
     /// TLS handshakes that failed.
     pub tls_failures: AtomicU64,
     /// Connections closed because the client broke the MQTT protocol.
@@ -193,6 +222,11 @@ impl Stats {
     /// Adds `n` to `counter`.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Sets a gauge.
+    pub fn set(gauge: &AtomicU64, value: u64) {
+        gauge.store(value, Ordering::Relaxed);
     }
 
     /// Reads `counter`.

@@ -15,6 +15,7 @@ use watchpost::config::{self, Config};
 pub mod clients;
 pub mod failover;
 pub mod pki;
+pub mod relay;
 
 /// Polls `condition` every 10 ms until it holds or `timeout` passes; returns whether it held.
 pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {

@@ -49,6 +49,7 @@ impl Site {
         let data = tempfile::tempdir().unwrap();
         let mut config = shipped_config(file, data.path());
         config.uplink = Some(UplinkConfig {
+            forwarded_by: None,
             host: "127.0.0.1".into(),
             port: mosquitto.port(),
             tls: false,

@@ -467,6 +467,7 @@ async fn the_qemu_leak_probe_raises_and_clears_a_critical_alert_through_the_ship
     // The quickstart configuration as shipped (its `water-leak` rule), with an uplink added.
     let mut config = shipped_config("watchpost.toml", data.path());
     config.uplink = Some(UplinkConfig {
+        forwarded_by: None,
         host: "127.0.0.1".into(),
         port: upstream.port(),
         tls: false,

@@ -139,6 +139,8 @@ pub(crate) struct Gate {
     rate: u32,
     buckets: Mutex<HashMap<String, SharedBucket>>,
     clients: Clients,
+    /// The site's other gateway: its id and the secret both share.
+    peer: RwLock<Option<(String, crate::peer::Secret)>>,
 }
 
 impl Gate {
@@ -161,6 +163,32 @@ impl Gate {
             rate,
             buckets: Mutex::new(HashMap::new()),
             clients: Clients::default(),
+            peer: RwLock::new(None),
+        })
+    }
+
+    /// Admits the site's other gateway, `name`, by tokens of `secret`.
+    pub(crate) fn set_peer(&self, name: &str, secret: crate::peer::Secret) {
+        *self.peer.write().unwrap_or_else(|p| p.into_inner()) = Some((name.to_owned(), secret));
+    }
+
+    /// The peer path of [`Gate::admit`]: user name `watchpost-peer-{name}`, password a token.
+    fn admit_peer(&self, user: &str, password: &str) -> Result<Admitted, Refusal> {
+        let peer = self.peer.read().unwrap_or_else(|p| p.into_inner());
+        let Some((name, secret)) = peer.as_ref() else {
+            return Err(Refusal::BadCredentials);
+        };
+        let claimed = user.strip_prefix(crate::peer::CLIENT_PREFIX);
+        if claimed != Some(name.as_str()) || !secret.verify(name, password, crate::peer::unix_now())
+        {
+            return Err(Refusal::BadCredentials);
+        }
+        Ok(Admitted {
+            identity: Identity::Named {
+                name: user.to_owned(),
+                role: Role::Peer,
+            },
+            proof: Proof::None,
         })
     }
 
@@ -247,6 +275,11 @@ impl Gate {
                 proof: Proof::Certificate,
             });
         }
+        if let Some((user, password)) = &login {
+            if user.starts_with(crate::peer::CLIENT_PREFIX) {
+                return self.admit_peer(user, password);
+            }
+        }
         let Some((name, secret)) = login else {
             return if self.allow_anonymous {
                 Ok(Admitted {
@@ -313,6 +346,10 @@ impl Gate {
         let fresh = || Arc::new(Mutex::new(Bucket::new(self.rate, Instant::now())));
         match identity {
             Identity::Anonymous => Some(fresh()),
+            // The peer mirrors a whole site's publishes.
+            Identity::Named {
+                role: Role::Peer, ..
+            } => None,
             Identity::Named { name, .. } => {
                 let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(bucket) = buckets.get(name) {

@@ -131,6 +131,18 @@ impl Broker {
 }
 
 impl Broker {
+    /// Delivers the publishes the site's other gateway mirrored (its clients') to this
+    /// gateway's subscribers, and keeps the retained ones, as if they had come here.
+    pub fn route_from_peer(&self, messages: Vec<Message>) {
+        let messages: Vec<Arc<Message>> = messages.into_iter().map(Arc::new).collect();
+        for m in messages.iter().filter(|m| m.retain) {
+            self.hub.retain(m);
+        }
+        if self.hub.listening() {
+            self.hub.route(&messages, std::time::Instant::now());
+        }
+    }
+
     /// Takes back the retained messages the database kept from the last run (those of
     /// clients; the gateway's alerts come back through their saved states).
     pub async fn restore_retained(&self, store: &Store) {

@@ -115,6 +115,7 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
         None => id.clone(),
     };
     let peer = raw.peer.as_ref().map(|p| compile_peer(p, &id, sink));
+    let pair_member = peer.is_some().then(|| id.clone());
     if peer.is_some() && raw_gateway.site.is_none() {
         sink.warn(
             raw_gateway.id.span(),
@@ -147,7 +148,11 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
     let uplink = raw
         .uplink
         .as_ref()
-        .map(|u| compile_uplink(u, &gateway.id, &gateway.site, sink));
+        .map(|u| compile_uplink(u, &gateway.id, &gateway.site, sink))
+        .map(|u| UplinkConfig {
+            forwarded_by: pair_member,
+            ..u
+        });
     let history = compile_history(&raw.history, sink);
 
     let mut names = HashSet::new();
@@ -1054,6 +1059,7 @@ fn compile_uplink(
     }
     let summaries = raw.summaries.as_ref().map(|s| compile_summaries(s, sink));
     let mut uplink = UplinkConfig {
+        forwarded_by: None,
         host,
         port,
         tls,

@@ -230,6 +230,9 @@ impl BrokerConfig {
 pub struct UplinkConfig {
     /// Upstream host name or address.
     pub host: String,
+    /// One of a site pair: this gateway's id, sent with each alert over MQTT 5 as the user
+    /// property `watchpost-gateway` (never in the document, which both gateways write alike).
+    pub forwarded_by: Option<String>,
     /// Upstream port.
     pub port: u16,
     /// `mqtts://`: TLS, with the system's root certificates unless `ca_file` names a CA.

@@ -102,6 +102,8 @@ pub(super) struct Message {
 pub(super) struct Options {
     pub v4: rumqttc::MqttOptions,
     pub v5: v5::MqttOptions,
+    /// One of a site pair: this gateway's id, for the `watchpost-gateway` user property.
+    pub forwarded_by: Option<String>,
 }
 
 impl Options {
@@ -117,8 +119,12 @@ impl Options {
 
 pub(super) enum Client {
     V4(rumqttc::AsyncClient),
-    V5(v5::AsyncClient),
+    /// With the `watchpost-gateway` user property, if any.
+    V5(v5::AsyncClient, Option<(String, String)>),
 }
+
+/// The MQTT 5 user property that names the gateway of a site pair that forwarded an alert.
+pub const GATEWAY_PROPERTY: &str = "watchpost-gateway";
 
 /// An event loop of either version, and whether its connection is up.
 pub(super) struct Loop {
@@ -172,7 +178,13 @@ pub(super) fn new_client(options: &Options, version: Version, capacity: usize) -
             opts.set_network_options(network);
             let (client, eventloop) = v5::AsyncClient::new(opts, capacity);
             (
-                Client::V5(client),
+                Client::V5(
+                    client,
+                    options
+                        .forwarded_by
+                        .clone()
+                        .map(|id| (GATEWAY_PROPERTY.to_owned(), id)),
+                ),
                 Loop {
                     inner: Inner::V5(Box::new(eventloop)),
                     connected: false,
@@ -189,9 +201,10 @@ impl Client {
             Client::V4(c) => c
                 .try_publish(m.topic.clone(), qos(m.qos), m.retain, m.payload.clone())
                 .map_err(|e| e.to_string()),
-            Client::V5(c) => {
+            Client::V5(c, gateway) => {
                 let properties = PublishProperties {
                     topic_alias: m.alias,
+                    user_properties: gateway.iter().cloned().collect(),
                     ..Default::default()
                 };
                 c.try_publish_with_properties(
@@ -217,7 +230,7 @@ impl Client {
     pub(super) fn try_disconnect(&self) -> bool {
         match self {
             Client::V4(c) => c.try_disconnect().is_ok(),
-            Client::V5(c) => c.try_disconnect().is_ok(),
+            Client::V5(c, _) => c.try_disconnect().is_ok(),
         }
     }
 }

@@ -172,7 +172,11 @@ impl Uplink {
             v4.set_transport(transport.clone());
             v5.set_transport(transport);
         }
-        let mut options = link::Options { v4, v5 };
+        let mut options = link::Options {
+            v4,
+            v5,
+            forwarded_by: config.forwarded_by.clone(),
+        };
         if let Some((username, password)) = &config.login {
             options.set_password(username, password.expose());
         }
@@ -860,6 +864,7 @@ mod tests {
     /// An uplink configuration for `mqtts://127.0.0.1:8883` with the given files.
     fn tls_uplink(ca_file: Option<&Path>, client_cert: Option<(&Path, &Path)>) -> UplinkConfig {
         UplinkConfig {
+            forwarded_by: None,
             host: "127.0.0.1".into(),
             port: 8883,
             tls: true,
@@ -1059,6 +1064,7 @@ mod tests {
         let options = link::Options {
             v4: rumqttc::MqttOptions::new("t", "localhost", 1883),
             v5: rumqttc::v5::MqttOptions::new("t", "localhost", 1883),
+            forwarded_by: None,
         };
         link::new_client(&options, version, WINDOW * 2)
     }

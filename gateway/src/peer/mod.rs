@@ -1,0 +1,650 @@
+//! The site pair: two gateways at one site that both judge every reading.
+//!
+//! Each gateway mirrors what its own clients publish (readings and presence, each with the
+//! stamp it gave it) to the other: the mirror task here is an MQTT client of the peer's
+//! broker that publishes [`frame`]s on [`MIRROR_TOPIC`] at QoS 1. The peer's broker admits it
+//! under [`CLIENT_PREFIX`]`{name}` with a token made from the secret both share (never the
+//! secret itself), lets it publish on that one topic and nothing else, and acknowledges a
+//! frame only once the peer's ingest has judged it and committed what that wrote, as for any
+//! client. No device may publish or subscribe there.
+//!
+//! The peer judges mirrored readings by their stamps, not by their arrival, and fires the
+//! deadlines of the devices they come from only as the frames say time has passed (their
+//! watermark): both gateways raise the same alerts at the same `since`, with the same ids,
+//! and forward them; the upstream sees duplicates with identical documents. A device's
+//! QoS 1 publish is acknowledged once both gateways have it (or the peer is away, or slow
+//! beyond [`ACK_WAIT`]). Frames the peer has not acknowledged are kept (up to
+//! [`BACKLOG_BYTES`]) and sent again when the link is back; entries carry their stream and
+//! number, so that a frame sent twice is judged once.
+
+pub mod frame;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::rules::Millis;
+use crate::shutdown::Signal;
+use crate::stats::Stats;
+pub use frame::Entry;
+
+/// The topic mirror frames are published on: a gateway topic, which devices cannot use.
+pub const MIRROR_TOPIC: &str = "$watchpost/mirror";
+/// Client id and user name of a peer: this, then its gateway id.
+pub const CLIENT_PREFIX: &str = "watchpost-peer-";
+/// A token is good this long either side of its time (the two clocks must agree this well).
+pub const TOKEN_WINDOW_S: u64 = 300;
+/// Fewest bytes of a shared secret.
+pub const MIN_SECRET_BYTES: usize = 16;
+/// A device's publish waits at most this long for the peer's acknowledgement of its mirror.
+pub const ACK_WAIT: Duration = Duration::from_secs(2);
+/// Frames kept for a peer that is away; beyond, the oldest are dropped (and counted).
+pub const BACKLOG_BYTES: usize = 64 << 20;
+/// Largest frame: well under the peer's default packet limit (64 KiB).
+pub const FRAME_BYTES: usize = 48 * 1024;
+/// Frames in flight to the peer at once.
+const MAX_IN_FLIGHT: usize = 64;
+/// How often the watermark goes to the peer when no reading does.
+pub const HEARTBEAT: Duration = Duration::from_millis(250);
+/// Wait between connection attempts.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Why the site pair cannot start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// The secret file cannot be read.
+    #[error("cannot read the peer secret {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The secret is too short.
+    #[error(
+        "the peer secret in {path} has {len} bytes; it needs at least {MIN_SECRET_BYTES} (e.g. `head -c 32 /dev/urandom | base64 > {path}`, the same file on both gateways)"
+    )]
+    Short {
+        /// The file.
+        path: String,
+        /// Its length.
+        len: usize,
+    },
+}
+
+/// The secret both gateways of a pair share.
+#[derive(Clone)]
+pub struct Secret(Arc<[u8]>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Secret {
+    /// Reads the secret from `path` (surrounding white space is not part of it).
+    pub fn read(path: &Path) -> Result<Secret, PeerError> {
+        let text = std::fs::read(path).map_err(|source| PeerError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let trimmed = text.trim_ascii();
+        if trimmed.len() < MIN_SECRET_BYTES {
+            return Err(PeerError::Short {
+                path: path.display().to_string(),
+                len: trimmed.len(),
+            });
+        }
+        Ok(Secret(trimmed.into()))
+    }
+
+    /// A secret from bytes (tests).
+    pub fn from_bytes(bytes: &[u8]) -> Secret {
+        Secret(bytes.into())
+    }
+
+    fn mac(&self, name: &str, unix_s: u64) -> ring::hmac::Tag {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
+        ring::hmac::sign(&key, format!("watchpost-peer\n{name}\n{unix_s}").as_bytes())
+    }
+
+    /// The password gateway `name` connects to its peer with at `unix_s`: the time and a
+    /// MAC of name and time under the secret.
+    pub fn token(&self, name: &str, unix_s: u64) -> String {
+        let mac = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.mac(name, unix_s));
+        format!("{unix_s}.{mac}")
+    }
+
+    /// True if `password` is a token of `name` made within [`TOKEN_WINDOW_S`] of `now_s`.
+    pub fn verify(&self, name: &str, password: &str, now_s: u64) -> bool {
+        let Some((time, mac)) = password.split_once('.') else {
+            return false;
+        };
+        let Ok(unix_s) = time.parse::<u64>() else {
+            return false;
+        };
+        if unix_s.abs_diff(now_s) > TOKEN_WINDOW_S {
+            return false;
+        }
+        let Ok(mac) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(mac) else {
+            return false;
+        };
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
+        ring::hmac::verify(
+            &key,
+            format!("watchpost-peer\n{name}\n{unix_s}").as_bytes(),
+            &mac,
+        )
+        .is_ok()
+    }
+}
+
+/// Seconds since the epoch, now.
+pub fn unix_now() -> u64 {
+    crate::alert::now_millis() / 1000
+}
+
+/// What ingest hands the mirror task after a batch, or to move the watermark.
+#[derive(Debug)]
+pub struct MirrorOut {
+    /// This gateway's own clients' publishes, stamped.
+    pub entries: Vec<Entry>,
+    /// Every entry this gateway stamped up to this wall time has been handed over.
+    pub watermark: Millis,
+    /// Acknowledgements of the clients' publishes: answered once the store has committed
+    /// (`committed`) and the peer has the frame, or is away, or did not answer in
+    /// [`ACK_WAIT`].
+    pub judged: Vec<oneshot::Sender<()>>,
+    /// Answered when the store has committed what judging the batch wrote.
+    pub committed: Option<oneshot::Receiver<()>>,
+}
+
+/// Acknowledgements waiting on a frame.
+struct Waiters {
+    judged: Vec<oneshot::Sender<()>>,
+    committed: Option<oneshot::Receiver<()>>,
+}
+
+impl Waiters {
+    /// Answers the clients once the store has committed.
+    fn release(self) {
+        if self.judged.is_empty() {
+            return;
+        }
+        match self.committed {
+            None => {
+                for j in self.judged {
+                    let _ = j.send(());
+                }
+            }
+            Some(committed) => {
+                tokio::spawn(async move {
+                    // Dropped unanswered only if the gateway stops: then no one is acked.
+                    if committed.await.is_ok() {
+                        for j in self.judged {
+                            let _ = j.send(());
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// A frame on its way to the peer.
+struct Pending {
+    bytes: Bytes,
+    entries: usize,
+    /// Packet id once published on this connection; `Some(0)` while rumqttc has not said.
+    sent: Option<u16>,
+    sent_at: Option<Instant>,
+    waiters: Option<Waiters>,
+}
+
+/// The mirror: an MQTT client of the peer's broker.
+pub struct Mirror {
+    /// This gateway's id.
+    pub own: String,
+    /// The peer's MQTT listener.
+    pub address: SocketAddr,
+    /// The shared secret.
+    pub secret: Secret,
+}
+
+impl Mirror {
+    /// Sends what `from` hands over to the peer until `shutdown`, reconnecting as needed.
+    pub async fn run(
+        self,
+        mut from: mpsc::UnboundedReceiver<MirrorOut>,
+        stats: Arc<Stats>,
+        shutdown: Signal,
+    ) {
+        let mut backlog = Backlog::new(stats.clone());
+        let client_id = format!("{CLIENT_PREFIX}{}", self.own);
+        let mut logged_down = false;
+        let mut attempts = 0u64;
+        'connect: loop {
+            let mut options = MqttOptions::new(
+                &client_id,
+                self.address.ip().to_string(),
+                self.address.port(),
+            );
+            options.set_credentials(&client_id, self.secret.token(&self.own, unix_now()));
+            options.set_keep_alive(Duration::from_secs(5));
+            options.set_clean_session(true);
+            options.set_max_packet_size(256 * 1024, 256 * 1024);
+            options.set_inflight(MAX_IN_FLIGHT as u16 + 8);
+            let (client, mut events) = AsyncClient::new(options, MAX_IN_FLIGHT * 2 + 16);
+            // Devices wait for the peer's acknowledgement: no Nagle delay on the way there.
+            let mut network = events.network_options();
+            network.set_tcp_nodelay(true);
+            events.set_network_options(network);
+            let mut connected = false;
+            let mut heartbeat = tokio::time::interval(HEARTBEAT);
+            heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut watermark_sent: Millis = 0;
+            attempts += 1;
+            loop {
+                tokio::select! {
+                    _ = shutdown.clone().wait() => break 'connect,
+                    out = from.recv() => {
+                        let Some(out) = out else { break 'connect };
+                        backlog.push(out, connected);
+                    }
+                    event = events.poll() => match event {
+                        Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                            if ack.code != rumqttc::ConnectReturnCode::Success {
+                                warn!(peer = %self.address, code = ?ack.code, "the peer refused the mirror's connection: check that both gateways have the same peer secret file and each names the other in [peer]");
+                                break;
+                            }
+                            connected = true;
+                            logged_down = false;
+                            Stats::set(&stats.peer_link_up, 1);
+                            info!(peer = %self.address, backlog = backlog.frames.len(), attempts, "mirroring to the peer");
+                            attempts = 0;
+                            backlog.restart();
+                        }
+                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => backlog.sent(pkid),
+                        Ok(Event::Incoming(Packet::PubAck(ack))) => backlog.acked(ack.pkid),
+                        Ok(_) => {}
+                        Err(e) => {
+                            if connected || !logged_down {
+                                warn!(peer = %self.address, error = %e, backlog = backlog.frames.len(), "the mirror to the peer is down; readings are kept for it and sent when it is back (devices are not kept waiting)");
+                                logged_down = true;
+                            } else {
+                                debug!(peer = %self.address, error = %e, "the peer is still unreachable");
+                            }
+                            break;
+                        }
+                    },
+                    _ = heartbeat.tick() => {
+                        backlog.expire_waits();
+                        if connected && backlog.all_published() && backlog.watermark > watermark_sent {
+                            let beat = frame::encode(backlog.watermark, &[]);
+                            if client.try_publish(MIRROR_TOPIC, QoS::AtMostOnce, false, beat).is_ok() {
+                                watermark_sent = backlog.watermark;
+                            }
+                        }
+                    }
+                }
+                if connected {
+                    backlog.publish(&client);
+                }
+            }
+            Stats::set(&stats.peer_link_up, 0);
+            backlog.disconnected();
+            // Wait before the next attempt, still taking what ingest hands over.
+            let again = tokio::time::sleep(RETRY);
+            tokio::pin!(again);
+            loop {
+                tokio::select! {
+                    _ = &mut again => break,
+                    _ = shutdown.clone().wait() => break 'connect,
+                    out = from.recv() => {
+                        let Some(out) = out else { break 'connect };
+                        backlog.push(out, false);
+                    }
+                }
+            }
+        }
+        backlog.disconnected();
+    }
+}
+
+/// Frames not yet acknowledged by the peer, oldest first.
+struct Backlog {
+    frames: VecDeque<Pending>,
+    bytes: usize,
+    /// The newest watermark ingest gave.
+    watermark: Millis,
+    stats: Arc<Stats>,
+}
+
+impl Backlog {
+    fn new(stats: Arc<Stats>) -> Backlog {
+        Backlog {
+            frames: VecDeque::new(),
+            bytes: 0,
+            watermark: 0,
+            stats,
+        }
+    }
+
+    fn gauges(&self) {
+        Stats::set(&self.stats.peer_backlog_frames, self.frames.len() as u64);
+        Stats::set(&self.stats.peer_backlog_bytes, self.bytes as u64);
+    }
+
+    /// Takes a batch: its entries in frames of at most [`FRAME_BYTES`], the acknowledgements
+    /// on the last. With the link down they are answered at once (after the store).
+    fn push(&mut self, out: MirrorOut, connected: bool) {
+        let MirrorOut {
+            entries,
+            watermark,
+            judged,
+            committed,
+        } = out;
+        self.watermark = self.watermark.max(watermark);
+        let mut waiters = Some(Waiters { judged, committed });
+        if !connected {
+            if let Some(w) = waiters.take() {
+                w.release();
+            }
+        }
+        if entries.is_empty() {
+            if let Some(w) = waiters {
+                w.release();
+            }
+            return;
+        }
+        let mut chunks: Vec<&[Entry]> = Vec::new();
+        let mut start = 0;
+        let mut size = frame::HEADER_BYTES;
+        for (i, e) in entries.iter().enumerate() {
+            if i > start && size + e.size() > FRAME_BYTES {
+                chunks.push(&entries[start..i]);
+                start = i;
+                size = frame::HEADER_BYTES;
+            }
+            size += e.size();
+        }
+        chunks.push(&entries[start..]);
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let bytes = frame::encode(watermark, chunk);
+            self.bytes += bytes.len();
+            self.frames.push_back(Pending {
+                bytes,
+                entries: chunk.len(),
+                sent: None,
+                sent_at: None,
+                waiters: if i == last { waiters.take() } else { None },
+            });
+        }
+        while self.bytes > BACKLOG_BYTES {
+            let Some(old) = self.frames.pop_front() else {
+                break;
+            };
+            self.bytes -= old.bytes.len();
+            Stats::add(&self.stats.peer_mirror_dropped, old.entries as u64);
+            if let Some(w) = old.waiters {
+                w.release();
+            }
+        }
+        self.gauges();
+    }
+
+    /// Publishes frames not yet sent on this connection, in order, up to the in-flight limit.
+    fn publish(&mut self, client: &AsyncClient) {
+        let in_flight = self.frames.iter().filter(|p| p.sent.is_some()).count();
+        let mut room = MAX_IN_FLIGHT.saturating_sub(in_flight);
+        for p in self.frames.iter_mut().filter(|p| p.sent.is_none()) {
+            if room == 0 {
+                break;
+            }
+            if client
+                .try_publish(MIRROR_TOPIC, QoS::AtLeastOnce, false, p.bytes.clone())
+                .is_err()
+            {
+                break;
+            }
+            p.sent = Some(0);
+            p.sent_at = Some(Instant::now());
+            room -= 1;
+            Stats::inc(&self.stats.peer_frames_sent);
+            Stats::add(&self.stats.peer_entries_sent, p.entries as u64);
+        }
+    }
+
+    /// True when every frame has been handed to the connection (a heartbeat may follow).
+    fn all_published(&self) -> bool {
+        self.frames.iter().all(|p| p.sent.is_some())
+    }
+
+    /// rumqttc gave the next published frame its packet id.
+    fn sent(&mut self, pkid: u16) {
+        if let Some(p) = self.frames.iter_mut().find(|p| p.sent == Some(0)) {
+            p.sent = Some(pkid);
+        }
+    }
+
+    /// The peer acknowledged `pkid`: it has judged the frame and committed what it wrote.
+    fn acked(&mut self, pkid: u16) {
+        if let Some(at) = self.frames.iter().position(|p| p.sent == Some(pkid)) {
+            let p = self.frames.remove(at).expect("found");
+            self.bytes -= p.bytes.len();
+            if let Some(w) = p.waiters {
+                w.release();
+            }
+            self.gauges();
+        }
+    }
+
+    /// Devices waited [`ACK_WAIT`] for the peer: they are answered; the frame stays.
+    fn expire_waits(&mut self) {
+        for p in &mut self.frames {
+            if p.sent_at.is_some_and(|t| t.elapsed() >= ACK_WAIT) {
+                if let Some(w) = p.waiters.take() {
+                    Stats::inc(&self.stats.peer_ack_timeouts);
+                    w.release();
+                }
+            }
+        }
+    }
+
+    /// A new connection: everything goes out again, in order.
+    fn restart(&mut self) {
+        for p in &mut self.frames {
+            p.sent = None;
+            p.sent_at = None;
+        }
+    }
+
+    /// The link is down: no device waits for it.
+    fn disconnected(&mut self) {
+        for p in &mut self.frames {
+            p.sent = None;
+            p.sent_at = None;
+            if let Some(w) = p.waiters.take() {
+                w.release();
+            }
+        }
+        self.gauges();
+    }
+}
+
+/// What a gateway knows of the mirror it receives.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Per stream, the highest entry number judged.
+    seen: HashMap<u64, u64>,
+    /// When the last frame came.
+    last_heard: Option<Instant>,
+    /// The peer's devices' deadlines follow the peer's time.
+    pub active: bool,
+    takeover_after: Duration,
+    stats: Arc<Stats>,
+}
+
+impl Incoming {
+    /// Nothing heard yet.
+    pub fn new(takeover_after: Duration, stats: Arc<Stats>) -> Incoming {
+        Incoming {
+            seen: HashMap::new(),
+            last_heard: None,
+            active: false,
+            takeover_after,
+            stats,
+        }
+    }
+
+    /// A frame came with `watermark`, at wall time `now`.
+    pub fn heard(&mut self, watermark: Millis, now: Millis) {
+        self.last_heard = Some(Instant::now());
+        Stats::set(
+            &self.stats.peer_heard_ms,
+            crate::stats::monotonic_ms().max(1),
+        );
+        Stats::set(&self.stats.peer_lag_ms, now.saturating_sub(watermark));
+        Stats::inc(&self.stats.peer_frames_received);
+    }
+
+    /// True if `entry` is new (not judged before); counts duplicates and gaps.
+    pub fn accept(&mut self, entry: &Entry) -> bool {
+        let last = self.seen.entry(entry.stream).or_insert(0);
+        if entry.seq <= *last {
+            Stats::inc(&self.stats.peer_entries_duplicate);
+            return false;
+        }
+        if *last != 0 && entry.seq > *last + 1 {
+            Stats::add(&self.stats.peer_entries_gap, entry.seq - *last - 1);
+        }
+        *last = entry.seq;
+        Stats::inc(&self.stats.peer_entries_received);
+        true
+    }
+
+    /// True when the peer has been silent for `takeover_after` since it was last heard.
+    pub fn silent_too_long(&self) -> bool {
+        self.last_heard
+            .is_some_and(|t| t.elapsed() >= self.takeover_after)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_prove_the_name_and_time_under_the_secret() {
+        let secret = Secret::from_bytes(b"0123456789abcdef0123");
+        let now = 1_795_284_345;
+        let token = secret.token("gw-a", now);
+        assert!(secret.verify("gw-a", &token, now));
+        assert!(secret.verify("gw-a", &token, now + TOKEN_WINDOW_S));
+        assert!(
+            !secret.verify("gw-a", &token, now + TOKEN_WINDOW_S + 1),
+            "too old"
+        );
+        assert!(!secret.verify("gw-b", &token, now), "another name");
+        let other = Secret::from_bytes(b"0123456789abcdef0124");
+        assert!(!other.verify("gw-a", &token, now), "another secret");
+        assert!(!token.contains("0123456789"), "the secret is not in it");
+        for bad in ["", ".", "x.y", &format!("{now}.AAAA"), &token[1..]] {
+            assert!(!secret.verify("gw-a", bad, now), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_secret_file_must_hold_enough_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peer.secret");
+        std::fs::write(&path, "short\n").unwrap();
+        let e = Secret::read(&path).unwrap_err().to_string();
+        assert!(e.contains("has 5 bytes; it needs at least 16"), "{e}");
+        std::fs::write(&path, "  a-long-enough-secret-here\n").unwrap();
+        let s = Secret::read(&path).unwrap();
+        assert!(s.verify(
+            "g",
+            &Secret::from_bytes(b"a-long-enough-secret-here").token("g", 5),
+            5
+        ));
+        assert!(
+            Secret::read(&dir.path().join("missing"))
+                .unwrap_err()
+                .to_string()
+                .contains("cannot read the peer secret")
+        );
+    }
+
+    #[test]
+    fn entries_are_judged_once_and_gaps_are_counted() {
+        let stats = Arc::new(Stats::default());
+        let mut incoming = Incoming::new(Duration::from_secs(10), stats.clone());
+        let entry = |stream, seq| Entry {
+            stream,
+            seq,
+            wall: 0,
+            retain: false,
+            qos: 1,
+            topic: Bytes::from_static(b"sensors/a/t"),
+            payload: Bytes::new(),
+        };
+        let taken: Vec<bool> = [(1, 1), (1, 2), (1, 2), (1, 1), (1, 5), (2, 1), (1, 6)]
+            .into_iter()
+            .map(|(s, n)| incoming.accept(&entry(s, n)))
+            .collect();
+        assert_eq!(taken, [true, true, false, false, true, true, true]);
+        assert_eq!(Stats::get(&stats.peer_entries_duplicate), 2);
+        assert_eq!(Stats::get(&stats.peer_entries_gap), 2);
+        assert_eq!(Stats::get(&stats.peer_entries_received), 5);
+    }
+
+    #[test]
+    fn a_batch_goes_in_frames_under_the_limit_with_its_acks_on_the_last() {
+        let mut backlog = Backlog::new(Arc::new(Stats::default()));
+        let entries: Vec<Entry> = (1..=40)
+            .map(|seq| Entry {
+                stream: 1,
+                seq,
+                wall: seq,
+                retain: false,
+                qos: 1,
+                topic: Bytes::from_static(b"sensors/a/t"),
+                payload: Bytes::from(vec![b'1'; 4000]),
+            })
+            .collect();
+        let (tx, _rx) = oneshot::channel();
+        backlog.push(
+            MirrorOut {
+                entries,
+                watermark: 40,
+                judged: vec![tx],
+                committed: None,
+            },
+            true,
+        );
+        assert!(backlog.frames.len() >= 4);
+        assert!(backlog.frames.iter().all(|p| p.bytes.len() <= FRAME_BYTES));
+        let decoded: Vec<u64> = backlog
+            .frames
+            .iter()
+            .flat_map(|p| frame::decode(p.bytes.clone()).unwrap().entries)
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(decoded, (1..=40).collect::<Vec<_>>());
+        let with_waiters: Vec<bool> = backlog.frames.iter().map(|p| p.waiters.is_some()).collect();
+        assert_eq!(with_waiters.iter().filter(|w| **w).count(), 1);
+        assert!(with_waiters[with_waiters.len() - 1]);
+    }
+}

@@ -1,0 +1,288 @@
+//! Two gateways at one site (issue 22): the real `watchpost` processes A and B, each naming
+//! the other in `[peer]`, a Mosquitto upstream, a fleet of simulated devices that know both
+//! gateways, and a probe device that drives one alert episode.
+//!
+//! - `a_gateway_killed_mid_episode_with_the_upstream_down_loses_nothing`: A is killed with
+//!   SIGKILL while an alert is raised and the upstream is paused; the devices move to B; when
+//!   the upstream is back it holds the raise and the clear of that one episode (one id), and
+//!   B's database alone holds every reading any device handed over.
+//! - `a_partition_between_the_two_brings_only_identical_duplicates`: with the path between A
+//!   and B broken, an episode starts and ends on A; after the path is mended B raises and
+//!   clears it with the same id and the same documents, and both agree on every state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rumqttc::QoS;
+use watchpost::store::Reader;
+use watchpost_e2e::failover::{self, KEEP_RAW};
+use watchpost_e2e::relay::Relay;
+use watchpost_e2e::{Collector, GatewayProcess, Mosquitto, Publisher, free_port, wait_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_watchpost");
+const DEVICES: usize = 20;
+const SECRET: &str = "a-secret-both-gateways-of-the-site-share";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The site's rule: raised after 1 s above 90 (a deadline, fired by each gateway's time).
+const OVERHEAT_FOR_1S: &str = "[[rule]]\nname = \"overheat\"\nmatch = \"sensors/+/temperature\"\nabove = 90.0\nclear_below = 85.0\nfor = \"1s\"\nseverity = \"critical\"\n";
+
+/// One gateway of the pair: its MQTT port is chosen before either starts, since each names
+/// the other's.
+struct Member {
+    id: &'static str,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Member {
+    fn new(id: &'static str) -> Member {
+        Member {
+            id,
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port().unwrap(),
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Writes its configuration: the peer `peer` at `peer_addr`, upstream at `upstream`.
+    fn config(&self, peer: &str, peer_addr: SocketAddr, upstream: SocketAddr) -> PathBuf {
+        let secret = self.dir.path().join("peer.secret");
+        std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+        let path = self.dir.path().join("watchpost.toml");
+        let text = format!(
+            "[gateway]\nid = \"{id}\"\nsite = \"site\"\ndata_dir = {data:?}\n\
+             [broker]\nlisten = \"127.0.0.1:{port}\"\nallow_anonymous = true\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n{KEEP_RAW}\
+             [uplink]\nurl = \"mqtt://{upstream}\"\nforward = [\"critical\"]\n\
+             [peer]\nname = \"{peer}\"\naddress = \"{peer_addr}\"\nsecret_file = {secret:?}\n\
+             {OVERHEAT_FOR_1S}",
+            id = self.id,
+            data = self.data().display().to_string(),
+            port = self.port,
+            secret = secret.display().to_string(),
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn start(&self, config: &Path) -> GatewayProcess {
+        let mut process = GatewayProcess::spawn(BIN, config);
+        process.wait_ready(WAIT);
+        process
+    }
+}
+
+/// Waits for a log line of `gateway` containing `needle`, or fails with its log.
+fn expect_line(gateway: &mut GatewayProcess, who: &str, needle: &str) -> String {
+    match gateway.wait_line(needle, WAIT) {
+        Some(line) => line,
+        None => panic!(
+            "{who} never logged {needle:?}; its log: {:#?}",
+            gateway.log()
+        ),
+    }
+}
+
+/// Alert documents by (id, state), each as the set of distinct payloads received for it.
+fn by_transition(
+    messages: &[watchpost_e2e::Received],
+) -> BTreeMap<(String, String), BTreeSet<Vec<u8>>> {
+    let mut out: BTreeMap<(String, String), BTreeSet<Vec<u8>>> = BTreeMap::new();
+    for m in messages {
+        let doc = m.json();
+        let key = (
+            doc["id"].as_str().unwrap().to_owned(),
+            doc["state"].as_str().unwrap().to_owned(),
+        );
+        out.entry(key).or_default().insert(m.payload.clone());
+    }
+    out
+}
+
+/// The last recorded state of every alert id in the database in `data`.
+fn alert_states(data: &Path) -> BTreeMap<String, String> {
+    Reader::open(data)
+        .unwrap()
+        .alerts(0)
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.id, a.state))
+        .collect()
+}
+
+/// The probe's episode as the upstream must see it: one id, raised then cleared, each state
+/// as one document however many times it came.
+fn assert_one_episode(upstream: &Collector) -> String {
+    let transitions = by_transition(&upstream.messages());
+    let ids: BTreeSet<&String> = transitions.keys().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 1, "one episode, one id: {transitions:#?}");
+    let id = ids.into_iter().next().unwrap().clone();
+    assert!(id.starts_with("site:probe:overheat:"), "{id}");
+    let states: Vec<&str> = transitions.keys().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(states, ["cleared", "raised"], "{transitions:#?}");
+    for ((id, state), docs) in &transitions {
+        assert_eq!(
+            docs.len(),
+            1,
+            "{id} {state}: the duplicates differ: {docs:#?}"
+        );
+    }
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_mid_episode_with_the_upstream_down_loses_nothing() {
+    let upstream = Mosquitto::start().unwrap();
+    let collector = Collector::subscribe_persistent(upstream.addr(), "site/alerts/#", "pair-up")
+        .await
+        .unwrap();
+    let (a, b) = (Member::new("gw-a"), Member::new("gw-b"));
+    let mut gw_a = a.start(&a.config("gw-b", b.addr(), upstream.addr()));
+    let mut gw_b = b.start(&b.config("gw-a", a.addr(), upstream.addr()));
+    expect_line(&mut gw_a, "A", "mirroring to the peer");
+    expect_line(&mut gw_b, "B", "mirroring to the peer");
+
+    // The fleet publishes to A, and knows B.
+    let mut options = failover::fleet(a.addr(), b.addr(), DEVICES);
+    options.duration = Duration::from_secs(8);
+    let fleet = tokio::task::spawn_blocking(move || watchpost_sim::run(&options));
+    assert!(
+        wait_until(WAIT, || failover::stored(&b.data(), DEVICES) >= 100).await,
+        "B never stored A's mirrored readings"
+    );
+
+    // An episode begins on A while the upstream is down; both gateways raise it.
+    upstream.pause();
+    let probe = Publisher::connect(a.addr(), "probe").await.unwrap();
+    probe
+        .publish("sensors/probe/temperature", QoS::AtLeastOnce, "95.5")
+        .await
+        .unwrap();
+    probe.wait_acked(1, WAIT).await.unwrap();
+    let raised_a = expect_line(&mut gw_a, "A", "alert raised");
+    let raised_b = expect_line(&mut gw_b, "B", "alert raised");
+    assert!(raised_a.contains("probe") && raised_b.contains("probe"));
+    assert!(
+        wait_until(WAIT, || !alert_states(&a.data()).is_empty()).await,
+        "A never recorded the raise"
+    );
+    let id_a = alert_states(&a.data());
+
+    // A dies with the raise in its outbox; the devices move to B.
+    gw_a.signal(libc::SIGKILL);
+    gw_a.wait_exit(Duration::from_secs(5)).expect("A killed");
+    drop(probe);
+    let probe = Publisher::connect(b.addr(), "probe").await.unwrap();
+    probe
+        .publish("sensors/probe/temperature", QoS::AtLeastOnce, "80")
+        .await
+        .unwrap();
+    probe.wait_acked(1, WAIT).await.unwrap();
+    expect_line(&mut gw_b, "B", "alert cleared");
+    upstream.resume();
+
+    collector.wait_for(2, WAIT).await.unwrap();
+    let report = fleet.await.unwrap().unwrap();
+    // Duplicates may still come: give B's outbox time to empty, then judge the whole set.
+    assert!(
+        wait_until(WAIT, || Reader::open(&b.data())
+            .unwrap()
+            .outbox()
+            .unwrap()
+            .0
+            == 0)
+        .await,
+        "B's outbox never emptied"
+    );
+    let id = assert_one_episode(&collector);
+    assert_eq!(
+        id_a.get(&id).map(String::as_str),
+        Some("raised"),
+        "A raised the episode under the same id before it died: {id_a:?}"
+    );
+
+    // Every reading a device handed over, to A or to B, is in B's database alone.
+    assert_eq!(report.connected_at_end, DEVICES, "{report}");
+    assert!(report.gateway_moves >= DEVICES as u64, "{report}");
+    assert_eq!((report.dropped, report.unsent), (0, 0), "{report}");
+    assert_eq!(report.acked, report.queued, "{report}");
+    for i in 0..DEVICES {
+        let device = format!("{}{i}", failover::PREFIX);
+        let at_b = failover::stored_seqs(&b.data(), &device);
+        let last = *at_b.last().expect("B has the device's readings");
+        let missing: Vec<u64> = (0..=last).filter(|s| !at_b.contains(s)).collect();
+        assert!(
+            missing.is_empty(),
+            "{device}: {missing:?} not in B's database"
+        );
+    }
+    gw_b.signal(libc::SIGTERM);
+    gw_b.wait_exit(WAIT).expect("B stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_between_the_two_brings_only_identical_duplicates() {
+    let upstream = Mosquitto::start().unwrap();
+    let collector = Collector::subscribe_persistent(upstream.addr(), "site/alerts/#", "pair-up")
+        .await
+        .unwrap();
+    let (a, b) = (Member::new("gw-a"), Member::new("gw-b"));
+    // Each mirror goes through a relay the test can break.
+    let (to_b, to_a) = (Relay::to(b.addr()).await, Relay::to(a.addr()).await);
+    let mut gw_a = a.start(&a.config("gw-b", to_b.addr, upstream.addr()));
+    let mut gw_b = b.start(&b.config("gw-a", to_a.addr, upstream.addr()));
+    expect_line(&mut gw_a, "A", "mirroring to the peer");
+    expect_line(&mut gw_b, "B", "mirroring to the peer");
+    let local_a = Collector::subscribe(a.addr(), "alerts/#").await.unwrap();
+    let local_b = Collector::subscribe(b.addr(), "alerts/#").await.unwrap();
+
+    to_b.partition();
+    to_a.partition();
+    let probe = Publisher::connect(a.addr(), "probe").await.unwrap();
+    probe
+        .publish("sensors/probe/temperature", QoS::AtLeastOnce, "95.5")
+        .await
+        .unwrap();
+    probe.wait_acked(1, WAIT).await.unwrap();
+    expect_line(&mut gw_a, "A", "alert raised");
+    probe
+        .publish("sensors/probe/temperature", QoS::AtLeastOnce, "80")
+        .await
+        .unwrap();
+    probe.wait_acked(2, WAIT).await.unwrap();
+    expect_line(&mut gw_a, "A", "alert cleared");
+    assert!(
+        gw_b.log().iter().all(|l| !l.contains("alert raised")),
+        "B cannot know of the episode while the path is broken"
+    );
+
+    to_b.heal();
+    to_a.heal();
+    expect_line(&mut gw_b, "B", "alert cleared");
+    // Both forwarded both transitions: four messages upstream, two documents.
+    collector.wait_for(4, WAIT).await.unwrap();
+    assert_one_episode(&collector);
+    local_a.wait_for(2, WAIT).await.unwrap();
+    local_b.wait_for(2, WAIT).await.unwrap();
+    assert_eq!(
+        by_transition(&local_a.messages()),
+        by_transition(&local_b.messages()),
+        "the documents on both gateways' alert topics"
+    );
+    assert!(
+        wait_until(WAIT, || alert_states(&a.data()) == alert_states(&b.data())).await,
+        "A and B disagree: {:?} against {:?}",
+        alert_states(&a.data()),
+        alert_states(&b.data())
+    );
+}
