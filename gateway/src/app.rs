@@ -152,6 +152,11 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         broker.persist_retained(store.clone(), signal.clone()),
     ));
     let restored = engine.restore(&saved, now);
+    if config.peer.is_some() {
+        // What this gateway had judged before it stopped: the peer's catch-up only rebuilds
+        // rule states up to there.
+        engine.set_floors(store::device_floors(&config.gateway.data_dir));
+    }
     if restored > 0 {
         info!(restored, "alerts still raised from before the restart");
     }
@@ -172,8 +177,11 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         (Some(p), Some(secret)) => {
             gate.set_peer(&p.name, secret.clone());
             let (out, from_ingest) = mpsc::unbounded_channel();
+            let stream = fastrand::u64(1..);
             let mirror = crate::peer::Mirror {
                 own: config.gateway.id.clone(),
+                stream,
+                horizon: crate::peer::horizon(&config.rules),
                 address: p.address,
                 secret,
             };
@@ -185,7 +193,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             info!(peer = %p.name, address = %p.address, site = %config.gateway.site, "one of a site pair: mirroring this gateway's clients to the peer");
             Some(ingest::PeerIngest::new(
                 out,
-                crate::peer::Incoming::new(p.takeover_after, stats.clone()),
+                stream,
+                crate::peer::Incoming::new(stream, p.takeover_after, stats.clone()),
             ))
         }
         _ => None,

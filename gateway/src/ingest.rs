@@ -131,6 +131,10 @@ pub struct Engine {
     peer_active: bool,
     /// The message being judged came from the other gateway.
     from_peer: bool,
+    /// Per device, the newest reading this gateway had before it restarted: what a peer's
+    /// catch-up brings up to there rebuilds rule states without a word (the transitions it
+    /// causes were published before the restart) and without history rows.
+    floors: HashMap<Box<str>, Millis>,
 }
 
 struct Device {
@@ -273,6 +277,9 @@ struct Target<'a> {
 
 /// What one rule step may touch besides its own state.
 struct StepContext<'a> {
+    /// Steps rule states without publishing, logging or counting what they cause (a peer's
+    /// catch-up of what this gateway judged before it restarted).
+    quiet: bool,
     gateway: &'a str,
     stats: &'a Stats,
     deadlines: &'a mut BinaryHeap<Reverse<Deadline>>,
@@ -325,6 +332,9 @@ impl StepContext<'_> {
             if let State::Raised { since, .. } = &mut state.core {
                 since.wall = t.since;
             }
+        }
+        if self.quiet {
+            return;
         }
         match (t.state, t.repeat) {
             (AlertState::Raised, 0) => {
@@ -472,6 +482,7 @@ impl Engine {
             peer_deadlines: BinaryHeap::new(),
             peer_active: false,
             from_peer: false,
+            floors: HashMap::new(),
         }
     }
 
@@ -576,6 +587,7 @@ impl Engine {
     ) -> Vec<Alert> {
         let now = now.into();
         debug!(device = device_name, online, "device presence");
+        let quiet = self.seen_before_restart(device_name, now.wall);
         let Engine {
             options,
             stats,
@@ -601,6 +613,7 @@ impl Engine {
         device.online = Some(online);
         let mut out = Vec::new();
         let mut ctx = StepContext {
+            quiet,
             gateway: &options.gateway,
             stats,
             deadlines,
@@ -635,6 +648,7 @@ impl Engine {
             unmapped,
         } = readings;
         let device_name: &str = &device_name;
+        let quiet = self.seen_before_restart(device_name, now.wall);
         for (field, error) in &rejected {
             self.malformed(
                 Some(device_name),
@@ -705,6 +719,7 @@ impl Engine {
         // which judge the present.
         let judge = match seq.map(|s| (s, device.seq.observe(s))) {
             None => true,
+            Some((_, outcome)) if quiet => outcome != Seq::Duplicate && outcome != Seq::Late,
             Some((s, outcome)) => {
                 device.counters.loss.count(outcome);
                 match outcome {
@@ -736,6 +751,7 @@ impl Engine {
 
         let mut out = Vec::new();
         let mut ctx = StepContext {
+            quiet,
             gateway: &options.gateway,
             stats,
             deadlines,
@@ -757,40 +773,45 @@ impl Engine {
                 streams.insert(metric.into(), stream);
             }
             let stream = streams.get_mut(metric).expect("inserted above");
-            match &mut stream.window {
-                Some(w) => {
-                    if let Some(closed) = w.add(value, now.wall, *window_ms) {
-                        rollups.push(RollupRow {
-                            device: device_name.into(),
-                            metric: metric.into(),
-                            rollup: closed,
-                        });
+            if quiet {
+                // Its history was written before the restart.
+                stream.last = Some(value.clone());
+            } else {
+                match &mut stream.window {
+                    Some(w) => {
+                        if let Some(closed) = w.add(value, now.wall, *window_ms) {
+                            rollups.push(RollupRow {
+                                device: device_name.into(),
+                                metric: metric.into(),
+                                rollup: closed,
+                            });
+                        }
+                    }
+                    None => {
+                        stream.window = Some(StreamWindow::new(
+                            value,
+                            stream.last.as_ref(),
+                            now.wall,
+                            *window_ms,
+                        ))
                     }
                 }
-                None => {
-                    stream.window = Some(StreamWindow::new(
-                        value,
-                        stream.last.as_ref(),
-                        now.wall,
-                        *window_ms,
-                    ))
+                if stream.last.as_ref() != Some(value) {
+                    stream.last = Some(value.clone());
                 }
-            }
-            if stream.last.as_ref() != Some(value) {
-                stream.last = Some(value.clone());
-            }
-            if options.keep_raw {
-                raw.push(RawRow {
-                    device: device_name.into(),
-                    metric: metric.into(),
-                    at: now.wall,
-                    value: value.clone(),
-                    seq,
-                });
-            }
-            if let (Some(summary), Value::Number(n)) = (summary.as_mut(), value) {
-                if let Some((_, s)) = summary.metrics.iter_mut().find(|(m, _)| m == metric) {
-                    s.add(device_name, *n);
+                if options.keep_raw {
+                    raw.push(RawRow {
+                        device: device_name.into(),
+                        metric: metric.into(),
+                        at: now.wall,
+                        value: value.clone(),
+                        seq,
+                    });
+                }
+                if let (Some(summary), Value::Number(n)) = (summary.as_mut(), value) {
+                    if let Some((_, s)) = summary.metrics.iter_mut().find(|(m, _)| m == metric) {
+                        s.add(device_name, *n);
+                    }
                 }
             }
             if !judge {
@@ -882,6 +903,21 @@ impl Engine {
         self.peer_active = active;
     }
 
+    /// Sets what this gateway had judged before it restarted, per device (the wall time of
+    /// its last reading): see [`Engine::on_peer_message`].
+    pub fn set_floors(&mut self, floors: impl IntoIterator<Item = (String, Millis)>) {
+        self.floors = floors
+            .into_iter()
+            .map(|(device, at)| (device.into_boxed_str(), at))
+            .collect();
+    }
+
+    /// True if a peer's message about `device` stamped `wall` was judged here before the
+    /// restart.
+    fn seen_before_restart(&self, device: &str, wall: Millis) -> bool {
+        self.from_peer && self.floors.get(device).is_some_and(|f| wall <= *f)
+    }
+
     /// Fires the deadlines of one heap (this gateway's timer's, or the peer's) due at
     /// `until`. A deadline of a device that changed hands moves to the other heap, at its
     /// state's real deadline.
@@ -906,12 +942,14 @@ impl Engine {
                 deadlines,
                 peer_deadlines,
                 peer_active,
+                floors,
                 ..
             } = self;
             let Some(dev) = devices.get_mut(&*d.device) else {
                 continue;
             };
             let peer_owned = dev.via_peer && *peer_active;
+            let floor = floors.get(&*d.device).copied().unwrap_or(0);
             let Device {
                 streams,
                 device_rules,
@@ -943,7 +981,13 @@ impl Engine {
                 state.scheduled = 0;
             }
             let rule = &options.rules[d.rule];
+            // A deadline a peer's catch-up reaches before this gateway's restart came up then.
+            let quiet = peer_heap
+                && rule
+                    .deadline(state)
+                    .is_some_and(|due| until.at_mono(due).wall <= floor);
             let mut ctx = StepContext {
+                quiet,
                 gateway: &options.gateway,
                 stats,
                 deadlines: if peer_owned {
@@ -1476,11 +1520,12 @@ impl PeerIngest {
     /// The pair's ingest side, mirroring to `out`.
     pub fn new(
         out: mpsc::UnboundedSender<crate::peer::MirrorOut>,
+        stream: u64,
         incoming: crate::peer::Incoming,
     ) -> PeerIngest {
         PeerIngest {
             out,
-            stream: fastrand::u64(1..),
+            stream,
             incoming,
             next_seq: 0,
             malformed_logged: None,
@@ -1495,6 +1540,7 @@ impl PeerIngest {
         clock: &mut Clock,
         payload: &Bytes,
         routed: &mut Vec<crate::broker::Message>,
+        judged: &mut Vec<crate::peer::Entry>,
     ) -> Vec<Alert> {
         let frame = match crate::peer::frame::decode(payload.clone()) {
             Ok(f) => f,
@@ -1526,8 +1572,8 @@ impl PeerIngest {
             let stamp = clock.stamp_of(e.wall);
             out.extend(engine.on_peer_message(&e.topic, &e.payload, stamp));
             routed.push(crate::broker::Message {
-                topic: e.topic,
-                payload: e.payload,
+                topic: e.topic.clone(),
+                payload: e.payload.clone(),
                 qos: match e.qos {
                     0 => crate::broker::packet::QoS::AtMostOnce,
                     1 => crate::broker::packet::QoS::AtLeastOnce,
@@ -1536,6 +1582,7 @@ impl PeerIngest {
                 retain: e.retain,
                 ..crate::broker::Message::default()
             });
+            judged.push(e);
         }
         out.extend(engine.peer_time(clock.stamp_of(frame.watermark)));
         out
@@ -1624,6 +1671,7 @@ pub async fn run(
         // peer's publishes for this gateway's subscribers.
         let mut mirrored = Vec::new();
         let mut watermark = 0;
+        let mut own_mirrored = false;
         let mut routed = Vec::new();
         let alerts = tokio::select! {
             biased;
@@ -1676,7 +1724,7 @@ pub async fn run(
                     if &publish.topic[..] == crate::peer::MIRROR_TOPIC.as_bytes() {
                         // Only the peer may publish there (the ACL); without a [peer], no one.
                         if let Some(p) = peer.as_mut() {
-                            alerts.extend(p.take_frame(&mut engine, &mut clock, &publish.payload, &mut routed));
+                            alerts.extend(p.take_frame(&mut engine, &mut clock, &publish.payload, &mut routed, &mut mirrored));
                         }
                         continue;
                     }
@@ -1698,6 +1746,7 @@ pub async fn run(
                     if let Some(p) = peer.as_mut() {
                         mirrored.push(p.entry(publish, now.wall));
                         watermark = now.wall;
+                        own_mirrored = true;
                     }
                     Stats::add(&stats.ingest_nanos, started.elapsed().as_nanos() as u64);
                     Stats::inc(&stats.ingest_count);
@@ -1717,7 +1766,7 @@ pub async fn run(
         // store (the mirror task answers them).
         let mut for_peer = Vec::new();
         let mut committed = None;
-        if !mirrored.is_empty() && !judged.is_empty() {
+        if own_mirrored && !judged.is_empty() {
             for_peer = std::mem::take(&mut judged);
             let (tx, rx) = oneshot::channel();
             judged.push(tx);

@@ -175,6 +175,8 @@ pub struct Stats {
     pub peer_entries_duplicate: AtomicU64,
     /// See `peer_entries_received`.
     pub peer_entries_gap: AtomicU64,
+    /// Site pair: publishes sent to the peer in catch-ups (when its link came up).
+    pub peer_entries_replayed: AtomicU64,
     /// Site pair: 1 while the peer's devices' deadlines follow the peer's time; 0 once it
     /// has been silent for `peer.takeover_after` (this gateway judges them alone).
     pub peer_active: AtomicU64,

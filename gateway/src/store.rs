@@ -1416,6 +1416,24 @@ pub struct DeviceRecord {
     pub unmapped: u64,
 }
 
+/// Per device, the wall time of its last reading in the database in `data_dir` (none if it
+/// cannot be read): what this gateway had judged when it last stopped.
+pub fn device_floors(data_dir: &Path) -> Vec<(String, Millis)> {
+    let Ok(reader) = Reader::open(data_dir) else {
+        return Vec::new();
+    };
+    reader
+        .devices()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|d| {
+            let at = humantime::parse_rfc3339(&d.last_seen).ok()?;
+            let ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as Millis;
+            Some((d.device, ms))
+        })
+        .collect()
+}
+
 impl Reader {
     /// Opens the database in `data_dir` read-only.
     pub fn open(data_dir: &Path) -> Result<Reader, StoreError> {

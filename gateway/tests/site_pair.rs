@@ -64,7 +64,7 @@ impl Member {
              [broker]\nlisten = \"127.0.0.1:{port}\"\nallow_anonymous = true\n\
              [http]\nlisten = \"127.0.0.1:0\"\n{KEEP_RAW}\
              [uplink]\nurl = \"mqtt://{upstream}\"\nforward = [\"critical\"]\n\
-             [peer]\nname = \"{peer}\"\naddress = \"{peer_addr}\"\nsecret_file = {secret:?}\n\
+             [peer]\nname = \"{peer}\"\naddress = \"{peer_addr}\"\nsecret_file = {secret:?}\ntakeover_after = \"2s\"\n\
              {OVERHEAT_FOR_1S}",
             id = self.id,
             data = self.data().display().to_string(),
@@ -120,24 +120,65 @@ fn alert_states(data: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The probe's episode as the upstream must see it: one id, raised then cleared, each state
-/// as one document however many times it came.
-fn assert_one_episode(upstream: &Collector) -> String {
+/// Each device's episode as the upstream must see it: one id per device, each state as one
+/// document however many times it came. Returns, per device, its id and states.
+fn episodes(upstream: &Collector) -> BTreeMap<String, (String, BTreeSet<String>)> {
     let transitions = by_transition(&upstream.messages());
-    let ids: BTreeSet<&String> = transitions.keys().map(|(id, _)| id).collect();
-    assert_eq!(ids.len(), 1, "one episode, one id: {transitions:#?}");
-    let id = ids.into_iter().next().unwrap().clone();
-    assert!(id.starts_with("site:probe:overheat:"), "{id}");
-    let states: Vec<&str> = transitions.keys().map(|(_, s)| s.as_str()).collect();
-    assert_eq!(states, ["cleared", "raised"], "{transitions:#?}");
+    let mut out: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
     for ((id, state), docs) in &transitions {
         assert_eq!(
             docs.len(),
             1,
             "{id} {state}: the duplicates differ: {docs:#?}"
         );
+        let device = id.split(':').nth(1).unwrap().to_owned();
+        let entry = out
+            .entry(device.clone())
+            .or_insert_with(|| (id.clone(), BTreeSet::new()));
+        assert_eq!(&entry.0, id, "{device} has two ids: {transitions:#?}");
+        entry.1.insert(state.clone());
     }
-    id
+    out
+}
+
+/// The probe's episode as the upstream must see it, alone: raised and cleared, one id.
+fn assert_one_episode(upstream: &Collector) -> String {
+    let episodes = episodes(upstream);
+    assert_eq!(episodes.len(), 1, "{episodes:#?}");
+    let (id, states) = &episodes["probe"];
+    assert_eq!(states.iter().collect::<Vec<_>>(), ["cleared", "raised"]);
+    id.clone()
+}
+
+/// Waits until `gateway` logs `alert {what}` for `device`.
+async fn expect_alert(gateway: &mut GatewayProcess, who: &str, what: &str, device: &str) {
+    let (event, name) = (format!("alert {what}"), format!("device=\"{device}\""));
+    let found = wait_until(WAIT, || {
+        gateway
+            .log()
+            .iter()
+            .any(|l| l.contains(&event) && l.contains(&name))
+    })
+    .await;
+    assert!(
+        found,
+        "{who} never logged {event} for {device}: {:#?}",
+        gateway.log()
+    );
+}
+
+/// Publishes `value` as `device`'s temperature at QoS 1 and waits for the acknowledgement.
+async fn publish(probe: &Publisher, device: &str, value: &str) {
+    let before = probe.acked();
+    probe
+        .publish(
+            &format!("sensors/{device}/temperature"),
+            QoS::AtLeastOnce,
+            value,
+        )
+        .await
+        .unwrap();
+    probe.wait_acked(before + 1, WAIT).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,39 +202,40 @@ async fn a_gateway_killed_mid_episode_with_the_upstream_down_loses_nothing() {
         "B never stored A's mirrored readings"
     );
 
-    // An episode begins on A while the upstream is down; both gateways raise it.
+    // Devices that talk to A: one whole episode with the upstream up.
+    let probes = Publisher::connect(a.addr(), "probes").await.unwrap();
+    publish(&probes, "early", "95.5").await;
+    expect_alert(&mut gw_a, "A", "raised", "early").await;
+    expect_alert(&mut gw_b, "B", "raised", "early").await;
+    publish(&probes, "early", "80").await;
+    expect_alert(&mut gw_b, "B", "cleared", "early").await;
+
+    // With the upstream down, an episode begins and is raised on both; another begins and is
+    // still pending (its `for` running) when A dies.
     upstream.pause();
-    let probe = Publisher::connect(a.addr(), "probe").await.unwrap();
-    probe
-        .publish("sensors/probe/temperature", QoS::AtLeastOnce, "95.5")
-        .await
-        .unwrap();
-    probe.wait_acked(1, WAIT).await.unwrap();
-    let raised_a = expect_line(&mut gw_a, "A", "alert raised");
-    let raised_b = expect_line(&mut gw_b, "B", "alert raised");
-    assert!(raised_a.contains("probe") && raised_b.contains("probe"));
+    publish(&probes, "probe", "95.5").await;
+    expect_alert(&mut gw_a, "A", "raised", "probe").await;
+    expect_alert(&mut gw_b, "B", "raised", "probe").await;
     assert!(
-        wait_until(WAIT, || !alert_states(&a.data()).is_empty()).await,
+        wait_until(WAIT, || alert_states(&a.data()).len() == 2).await,
         "A never recorded the raise"
     );
-    let id_a = alert_states(&a.data());
-
-    // A dies with the raise in its outbox; the devices move to B.
+    let before_kill = alert_states(&a.data());
+    publish(&probes, "pending", "96").await;
     gw_a.signal(libc::SIGKILL);
     gw_a.wait_exit(Duration::from_secs(5)).expect("A killed");
-    drop(probe);
-    let probe = Publisher::connect(b.addr(), "probe").await.unwrap();
-    probe
-        .publish("sensors/probe/temperature", QoS::AtLeastOnce, "80")
-        .await
-        .unwrap();
-    probe.wait_acked(1, WAIT).await.unwrap();
-    expect_line(&mut gw_b, "B", "alert cleared");
+    drop(probes);
+
+    // The devices move to B. B raises the pending one once A has been silent for
+    // takeover_after (2 s here), from A's stamp; the probe's episode ends on B.
+    let probes = Publisher::connect(b.addr(), "probes").await.unwrap();
+    publish(&probes, "probe", "80").await;
+    expect_alert(&mut gw_b, "B", "cleared", "probe").await;
+    expect_alert(&mut gw_b, "B", "raised", "pending").await;
     upstream.resume();
 
-    collector.wait_for(2, WAIT).await.unwrap();
     let report = fleet.await.unwrap().unwrap();
-    // Duplicates may still come: give B's outbox time to empty, then judge the whole set.
+    // Duplicates may still come: wait for B's outbox to empty, then judge the whole set.
     assert!(
         wait_until(WAIT, || Reader::open(&b.data())
             .unwrap()
@@ -204,11 +246,33 @@ async fn a_gateway_killed_mid_episode_with_the_upstream_down_loses_nothing() {
         .await,
         "B's outbox never emptied"
     );
-    let id = assert_one_episode(&collector);
+    let expected = |devices: &[(&str, &[&str])]| -> Vec<(String, Vec<String>)> {
+        devices
+            .iter()
+            .map(|(d, s)| (d.to_string(), s.iter().map(|s| s.to_string()).collect()))
+            .collect()
+    };
+    let seen = |upstream: &Collector| -> Vec<(String, Vec<String>)> {
+        episodes(upstream)
+            .into_iter()
+            .map(|(d, (_, s))| (d, s.into_iter().collect()))
+            .collect()
+    };
+    let all = expected(&[
+        ("early", &["cleared", "raised"]),
+        ("pending", &["raised"]),
+        ("probe", &["cleared", "raised"]),
+    ]);
+    assert!(
+        wait_until(WAIT, || seen(&collector) == all).await,
+        "upstream: {:#?}",
+        episodes(&collector)
+    );
+    let ids = episodes(&collector);
     assert_eq!(
-        id_a.get(&id).map(String::as_str),
+        before_kill.get(&ids["probe"].0).map(String::as_str),
         Some("raised"),
-        "A raised the episode under the same id before it died: {id_a:?}"
+        "A raised the probe's episode under the same id before it died: {before_kill:?}"
     );
 
     // Every reading a device handed over, to A or to B, is in B's database alone.
@@ -226,8 +290,53 @@ async fn a_gateway_killed_mid_episode_with_the_upstream_down_loses_nothing() {
             "{device}: {missing:?} not in B's database"
         );
     }
-    gw_b.signal(libc::SIGTERM);
-    gw_b.wait_exit(WAIT).expect("B stopped");
+
+    // A comes back: it catches up from B, records what it missed (the probe's clear, the
+    // pending raise, under B's ids), records nothing twice, and agrees with B on every alert.
+    let restarted = std::time::Instant::now();
+    let mut gw_a = a.start(&a.config("gw-b", b.addr(), upstream.addr()));
+    expect_line(&mut gw_b, "B", "catch-up sent to the peer");
+    let agreed = wait_until(WAIT, || alert_states(&a.data()) == alert_states(&b.data())).await;
+    assert!(
+        agreed,
+        "A and B disagree after the restart: {:?} against {:?}",
+        alert_states(&a.data()),
+        alert_states(&b.data())
+    );
+    println!(
+        "site pair: A restarted and agreed with B on every alert state in {:.2} s",
+        restarted.elapsed().as_secs_f64()
+    );
+    let history = Reader::open(&a.data()).unwrap().alerts(0).unwrap();
+    let mut transitions: Vec<(&str, &str)> = history
+        .iter()
+        .map(|r| (r.id.as_str(), r.state.as_str()))
+        .collect();
+    transitions.sort();
+    let mut want: Vec<(&str, &str)> = ids
+        .values()
+        .flat_map(|(id, states)| states.iter().map(move |s| (id.as_str(), s.as_str())))
+        .collect();
+    want.sort();
+    assert_eq!(
+        transitions, want,
+        "A's whole alert history: each transition once"
+    );
+    assert!(
+        wait_until(WAIT, || Reader::open(&a.data())
+            .unwrap()
+            .outbox()
+            .unwrap()
+            .0
+            == 0)
+        .await,
+        "A's outbox never emptied"
+    );
+    assert!(wait_until(WAIT, || seen(&collector) == all).await);
+    for gateway in [&mut gw_a, &mut gw_b] {
+        gateway.signal(libc::SIGTERM);
+        gateway.wait_exit(WAIT).expect("stopped");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,14 @@
 //! beyond [`ACK_WAIT`]). Frames the peer has not acknowledged are kept (up to
 //! [`BACKLOG_BYTES`]) and sent again when the link is back; entries carry their stream and
 //! number, so that a frame sent twice is judged once.
+//!
+//! Catching up: the mirror task also keeps the last [`horizon`] of everything its gateway
+//! judged (its own clients' publishes and the peer's, with their stamps; at most
+//! [`RING_BYTES`]), and sends it first whenever the link to the peer comes up. A peer that
+//! restarted judges it before anything new: what it had already seen before it stopped (by
+//! each device's last reading in its database) only rebuilds its rule states, silently; the
+//! rest raises and clears what the other gateway raised and cleared while it was away, under
+//! the same ids. A peer that did not restart has seen it all and skips it by entry number.
 
 pub mod frame;
 
@@ -56,6 +64,35 @@ const MAX_IN_FLIGHT: usize = 64;
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
 /// Wait between connection attempts.
 const RETRY: Duration = Duration::from_secs(1);
+/// Most bytes of judged publishes kept for a peer's catch-up.
+pub const RING_BYTES: usize = 32 << 20;
+
+/// How far back a peer's catch-up reaches: the longest time any rule looks back or waits
+/// (`for`, silence, presence grace, rate, deviation and flapping windows, cooldown), plus a
+/// minute; at least 2 minutes and at most an hour. A learned silence counts as 10 minutes.
+pub fn horizon(rules: &[crate::rules::Rule]) -> Duration {
+    use crate::rules::{Kind, SilenceAfter};
+    let longest = rules
+        .iter()
+        .map(|r| {
+            let kind = match &r.kind {
+                Kind::Rate { window, .. }
+                | Kind::Deviation { window, .. }
+                | Kind::Flapping { window, .. } => *window,
+                Kind::Silence {
+                    after: SilenceAfter::Fixed(d),
+                    ..
+                } => *d,
+                Kind::Silence { .. } => Duration::from_secs(600),
+                Kind::Presence { grace } => *grace,
+                Kind::Threshold(_) | Kind::State(_) => Duration::ZERO,
+            };
+            kind.max(r.hold).max(r.cooldown.unwrap_or_default())
+        })
+        .max()
+        .unwrap_or_default();
+    (longest + Duration::from_secs(60)).clamp(Duration::from_secs(120), Duration::from_secs(3600))
+}
 
 /// Why the site pair cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +194,8 @@ pub fn unix_now() -> u64 {
 /// What ingest hands the mirror task after a batch, or to move the watermark.
 #[derive(Debug)]
 pub struct MirrorOut {
-    /// This gateway's own clients' publishes, stamped.
+    /// Every publish ingest judged, in order: this gateway's own clients' (stamped here, to
+    /// be mirrored) and the peer's (kept for its catch-up only).
     pub entries: Vec<Entry>,
     /// Every entry this gateway stamped up to this wall time has been handed over.
     pub watermark: Millis,
@@ -201,10 +239,42 @@ impl Waiters {
     }
 }
 
+/// `entries` cut into runs that each fit a frame of at most [`FRAME_BYTES`].
+fn chunks(entries: &[Entry]) -> Vec<&[Entry]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut size = frame::HEADER_BYTES;
+    for (i, e) in entries.iter().enumerate() {
+        if i > start && size + e.size() > FRAME_BYTES {
+            chunks.push(&entries[start..i]);
+            start = i;
+            size = frame::HEADER_BYTES;
+        }
+        size += e.size();
+    }
+    chunks.push(&entries[start..]);
+    chunks
+}
+
+impl Pending {
+    fn new(bytes: Bytes, entries: &[Entry], waiters: Option<Waiters>) -> Pending {
+        Pending {
+            bytes,
+            entries: entries.len(),
+            first_wall: entries.first().map_or(0, |e| e.wall),
+            sent: None,
+            sent_at: None,
+            waiters,
+        }
+    }
+}
+
 /// A frame on its way to the peer.
 struct Pending {
     bytes: Bytes,
     entries: usize,
+    /// The stamp of its first entry.
+    first_wall: Millis,
     /// Packet id once published on this connection; `Some(0)` while rumqttc has not said.
     sent: Option<u16>,
     sent_at: Option<Instant>,
@@ -215,6 +285,10 @@ struct Pending {
 pub struct Mirror {
     /// This gateway's id.
     pub own: String,
+    /// This process's stream: entries with it are this gateway's clients'.
+    pub stream: u64,
+    /// How far back the catch-up reaches ([`horizon`]).
+    pub horizon: Duration,
     /// The peer's MQTT listener.
     pub address: SocketAddr,
     /// The shared secret.
@@ -230,6 +304,8 @@ impl Mirror {
         shutdown: Signal,
     ) {
         let mut backlog = Backlog::new(stats.clone());
+        backlog.stream = self.stream;
+        backlog.horizon = self.horizon.as_millis() as Millis;
         let client_id = format!("{CLIENT_PREFIX}{}", self.own);
         let mut logged_down = false;
         let mut attempts = 0u64;
@@ -273,6 +349,10 @@ impl Mirror {
                             info!(peer = %self.address, backlog = backlog.frames.len(), attempts, "mirroring to the peer");
                             attempts = 0;
                             backlog.restart();
+                            let replayed = backlog.catch_up();
+                            if replayed > 0 {
+                                info!(entries = replayed, "catch-up sent to the peer: the last {} of judged readings", humantime::format_duration(self.horizon));
+                            }
                         }
                         Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => backlog.sent(pkid),
                         Ok(Event::Incoming(Packet::PubAck(ack))) => backlog.acked(ack.pkid),
@@ -321,13 +401,19 @@ impl Mirror {
     }
 }
 
-/// Frames not yet acknowledged by the peer, oldest first.
+/// Frames not yet acknowledged by the peer, oldest first, and the catch-up ring.
 struct Backlog {
     frames: VecDeque<Pending>,
     bytes: usize,
     /// The newest watermark ingest gave.
     watermark: Millis,
     stats: Arc<Stats>,
+    /// This gateway's stream.
+    stream: u64,
+    /// Everything judged in the last `horizon` ms, in order.
+    ring: VecDeque<Entry>,
+    ring_bytes: usize,
+    horizon: Millis,
 }
 
 impl Backlog {
@@ -337,7 +423,54 @@ impl Backlog {
             bytes: 0,
             watermark: 0,
             stats,
+            stream: 0,
+            ring: VecDeque::new(),
+            ring_bytes: 0,
+            horizon: 0,
         }
+    }
+
+    /// Keeps `judged` for a catch-up; forgets what is older than the horizon or too much.
+    fn remember(&mut self, judged: &[Entry]) {
+        for e in judged {
+            self.ring_bytes += e.size();
+            self.ring.push_back(e.clone());
+        }
+        let newest = self.ring.back().map_or(0, |e| e.wall);
+        while let Some(front) = self.ring.front() {
+            if front.wall.saturating_add(self.horizon) >= newest && self.ring_bytes <= RING_BYTES {
+                break;
+            }
+            self.ring_bytes -= front.size();
+            self.ring.pop_front();
+        }
+    }
+
+    /// A new connection: the catch-up (the ring) goes out before anything else, after the
+    /// frames older than it; frames the ring covers are dropped (no one waits on them once
+    /// the link was down). Returns the entries in the catch-up.
+    fn catch_up(&mut self) -> usize {
+        let Some(oldest) = self.ring.front().map(|e| e.wall) else {
+            return 0;
+        };
+        let (older, covered): (Vec<Pending>, Vec<Pending>) =
+            self.frames.drain(..).partition(|p| p.first_wall < oldest);
+        for p in covered {
+            if let Some(w) = p.waiters {
+                w.release();
+            }
+        }
+        self.frames.extend(older);
+        let entries: Vec<Entry> = self.ring.iter().cloned().collect();
+        for chunk in chunks(&entries) {
+            let watermark = chunk.last().map_or(0, |e| e.wall);
+            self.frames
+                .push_back(Pending::new(frame::encode(watermark, chunk), chunk, None));
+        }
+        self.bytes = self.frames.iter().map(|p| p.bytes.len()).sum();
+        Stats::add(&self.stats.peer_entries_replayed, entries.len() as u64);
+        self.gauges();
+        entries.len()
     }
 
     fn gauges(&self) {
@@ -355,6 +488,9 @@ impl Backlog {
             committed,
         } = out;
         self.watermark = self.watermark.max(watermark);
+        self.remember(&entries);
+        let stream = self.stream;
+        let entries: Vec<Entry> = entries.into_iter().filter(|e| e.stream == stream).collect();
         let mut waiters = Some(Waiters { judged, committed });
         if !connected {
             if let Some(w) = waiters.take() {
@@ -367,29 +503,16 @@ impl Backlog {
             }
             return;
         }
-        let mut chunks: Vec<&[Entry]> = Vec::new();
-        let mut start = 0;
-        let mut size = frame::HEADER_BYTES;
-        for (i, e) in entries.iter().enumerate() {
-            if i > start && size + e.size() > FRAME_BYTES {
-                chunks.push(&entries[start..i]);
-                start = i;
-                size = frame::HEADER_BYTES;
-            }
-            size += e.size();
-        }
-        chunks.push(&entries[start..]);
+        let chunks = chunks(&entries);
         let last = chunks.len() - 1;
         for (i, chunk) in chunks.into_iter().enumerate() {
-            let bytes = frame::encode(watermark, chunk);
-            self.bytes += bytes.len();
-            self.frames.push_back(Pending {
-                bytes,
-                entries: chunk.len(),
-                sent: None,
-                sent_at: None,
-                waiters: if i == last { waiters.take() } else { None },
-            });
+            let pending = Pending::new(
+                frame::encode(watermark, chunk),
+                chunk,
+                if i == last { waiters.take() } else { None },
+            );
+            self.bytes += pending.bytes.len();
+            self.frames.push_back(pending);
         }
         while self.bytes > BACKLOG_BYTES {
             let Some(old) = self.frames.pop_front() else {
@@ -486,6 +609,8 @@ impl Backlog {
 /// What a gateway knows of the mirror it receives.
 #[derive(Debug)]
 pub struct Incoming {
+    /// This process's own stream: its entries, coming back in a catch-up, were judged here.
+    own: u64,
     /// Per stream, the highest entry number judged.
     seen: HashMap<u64, u64>,
     /// When the last frame came.
@@ -498,8 +623,9 @@ pub struct Incoming {
 
 impl Incoming {
     /// Nothing heard yet.
-    pub fn new(takeover_after: Duration, stats: Arc<Stats>) -> Incoming {
+    pub fn new(own: u64, takeover_after: Duration, stats: Arc<Stats>) -> Incoming {
         Incoming {
+            own,
             seen: HashMap::new(),
             last_heard: None,
             active: false,
@@ -521,6 +647,10 @@ impl Incoming {
 
     /// True if `entry` is new (not judged before); counts duplicates and gaps.
     pub fn accept(&mut self, entry: &Entry) -> bool {
+        if entry.stream == self.own {
+            Stats::inc(&self.stats.peer_entries_duplicate);
+            return false;
+        }
         let last = self.seen.entry(entry.stream).or_insert(0);
         if entry.seq <= *last {
             Stats::inc(&self.stats.peer_entries_duplicate);
@@ -590,7 +720,7 @@ mod tests {
     #[test]
     fn entries_are_judged_once_and_gaps_are_counted() {
         let stats = Arc::new(Stats::default());
-        let mut incoming = Incoming::new(Duration::from_secs(10), stats.clone());
+        let mut incoming = Incoming::new(9, Duration::from_secs(10), stats.clone());
         let entry = |stream, seq| Entry {
             stream,
             seq,
@@ -600,12 +730,21 @@ mod tests {
             topic: Bytes::from_static(b"sensors/a/t"),
             payload: Bytes::new(),
         };
-        let taken: Vec<bool> = [(1, 1), (1, 2), (1, 2), (1, 1), (1, 5), (2, 1), (1, 6)]
-            .into_iter()
-            .map(|(s, n)| incoming.accept(&entry(s, n)))
-            .collect();
-        assert_eq!(taken, [true, true, false, false, true, true, true]);
-        assert_eq!(Stats::get(&stats.peer_entries_duplicate), 2);
+        let taken: Vec<bool> = [
+            (1, 1),
+            (1, 2),
+            (1, 2),
+            (1, 1),
+            (1, 5),
+            (2, 1),
+            (1, 6),
+            (9, 1),
+        ]
+        .into_iter()
+        .map(|(s, n)| incoming.accept(&entry(s, n)))
+        .collect();
+        assert_eq!(taken, [true, true, false, false, true, true, true, false]);
+        assert_eq!(Stats::get(&stats.peer_entries_duplicate), 3);
         assert_eq!(Stats::get(&stats.peer_entries_gap), 2);
         assert_eq!(Stats::get(&stats.peer_entries_received), 5);
     }
@@ -613,6 +752,7 @@ mod tests {
     #[test]
     fn a_batch_goes_in_frames_under_the_limit_with_its_acks_on_the_last() {
         let mut backlog = Backlog::new(Arc::new(Stats::default()));
+        backlog.stream = 1;
         let entries: Vec<Entry> = (1..=40)
             .map(|seq| Entry {
                 stream: 1,
@@ -646,5 +786,50 @@ mod tests {
         let with_waiters: Vec<bool> = backlog.frames.iter().map(|p| p.waiters.is_some()).collect();
         assert_eq!(with_waiters.iter().filter(|w| **w).count(), 1);
         assert!(with_waiters[with_waiters.len() - 1]);
+    }
+
+    #[test]
+    fn a_new_connection_sends_the_catch_up_first_and_only_own_entries_live() {
+        let mut backlog = Backlog::new(Arc::new(Stats::default()));
+        backlog.stream = 1;
+        backlog.horizon = 10_000;
+        let entry = |stream, seq, wall| Entry {
+            stream,
+            seq,
+            wall,
+            retain: false,
+            qos: 1,
+            topic: Bytes::from_static(b"sensors/a/t"),
+            payload: Bytes::from_static(b"1"),
+        };
+        let out = |entries| MirrorOut {
+            entries,
+            watermark: 0,
+            judged: Vec::new(),
+            committed: None,
+        };
+        // Own entries and the peer's, while the link is down.
+        backlog.push(out(vec![entry(1, 1, 1_000), entry(2, 7, 1_500)]), false);
+        backlog.push(out(vec![entry(1, 2, 20_000), entry(2, 8, 20_500)]), false);
+        let live: Vec<(u64, u64)> = backlog
+            .frames
+            .iter()
+            .flat_map(|p| frame::decode(p.bytes.clone()).unwrap().entries)
+            .map(|e| (e.stream, e.seq))
+            .collect();
+        assert_eq!(live, [(1, 1), (1, 2)], "only this gateway's own go live");
+        assert_eq!(backlog.ring.len(), 2, "the ring keeps 10 s: 20.0 and 20.5");
+        assert_eq!(backlog.catch_up(), 2);
+        let sent: Vec<(u64, u64)> = backlog
+            .frames
+            .iter()
+            .flat_map(|p| frame::decode(p.bytes.clone()).unwrap().entries)
+            .map(|e| (e.stream, e.seq))
+            .collect();
+        assert_eq!(
+            sent,
+            [(1, 1), (1, 2), (2, 8)],
+            "the frame older than the ring, then the ring (which covers the other)"
+        );
     }
 }
