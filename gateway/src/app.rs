@@ -191,11 +191,17 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                 signal.clone(),
             )));
             info!(peer = %p.name, address = %p.address, site = %config.gateway.site, "one of a site pair: mirroring this gateway's clients to the peer");
-            Some(ingest::PeerIngest::new(
+            let mut peer = ingest::PeerIngest::new(
                 out,
                 stream,
                 crate::peer::Incoming::new(stream, p.takeover_after, stats.clone()),
-            ))
+            );
+            for alert in saved.iter().filter(|a| a.raised) {
+                if let Ok(doc) = serde_json::from_str::<crate::alert::AlertDoc>(&alert.doc) {
+                    peer.raised.track(&doc);
+                }
+            }
+            Some(peer)
         }
         _ => None,
     };
@@ -240,6 +246,11 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     if let Some(listener) = http_listener {
         let scheme = |u: &crate::config::UplinkConfig| if u.tls { "mqtts" } else { "mqtt" };
         let info = Info {
+            peer: config.peer.as_ref().map(|p| crate::metrics::PeerInfo {
+                name: p.name.clone(),
+                address: p.address.to_string(),
+                takeover_after: p.takeover_after,
+            }),
             gateway: config.gateway.id.clone(),
             upstream: config
                 .uplink

@@ -71,6 +71,33 @@ async fn ready(State(e): State<Arc<Endpoint>>) -> (StatusCode, String) {
             ),
         );
     }
+    if let Some(p) = metrics::peer_status(&e.stats, &e.info) {
+        let silent = p.heard_seconds_ago.is_none_or(|s| {
+            s >= e
+                .info
+                .peer
+                .as_ref()
+                .map_or(10.0, |i| i.takeover_after.as_secs_f64())
+        });
+        if !p.mirror_up || silent {
+            return (
+                StatusCode::OK,
+                format!(
+                    "degraded: the peer gateway {} at {} is not reachable or silent: this gateway judges alone and keeps what it mirrors for it\n",
+                    p.name, p.address
+                ),
+            );
+        }
+        if p.alerts_differ_seconds >= crate::peer::DIVERGENCE_AFTER.as_secs_f64() {
+            return (
+                StatusCode::OK,
+                format!(
+                    "degraded: the peer gateway {}'s raised alerts have differed from this one's for {:.0} s\n",
+                    p.name, p.alerts_differ_seconds
+                ),
+            );
+        }
+    }
     let up = e
         .stats
         .uplink_connected

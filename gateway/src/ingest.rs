@@ -1514,6 +1514,11 @@ pub struct PeerIngest {
     next_seq: u64,
     /// When an unreadable frame was last logged.
     malformed_logged: Option<std::time::Instant>,
+    /// This gateway's raised alerts.
+    pub raised: crate::peer::Raised,
+    /// The peer's raised alerts as of its last frame, to compare once that frame's
+    /// transitions here are published.
+    theirs: Option<Option<crate::peer::frame::Digest>>,
 }
 
 impl PeerIngest {
@@ -1529,6 +1534,8 @@ impl PeerIngest {
             incoming,
             next_seq: 0,
             malformed_logged: None,
+            raised: crate::peer::Raised::default(),
+            theirs: None,
         }
     }
 
@@ -1585,6 +1592,7 @@ impl PeerIngest {
             judged.push(e);
         }
         out.extend(engine.peer_time(clock.stamp_of(frame.watermark)));
+        self.theirs = Some(frame.digest);
         out
     }
 
@@ -1709,6 +1717,7 @@ pub async fn run(
                 let _ = p.out.send(crate::peer::MirrorOut {
                     entries: Vec::new(),
                     watermark: now.wall,
+                    digest: p.raised.digest,
                     judged: Vec::new(),
                     committed: None,
                 });
@@ -1757,7 +1766,15 @@ pub async fn run(
         };
         let raised = !alerts.is_empty();
         for alert in alerts {
+            if let Some(p) = peer.as_mut() {
+                p.raised.track(&alert.doc);
+            }
             dispatch(&alert, &broker, &outputs);
+        }
+        if let Some(p) = peer.as_mut() {
+            if let Some(theirs) = p.theirs.take() {
+                p.incoming.compare(theirs, p.raised.digest);
+            }
         }
         if !routed.is_empty() {
             broker.route_from_peer(routed);
@@ -1793,6 +1810,7 @@ pub async fn run(
             let _ = p.out.send(crate::peer::MirrorOut {
                 entries: mirrored,
                 watermark,
+                digest: p.raised.digest,
                 judged: for_peer,
                 committed,
             });

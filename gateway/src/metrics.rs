@@ -17,6 +17,67 @@ pub struct Info {
     pub gateway: String,
     /// `mqtt[s]://host:port` of the upstream, if configured.
     pub upstream: Option<String>,
+    /// One of a site pair: the peer's id and address, and its `takeover_after`.
+    pub peer: Option<PeerInfo>,
+}
+
+/// The other gateway of a site pair, as configured.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// Its gateway id.
+    pub name: String,
+    /// Its MQTT listener.
+    pub address: String,
+    /// How long its silence is waited out before this gateway takes its devices over.
+    pub takeover_after: std::time::Duration,
+}
+
+/// The site pair's state, for status and readiness.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    /// The peer's gateway id.
+    pub name: String,
+    /// Its MQTT listener.
+    pub address: String,
+    /// The mirror to the peer's broker is connected.
+    pub mirror_up: bool,
+    /// Seconds since the peer's last frame (`None`: never heard since start).
+    pub heard_seconds_ago: Option<f64>,
+    /// How far the peer's last watermark was behind this gateway's clock, in ms.
+    pub lag_ms: u64,
+    /// The peer's devices' deadlines follow the peer's time (false: taken over).
+    pub active: bool,
+    /// Frames waiting for the peer's acknowledgement.
+    pub backlog_frames: u64,
+    /// Alerts the peer has raised, as of its last frame.
+    pub alerts_raised: u64,
+    /// Seconds for which the peer's raised alerts have differed from this gateway's (0:
+    /// they agree).
+    pub alerts_differ_seconds: f64,
+}
+
+/// The site pair's state now, if this gateway is one of a pair.
+pub fn peer_status(stats: &Stats, info: &Info) -> Option<PeerStatus> {
+    let p = info.peer.as_ref()?;
+    let g = Stats::get;
+    let now = crate::stats::monotonic_ms();
+    let heard = g(&stats.peer_heard_ms);
+    let differs = g(&stats.peer_differs_since_ms);
+    Some(PeerStatus {
+        name: p.name.clone(),
+        address: p.address.clone(),
+        mirror_up: g(&stats.peer_link_up) == 1,
+        heard_seconds_ago: (heard != 0).then(|| now.saturating_sub(heard) as f64 / 1000.0),
+        lag_ms: g(&stats.peer_lag_ms),
+        active: g(&stats.peer_active) == 1,
+        backlog_frames: g(&stats.peer_backlog_frames),
+        alerts_raised: g(&stats.peer_alerts_raised),
+        alerts_differ_seconds: if differs == 0 {
+            0.0
+        } else {
+            now.saturating_sub(differs) as f64 / 1000.0
+        },
+    })
 }
 
 const SEVERITIES: [Severity; 3] = [Severity::Info, Severity::Warning, Severity::Critical];
@@ -201,6 +262,87 @@ pub fn render(stats: &Stats, info: &Info) -> String {
         "Outbox messages acknowledged by the upstream broker.",
         g(&stats.uplink_acked),
     );
+    if let Some(p) = peer_status(stats, info) {
+        o.gauge(
+            "watchpost_peer_mirror_up",
+            "Site pair: 1 while the mirror to the peer's broker is connected.",
+            u8::from(p.mirror_up),
+        );
+        o.gauge(
+            "watchpost_peer_last_heard_seconds",
+            "Site pair: seconds since the peer's last frame (-1: not heard since start).",
+            p.heard_seconds_ago.unwrap_or(-1.0),
+        );
+        o.gauge(
+            "watchpost_peer_lag_seconds",
+            "Site pair: how far the peer's last watermark was behind this gateway's clock.",
+            p.lag_ms as f64 / 1000.0,
+        );
+        o.gauge(
+            "watchpost_peer_active",
+            "Site pair: 1 while the peer's devices' deadlines follow its time; 0 once taken over.",
+            u8::from(p.active),
+        );
+        o.gauge(
+            "watchpost_peer_backlog_frames",
+            "Site pair: mirror frames waiting for the peer's acknowledgement.",
+            p.backlog_frames,
+        );
+        o.gauge(
+            "watchpost_peer_backlog_bytes",
+            "Site pair: bytes of those frames.",
+            g(&stats.peer_backlog_bytes),
+        );
+        o.gauge(
+            "watchpost_peer_alerts_raised",
+            "Site pair: alerts the peer has raised, as of its last frame.",
+            p.alerts_raised,
+        );
+        o.gauge(
+            "watchpost_peer_alerts_differ_seconds",
+            "Site pair: seconds for which the peer's raised alerts have differed from this gateway's (0: they agree).",
+            p.alerts_differ_seconds,
+        );
+        for (name, help, value) in [
+            (
+                "watchpost_peer_entries_sent_total",
+                "Site pair: publishes mirrored to the peer (again after a reconnect).",
+                &stats.peer_entries_sent,
+            ),
+            (
+                "watchpost_peer_entries_replayed_total",
+                "Site pair: publishes sent in catch-ups when the link came up.",
+                &stats.peer_entries_replayed,
+            ),
+            (
+                "watchpost_peer_entries_received_total",
+                "Site pair: the peer's publishes judged here.",
+                &stats.peer_entries_received,
+            ),
+            (
+                "watchpost_peer_entries_duplicate_total",
+                "Site pair: the peer's publishes received again and skipped.",
+                &stats.peer_entries_duplicate,
+            ),
+            (
+                "watchpost_peer_entries_gap_total",
+                "Site pair: the peer's publishes missing from its stream.",
+                &stats.peer_entries_gap,
+            ),
+            (
+                "watchpost_peer_mirror_dropped_total",
+                "Site pair: publishes dropped from a full backlog for the peer.",
+                &stats.peer_mirror_dropped,
+            ),
+            (
+                "watchpost_peer_ack_timeouts_total",
+                "Site pair: device acknowledgements given without the peer's, after waiting 2 s.",
+                &stats.peer_ack_timeouts,
+            ),
+        ] {
+            o.counter(name, help, g(value));
+        }
+    }
     o.gauge(
         "watchpost_disk_full",
         "1 while the data directory's file system is full: history is shed, alerts and the outbox use the reserve.",
@@ -389,6 +531,9 @@ pub struct Status {
     /// Publishes and subscriptions refused and publishes rate-limited, by client.
     #[serde(default)]
     pub refusals: BTreeMap<String, ClientRefusals>,
+    /// One of a site pair: the peer's state.
+    #[serde(default)]
+    pub peer: Option<PeerStatus>,
 }
 
 /// The status now.
@@ -419,7 +564,38 @@ pub fn status(stats: &Stats, info: &Info) -> Status {
         disk_full: stats.disk_full.load(std::sync::atomic::Ordering::Relaxed),
         history_shed: g(&stats.history_shed),
         refusals: stats.client_refusals(),
+        peer: peer_status(stats, info),
     }
+}
+
+/// One line on the site pair for people.
+pub fn describe_peer(p: &PeerStatus) -> String {
+    let heard = match p.heard_seconds_ago {
+        None => "not heard from since start".to_owned(),
+        Some(s) => format!("heard {s:.1} s ago, lag {} ms", p.lag_ms),
+    };
+    let mirror = if p.mirror_up {
+        "mirror up"
+    } else {
+        "mirror DOWN"
+    };
+    let judged = if p.active {
+        ""
+    } else {
+        "; its devices judged here alone"
+    };
+    let alerts = if p.alerts_differ_seconds > 0.0 {
+        format!(
+            "raised alerts DIFFER for {:.0} s (it has {})",
+            p.alerts_differ_seconds, p.alerts_raised
+        )
+    } else {
+        format!("raised alerts agree ({})", p.alerts_raised)
+    };
+    format!(
+        "{} at {}: {mirror}, {heard}, backlog {} frames{judged}; {alerts}",
+        p.name, p.address, p.backlog_frames
+    )
 }
 
 /// A short summary for people.
@@ -460,6 +636,9 @@ pub fn summary(s: &Status) -> String {
         (false, shed) => format!("ok ({shed} history rows shed since start)"),
     };
     let _ = writeln!(out, "disk:     {disk}");
+    if let Some(p) = &s.peer {
+        let _ = writeln!(out, "peer:     {}", describe_peer(p));
+    }
     let reload = match &s.last_reload {
         None => "none since start".to_owned(),
         Some(r) => format!(
@@ -499,6 +678,7 @@ mod tests {
 
     fn local() -> Info {
         Info {
+            peer: None,
             gateway: "g".into(),
             upstream: None,
         }
@@ -541,6 +721,7 @@ mod tests {
         let s = status(
             &stats,
             &Info {
+                peer: None,
                 gateway: "g".into(),
                 upstream: Some("mqtt://up:1883".into()),
             },
@@ -561,6 +742,7 @@ mod tests {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         Stats::add(&stats.history_shed, 42);
         let info = Info {
+            peer: None,
             gateway: "g".into(),
             upstream: None,
         };

@@ -175,6 +175,11 @@ pub struct Stats {
     pub peer_entries_duplicate: AtomicU64,
     /// See `peer_entries_received`.
     pub peer_entries_gap: AtomicU64,
+    /// Site pair: alerts the peer says it has raised (as of its last frame).
+    pub peer_alerts_raised: AtomicU64,
+    /// Site pair: `monotonic_ms` since when the peer's raised alerts differ from this
+    /// gateway's; 0 while they agree.
+    pub peer_differs_since_ms: AtomicU64,
     /// Site pair: publishes sent to the peer in catch-ups (when its link came up).
     pub peer_entries_replayed: AtomicU64,
     /// Site pair: 1 while the peer's devices' deadlines follow the peer's time; 0 once it

@@ -82,6 +82,18 @@ impl Member {
     }
 }
 
+/// `path` of the gateway's HTTP endpoint (from its ready line): the body.
+fn http(gateway: &mut GatewayProcess, path: &str) -> String {
+    let line = expect_line(gateway, "the gateway", "ready");
+    let addr: SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http="))
+        .expect("the ready line names the HTTP address")
+        .parse()
+        .unwrap();
+    watchpost::http::get_blocking(addr, path).map_or_else(|e| e.to_string(), |(_, body)| body)
+}
+
 /// Waits for a log line of `gateway` containing `needle`, or fails with its log.
 fn expect_line(gateway: &mut GatewayProcess, who: &str, needle: &str) -> String {
     match gateway.wait_line(needle, WAIT) {
@@ -355,6 +367,8 @@ async fn a_partition_between_the_two_brings_only_identical_duplicates() {
     let local_a = Collector::subscribe(a.addr(), "alerts/#").await.unwrap();
     let local_b = Collector::subscribe(b.addr(), "alerts/#").await.unwrap();
 
+    let readyz = http(&mut gw_b, "/readyz");
+    assert_eq!(readyz, "ready\n");
     to_b.partition();
     to_a.partition();
     let probe = Publisher::connect(a.addr(), "probe").await.unwrap();
@@ -373,6 +387,11 @@ async fn a_partition_between_the_two_brings_only_identical_duplicates() {
     assert!(
         gw_b.log().iter().all(|l| !l.contains("alert raised")),
         "B cannot know of the episode while the path is broken"
+    );
+    let readyz = http(&mut gw_b, "/readyz");
+    assert!(
+        readyz.starts_with("degraded: the peer gateway gw-a at"),
+        "{readyz}"
     );
 
     to_b.heal();
@@ -394,4 +413,21 @@ async fn a_partition_between_the_two_brings_only_identical_duplicates() {
         alert_states(&a.data()),
         alert_states(&b.data())
     );
+    // Both say so: the mirror is up again and the raised alerts agree.
+    for (gateway, peer) in [(&mut gw_a, "gw-b"), (&mut gw_b, "gw-a")] {
+        let metrics = http(gateway, "/metrics");
+        for line in [
+            "watchpost_peer_mirror_up 1",
+            "watchpost_peer_active 1",
+            "watchpost_peer_alerts_differ_seconds 0",
+            "watchpost_peer_alerts_raised 0",
+        ] {
+            assert!(
+                metrics.contains(&format!("\n{line}\n")),
+                "{line}: {metrics}"
+            );
+        }
+        let status = http(gateway, "/status");
+        assert!(status.contains(&format!("\"name\":\"{peer}\"")), "{status}");
+    }
 }

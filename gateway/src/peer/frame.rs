@@ -7,6 +7,8 @@
 //! "WPM1"                      magic and version
 //! u64  watermark              the sender's wall time (ms): every reading it stamped up to
 //!                             then is in this frame or an earlier one
+//! u64  digest                 of the sender's raised alerts when it sent the frame (XOR of
+//! u32  raised                 a hash of each id), and how many; raised = u32::MAX: none
 //! u32  entries, then each:
 //!   u64  stream               the stamping gateway's stream (random per process start)
 //!   u64  seq                  the entry's number in that stream, from 1
@@ -24,7 +26,7 @@ use crate::rules::Millis;
 
 const MAGIC: &[u8; 4] = b"WPM1";
 /// Bytes of a frame without entries.
-pub const HEADER_BYTES: usize = 4 + 8 + 4;
+pub const HEADER_BYTES: usize = 4 + 8 + 8 + 4 + 4;
 /// Bytes of an entry besides its topic and payload.
 pub const ENTRY_OVERHEAD: usize = 8 + 8 + 8 + 1 + 2 + 4;
 
@@ -54,11 +56,29 @@ impl Entry {
     }
 }
 
+/// What the sender's raised alerts were: a digest of their ids, and how many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Digest {
+    /// XOR of [`id_hash`] over the raised alerts' ids.
+    pub hash: u64,
+    /// How many are raised.
+    pub raised: u32,
+}
+
+/// FNV-1a of an alert id: the same on every gateway and every version of Rust.
+pub fn id_hash(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// A decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     /// The sender's time.
     pub watermark: Millis,
+    /// The sender's raised alerts when it sent the frame; `None` in a catch-up.
+    pub digest: Option<Digest>,
     /// The publishes.
     pub entries: Vec<Entry>,
 }
@@ -81,11 +101,17 @@ pub enum FrameError {
 }
 
 /// Writes a frame.
-pub fn encode(watermark: Millis, entries: &[Entry]) -> Bytes {
+pub fn encode(watermark: Millis, digest: Option<Digest>, entries: &[Entry]) -> Bytes {
     let size = HEADER_BYTES + entries.iter().map(Entry::size).sum::<usize>();
     let mut out = BytesMut::with_capacity(size);
     out.put_slice(MAGIC);
     out.put_u64_le(watermark);
+    let digest = digest.unwrap_or(Digest {
+        hash: 0,
+        raised: u32::MAX,
+    });
+    out.put_u64_le(digest.hash);
+    out.put_u32_le(digest.raised);
     out.put_u32_le(u32::try_from(entries.len()).expect("frames hold far fewer entries"));
     for e in entries {
         out.put_u64_le(e.stream);
@@ -110,6 +136,11 @@ pub fn decode(mut bytes: Bytes) -> Result<Frame, FrameError> {
     }
     bytes.advance(4);
     let watermark = bytes.get_u64_le();
+    let digest = Digest {
+        hash: bytes.get_u64_le(),
+        raised: bytes.get_u32_le(),
+    };
+    let digest = (digest.raised != u32::MAX).then_some(digest);
     let count = bytes.get_u32_le() as usize;
     // Each entry takes at least its overhead: a count beyond that is a lie.
     if count > bytes.len() / ENTRY_OVERHEAD {
@@ -154,7 +185,11 @@ pub fn decode(mut bytes: Bytes) -> Result<Frame, FrameError> {
     if !bytes.is_empty() {
         return Err(FrameError::Length);
     }
-    Ok(Frame { watermark, entries })
+    Ok(Frame {
+        watermark,
+        digest,
+        entries,
+    })
 }
 
 #[cfg(test)]
@@ -180,7 +215,8 @@ mod tests {
             entry(1, "sensors/boiler-1/temperature", "95.2"),
             entry(2, "sensors/door-3/status", ""),
         ];
-        let bytes = encode(42, &entries);
+        let digest = Some(Digest { hash: 5, raised: 2 });
+        let bytes = encode(42, digest, &entries);
         assert_eq!(
             bytes.len(),
             HEADER_BYTES + entries.iter().map(Entry::size).sum::<usize>()
@@ -189,15 +225,19 @@ mod tests {
             decode(bytes).unwrap(),
             Frame {
                 watermark: 42,
+                digest,
                 entries
             }
         );
-        assert_eq!(decode(encode(9, &[])).unwrap().entries, []);
+        let beat = decode(encode(9, None, &[])).unwrap();
+        assert_eq!((beat.digest, beat.entries), (None, vec![]));
+        assert_eq!(id_hash("site:a:r:1"), id_hash("site:a:r:1"));
+        assert_ne!(id_hash("site:a:r:1"), id_hash("site:a:r:2"));
     }
 
     #[test]
     fn damaged_frames_are_refused_with_the_reason() {
-        let good = encode(1, &[entry(1, "sensors/a/t", "1")]);
+        let good = encode(1, None, &[entry(1, "sensors/a/t", "1")]);
         assert_eq!(decode(Bytes::from_static(b"WPM2")), Err(FrameError::Length));
         let mut other = good.to_vec();
         other[3] = b'2';
@@ -208,13 +248,13 @@ mod tests {
         let mut longer = good.to_vec();
         longer.push(0);
         assert_eq!(decode(longer.into()), Err(FrameError::Length));
-        let mut huge_count = encode(1, &[]).to_vec();
-        huge_count[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        let mut huge_count = encode(1, None, &[]).to_vec();
+        huge_count[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(decode(huge_count.into()), Err(FrameError::Length));
         let mut qos3 = good.to_vec();
         qos3[HEADER_BYTES + 24] = 0b110;
         assert_eq!(decode(qos3.into()), Err(FrameError::Qos));
-        let bad_topic = encode(1, &[entry(1, "", "1")]);
+        let bad_topic = encode(1, None, &[entry(1, "", "1")]);
         assert_eq!(decode(bad_topic), Err(FrameError::Topic));
     }
 
@@ -236,8 +276,8 @@ mod tests {
                     payload: Bytes::from(payload),
                 })
                 .collect();
-            let frame = decode(encode(watermark, &entries)).unwrap();
-            prop_assert_eq!(frame, Frame { watermark, entries });
+            let frame = decode(encode(watermark, None, &entries)).unwrap();
+            prop_assert_eq!(frame, Frame { watermark, digest: None, entries });
         }
 
         #[test]

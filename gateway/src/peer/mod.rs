@@ -199,6 +199,8 @@ pub struct MirrorOut {
     pub entries: Vec<Entry>,
     /// Every entry this gateway stamped up to this wall time has been handed over.
     pub watermark: Millis,
+    /// This gateway's raised alerts after judging them.
+    pub digest: frame::Digest,
     /// Acknowledgements of the clients' publishes: answered once the store has committed
     /// (`committed`) and the peer has the frame, or is away, or did not answer in
     /// [`ACK_WAIT`].
@@ -370,7 +372,7 @@ impl Mirror {
                     _ = heartbeat.tick() => {
                         backlog.expire_waits();
                         if connected && backlog.all_published() && backlog.watermark > watermark_sent {
-                            let beat = frame::encode(backlog.watermark, &[]);
+                            let beat = frame::encode(backlog.watermark, Some(backlog.digest), &[]);
                             if client.try_publish(MIRROR_TOPIC, QoS::AtMostOnce, false, beat).is_ok() {
                                 watermark_sent = backlog.watermark;
                             }
@@ -405,8 +407,9 @@ impl Mirror {
 struct Backlog {
     frames: VecDeque<Pending>,
     bytes: usize,
-    /// The newest watermark ingest gave.
+    /// The newest watermark ingest gave, and the raised alerts then.
     watermark: Millis,
+    digest: frame::Digest,
     stats: Arc<Stats>,
     /// This gateway's stream.
     stream: u64,
@@ -422,6 +425,7 @@ impl Backlog {
             frames: VecDeque::new(),
             bytes: 0,
             watermark: 0,
+            digest: frame::Digest::default(),
             stats,
             stream: 0,
             ring: VecDeque::new(),
@@ -464,8 +468,11 @@ impl Backlog {
         let entries: Vec<Entry> = self.ring.iter().cloned().collect();
         for chunk in chunks(&entries) {
             let watermark = chunk.last().map_or(0, |e| e.wall);
-            self.frames
-                .push_back(Pending::new(frame::encode(watermark, chunk), chunk, None));
+            self.frames.push_back(Pending::new(
+                frame::encode(watermark, None, chunk),
+                chunk,
+                None,
+            ));
         }
         self.bytes = self.frames.iter().map(|p| p.bytes.len()).sum();
         Stats::add(&self.stats.peer_entries_replayed, entries.len() as u64);
@@ -484,10 +491,12 @@ impl Backlog {
         let MirrorOut {
             entries,
             watermark,
+            digest,
             judged,
             committed,
         } = out;
         self.watermark = self.watermark.max(watermark);
+        self.digest = digest;
         self.remember(&entries);
         let stream = self.stream;
         let entries: Vec<Entry> = entries.into_iter().filter(|e| e.stream == stream).collect();
@@ -507,7 +516,7 @@ impl Backlog {
         let last = chunks.len() - 1;
         for (i, chunk) in chunks.into_iter().enumerate() {
             let pending = Pending::new(
-                frame::encode(watermark, chunk),
+                frame::encode(watermark, Some(self.digest), chunk),
                 chunk,
                 if i == last { waiters.take() } else { None },
             );
@@ -606,6 +615,31 @@ impl Backlog {
     }
 }
 
+/// Alert states that differ between the two gateways for this long are reported.
+pub const DIVERGENCE_AFTER: Duration = Duration::from_secs(10);
+
+/// This gateway's raised alerts, for comparing with the peer's.
+#[derive(Debug, Default)]
+pub struct Raised {
+    ids: std::collections::HashSet<String>,
+    /// Their digest.
+    pub digest: frame::Digest,
+}
+
+impl Raised {
+    /// Follows one published transition.
+    pub fn track(&mut self, doc: &crate::alert::AlertDoc) {
+        let changed = match doc.state {
+            crate::rules::AlertState::Raised => self.ids.insert(doc.id.clone()),
+            crate::rules::AlertState::Cleared => self.ids.remove(&doc.id),
+        };
+        if changed {
+            self.digest.hash ^= frame::id_hash(&doc.id);
+            self.digest.raised = self.ids.len() as u32;
+        }
+    }
+}
+
 /// What a gateway knows of the mirror it receives.
 #[derive(Debug)]
 pub struct Incoming {
@@ -619,6 +653,8 @@ pub struct Incoming {
     pub active: bool,
     takeover_after: Duration,
     stats: Arc<Stats>,
+    /// Since when the peer's raised alerts have differed from this gateway's.
+    differs_since: Option<Instant>,
 }
 
 impl Incoming {
@@ -631,6 +667,38 @@ impl Incoming {
             active: false,
             takeover_after,
             stats,
+            differs_since: None,
+        }
+    }
+
+    /// Compares the peer's raised alerts (as of its frame, now judged here too) with this
+    /// gateway's; a difference that lasts [`DIVERGENCE_AFTER`] is logged and shown.
+    pub fn compare(&mut self, theirs: Option<frame::Digest>, ours: frame::Digest) {
+        let Some(theirs) = theirs else { return };
+        Stats::set(&self.stats.peer_alerts_raised, u64::from(theirs.raised));
+        if theirs == ours {
+            if self
+                .differs_since
+                .take()
+                .is_some_and(|t| t.elapsed() >= DIVERGENCE_AFTER)
+            {
+                info!("the peer gateway and this one agree on every raised alert again");
+            }
+            Stats::set(&self.stats.peer_differs_since_ms, 0);
+            return;
+        }
+        let since = *self.differs_since.get_or_insert_with(Instant::now);
+        if Stats::get(&self.stats.peer_differs_since_ms) == 0 {
+            let at =
+                crate::stats::monotonic_ms().saturating_sub(since.elapsed().as_millis() as u64);
+            Stats::set(&self.stats.peer_differs_since_ms, at.max(1));
+        }
+        if since.elapsed() >= DIVERGENCE_AFTER && since.elapsed() < DIVERGENCE_AFTER + HEARTBEAT {
+            warn!(
+                ours = ours.raised,
+                theirs = theirs.raised,
+                "the peer gateway's raised alerts have differed from this one's for 10 s (a partition longer than peer.takeover_after, or a gateway that missed readings); both forward what they raise"
+            );
         }
     }
 
@@ -769,6 +837,7 @@ mod tests {
             MirrorOut {
                 entries,
                 watermark: 40,
+                digest: Default::default(),
                 judged: vec![tx],
                 committed: None,
             },
@@ -805,6 +874,7 @@ mod tests {
         let out = |entries| MirrorOut {
             entries,
             watermark: 0,
+            digest: Default::default(),
             judged: Vec::new(),
             committed: None,
         };
@@ -830,6 +900,58 @@ mod tests {
             sent,
             [(1, 1), (1, 2), (2, 8)],
             "the frame older than the ring, then the ring (which covers the other)"
+        );
+    }
+
+    #[test]
+    fn alert_states_that_differ_for_long_are_reported_and_agreement_clears_it() {
+        let stats = Arc::new(Stats::default());
+        let mut incoming = Incoming::new(1, Duration::from_secs(10), stats.clone());
+        let mut ours = Raised::default();
+        let doc = |id: &str, state| crate::alert::AlertDoc {
+            id: id.into(),
+            rule: "r".into(),
+            device: "d".into(),
+            metric: "m".into(),
+            severity: crate::rules::Severity::Critical,
+            state,
+            value: crate::value::Value::Number(1.0),
+            threshold: None,
+            since: String::new(),
+            at: String::new(),
+            gateway: "site".into(),
+            repeat: 0,
+            labels: Default::default(),
+        };
+        use crate::rules::AlertState::{Cleared, Raised as Up};
+        ours.track(&doc("site:d:r:1", Up));
+        ours.track(&doc("site:d:r:1", Up));
+        let mut theirs = Raised::default();
+        theirs.track(&doc("site:d:r:1", Up));
+        assert_eq!(ours.digest, theirs.digest, "a raise seen twice counts once");
+        incoming.compare(Some(theirs.digest), ours.digest);
+        assert_eq!(Stats::get(&stats.peer_differs_since_ms), 0);
+        assert_eq!(Stats::get(&stats.peer_alerts_raised), 1);
+
+        theirs.track(&doc("site:d:r:1", Cleared));
+        theirs.track(&doc("site:d:r:2", Up));
+        incoming.compare(Some(theirs.digest), ours.digest);
+        assert_ne!(Stats::get(&stats.peer_differs_since_ms), 0, "they differ");
+        incoming.compare(None, frame::Digest::default());
+        assert_ne!(
+            Stats::get(&stats.peer_differs_since_ms),
+            0,
+            "a catch-up frame says nothing"
+        );
+        incoming.differs_since = Some(Instant::now() - DIVERGENCE_AFTER);
+        incoming.compare(Some(theirs.digest), ours.digest);
+        ours.track(&doc("site:d:r:1", Cleared));
+        ours.track(&doc("site:d:r:2", Up));
+        incoming.compare(Some(theirs.digest), ours.digest);
+        assert_eq!(
+            Stats::get(&stats.peer_differs_since_ms),
+            0,
+            "they agree again"
         );
     }
 }
