@@ -88,3 +88,23 @@ fn the_embedded_quickstart_is_config_watchpost_toml() {
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
     assert!(loaded.config.broker.allow_anonymous && loaded.config.broker.listen.ip().is_loopback());
 }
+
+/// `config/examples/site-pair-a.toml` and `-b.toml` (README: "Two gateways at one site") are
+/// two halves of one pair on one machine: one site, and each names the other where it listens.
+#[test]
+fn the_site_pair_examples_name_each_other() {
+    let load = |name: &str| {
+        config::load(&repo().join("config/examples").join(name))
+            .unwrap()
+            .config
+    };
+    let (a, b) = (load("site-pair-a.toml"), load("site-pair-b.toml"));
+    assert_eq!(a.gateway.site, b.gateway.site);
+    assert_ne!(a.gateway.id, b.gateway.id);
+    assert_ne!(a.gateway.data_dir, b.gateway.data_dir);
+    assert_ne!(a.http.listen, b.http.listen);
+    let (pa, pb) = (a.peer.unwrap(), b.peer.unwrap());
+    assert_eq!((pa.name, pa.address), (b.gateway.id, b.broker.listen));
+    assert_eq!((pb.name, pb.address), (a.gateway.id, a.broker.listen));
+    assert_eq!(pa.secret_file, pb.secret_file);
+}

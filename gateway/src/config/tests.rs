@@ -863,3 +863,66 @@ fn forget_after_defaults_to_a_day_and_is_checked_against_stale_after() {
         "{bad:#?}"
     );
 }
+
+#[test]
+fn a_site_pair_shares_the_site_and_each_names_the_other() {
+    let pair = "[gateway]\nid = \"gw-a\"\nsite = \"site-17\"\n\
+                [uplink]\nurl = \"mqtt://up:1883\"\n\
+                [peer]\nname = \"gw-b\"\naddress = \"10.0.0.12:1883\"\nsecret_file = \"/etc/watchpost/peer.secret\"\n";
+    let loaded = parse(pair, "t.toml").unwrap();
+    let c = loaded.config;
+    assert_eq!(
+        (c.gateway.id.as_str(), c.gateway.site.as_str()),
+        ("gw-a", "site-17")
+    );
+    let peer = c.peer.unwrap();
+    assert_eq!(peer.name, "gw-b");
+    assert_eq!(peer.address, "10.0.0.12:1883".parse().unwrap());
+    assert_eq!(peer.takeover_after, DEFAULT_TAKEOVER_AFTER);
+    let uplink = c.uplink.unwrap();
+    assert_eq!(uplink.topic_prefix, "site-17", "the site's prefix");
+    assert_eq!(
+        uplink.client_id, "watchpost-gw-a",
+        "the box's own client id"
+    );
+    assert_eq!(uplink.forwarded_by.as_deref(), Some("gw-a"));
+
+    // Without a pair, nothing changes: the site is the id, and no user property.
+    let single = parse(MINIMAL, "t.toml").unwrap().config;
+    assert_eq!(single.gateway.site, single.gateway.id);
+
+    // A pair without `site` still runs, with a warning: the two ids would differ.
+    let no_site = "[gateway]\nid = \"gw-a\"\n[peer]\nname = \"gw-b\"\naddress = \"10.0.0.12:1883\"\nsecret_file = \"s\"\n";
+    let warned = parse(no_site, "t.toml").unwrap();
+    assert!(
+        warned
+            .warnings
+            .iter()
+            .any(|w| w.message.contains("has no `site`")),
+        "{:?}",
+        warned.warnings
+    );
+
+    let bad = errors(
+        "[gateway]\nid = \"gw-a\"\nsite = \"no site\"\n\
+         [peer]\nname = \"gw-a\"\naddress = \"nowhere\"\nsecret_file = \" \"\ntakeover_after = \"100ms\"\nport = 1\n",
+    );
+    for e in [
+        "site id \"no site\" is not a valid name",
+        "unknown field `port`",
+    ] {
+        assert!(bad.iter().any(|b| b.contains(e)), "{e:?} not in {bad:#?}");
+    }
+    let bad = errors(
+        "[gateway]\nid = \"gw-a\"\nsite = \"s\"\n\
+         [peer]\nname = \"gw-a\"\naddress = \"nowhere\"\nsecret_file = \" \"\ntakeover_after = \"100ms\"\n",
+    );
+    for e in [
+        "the peer has this gateway's own id",
+        "`address`",
+        "`secret_file` is empty",
+        "`takeover_after` must be at least 1s",
+    ] {
+        assert!(bad.iter().any(|b| b.contains(e)), "{e:?} not in {bad:#?}");
+    }
+}

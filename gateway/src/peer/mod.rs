@@ -310,6 +310,7 @@ impl Mirror {
         backlog.horizon = self.horizon.as_millis() as Millis;
         let client_id = format!("{CLIENT_PREFIX}{}", self.own);
         let mut logged_down = false;
+        let mut ever_connected = false;
         let mut attempts = 0u64;
         'connect: loop {
             let mut options = MqttOptions::new(
@@ -346,6 +347,7 @@ impl Mirror {
                                 break;
                             }
                             connected = true;
+                            ever_connected = true;
                             logged_down = false;
                             Stats::set(&stats.peer_link_up, 1);
                             info!(peer = %self.address, backlog = backlog.frames.len(), attempts, "mirroring to the peer");
@@ -360,7 +362,10 @@ impl Mirror {
                         Ok(Event::Incoming(Packet::PubAck(ack))) => backlog.acked(ack.pkid),
                         Ok(_) => {}
                         Err(e) => {
-                            if connected || !logged_down {
+                            if !ever_connected && !logged_down {
+                                info!(peer = %self.address, error = %e, "waiting for the peer gateway (retrying every second)");
+                                logged_down = true;
+                            } else if connected || !logged_down {
                                 warn!(peer = %self.address, error = %e, backlog = backlog.frames.len(), "the mirror to the peer is down; readings are kept for it and sent when it is back (devices are not kept waiting)");
                                 logged_down = true;
                             } else {
