@@ -82,6 +82,66 @@ impl Member {
     }
 }
 
+/// For each alert id and state, the gateways that forwarded it.
+type ForwardedBy = BTreeMap<(String, String), BTreeSet<String>>;
+
+/// An MQTT 5 subscriber on the upstream: who forwarded what (the `watchpost-gateway` user
+/// property).
+struct Forwarders {
+    seen: std::sync::Arc<std::sync::Mutex<ForwardedBy>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarders {
+    async fn subscribe(upstream: SocketAddr) -> Forwarders {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::{AsyncClient, Event, MqttOptions, mqttbytes::QoS};
+        let options = MqttOptions::new("pair-v5", "127.0.0.1", upstream.port());
+        let (client, mut events) = AsyncClient::new(options, 64);
+        client
+            .subscribe("site/alerts/#", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        loop {
+            if let Event::Incoming(Packet::SubAck(_)) = events.poll().await.unwrap() {
+                break;
+            }
+        }
+        let seen: std::sync::Arc<std::sync::Mutex<ForwardedBy>> = Default::default();
+        let sink = seen.clone();
+        let task = tokio::spawn(async move {
+            let _client = client;
+            while let Ok(event) = events.poll().await {
+                if let Event::Incoming(Packet::Publish(p)) = event {
+                    let doc: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                    let key = (
+                        doc["id"].as_str().unwrap().to_owned(),
+                        doc["state"].as_str().unwrap().to_owned(),
+                    );
+                    let by = p
+                        .properties
+                        .iter()
+                        .flat_map(|props| props.user_properties.iter())
+                        .filter(|(k, _)| k == "watchpost-gateway")
+                        .map(|(_, v)| v.clone());
+                    sink.lock().unwrap().entry(key).or_default().extend(by);
+                }
+            }
+        });
+        Forwarders { seen, task }
+    }
+
+    fn get(&self) -> ForwardedBy {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Forwarders {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// `path` of the gateway's HTTP endpoint (from its ready line): the body.
 fn http(gateway: &mut GatewayProcess, path: &str) -> String {
     let line = expect_line(gateway, "the gateway", "ready");
@@ -366,9 +426,13 @@ async fn a_partition_between_the_two_brings_only_identical_duplicates() {
     expect_line(&mut gw_b, "B", "mirroring to the peer");
     let local_a = Collector::subscribe(a.addr(), "alerts/#").await.unwrap();
     let local_b = Collector::subscribe(b.addr(), "alerts/#").await.unwrap();
+    let forwarders = Forwarders::subscribe(upstream.addr()).await;
 
-    let readyz = http(&mut gw_b, "/readyz");
-    assert_eq!(readyz, "ready\n");
+    assert!(
+        wait_until(WAIT, || http(&mut gw_b, "/readyz") == "ready\n").await,
+        "{}",
+        http(&mut gw_b, "/readyz")
+    );
     to_b.partition();
     to_a.partition();
     let probe = Publisher::connect(a.addr(), "probe").await.unwrap();
@@ -400,6 +464,17 @@ async fn a_partition_between_the_two_brings_only_identical_duplicates() {
     // Both forwarded both transitions: four messages upstream, two documents.
     collector.wait_for(4, WAIT).await.unwrap();
     assert_one_episode(&collector);
+    // Each transition came from both, each naming itself in the MQTT 5 user property.
+    let both: BTreeSet<String> = ["gw-a".to_owned(), "gw-b".to_owned()].into();
+    assert!(
+        wait_until(WAIT, || {
+            let f = forwarders.get();
+            f.len() == 2 && f.values().all(|by| *by == both)
+        })
+        .await,
+        "{:#?}",
+        forwarders.get()
+    );
     local_a.wait_for(2, WAIT).await.unwrap();
     local_b.wait_for(2, WAIT).await.unwrap();
     assert_eq!(
@@ -413,20 +488,23 @@ async fn a_partition_between_the_two_brings_only_identical_duplicates() {
         alert_states(&a.data()),
         alert_states(&b.data())
     );
-    // Both say so: the mirror is up again and the raised alerts agree.
+    // Both say so, once the mirrors are back (each retries every second): the mirror is up,
+    // the peer's devices follow its time again, and the raised alerts agree.
     for (gateway, peer) in [(&mut gw_a, "gw-b"), (&mut gw_b, "gw-a")] {
-        let metrics = http(gateway, "/metrics");
-        for line in [
+        let lines = [
             "watchpost_peer_mirror_up 1",
             "watchpost_peer_active 1",
             "watchpost_peer_alerts_differ_seconds 0",
             "watchpost_peer_alerts_raised 0",
-        ] {
-            assert!(
-                metrics.contains(&format!("\n{line}\n")),
-                "{line}: {metrics}"
-            );
-        }
+        ];
+        let healed = wait_until(WAIT, || {
+            let metrics = http(gateway, "/metrics");
+            lines
+                .iter()
+                .all(|line| metrics.contains(&format!("\n{line}\n")))
+        })
+        .await;
+        assert!(healed, "{lines:?}: {}", http(gateway, "/metrics"));
         let status = http(gateway, "/status");
         assert!(status.contains(&format!("\"name\":\"{peer}\"")), "{status}");
     }
