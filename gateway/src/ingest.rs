@@ -1680,6 +1680,8 @@ pub async fn run(
         let mut mirrored = Vec::new();
         let mut watermark = 0;
         let mut own_mirrored = false;
+        // How many of `judged` (the first ones) are this gateway's own clients'.
+        let mut clients_judged = 0;
         let mut routed = Vec::new();
         let alerts = tokio::select! {
             biased;
@@ -1760,7 +1762,11 @@ pub async fn run(
                     Stats::add(&stats.ingest_nanos, started.elapsed().as_nanos() as u64);
                     Stats::inc(&stats.ingest_count);
                 }
+                clients_judged = batch.judged.len();
                 judged = batch.judged;
+                // The peer's frames are acknowledged once committed here, whatever this
+                // gateway's own mirror is doing.
+                judged.extend(batch.peer_judged);
                 alerts
             }
         };
@@ -1783,8 +1789,8 @@ pub async fn run(
         // store (the mirror task answers them).
         let mut for_peer = Vec::new();
         let mut committed = None;
-        if own_mirrored && !judged.is_empty() {
-            for_peer = std::mem::take(&mut judged);
+        if own_mirrored && clients_judged > 0 {
+            for_peer = judged.drain(..clients_judged).collect();
             let (tx, rx) = oneshot::channel();
             judged.push(tx);
             committed = Some(rx);

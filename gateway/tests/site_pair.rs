@@ -509,3 +509,45 @@ async fn a_partition_between_the_two_brings_only_identical_duplicates() {
         assert!(status.contains(&format!("\"name\":\"{peer}\"")), "{status}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_the_secret_is_refused_and_no_device_may_mirror() {
+    let upstream = Mosquitto::start().unwrap();
+    let (a, b) = (Member::new("gw-a"), Member::new("gw-b"));
+    let config_a = a.config("gw-b", b.addr(), upstream.addr());
+    let config_b = b.config("gw-a", a.addr(), upstream.addr());
+    std::fs::write(
+        b.dir.path().join("peer.secret"),
+        "another-secret-of-enough-bytes\n",
+    )
+    .unwrap();
+    let mut gw_a = a.start(&config_a);
+    let mut gw_b = b.start(&config_b);
+    expect_line(&mut gw_a, "A", "the peer refused the mirror's login");
+    expect_line(&mut gw_b, "B", "the peer refused the mirror's login");
+
+    // A device that publishes a frame on the mirror topic is refused (MQTT 5: a reason
+    // code; counted), and B judges nothing of it.
+    let device = Publisher::connect(b.addr(), "intruder").await.unwrap();
+    device
+        .publish(watchpost::peer::MIRROR_TOPIC, QoS::AtLeastOnce, "WPM1")
+        .await
+        .unwrap();
+    device.wait_acked(1, WAIT).await.unwrap();
+    let metrics = http(&mut gw_b, "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("watchpost_publish_denied_total{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert!(metrics.contains("\nwatchpost_peer_entries_received_total 0\n"));
+    assert!(
+        gw_a.log()
+            .iter()
+            .filter(|l| l.contains("refused the mirror's login"))
+            .count()
+            == 1,
+        "logged once, not at every attempt"
+    );
+}

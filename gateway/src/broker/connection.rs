@@ -591,10 +591,27 @@ async fn run<S: Stream>(
             } else {
                 (Vec::new(), None)
             };
-            if hand_on(&shared.inject, Batch { messages, judged })
-                .await
-                .is_err()
-            {
+            let peer = matches!(
+                session.identity,
+                crate::access::Identity::Named {
+                    role: crate::access::Role::Peer,
+                    ..
+                }
+            );
+            let batch = if peer {
+                Batch {
+                    messages,
+                    judged: Vec::new(),
+                    peer_judged: judged,
+                }
+            } else {
+                Batch {
+                    messages,
+                    judged,
+                    peer_judged: Vec::new(),
+                }
+            };
+            if hand_on(&shared.inject, batch).await.is_err() {
                 return End::Lost(None);
             }
             // Boxed: it must not size every connection's future. An error means the gateway
@@ -691,6 +708,7 @@ pub(crate) async fn inject(
         for more in arrived {
             all.messages.extend(more.messages);
             all.judged.extend(more.judged);
+            all.peer_judged.extend(more.peer_judged);
         }
         if hub.listening() {
             let shared: Vec<Arc<Message>> =

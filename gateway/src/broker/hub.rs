@@ -68,6 +68,10 @@ pub struct Batch {
     /// acknowledged survives a crash of that gateway. Dropped unanswered if the gateway stops
     /// first.
     pub judged: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// The same for the publishes of the site's other gateway (its mirror frames): answered
+    /// once committed here, never held for this gateway's own mirror to that gateway, so that
+    /// the two gateways' acknowledgements never wait on each other.
+    pub peer_judged: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl From<Vec<Message>> for Batch {
@@ -75,6 +79,7 @@ impl From<Vec<Message>> for Batch {
         Batch {
             messages,
             judged: Vec::new(),
+            peer_judged: Vec::new(),
         }
     }
 }

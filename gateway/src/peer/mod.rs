@@ -311,6 +311,7 @@ impl Mirror {
         let client_id = format!("{CLIENT_PREFIX}{}", self.own);
         let mut logged_down = false;
         let mut ever_connected = false;
+        let mut refused_logged = false;
         let mut attempts = 0u64;
         'connect: loop {
             let mut options = MqttOptions::new(
@@ -343,11 +344,12 @@ impl Mirror {
                     event = events.poll() => match event {
                         Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                             if ack.code != rumqttc::ConnectReturnCode::Success {
-                                warn!(peer = %self.address, code = ?ack.code, "the peer refused the mirror's connection: check that both gateways have the same peer secret file and each names the other in [peer]");
+                                // rumqttc reports refusals as errors (below); this is a guard.
                                 break;
                             }
                             connected = true;
                             ever_connected = true;
+                            refused_logged = false;
                             logged_down = false;
                             Stats::set(&stats.peer_link_up, 1);
                             info!(peer = %self.address, backlog = backlog.frames.len(), attempts, "mirroring to the peer");
@@ -361,6 +363,12 @@ impl Mirror {
                         Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => backlog.sent(pkid),
                         Ok(Event::Incoming(Packet::PubAck(ack))) => backlog.acked(ack.pkid),
                         Ok(_) => {}
+                        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                            if !std::mem::replace(&mut refused_logged, true) {
+                                warn!(peer = %self.address, ?code, "the peer refused the mirror's login: check that both gateways read the same secret, that each names the other's [gateway] id in [peer] name, and that their clocks agree within 5 minutes");
+                            }
+                            break;
+                        }
                         Err(e) => {
                             if !ever_connected && !logged_down {
                                 info!(peer = %self.address, error = %e, "waiting for the peer gateway (retrying every second)");
