@@ -245,6 +245,18 @@ fn compile_peer(raw: &super::raw::RawPeer, own_id: &str, sink: &mut Sink<'_>) ->
             "`secret_file` is empty",
             Some("a file with the secret both gateways share, e.g. \"/etc/watchpost/peer.secret\" (`head -c 32 /dev/urandom | base64 > peer.secret`)".into()),
         );
+    } else if !Path::new(raw.secret_file.get_ref()).exists() {
+        sink.warn(
+            raw.secret_file.span(),
+            format!(
+                "`secret_file` {:?} does not exist (yet): the gateway will not start without it",
+                raw.secret_file.get_ref()
+            ),
+            Some(
+                "`head -c 32 /dev/urandom | base64 > FILE`, once, and copy FILE to the other box"
+                    .into(),
+            ),
+        );
     }
     let takeover_after = sink.duration(
         &raw.takeover_after,
