@@ -69,6 +69,8 @@ pub struct Gateway {
     broker: Broker,
     /// The configuration running now (rules as last reloaded).
     config: Config,
+    /// What happens, for whoever listens.
+    events: crate::events::Sender,
 }
 
 /// Why a reload did not happen.
@@ -164,7 +166,9 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     // Batches of publishes from the broker's injector; when ingest is behind, the injector
     // waits, and so do the clients.
     let (readings_tx, readings_rx) = mpsc::channel(INGEST_QUEUE);
+    let events = crate::events::channel();
     let mut outputs = Outputs {
+        events: Some(events.clone()),
         peer: None,
         store,
         forward: config.uplink.as_ref().map(|u| u.forward.clone()),
@@ -309,6 +313,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         control: control_tx,
         broker: router,
         config,
+        events,
     })
 }
 
@@ -331,6 +336,11 @@ impl Gateway {
     /// The gateway's counters.
     pub fn stats(&self) -> &Arc<Stats> {
         &self.stats
+    }
+
+    /// What happens at the gateway: subscribe to follow it ([`crate::events`]).
+    pub fn events(&self) -> &crate::events::Sender {
+        &self.events
     }
 
     /// Swaps in the rules and sources of `config`, which has already been checked, and reads

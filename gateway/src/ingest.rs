@@ -131,6 +131,8 @@ pub struct Engine {
     peer_active: bool,
     /// The message being judged came from the other gateway.
     from_peer: bool,
+    /// What happened since [`Engine::take_events`] last took it (see [`crate::events`]).
+    events: Vec<crate::events::Event>,
     /// Per device, the newest reading this gateway had before it restarted: what a peer's
     /// catch-up brings up to there rebuilds rule states without a word (the transitions it
     /// causes were published before the restart) and without history rows.
@@ -483,6 +485,7 @@ impl Engine {
             peer_active: false,
             from_peer: false,
             floors: HashMap::new(),
+            events: Vec::new(),
         }
     }
 
@@ -610,6 +613,13 @@ impl Engine {
         device.counters.messages += 1;
         device.counters.last_seen_ms = now.wall;
         device.last_seen = now.mono;
+        if device.online != Some(online) {
+            self.events.push(crate::events::Event::Presence {
+                device: device_name.into(),
+                online,
+                at: now.wall,
+            });
+        }
         device.online = Some(online);
         let mut out = Vec::new();
         let mut ctx = StepContext {
@@ -695,6 +705,7 @@ impl Engine {
             rollups,
             raw,
             summary,
+            events,
             ..
         } = self;
         let device = devices
@@ -713,6 +724,11 @@ impl Engine {
         if device.online == Some(false) {
             // Readings mean it is back, whatever its last will said.
             device.online = Some(true);
+            events.push(crate::events::Event::Presence {
+                device: device_name.into(),
+                online: true,
+                at: now.wall,
+            });
         }
 
         // The device's own counter: drop duplicates; late messages go to history, not rules,
@@ -771,6 +787,10 @@ impl Engine {
                 // A new stream: find the rules that watch it, once.
                 let stream = new_stream(&options.rules, device_rules, device_name, metric);
                 streams.insert(metric.into(), stream);
+                events.push(crate::events::Event::Stream {
+                    device: device_name.into(),
+                    metric: metric.into(),
+                });
             }
             let stream = streams.get_mut(metric).expect("inserted above");
             if quiet {
@@ -901,6 +921,12 @@ impl Engine {
             self.deadlines.extend(self.peer_deadlines.drain());
         }
         self.peer_active = active;
+    }
+
+    /// Takes what happened since the last call: presence changes, new streams, forgotten
+    /// devices and rule changes (alert transitions are returned where they happen).
+    pub fn take_events(&mut self) -> Vec<crate::events::Event> {
+        std::mem::take(&mut self.events)
     }
 
     /// Sets what this gateway had judged before it restarted, per device (the wall time of
@@ -1346,6 +1372,8 @@ impl Engine {
         self.error_log.prune(now.mono);
         self.loss_log.prune(now.mono);
         self.stats.forget_devices(gone.iter().map(|n| &**n));
+        self.events
+            .push(crate::events::Event::Forgotten(gone.clone().into()));
         Stats::add(&self.stats.devices_forgotten, gone.len() as u64);
         debug!(
             forgotten = gone.len(),
@@ -1499,6 +1527,9 @@ pub struct Outputs {
     pub prefix_len: usize,
     /// One of a site pair: the mirror of this gateway's clients' publishes to the peer.
     pub peer: Option<PeerIngest>,
+    /// Where alert transitions, presence changes, new streams and rule changes are told
+    /// (only while someone listens).
+    pub events: Option<crate::events::Sender>,
 }
 
 /// The site pair, as ingest sees it: where its own clients' publishes go to be mirrored,
@@ -1691,6 +1722,9 @@ pub async fn run(
                 engine.on_tick(clock.now())
             }
             Some(Control::Reload { rules, sources, reply }) = control.recv() => {
+                if let Some(events) = outputs.events.as_ref().filter(|e| e.receiver_count() > 0) {
+                    let _ = events.send(crate::events::Event::Rules(rules.clone().into()));
+                }
                 let (cleared, outcome) = engine.replace_rules(rules, sources, clock.now());
                 let _ = reply.send(outcome);
                 cleared
@@ -1708,6 +1742,7 @@ pub async fn run(
                     give_back_memory();
                 }
                 forgotten_since_trim += forgotten;
+                tell(&outputs, &mut engine, &[]);
                 continue;
             }
             _ = beat.tick(), if peer.is_some() => {
@@ -1771,6 +1806,7 @@ pub async fn run(
             }
         };
         let raised = !alerts.is_empty();
+        tell(&outputs, &mut engine, &alerts);
         for alert in alerts {
             if let Some(p) = peer.as_mut() {
                 p.raised.track(&alert.doc);
@@ -1834,6 +1870,20 @@ fn give_back_memory() {
     // SAFETY: malloc_trim takes no pointers; it only returns free pages to the kernel.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Sends what happened to the event listeners, if any; drops it otherwise.
+fn tell(outputs: &Outputs, engine: &mut Engine, alerts: &[Alert]) {
+    let happened = engine.take_events();
+    let Some(events) = outputs.events.as_ref().filter(|e| e.receiver_count() > 0) else {
+        return;
+    };
+    for event in happened {
+        let _ = events.send(event);
+    }
+    for alert in alerts {
+        let _ = events.send(crate::events::Event::Alert(Arc::new(alert.doc.clone())));
     }
 }
 

@@ -42,6 +42,7 @@ pub mod broker;
 pub mod clock;
 pub mod codec;
 pub mod config;
+pub mod events;
 pub mod http;
 pub mod ingest;
 pub mod loss;

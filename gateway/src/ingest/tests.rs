@@ -968,3 +968,40 @@ fn a_peers_devices_fire_by_the_peers_time_and_the_two_engines_agree() {
     c.set_peer_active(false);
     assert_eq!(states(&c.on_tick(60_000)), [("x", "silent", Raised)]);
 }
+
+#[test]
+fn presence_changes_new_streams_and_forgotten_devices_are_told() {
+    use crate::events::Event;
+    let mut e = engine(0);
+    e.on_message(b"sensors/a/temperature", b"20", 1_000);
+    e.on_message(b"sensors/a/temperature", b"21", 2_000);
+    e.on_message(b"sensors/a/status", b"offline", 3_000);
+    e.on_message(b"sensors/a/status", b"offline", 3_500);
+    e.on_message(b"sensors/a/temperature", b"22", 4_000);
+    let told = e.take_events();
+    assert_eq!(
+        told,
+        [
+            Event::Stream {
+                device: "a".into(),
+                metric: "temperature".into()
+            },
+            Event::Presence {
+                device: "a".into(),
+                online: false,
+                at: 3_000
+            },
+            Event::Presence {
+                device: "a".into(),
+                online: true,
+                at: 4_000
+            },
+        ],
+        "a repeated status is not a change"
+    );
+    assert!(e.take_events().is_empty(), "taken once");
+    e.housekeeping(4_000 + 3_600_000);
+    assert!(
+        matches!(&e.take_events()[..], [Event::Forgotten(gone)] if gone[..] == [Box::from("a")])
+    );
+}
