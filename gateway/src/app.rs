@@ -265,9 +265,24 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             stats: stats.clone(),
             info,
         });
+        let login = (!listener.local_addr().is_ok_and(|a| a.ip().is_loopback()))
+            .then(|| crate::page::Login(gate.clone()));
+        let page = Arc::new(crate::page::Page::new(
+            stats.clone(),
+            config.gateway.data_dir.clone(),
+            control_tx.clone(),
+            events.clone(),
+            login,
+            config.uplink.is_some(),
+        ));
+        tasks.push(tokio::spawn(crate::page::sample_bandwidth(
+            page.clone(),
+            signal.clone(),
+        )));
         tasks.push(tokio::spawn(http::serve(
             listener,
             endpoint,
+            Some(page),
             signal.clone(),
         )));
     }

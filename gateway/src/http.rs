@@ -1,5 +1,6 @@
-//! The HTTP endpoint: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (serving) and
-//! `/status` (JSON for `watchpost status`). Loopback by default; read-only.
+//! The HTTP endpoint: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (serving),
+//! `/status` (JSON for `watchpost status`), and the status page with its JSON
+//! ([`crate::page`]). Loopback by default; read-only.
 
 use std::sync::Arc;
 
@@ -26,14 +27,22 @@ pub struct Endpoint {
     pub info: Info,
 }
 
-/// Serves until `shutdown`.
-pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>, shutdown: Signal) {
-    let app = Router::new()
+/// Serves until `shutdown`; with `page`, the status page too.
+pub async fn serve(
+    listener: TcpListener,
+    endpoint: Arc<Endpoint>,
+    page: Option<Arc<crate::page::Page>>,
+    shutdown: Signal,
+) {
+    let mut app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/status", get(status))
         .with_state(endpoint);
+    if let Some(page) = page {
+        app = app.merge(crate::page::routes(page));
+    }
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.wait())
         .await

@@ -131,6 +131,8 @@ pub struct Engine {
     peer_active: bool,
     /// The message being judged came from the other gateway.
     from_peer: bool,
+    /// The `[[source]]` (by index) of the message being judged; `None`: native.
+    current_source: Option<usize>,
     /// What happened since [`Engine::take_events`] last took it (see [`crate::events`]).
     events: Vec<crate::events::Event>,
     /// Per device, the newest reading this gateway had before it restarted: what a peer's
@@ -156,6 +158,31 @@ struct Device {
     /// Its last message came from the site's other gateway (a mirrored reading): its
     /// deadlines follow that gateway's time (see [`Engine::on_peer_message`]).
     via_peer: bool,
+    /// The `[[source]]` its messages come through; `None`: Watchpost's own topics.
+    source: Option<Box<str>>,
+}
+
+/// One device as the status page shows it ([`Engine::devices_view`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceView {
+    /// Device id.
+    pub name: String,
+    /// What its status topic last said: `Some(true)` online, `Some(false)` offline.
+    pub online: Option<bool>,
+    /// Its last message, ms since the epoch.
+    pub last_seen_ms: Millis,
+    /// Silent for `gateway.stale_after`.
+    pub stale: bool,
+    /// Its metrics' last values.
+    pub values: std::collections::BTreeMap<String, Value>,
+    /// Messages lost on the way, from its `seq`.
+    pub lost: u64,
+    /// Malformed messages and fields.
+    pub decode_errors: u64,
+    /// `native` (Watchpost's topics), or the `[[source]]` it comes through.
+    pub source: String,
+    /// Alerts raised now, by rule.
+    pub raised: Vec<String>,
 }
 
 /// A device's streams by metric name. Devices report a handful of metrics, so a list that
@@ -392,6 +419,17 @@ impl StepContext<'_> {
     }
 }
 
+/// Remembers which `[[source]]` (by index into `options.sources`) a device's messages come
+/// through; allocates only when that changes.
+fn note_source(device: &mut Device, options: &EngineOptions, source: Option<usize>) {
+    let name = source
+        .and_then(|i| options.sources.get(i))
+        .map(|s| s.name.as_str());
+    if device.source.as_deref() != name {
+        device.source = name.map(Into::into);
+    }
+}
+
 /// `v` without spare room: a filtered collect starts at four elements, and ten thousand
 /// devices each keep theirs for good.
 fn exact<T>(mut v: Vec<T>) -> Vec<T> {
@@ -422,6 +460,7 @@ fn new_device(rules: &[Rule], name: &str) -> Device {
         online: None,
         last_seen: 0,
         via_peer: false,
+        source: None,
     }
 }
 
@@ -486,6 +525,7 @@ impl Engine {
             from_peer: false,
             floors: HashMap::new(),
             events: Vec::new(),
+            current_source: None,
         }
     }
 
@@ -520,11 +560,12 @@ impl Engine {
             return Vec::new();
         };
         let native = topic.split('/').next() == Some(codec::TOPIC_ROOT);
+        let mut source = None;
         let decoded = if native {
             codec::decode(topic, payload, self.options.limits)
         } else {
             let limits = self.options.limits;
-            match self.options.sources.iter().find_map(|s| {
+            match self.options.sources.iter().enumerate().find_map(|(i, s)| {
                 let decoded = s.decode(topic, payload, limits)?;
                 if let Ok(Message::Readings(r)) = &decoded {
                     if r.unmapped > 0 {
@@ -542,15 +583,19 @@ impl Engine {
                         }
                     }
                 }
-                Some(decoded)
+                Some((i, decoded))
             }) {
-                Some(result) => result,
+                Some((i, result)) => {
+                    source = Some(i);
+                    result
+                }
                 None => {
                     debug!(topic, "message on a topic no source matches");
                     return Vec::new();
                 }
             }
         };
+        self.current_source = source;
         match decoded {
             Ok(Message::Readings(r)) => self.readings(topic, r, now),
             Ok(Message::Status { device, online }) => self.presence(&device, online, now),
@@ -571,6 +616,7 @@ impl Engine {
     ) -> Vec<Alert> {
         let now = now.into();
         Stats::inc(&self.stats.messages);
+        self.current_source = None;
         let readings = Readings {
             device: device.into(),
             seq: None,
@@ -599,12 +645,14 @@ impl Engine {
             peer_deadlines,
             peer_active,
             from_peer,
+            current_source,
             ..
         } = self;
         let device = devices
             .entry(device_name.into())
             .or_insert_with(|| Box::new(new_device(&options.rules, device_name)));
         device.via_peer = *from_peer;
+        note_source(device, options, *current_source);
         let deadlines = if *from_peer && *peer_active {
             peer_deadlines
         } else {
@@ -706,12 +754,14 @@ impl Engine {
             raw,
             summary,
             events,
+            current_source,
             ..
         } = self;
         let device = devices
             .entry(device_name.into())
             .or_insert_with(|| Box::new(new_device(&options.rules, device_name)));
         device.via_peer = *from_peer;
+        note_source(device, options, *current_source);
         let deadlines = if *from_peer && *peer_active {
             peer_deadlines
         } else {
@@ -921,6 +971,44 @@ impl Engine {
             self.deadlines.extend(self.peer_deadlines.drain());
         }
         self.peer_active = active;
+    }
+
+    /// Every device in memory, as the status page shows it.
+    pub fn devices_view(&self, now: impl Into<Stamp>) -> Vec<DeviceView> {
+        let now = now.into();
+        let stale_ms = self.options.stale_after.as_millis() as Millis;
+        let rules = &self.options.rules;
+        self.devices
+            .iter()
+            .filter(|(name, _)| &***name != OTHER_DEVICES)
+            .map(|(name, d)| {
+                let raised_in = |states: &[(usize, RuleState)]| -> Vec<String> {
+                    states
+                        .iter()
+                        .filter(|(_, s)| matches!(s.core, State::Raised { .. }))
+                        .map(|(i, _)| rules[*i].name.clone())
+                        .collect()
+                };
+                let mut raised = raised_in(&d.device_rules);
+                for s in d.streams.values() {
+                    raised.extend(raised_in(&s.rules));
+                }
+                DeviceView {
+                    name: name.to_string(),
+                    online: d.online,
+                    last_seen_ms: d.counters.last_seen_ms,
+                    stale: now.mono.saturating_sub(d.last_seen) >= stale_ms,
+                    values: (&d.streams)
+                        .into_iter()
+                        .filter_map(|(m, s)| Some((m.to_string(), s.last.clone()?)))
+                        .collect(),
+                    lost: d.counters.loss.lost,
+                    decode_errors: d.counters.decode_errors,
+                    source: d.source.as_deref().unwrap_or("native").to_owned(),
+                    raised,
+                }
+            })
+            .collect()
     }
 
     /// Takes what happened since the last call: presence changes, new streams, forgotten
@@ -1666,6 +1754,11 @@ pub enum Control {
         /// Answered once the new rules are in force.
         reply: oneshot::Sender<ReloadOutcome>,
     },
+    /// The devices in memory, for the status page.
+    Devices {
+        /// The answer.
+        reply: oneshot::Sender<Vec<DeviceView>>,
+    },
 }
 
 /// The ingest task: judges the batches of publishes the broker's injector hands it, until
@@ -1721,14 +1814,20 @@ pub async fn run(
                 armed = None;
                 engine.on_tick(clock.now())
             }
-            Some(Control::Reload { rules, sources, reply }) = control.recv() => {
-                if let Some(events) = outputs.events.as_ref().filter(|e| e.receiver_count() > 0) {
-                    let _ = events.send(crate::events::Event::Rules(rules.clone().into()));
+            Some(request) = control.recv() => match request {
+                Control::Devices { reply } => {
+                    let _ = reply.send(engine.devices_view(clock.now()));
+                    continue;
                 }
-                let (cleared, outcome) = engine.replace_rules(rules, sources, clock.now());
-                let _ = reply.send(outcome);
-                cleared
-            }
+                Control::Reload { rules, sources, reply } => {
+                    if let Some(events) = outputs.events.as_ref().filter(|e| e.receiver_count() > 0) {
+                        let _ = events.send(crate::events::Event::Rules(rules.clone().into()));
+                    }
+                    let (cleared, outcome) = engine.replace_rules(rules, sources, clock.now());
+                    let _ = reply.send(outcome);
+                    cleared
+                }
+            },
             _ = housekeeping.tick() => {
                 let now = clock.now();
                 stats.ingest_heartbeat_ms.store(crate::stats::monotonic_ms(), std::sync::atomic::Ordering::Relaxed);

@@ -47,6 +47,7 @@ pub mod http;
 pub mod ingest;
 pub mod loss;
 pub mod metrics;
+pub mod page;
 pub mod peer;
 pub mod pem;
 pub mod query;

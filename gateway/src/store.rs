@@ -1494,6 +1494,53 @@ impl Reader {
         rows.collect()
     }
 
+    /// The documents of the alerts raised now (as last written), newest episode first.
+    pub fn raised_alerts(&self) -> rusqlite::Result<Vec<AlertDoc>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT doc FROM alert_state WHERE raised = 1 ORDER BY since_ms DESC")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for doc in rows {
+            // A row this version cannot read is left out of the view, not an error.
+            if let Ok(doc) = serde_json::from_str(&doc?) {
+                out.push(doc);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ids of the alert transitions still waiting in the outbox (not yet acknowledged
+    /// upstream).
+    pub fn outbox_ids(&self) -> rusqlite::Result<std::collections::HashSet<String>> {
+        let mut stmt = self.conn.prepare("SELECT DISTINCT alert_id FROM outbox")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect()
+    }
+
+    /// Rollups of one numeric stream from `since` as points for a plot: window start (ms),
+    /// min, mean and max, oldest first.
+    pub fn rollup_points(
+        &self,
+        device: &str,
+        metric: &str,
+        since: Millis,
+    ) -> rusqlite::Result<Vec<(Millis, f64, f64, f64)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT start_ms, min, mean, max FROM rollups
+             WHERE device = ?1 AND metric = ?2 AND start_ms >= ?3 ORDER BY start_ms",
+        )?;
+        let rows = stmt.query_map(params![device, metric, since as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as Millis,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+            ))
+        })?;
+        rows.collect()
+    }
+
     /// Rollups of one stream whose window starts at or after `since`, oldest first.
     pub fn rollups(
         &self,

@@ -1,0 +1,198 @@
+// The Watchpost status page: reads the gateway's JSON and SVG, follows its events.
+// Everything shown that came from devices goes in as text, never as markup.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let devices = [];
+let sortKey = "state";
+let sortUp = true;
+let shown = null; // {device, metric} of the plot on show
+
+async function get(path, as) {
+  const response = await fetch(path, { cache: "no-store" });
+  if (!response.ok) throw new Error(path + ": " + response.status);
+  return as === "text" ? response.text() : response.json();
+}
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+
+function ago(ms) {
+  if (!ms) return "never";
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  if (s < 60) return s + " s ago";
+  if (s < 3600) return Math.floor(s / 60) + " min ago";
+  if (s < 86400) return Math.floor(s / 3600) + " h ago";
+  return Math.floor(s / 86400) + " d ago";
+}
+
+function value(v) {
+  return typeof v === "number" ? String(Math.round(v * 100) / 100) : String(v);
+}
+
+function state(d) {
+  if (d.online === false) return "offline";
+  if (d.stale) return "stale";
+  return "online";
+}
+
+function battery(d) {
+  for (const [metric, v] of Object.entries(d.values)) {
+    if (metric.toLowerCase().includes("battery") && typeof v === "number") return v;
+  }
+  return null;
+}
+
+const rank = { offline: 0, stale: 1, online: 2 };
+const keys = {
+  state: (d) => rank[state(d)],
+  name: (d) => d.name,
+  seen: (d) => d.last_seen_ms,
+  battery: (d) => battery(d) ?? Infinity,
+  lost: (d) => -d.lost,
+  source: (d) => d.source,
+};
+
+function renderDevices() {
+  const filter = $("filter").value.trim().toLowerCase();
+  const list = devices.filter((d) => d.name.toLowerCase().includes(filter));
+  const key = keys[sortKey];
+  list.sort((a, b) => {
+    const x = key(a), y = key(b);
+    const c = x < y ? -1 : x > y ? 1 : a.name < b.name ? -1 : a.name > b.name ? 1 : 0;
+    return sortUp ? c : -c;
+  });
+  const body = $("devices").tBodies[0];
+  const rows = list.map((d) => {
+    const tr = el("tr", null, state(d));
+    tr.dataset.device = d.name;
+    tr.append(el("td", state(d)), el("td", d.name), el("td", ago(d.last_seen_ms)));
+    const values = Object.entries(d.values).map(([m, v]) => m + " " + value(v)).join(", ");
+    tr.append(el("td", values), el("td", battery(d) === null ? "" : value(battery(d))));
+    tr.append(el("td", d.lost), el("td", d.source));
+    tr.addEventListener("click", () => showPlot(d));
+    return tr;
+  });
+  body.replaceChildren(...rows);
+  const down = devices.filter((d) => state(d) !== "online").length;
+  $("device-count").textContent = "(" + devices.length + (down ? ", " + down + " not online" : "") + ")";
+}
+
+async function loadDevices() {
+  devices = await get("api/devices");
+  renderDevices();
+}
+
+function alertItem(doc) {
+  const li = el("li", null, doc.severity);
+  li.dataset.id = doc.id;
+  li.append(el("strong", doc.rule + " "), document.createTextNode(doc.device + " " + doc.metric + " = " + value(doc.value) + " "));
+  li.append(el("span", "since " + doc.since.replace("T", " ").replace("Z", " UTC"), "when"));
+  return li;
+}
+
+function renderActive(active) {
+  const items = active.map(alertItem);
+  $("active").replaceChildren(...(items.length ? items : [el("li", "none", "none")]));
+  $("alert-count").textContent = "(" + active.length + ")";
+}
+
+let active = [];
+
+function renderToday(today, upstream) {
+  const items = today.map((t) => {
+    const li = el("li", null, t.state === "cleared" ? "cleared" : t.severity);
+    const where = !upstream ? "" : t.in_outbox ? " · in the outbox" : " · delivered upstream";
+    li.append(el("strong", t.state + " "), document.createTextNode(t.rule + " " + t.device + " "));
+    li.append(el("span", t.at.slice(11, 19) + where, "when"));
+    return li;
+  });
+  $("today").replaceChildren(...(items.length ? items : [el("li", "nothing yet", "none")]));
+}
+
+async function loadAlerts() {
+  const a = await get("api/alerts");
+  active = a.active;
+  renderActive(active);
+  renderToday(a.today, a.upstream);
+}
+
+async function loadBandwidth() {
+  const [svg, b] = await Promise.all([get("plot/bandwidth.svg", "text"), get("api/bandwidth")]);
+  $("bandwidth").innerHTML = svg; // drawn by the gateway, every text in it escaped there
+  $("saved").textContent = b.saved_percent === null ? "" : "(" + b.saved_percent.toFixed(2) + " % saved)";
+}
+
+async function showPlot(d) {
+  const numeric = Object.entries(d.values).filter(([, v]) => typeof v === "number").map(([m]) => m);
+  const metric = shown && shown.device === d.name ? numeric[(numeric.indexOf(shown.metric) + 1) % numeric.length] : numeric[0];
+  $("plot-section").hidden = false;
+  if (!metric) {
+    $("plot-title").textContent = d.name + ": no numeric metric";
+    $("plot").replaceChildren();
+    return;
+  }
+  shown = { device: d.name, metric };
+  $("plot-title").textContent = d.name + " " + metric + ", last 24 h" + (numeric.length > 1 ? " (click again for the next metric)" : "");
+  const query = "device=" + encodeURIComponent(d.name) + "&metric=" + encodeURIComponent(metric);
+  $("plot").innerHTML = await get("plot/series.svg?" + query, "text");
+}
+
+async function loadHealth() {
+  const s = await get("status");
+  $("gateway").textContent = s.gateway;
+  const parts = [];
+  const bad = (text) => { const b = el("span", text, "bad"); return b; };
+  parts.push(s.upstream === null ? "uplink: none (alerts stay local)" : s.uplink_connected ? "uplink: connected" : bad("uplink: DOWN"));
+  parts.push("outbox: " + s.outbox_depth + (s.outbox_depth ? ", oldest " + s.outbox_oldest_seconds + " s" : ""));
+  parts.push(s.disk_full ? bad("disk: FULL, history shed") : "disk: ok");
+  if (s.last_reload) parts.push(s.last_reload.ok ? "reload: ok" : bad("reload FAILED: " + s.last_reload.detail));
+  if (s.peer) parts.push(s.peer.mirror_up && s.peer.alerts_differ_seconds === 0 ? "peer " + s.peer.name + ": in step" : bad("peer " + s.peer.name + ": " + (s.peer.mirror_up ? "alerts differ" : "unreachable")));
+  const health = $("health");
+  health.replaceChildren();
+  parts.forEach((p, i) => { if (i) health.append(" · "); health.append(p); });
+}
+
+async function loadAll() {
+  const results = await Promise.allSettled([loadHealth(), loadDevices(), loadAlerts(), loadBandwidth()]);
+  if (results.some((r) => r.status === "rejected")) $("health").textContent = "cannot reach the gateway; retrying";
+}
+
+function follow() {
+  const source = new EventSource("api/events");
+  source.onmessage = (message) => {
+    const event = JSON.parse(message.data);
+    if (event.type === "alert") {
+      const doc = event.doc;
+      active = active.filter((a) => a.id !== doc.id);
+      if (doc.state === "raised") active.unshift(doc);
+      renderActive(active);
+      loadAlerts().catch(() => {});
+    } else if (event.type === "presence") {
+      const d = devices.find((x) => x.name === event.device);
+      if (d) { d.online = event.online; d.last_seen_ms = event.at; d.stale = false; renderDevices(); } else loadDevices().catch(() => {});
+    } else if (event.type === "reload") {
+      loadAll();
+    }
+  };
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("filter").addEventListener("input", renderDevices);
+  for (const th of document.querySelectorAll("th[data-sort]")) {
+    th.addEventListener("click", () => {
+      sortUp = sortKey === th.dataset.sort ? !sortUp : true;
+      sortKey = th.dataset.sort;
+      for (const other of document.querySelectorAll("th[data-sort]")) other.removeAttribute("aria-sort");
+      th.setAttribute("aria-sort", sortUp ? "ascending" : "descending");
+      renderDevices();
+    });
+  }
+  loadAll();
+  follow();
+  setInterval(loadAll, 10000);
+});
