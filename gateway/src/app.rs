@@ -265,8 +265,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             stats: stats.clone(),
             info,
         });
-        let login = (!listener.local_addr().is_ok_and(|a| a.ip().is_loopback()))
-            .then(|| crate::page::Login(gate.clone()));
+        let login = config.http.login.then(|| crate::page::Login(gate.clone()));
         let page = Arc::new(crate::page::Page::new(
             stats.clone(),
             config.gateway.data_dir.clone(),

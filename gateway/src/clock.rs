@@ -176,10 +176,17 @@ impl Clock {
 
     /// Now, on both clocks; logs a step of the wall clock since the last reading.
     pub fn now(&mut self) -> Stamp {
+        let before = i128::from(now_millis());
         let elapsed = Millis::try_from(self.origin.elapsed().as_millis()).unwrap_or(Millis::MAX);
+        let after = i128::from(now_millis());
         let mono = self.origin_ms.saturating_add(elapsed);
-        let raw = i128::from(now_millis());
-        if (raw - (i128::from(mono) + self.offset)).unsigned_abs() > u128::from(RESYNC_MS) {
+        // The wall clock read on both sides of the monotonic one: if the thread was held
+        // between them (a busy machine), the two do not say the same instant, and this
+        // reading does not move the offset.
+        let raw = (before + after) / 2;
+        if after - before <= 2
+            && (raw - (i128::from(mono) + self.offset)).unsigned_abs() > u128::from(RESYNC_MS)
+        {
             self.offset = raw - i128::from(mono);
         }
         let wall = (i128::from(mono) + self.offset).clamp(0, i128::from(Millis::MAX)) as Millis;

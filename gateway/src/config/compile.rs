@@ -132,16 +132,28 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
         stale_after,
         forget_after,
     };
-    let http = HttpConfig {
-        listen: match &raw.http.listen {
-            Some(l) if l.get_ref() == "off" => None,
-            Some(l) => sink.socket_addr(l, "listen"),
-            None => DEFAULT_HTTP_LISTEN.parse().ok(),
-        },
+    let listen = match &raw.http.listen {
+        Some(l) if l.get_ref() == "off" => None,
+        Some(l) => sink.socket_addr(l, "listen"),
+        None => DEFAULT_HTTP_LISTEN.parse().ok(),
     };
-    if let (Some(addr), Some(l)) = (http.listen, &raw.http.listen) {
-        if !addr.ip().is_loopback() {
-            sink.warn(l.span(), "the HTTP endpoint listens beyond loopback: metrics and status are readable by anyone who can reach it", None);
+    let beyond_loopback = listen.is_some_and(|a| !a.ip().is_loopback());
+    let http = HttpConfig {
+        listen,
+        login: raw
+            .http
+            .login
+            .as_ref()
+            .map_or(beyond_loopback, |l| *l.get_ref()),
+    };
+    if let (true, Some(l)) = (beyond_loopback, &raw.http.listen) {
+        sink.warn(l.span(), "the HTTP endpoint listens beyond loopback: /metrics, /readyz and /status are readable by anyone who can reach it (the status page asks for an operator's login)", None);
+        if !http.login {
+            sink.warn(
+                raw.http.login.as_ref().map_or(l.span(), |s| s.span()),
+                "the status page is open to anyone who can reach this address (login = false)",
+                Some("leave `login` out (or true) so that it asks for an operator's name and secret, or listen on loopback and use an SSH tunnel".into()),
+            );
         }
     }
     let broker = compile_broker(&raw.broker, &gateway.data_dir, sink);

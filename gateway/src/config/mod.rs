@@ -119,6 +119,9 @@ pub const DEFAULT_TAKEOVER_AFTER: Duration = Duration::from_secs(10);
 pub struct HttpConfig {
     /// Where the endpoint listens; `None` switches it off.
     pub listen: Option<SocketAddr>,
+    /// The status page and its JSON ask for an operator's login: by default everywhere but
+    /// on loopback.
+    pub login: bool,
 }
 
 /// How long a silent device is kept in memory by default (`gateway.forget_after`).

@@ -145,6 +145,7 @@ pub(super) struct RawPeer {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHttp {
     pub(super) listen: Option<Spanned<String>>,
+    pub(super) login: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -54,6 +54,8 @@ const BANDWIDTH_SAMPLES: usize = 24 * 60;
 const INDEX: &str = include_str!("index.html");
 const SCRIPT: &str = include_str!("page.js");
 const STYLE: &str = include_str!("page.css");
+/// A watchtower's lamp: a dot in a ring.
+const ICON: &str = r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><circle cx="8" cy="8" r="6.5" fill="none" stroke="#1565c0" stroke-width="2"/><circle cx="8" cy="8" r="2.5" fill="#c2185b"/></svg>"##;
 /// Nothing but the gateway itself: no CDN, no font, no script from anywhere else.
 const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
@@ -138,6 +140,10 @@ pub fn routes(page: Arc<Page>) -> Router {
         .route(
             "/page.css",
             get(|| async { asset(STYLE, "text/css; charset=utf-8") }),
+        )
+        .route(
+            "/favicon.svg",
+            get(|| async { asset(ICON, "image/svg+xml") }),
         )
         .route("/api/devices", get(devices))
         .route("/api/alerts", get(alerts))
@@ -529,6 +535,11 @@ pub enum PageEvent {
         /// When, ms since the epoch.
         at: Millis,
     },
+    /// A device reported a metric for the first time: read the device list again.
+    Device {
+        /// Device.
+        device: String,
+    },
     /// Events were missed (a slow page): read everything again.
     Reload,
 }
@@ -543,6 +554,9 @@ async fn events(State(page): State<Arc<Page>>) -> impl IntoResponse {
                 device: device.to_string(),
                 online,
                 at,
+            },
+            Ok(Event::Stream { device, .. }) => PageEvent::Device {
+                device: device.to_string(),
             },
             Ok(_) => return None,
             Err(_) => PageEvent::Reload,

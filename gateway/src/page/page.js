@@ -7,6 +7,7 @@ let devices = [];
 let sortKey = "state";
 let sortUp = true;
 let shown = null; // {device, metric} of the plot on show
+let devicesDue = null; // a device list read about to happen (new devices come in bursts)
 
 async function get(path, as) {
   const response = await fetch(path, { cache: "no-store" });
@@ -102,6 +103,20 @@ function renderActive(active) {
 }
 
 let active = [];
+// Transitions heard as events in the last few seconds: a read of /api/alerts can be older
+// than them (the database commits a moment later), so they are laid over what it says.
+const recent = new Map();
+const RECENT_MS = 5000;
+
+function withRecent(list) {
+  const now = Date.now();
+  for (const [id, e] of recent) if (now - e.at > RECENT_MS) recent.delete(id);
+  const out = list.filter((a) => !recent.has(a.id) || recent.get(a.id).doc.state === "raised");
+  for (const e of recent.values()) {
+    if (e.doc.state === "raised" && !out.some((a) => a.id === e.doc.id)) out.unshift(e.doc);
+  }
+  return out;
+}
 
 function renderToday(today, upstream) {
   const items = today.map((t) => {
@@ -116,7 +131,7 @@ function renderToday(today, upstream) {
 
 async function loadAlerts() {
   const a = await get("api/alerts");
-  active = a.active;
+  active = withRecent(a.active);
   renderActive(active);
   renderToday(a.today, a.upstream);
 }
@@ -168,13 +183,18 @@ function follow() {
     const event = JSON.parse(message.data);
     if (event.type === "alert") {
       const doc = event.doc;
-      active = active.filter((a) => a.id !== doc.id);
-      if (doc.state === "raised") active.unshift(doc);
+      recent.set(doc.id, { doc, at: Date.now() });
+      active = withRecent(active.filter((a) => a.id !== doc.id));
       renderActive(active);
-      loadAlerts().catch(() => {});
+      // Today's list and what reached the upstream, once the database has it.
+      setTimeout(() => loadAlerts().catch(() => {}), 1000);
     } else if (event.type === "presence") {
       const d = devices.find((x) => x.name === event.device);
       if (d) { d.online = event.online; d.last_seen_ms = event.at; d.stale = false; renderDevices(); } else loadDevices().catch(() => {});
+    } else if (event.type === "device") {
+      if (!devicesDue) {
+        devicesDue = setTimeout(() => { devicesDue = null; loadDevices().catch(() => {}); }, 300);
+      }
     } else if (event.type === "reload") {
       loadAll();
     }

@@ -16,7 +16,7 @@ pub const WIDTH: f64 = 640.0;
 pub const HEIGHT: f64 = 200.0;
 const LEFT: f64 = 56.0;
 const RIGHT: f64 = 8.0;
-const TOP: f64 = 10.0;
+const TOP: f64 = 22.0;
 const BOTTOM: f64 = 24.0;
 
 /// One line of a plot.
@@ -60,6 +60,16 @@ pub fn short(v: f64) -> String {
     format!("{text}{unit}")
 }
 
+/// The round step (1, 2 or 5 times a power of ten) at or above `rough`.
+fn nice_step(rough: f64) -> f64 {
+    let power = 10f64.powf(rough.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * power)
+        .find(|s| *s >= rough * 0.999)
+        .unwrap_or(10.0 * power)
+}
+
 /// `HH:MM` (UTC) of a time.
 fn clock(ms: Millis) -> String {
     let minutes = (ms / 60_000) % (24 * 60);
@@ -101,10 +111,15 @@ pub fn plot(title: &str, unit: &str, series: &[Series]) -> String {
     if hi - lo < 1e-9 {
         (lo, hi) = (lo - 1.0, hi + 1.0);
     }
+    // Grid lines on round numbers: a step of 1, 2 or 5 times a power of ten.
+    let step = nice_step((hi - lo) / 4.0);
+    lo = (lo / step).floor() * step;
+    hi = (hi / step).ceil() * step;
+    let lines = ((hi - lo) / step).round().max(1.0) as u32;
     let x = |t: Millis| LEFT + (t - t0) as f64 / (t1 - t0) as f64 * (WIDTH - LEFT - RIGHT);
     let y = |v: f64| TOP + (hi - v) / (hi - lo) * (HEIGHT - TOP - BOTTOM);
-    for i in 0..=4 {
-        let v = lo + (hi - lo) * f64::from(i) / 4.0;
+    for i in 0..=lines {
+        let v = lo + step * f64::from(i);
         let _ = write!(
             out,
             r#"<line x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}" class="grid"/><text x="{}" y="{:.1}" class="tick" text-anchor="end">{}</text>"#,
@@ -123,10 +138,24 @@ pub fn plot(title: &str, unit: &str, series: &[Series]) -> String {
         WIDTH - RIGHT,
         HEIGHT - 6.0,
         clock(t1),
-        TOP + 4.0,
+        TOP - 10.0,
         escape(unit)
     );
     for s in series {
+        if let [(t, v)] = s.points[..] {
+            // One window so far: a dot, since a line of one point is not drawn.
+            if v.is_finite() {
+                let _ = write!(
+                    out,
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" class="{} dot"><title>{}</title></circle>"#,
+                    x(t),
+                    y(v),
+                    s.class,
+                    escape(&s.name)
+                );
+            }
+            continue;
+        }
         out.push_str(r#"<polyline fill="none" class=""#);
         out.push_str(s.class);
         out.push_str(r#"" points=""#);
@@ -181,8 +210,11 @@ mod tests {
             p[1].1 < p[2].1 && p[2].1 < p[0].1,
             "higher values are higher up: {p:?}"
         );
-        assert_eq!(p[1].1, TOP, "the largest at the top");
-        assert_eq!(p[0].1, HEIGHT - BOTTOM, "the smallest at the bottom");
+        assert_eq!(p[0].1, HEIGHT - BOTTOM, "the smallest at the bottom (20)");
+        assert!(p[1].1 > TOP, "25 under the top grid line, 26 (steps of 2)");
+        for tick in [">20<", ">22<", ">26<"] {
+            assert!(svg.contains(tick), "{tick} in {svg}");
+        }
         assert!(svg.contains(">00:01<") && svg.contains(">00:03 UTC<"));
         assert!(svg.contains("<title>boiler-1 temperature</title>"));
     }
@@ -212,7 +244,7 @@ mod tests {
             "0.2 % of the other: near the bottom"
         );
         assert!(svg.contains("a &lt;b&gt; &amp; &quot;c&quot;"));
-        assert!(svg.contains(">1M<") && svg.contains(">250k<"), "{svg}");
+        assert!(svg.contains(">1M<") && svg.contains(">500k<"), "{svg}");
     }
 
     #[test]
@@ -228,6 +260,20 @@ mod tests {
             }],
         );
         assert_eq!(points(&flat, "a").len(), 2, "NaN is left out");
+        let one = plot(
+            "x",
+            "",
+            &[Series {
+                name: "s".into(),
+                class: "a",
+                points: vec![(5, 1.0)],
+            }],
+        );
+        assert!(one.contains("<circle"), "a single window is a dot: {one}");
+        assert_eq!(
+            (nice_step(0.8), nice_step(2665.0), nice_step(0.13)),
+            (1.0, 5000.0, 0.2)
+        );
         assert!(!flat.contains("NaN") && !flat.contains("inf"));
         assert_eq!(short(1_234_567.0), "1.23M");
         assert_eq!(short(12_345.0), "12.3k");

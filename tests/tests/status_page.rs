@@ -1,0 +1,447 @@
+//! The status page in a real browser: headless Chromium driven over WebDriver (Debian's
+//! `chromium` and `chromium-driver`, which `.ci/run` installs), against a gateway with a
+//! Mosquitto upstream. Without chromedriver on the PATH each test says it was skipped.
+//!
+//! - the page loads with no console error and asks for nothing but the gateway;
+//! - a device that publishes appears; an alert raised while the page is open appears in
+//!   "Alerts now" without a reload within 2 s, and leaves it when cleared;
+//! - the bandwidth plot shows a saving;
+//! - with `[http] login` (as off loopback) the page asks for an operator's login.
+//!
+//! With `WATCHPOST_SCREENSHOT=1` the first test writes `docs/status-page.png` (the README's
+//! picture).
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use rumqttc::QoS;
+use serde_json::{Value, json};
+use watchpost_e2e::{Mosquitto, Publisher, free_port, gateway_config_with, wait_until};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+const RULES: &str = "[[rule]]\nname = \"water-leak\"\nmatch = \"sensors/+/water_leak\"\nequals = true\nseverity = \"critical\"\n\
+[[rule]]\nname = \"overheat\"\nmatch = \"sensors/+/temperature\"\nabove = 90.0\nclear_below = 85.0\nseverity = \"critical\"\n";
+
+/// chromedriver and one headless Chromium session; both end on drop.
+struct Browser {
+    driver: Child,
+    client: Option<Client>,
+}
+
+impl Browser {
+    /// `None` (and a "skipped" line) when chromedriver is not installed.
+    async fn start() -> Option<Browser> {
+        let port = free_port().unwrap();
+        let driver = match Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => {
+                println!(
+                    "skipped: chromedriver is not installed ({e}); apt-get install chromium chromium-driver"
+                );
+                return None;
+            }
+        };
+        let mut browser = Browser {
+            driver,
+            client: None,
+        };
+        let url = format!("http://127.0.0.1:{port}");
+        let caps = json!({
+            "goog:chromeOptions": {
+                // As root (CI) Chromium needs --no-sandbox.
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--window-size=1200,1000", "--no-first-run", "--disable-extensions"]
+            },
+            "goog:loggingPrefs": { "browser": "ALL" }
+        });
+        let Value::Object(caps) = caps else {
+            unreachable!()
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+                .capabilities(caps.clone())
+                .connect(&url)
+                .await
+            {
+                Ok(client) => {
+                    browser.client = Some(client);
+                    return Some(browser);
+                }
+                Err(e) if Instant::now() > deadline => panic!("no WebDriver session: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    fn client(&self) -> &Client {
+        self.client.as_ref().expect("connected")
+    }
+
+    /// Runs `script` in the page and returns its value.
+    async fn eval(&self, script: &str) -> Value {
+        self.client()
+            .execute(script, Vec::new())
+            .await
+            .unwrap_or_else(|e| panic!("{script}: {e}"))
+    }
+
+    /// Waits until `script` returns true; returns how long that took.
+    async fn until(&self, what: &str, script: &str) -> Duration {
+        let start = Instant::now();
+        while start.elapsed() < WAIT {
+            if self.eval(script).await == Value::Bool(true) {
+                return start.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "{what}: not within {WAIT:?}; page: {}",
+            self.eval("return document.body.innerText").await
+        )
+    }
+
+    /// The browser's console messages of level SEVERE (errors, refused requests).
+    async fn console_errors(&self) -> Vec<String> {
+        let log = self
+            .client()
+            .issue_cmd(BrowserLog)
+            .await
+            .expect("the browser log");
+        log.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["level"] == "SEVERE")
+            .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// chromedriver's own command for the browser's console log (W3C WebDriver has none).
+#[derive(Debug)]
+struct BrowserLog;
+
+impl fantoccini::wd::WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(
+        &self,
+        base: &url::Url,
+        session: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base.join(&format!("session/{}/se/log", session.unwrap_or_default()))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        (http::Method::POST, Some(r#"{"type":"browser"}"#.to_owned()))
+    }
+}
+
+/// A DevTools command through chromedriver (`goog/cdp/execute`).
+#[derive(Debug)]
+struct Cdp(&'static str, Value);
+
+impl fantoccini::wd::WebDriverCompatibleCommand for Cdp {
+    fn endpoint(
+        &self,
+        base: &url::Url,
+        session: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base.join(&format!(
+            "session/{}/goog/cdp/execute",
+            session.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        let body = json!({ "cmd": self.0, "params": self.1 });
+        (http::Method::POST, Some(body.to_string()))
+    }
+}
+
+fn http_addr(gateway: &watchpost::Gateway) -> SocketAddr {
+    gateway.http_addr().expect("the HTTP endpoint is on")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_devices_and_follows_alerts_live_without_a_reload() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let upstream = Mosquitto::start().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let gateway = watchpost::start(gateway_config_with(
+        data.path(),
+        Some(upstream.port()),
+        "",
+        &format!("[history]\nwindow = \"1s\"\n{RULES}"),
+    ))
+    .await
+    .unwrap();
+    let origin = format!("http://{}", http_addr(&gateway));
+    browser.client().goto(&format!("{origin}/")).await.unwrap();
+    browser
+        .until(
+            "the page read the status",
+            "return document.getElementById('gateway').textContent === 'site-test'",
+        )
+        .await;
+    // Set in the page: still there at the end means the page was never reloaded.
+    browser.eval("window.stayed = true; return true").await;
+
+    let sensor = Publisher::connect(gateway.mqtt_addr(), "boiler-1")
+        .await
+        .unwrap();
+    for (i, value) in ["21.5", "22.0", "21.8"].iter().enumerate() {
+        sensor
+            .publish("sensors/boiler-1/temperature", QoS::AtLeastOnce, *value)
+            .await
+            .unwrap();
+        sensor.wait_acked(i as u64 + 1, WAIT).await.unwrap();
+    }
+    browser
+        .until(
+            "the device appears",
+            "return !!document.querySelector('#devices tr[data-device=\"boiler-1\"]')",
+        )
+        .await;
+    let row = browser
+        .eval("return document.querySelector('#devices tr[data-device=\"boiler-1\"]').innerText")
+        .await;
+    assert!(row.as_str().unwrap().contains("temperature 21.8"), "{row}");
+
+    // A leak while the page is open: in "Alerts now" within 2 s, and gone when it clears.
+    let probe = Publisher::connect(gateway.mqtt_addr(), "basement")
+        .await
+        .unwrap();
+    probe
+        .publish("sensors/basement/water_leak", QoS::AtLeastOnce, "true")
+        .await
+        .unwrap();
+    let shown = browser
+        .until(
+            "the raised alert appears",
+            "return document.getElementById('active').innerText.includes('water-leak')",
+        )
+        .await;
+    probe.wait_acked(1, WAIT).await.unwrap();
+    probe
+        .publish("sensors/basement/water_leak", QoS::AtLeastOnce, "false")
+        .await
+        .unwrap();
+    let gone = browser
+        .until(
+            "the cleared alert leaves",
+            "return !document.getElementById('active').innerText.includes('water-leak')",
+        )
+        .await;
+    println!("status page: alert shown {shown:?} after the publish, gone {gone:?} after the clear");
+    assert!(shown < Duration::from_secs(2) && gone < Duration::from_secs(2));
+
+    // What went upstream (the raise and the clear) against what forwarding every reading
+    // would have cost: a saving, drawn.
+    for i in 0..200 {
+        sensor
+            .publish(
+                "sensors/boiler-1/temperature",
+                QoS::AtMostOnce,
+                format!("2{}.5", i % 10),
+            )
+            .await
+            .unwrap();
+    }
+    assert!(
+        wait_until(WAIT, || gateway
+            .stats()
+            .readings
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 200)
+        .await
+    );
+    browser.eval("loadAll(); return true").await;
+    browser
+        .until(
+            "the saving is shown",
+            "return /\\(\\d+\\.\\d+ % saved\\)/.test(document.getElementById('saved').textContent)",
+        )
+        .await;
+    let saved: f64 = browser
+        .eval("return parseFloat(document.getElementById('saved').textContent.slice(1))")
+        .await
+        .as_f64()
+        .unwrap();
+    let lines = browser
+        .eval("return document.querySelectorAll('#bandwidth svg polyline').length")
+        .await;
+    assert!(saved > 50.0 && saved < 100.0, "{saved} % saved");
+    assert_eq!(lines, json!(2), "forwarding everything, and upstream");
+
+    // A device's plot, drawn by the gateway, once two of its one-second windows are closed.
+    let series = "/api/series?device=boiler-1&metric=temperature";
+    let addr = http_addr(&gateway);
+    let windows = || {
+        watchpost::http::get_blocking(addr, series)
+            .ok()
+            .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+            .and_then(|v| v["points"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    assert!(wait_until(WAIT, || windows() >= 2).await, "{}", windows());
+    browser.eval("loadDevices(); return true").await;
+    browser
+        .client()
+        .find(Locator::Css("#devices tr[data-device=\"boiler-1\"]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .until(
+            "the device's plot",
+            "return document.querySelectorAll('#plot svg polyline').length === 3",
+        )
+        .await;
+
+    assert_eq!(
+        browser.eval("return window.stayed === true").await,
+        json!(true),
+        "never reloaded"
+    );
+    let elsewhere = browser
+        .eval(&format!(
+            "return performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('{origin}/'))"
+        ))
+        .await;
+    assert_eq!(elsewhere, json!([]), "every request went to the gateway");
+    let errors = browser.console_errors().await;
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+
+    if std::env::var_os("WATCHPOST_SCREENSHOT").is_some() {
+        // Something to show: an alert raised now.
+        sensor
+            .publish("sensors/boiler-1/temperature", QoS::AtLeastOnce, "95.2")
+            .await
+            .unwrap();
+        browser
+            .until(
+                "the overheat alert",
+                "return document.getElementById('active').innerText.includes('overheat')",
+            )
+            .await;
+        let png = browser.client().screenshot().await.unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/status-page.png");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, png).unwrap();
+        println!("wrote {}", path.display());
+    }
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_login_the_page_asks_for_an_operator() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let creds = data.path().join("credentials.toml");
+    let mut c = watchpost::access::Credentials::default();
+    let operator = c.add("ops", watchpost::access::Role::Operator).unwrap();
+    let device = c.add("boiler-1", watchpost::access::Role::Device).unwrap();
+    c.save(&creds).unwrap();
+    // What a gateway off loopback does by default, asked for here on loopback.
+    let mut config = gateway_config_with(
+        data.path(),
+        None,
+        &format!("credentials = {:?}", creds.display().to_string()),
+        RULES,
+    );
+    config.http.login = true;
+    let gateway = watchpost::start(config).await.unwrap();
+    let addr = http_addr(&gateway);
+
+    for (path, login, expected) in [
+        ("/", None, 401),
+        ("/api/devices", None, 401),
+        ("/api/devices", Some(("ops", "wrong")), 401),
+        ("/api/devices", Some(("boiler-1", device.as_str())), 403),
+        ("/api/devices", Some(("ops", operator.as_str())), 200),
+        ("/healthz", None, 200),
+    ] {
+        let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        if let Some((name, secret)) = login {
+            use base64::Engine as _;
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("{name}:{secret}"));
+            request.push_str(&format!("Authorization: Basic {token}\r\n"));
+        }
+        request.push_str("\r\n");
+        let answer = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(request.as_bytes()).unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).unwrap();
+            text
+        })
+        .await
+        .unwrap();
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {expected}")),
+            "{path} {login:?}: {answer}"
+        );
+    }
+
+    // In the browser: without a login, the page is not shown; with one, it is.
+    browser
+        .client()
+        .goto(&format!("http://{addr}/"))
+        .await
+        .unwrap();
+    let shown = browser
+        .eval("return document.getElementById('gateway') !== null")
+        .await;
+    assert_eq!(shown, json!(false), "the page is not shown without a login");
+    // What the browser sends once the operator typed the name and secret into its login
+    // dialog (headless Chromium shows none): the Authorization header on every request.
+    use base64::Engine as _;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("ops:{operator}"));
+    for (cmd, params) in [
+        ("Network.enable", json!({})),
+        (
+            "Network.setExtraHTTPHeaders",
+            json!({ "headers": { "Authorization": format!("Basic {token}") } }),
+        ),
+    ] {
+        browser
+            .client()
+            .issue_cmd(Cdp(cmd, params))
+            .await
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    }
+    browser
+        .client()
+        .goto(&format!("http://{addr}/"))
+        .await
+        .unwrap();
+    browser
+        .until(
+            "the page behind the login",
+            "return document.getElementById('gateway').textContent === 'site-test'",
+        )
+        .await;
+    gateway.shutdown().await;
+}
