@@ -52,6 +52,9 @@ pub enum StartError {
     /// The site pair cannot start.
     #[error(transparent)]
     Peer(#[from] crate::peer::PeerError),
+    /// The HTTPS endpoint's certificate or key is unusable.
+    #[error("HTTPS endpoint ([http.tls]): {0}")]
+    HttpsTls(crate::broker::tls::TlsError),
 }
 
 /// A running gateway.
@@ -60,6 +63,7 @@ pub struct Gateway {
     mqtt_tls_addr: Option<SocketAddr>,
     gate: Arc<Gate>,
     http_addr: Option<SocketAddr>,
+    https_addr: Option<SocketAddr>,
     stats: Arc<Stats>,
     trigger: Trigger,
     tasks: Vec<JoinHandle<()>>,
@@ -108,6 +112,18 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                 .await
                 .map_err(|source| StartError::Http { addr, source })?,
         ),
+        None => None,
+    };
+    let https_listener = match &config.http.tls {
+        Some(t) => Some((
+            TcpListener::bind(t.listen)
+                .await
+                .map_err(|source| StartError::Http {
+                    addr: t.listen,
+                    source,
+                })?,
+            broker::tls::acceptor(t).map_err(StartError::HttpsTls)?,
+        )),
         None => None,
     };
     let uplink = config.uplink.as_ref().map(Uplink::prepare).transpose()?;
@@ -247,7 +263,10 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     }));
 
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
-    if let Some(listener) = http_listener {
+    let https_addr = https_listener
+        .as_ref()
+        .and_then(|(l, _)| l.local_addr().ok());
+    if http_listener.is_some() || https_listener.is_some() {
         let scheme = |u: &crate::config::UplinkConfig| if u.tls { "mqtts" } else { "mqtt" };
         let info = Info {
             peer: config.peer.as_ref().map(|p| crate::metrics::PeerInfo {
@@ -265,25 +284,42 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             stats: stats.clone(),
             info,
         });
-        let login = config.http.login.then(|| crate::page::Login(gate.clone()));
         let page = Arc::new(crate::page::Page::new(
             stats.clone(),
             config.gateway.data_dir.clone(),
             control_tx.clone(),
             events.clone(),
-            login,
             config.uplink.is_some(),
         ));
         tasks.push(tokio::spawn(crate::page::sample_bandwidth(
             page.clone(),
             signal.clone(),
         )));
-        tasks.push(tokio::spawn(http::serve(
-            listener,
-            endpoint,
-            Some(page),
-            signal.clone(),
-        )));
+        let login = |asked: bool| asked.then(|| crate::page::Login(gate.clone()));
+        if let Some(listener) = http_listener {
+            tasks.push(tokio::spawn(http::serve(
+                listener,
+                endpoint.clone(),
+                Some((page.clone(), login(config.http.login))),
+                signal.clone(),
+            )));
+        }
+        if let Some((listener, acceptor)) = https_listener {
+            // Over HTTPS the page asks for a login unless both the address is loopback and
+            // `login` is not set.
+            let beyond = https_addr.is_some_and(|a| !a.ip().is_loopback());
+            let incoming =
+                http::TlsIncoming::new(listener, acceptor).map_err(|source| StartError::Http {
+                    addr: https_addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                    source,
+                })?;
+            tasks.push(tokio::spawn(http::serve(
+                incoming,
+                endpoint,
+                Some((page, login(config.http.login || beyond))),
+                signal.clone(),
+            )));
+        }
     }
     let uplink_text = config
         .uplink
@@ -298,6 +334,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         mqtts = %mqtt_tls_addr.map_or("off".to_owned(), |a| a.to_string()),
         clients = if config.broker.allow_anonymous { "anonymous allowed" } else { "authenticated only" },
         http = %http_addr.map_or("off".to_owned(), |a| a.to_string()),
+        https = %https_addr.map_or("off".to_owned(), |a| a.to_string()),
         db = %config.gateway.data_dir.join(store::DB_FILE).display(),
         rules = config.rules.len(),
         uplink = %uplink_text,
@@ -320,6 +357,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         mqtt_tls_addr,
         gate,
         http_addr,
+        https_addr,
         stats,
         trigger,
         tasks,
@@ -345,6 +383,11 @@ impl Gateway {
     /// The HTTP endpoint's address, if it is on.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// The HTTPS endpoint's address (`[http.tls]`), if it is on.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https_addr
     }
 
     /// The gateway's counters.

@@ -27,21 +27,28 @@ pub struct Endpoint {
     pub info: Info,
 }
 
-/// Serves until `shutdown`; with `page`, the status page too.
-pub async fn serve(
-    listener: TcpListener,
+/// The status page and the login in front of it, if any.
+pub type PageRoutes = (Arc<crate::page::Page>, Option<crate::page::Login>);
+
+/// Serves until `shutdown`; with `page`, the status page too. `listener` is a TCP listener,
+/// or [`TlsIncoming`] for HTTPS.
+pub async fn serve<L>(
+    listener: L,
     endpoint: Arc<Endpoint>,
-    page: Option<Arc<crate::page::Page>>,
+    page: Option<PageRoutes>,
     shutdown: Signal,
-) {
+) where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let mut app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/status", get(status))
         .with_state(endpoint);
-    if let Some(page) = page {
-        app = app.merge(crate::page::routes(page));
+    if let Some((page, login)) = page {
+        app = app.merge(crate::page::routes(page, login));
     }
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.wait())
@@ -122,6 +129,77 @@ async fn ready(State(e): State<Arc<Endpoint>>) -> (StatusCode, String) {
 
 async fn status(State(e): State<Arc<Endpoint>>) -> axum::Json<metrics::Status> {
     axum::Json(metrics::status(&e.stats, &e.info))
+}
+
+/// HTTPS connections, handshaken: each TLS handshake runs in a task of its own (at most
+/// [`TLS_HANDSHAKE`] long), so that a slow or silent client holds no one else up.
+pub struct TlsIncoming {
+    ready: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        std::net::SocketAddr,
+    )>,
+    local: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How long a client has for its TLS handshake.
+pub const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl TlsIncoming {
+    /// Accepts on `listener` and shakes hands with `acceptor`.
+    pub fn new(
+        listener: TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) -> std::io::Result<TlsIncoming> {
+        let local = listener.local_addr()?;
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let task = tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        error!(error = %e, "cannot accept an HTTPS connection; retrying in 100 ms");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "HTTPS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "HTTPS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TlsIncoming { ready, local, task })
+    }
+}
+
+impl Drop for TlsIncoming {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl axum::serve::Listener for TlsIncoming {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(connection) => connection,
+            // The accept task ended: the gateway is stopping.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 /// A plain HTTP/1.1 GET on `addr`; returns the status code and body. For `watchpost status`.

@@ -445,3 +445,63 @@ async fn with_login_the_page_asks_for_an_operator() {
         .await;
     gateway.shutdown().await;
 }
+
+/// `[http.tls]`: the page over HTTPS on a port of its own, with the login (asked for here on
+/// loopback), read with curl trusting the test's CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_over_https_asks_for_a_login_and_serves_an_operator() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        println!("skipped: curl is not installed");
+        return;
+    }
+    let pki = watchpost_e2e::pki::Pki::new("status-page-test-ca").unwrap();
+    pki.issue("gateway", "localhost").unwrap();
+    let (cert, key) = pki.files("gateway");
+    let data = tempfile::tempdir().unwrap();
+    let creds = data.path().join("credentials.toml");
+    let mut c = watchpost::access::Credentials::default();
+    let operator = c.add("ops", watchpost::access::Role::Operator).unwrap();
+    c.save(&creds).unwrap();
+    let tls = format!(
+        "[http.tls]\nlisten = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let mut config = gateway_config_with(
+        data.path(),
+        None,
+        &format!("credentials = {:?}", creds.display().to_string()),
+        &format!("{tls}{RULES}"),
+    );
+    config.http.login = true;
+    let gateway = watchpost::start(config).await.unwrap();
+    let https = gateway.https_addr().expect("the HTTPS endpoint is on");
+    let ca = pki.ca_file();
+    let curl = move |path: &str, login: Option<String>| {
+        let mut command = Command::new("curl");
+        command
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(&ca)
+            .arg(format!("https://localhost:{}{path}", https.port()));
+        if let Some(login) = login {
+            command.args(["-u", &login]);
+        }
+        String::from_utf8(command.output().unwrap().stdout).unwrap()
+    };
+    let answers = tokio::task::spawn_blocking(move || {
+        [
+            curl("/", None),
+            curl("/api/alerts", Some("ops:wrong".into())),
+            curl("/api/alerts", Some(format!("ops:{operator}"))),
+            curl("/", Some(format!("ops:{operator}"))),
+            curl("/readyz", None),
+        ]
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers, ["401", "401", "200", "200", "200"]);
+    // Plain HTTP on the HTTPS port gets no page.
+    let plain = watchpost::http::get_blocking(https, "/readyz");
+    assert!(plain.is_err() || plain.unwrap().0 != 200);
+    gateway.shutdown().await;
+}

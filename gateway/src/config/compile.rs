@@ -138,6 +138,35 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
         None => DEFAULT_HTTP_LISTEN.parse().ok(),
     };
     let beyond_loopback = listen.is_some_and(|a| !a.ip().is_loopback());
+    let http_tls = raw.http.tls.as_ref().and_then(|t| {
+        let r = t.get_ref();
+        let tls_listen = sink.socket_addr(&r.listen, "listen")?;
+        for (field, p) in [("cert", &r.cert), ("key", &r.key)] {
+            if !Path::new(p.get_ref()).is_file() {
+                sink.error(
+                    p.span(),
+                    format!("`{field}` file {:?} does not exist", p.get_ref()),
+                    Some("give the path of a PEM file".into()),
+                );
+            }
+        }
+        if let Some(ca) = &r.client_ca {
+            sink.error(
+                ca.span(),
+                "`client_ca` is not used by the HTTP endpoint: operators log in with a name and secret",
+                Some("remove it from [http.tls]".into()),
+            );
+        }
+        if Some(tls_listen) == listen && tls_listen.port() != 0 {
+            sink.error(r.listen.span(), "HTTPS needs a port of its own, e.g. 9443", None);
+        }
+        Some(TlsListener {
+            listen: tls_listen,
+            cert: PathBuf::from(r.cert.get_ref()),
+            key: PathBuf::from(r.key.get_ref()),
+            client_ca: None,
+        })
+    });
     let http = HttpConfig {
         listen,
         login: raw
@@ -145,6 +174,7 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
             .login
             .as_ref()
             .map_or(beyond_loopback, |l| *l.get_ref()),
+        tls: http_tls,
     };
     if let (true, Some(l)) = (beyond_loopback, &raw.http.listen) {
         sink.warn(l.span(), "the HTTP endpoint listens beyond loopback: /metrics, /readyz and /status are readable by anyone who can reach it (the status page asks for an operator's login)", None);

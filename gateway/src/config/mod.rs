@@ -122,6 +122,10 @@ pub struct HttpConfig {
     /// The status page and its JSON ask for an operator's login: by default everywhere but
     /// on loopback.
     pub login: bool,
+    /// `[http.tls]`: the same endpoint over HTTPS on an address of its own (`client_ca` is
+    /// not used). The page there asks for a login unless that address is loopback and
+    /// `login` is not set.
+    pub tls: Option<TlsListener>,
 }
 
 /// How long a silent device is kept in memory by default (`gateway.forget_after`).

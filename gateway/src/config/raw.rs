@@ -146,6 +146,7 @@ pub(super) struct RawPeer {
 pub(super) struct RawHttp {
     pub(super) listen: Option<Spanned<String>>,
     pub(super) login: Option<Spanned<bool>>,
+    pub(super) tls: Option<Spanned<RawTls>>,
 }
 
 #[derive(Deserialize, Default)]

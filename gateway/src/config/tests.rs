@@ -926,3 +926,42 @@ fn a_site_pair_shares_the_site_and_each_names_the_other() {
         assert!(bad.iter().any(|b| b.contains(e)), "{e:?} not in {bad:#?}");
     }
 }
+
+#[test]
+fn the_status_page_s_login_and_https_are_checked() {
+    let beyond = parse(
+        "[gateway]\nid = \"g\"\n[http]\nlisten = \"0.0.0.0:9183\"\n",
+        "t.toml",
+    )
+    .unwrap();
+    assert!(beyond.config.http.login, "beyond loopback: a login");
+    let open = parse(
+        "[gateway]\nid = \"g\"\n[http]\nlisten = \"0.0.0.0:9183\"\nlogin = false\n",
+        "t.toml",
+    )
+    .unwrap();
+    assert!(!open.config.http.login);
+    assert!(
+        open.warnings
+            .iter()
+            .any(|w| w.message.contains("status page is open to anyone")),
+        "{:?}",
+        open.warnings
+    );
+    assert!(
+        !parse(MINIMAL, "t.toml").unwrap().config.http.login,
+        "loopback: open"
+    );
+    let bad = errors(
+        "[gateway]\nid = \"g\"\n[http]\nlisten = \"127.0.0.1:9183\"\n\
+         [http.tls]\nlisten = \"127.0.0.1:9183\"\ncert = \"/nope.pem\"\nkey = \"/nope.key\"\nclient_ca = \"/ca.pem\"\n",
+    );
+    for e in [
+        "`cert` file \"/nope.pem\" does not exist",
+        "`key` file \"/nope.key\" does not exist",
+        "`client_ca` is not used by the HTTP endpoint",
+        "HTTPS needs a port of its own",
+    ] {
+        assert!(bad.iter().any(|b| b.contains(e)), "{e:?} not in {bad:#?}");
+    }
+}

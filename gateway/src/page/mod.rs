@@ -69,8 +69,6 @@ pub struct Page {
     pub control: mpsc::Sender<Control>,
     /// Alert transitions and presence changes as they happen.
     pub events: crate::events::Sender,
-    /// Operators must log in (the endpoint is not on loopback).
-    pub login: Option<Login>,
     /// An upstream is configured.
     pub upstream: bool,
     devices: tokio::sync::Mutex<Option<(Instant, Arc<Vec<DeviceView>>)>>,
@@ -88,7 +86,6 @@ impl Page {
         data_dir: PathBuf,
         control: mpsc::Sender<Control>,
         events: crate::events::Sender,
-        login: Option<Login>,
         upstream: bool,
     ) -> Page {
         Page {
@@ -96,7 +93,6 @@ impl Page {
             data_dir,
             control,
             events,
-            login,
             upstream,
             devices: tokio::sync::Mutex::new(None),
             bandwidth: Mutex::new(VecDeque::new()),
@@ -129,8 +125,8 @@ pub async fn sample_bandwidth(page: Arc<Page>, shutdown: crate::shutdown::Signal
         .await;
 }
 
-/// The page's routes, with the login in front of them when one is required.
-pub fn routes(page: Arc<Page>) -> Router {
+/// The page's routes, with `login` in front of them when one is required.
+pub fn routes(page: Arc<Page>, login: Option<Login>) -> Router {
     let router = Router::new()
         .route("/", get(index))
         .route(
@@ -152,7 +148,7 @@ pub fn routes(page: Arc<Page>) -> Router {
         .route("/plot/series.svg", get(series_svg))
         .route("/plot/bandwidth.svg", get(bandwidth_svg))
         .route("/api/events", get(events));
-    let router = match page.login.clone() {
+    let router = match login {
         Some(login) => router.layer(axum::middleware::from_fn_with_state(
             login,
             require_operator,

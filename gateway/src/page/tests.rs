@@ -193,7 +193,6 @@ fn bandwidth_keeps_a_day_of_samples_and_says_what_was_saved() {
         PathBuf::new(),
         control,
         crate::events::channel(),
-        None,
         true,
     );
     assert_eq!(bandwidth_now(&page).saved_percent, None, "nothing yet");
