@@ -599,8 +599,11 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     };
     let watch = loaded.config.gateway.watch_config;
     let result = runtime.block_on(async {
+        // Before the gateway says it is ready: a SIGTERM right after the ready line (a
+        // service manager, a test) must stop it cleanly, not kill it.
+        let signals = Signals::install();
         let mut gateway = watchpost::start(loaded.config).await?;
-        serve_until_stopped(&mut gateway, path.as_deref(), watch).await;
+        serve_until_stopped(&mut gateway, signals, path.as_deref(), watch).await;
         gateway.shutdown().await;
         Ok::<_, watchpost::StartError>(())
     });
@@ -616,20 +619,40 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// SIGTERM, SIGINT and SIGHUP, caught from when this is made.
+struct Signals(
+    Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+);
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(t), Ok(i), Ok(h)) => Signals(Some((t, i, h))),
+            _ => Signals(None),
+        }
+    }
+}
+
 /// Waits for SIGTERM or SIGINT; meanwhile reloads the rules on SIGHUP and, if asked, when
 /// the configuration file changes.
-async fn serve_until_stopped(gateway: &mut watchpost::Gateway, path: Option<&Path>, watch: bool) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int, mut hup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-        _ => {
-            tracing::error!("cannot install signal handlers; stop the gateway with SIGKILL");
-            return std::future::pending().await;
-        }
+async fn serve_until_stopped(
+    gateway: &mut watchpost::Gateway,
+    signals: Signals,
+    path: Option<&Path>,
+    watch: bool,
+) {
+    let Some((mut term, mut int, mut hup)) = signals.0 else {
+        tracing::error!("cannot install signal handlers; stop the gateway with SIGKILL");
+        return std::future::pending().await;
     };
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen = path.and_then(modified);
