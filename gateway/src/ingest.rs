@@ -419,6 +419,23 @@ impl StepContext<'_> {
     }
 }
 
+/// The device a message is about, made if new, with where the message came from noted: the
+/// site's other gateway (`from_peer`) and the `[[source]]` it came through.
+fn arriving<'a>(
+    devices: &'a mut HashMap<Box<str>, Box<Device>>,
+    options: &EngineOptions,
+    name: &str,
+    from_peer: bool,
+    source: Option<usize>,
+) -> &'a mut Box<Device> {
+    let device = devices
+        .entry(name.into())
+        .or_insert_with(|| Box::new(new_device(&options.rules, name)));
+    device.via_peer = from_peer;
+    note_source(device, options, source);
+    device
+}
+
 /// Remembers which `[[source]]` (by index into `options.sources`) a device's messages come
 /// through; allocates only when that changes.
 fn note_source(device: &mut Device, options: &EngineOptions, source: Option<usize>) {
@@ -648,11 +665,7 @@ impl Engine {
             current_source,
             ..
         } = self;
-        let device = devices
-            .entry(device_name.into())
-            .or_insert_with(|| Box::new(new_device(&options.rules, device_name)));
-        device.via_peer = *from_peer;
-        note_source(device, options, *current_source);
+        let device = arriving(devices, options, device_name, *from_peer, *current_source);
         let deadlines = if *from_peer && *peer_active {
             peer_deadlines
         } else {
@@ -757,11 +770,7 @@ impl Engine {
             current_source,
             ..
         } = self;
-        let device = devices
-            .entry(device_name.into())
-            .or_insert_with(|| Box::new(new_device(&options.rules, device_name)));
-        device.via_peer = *from_peer;
-        note_source(device, options, *current_source);
+        let device = arriving(devices, options, device_name, *from_peer, *current_source);
         let deadlines = if *from_peer && *peer_active {
             peer_deadlines
         } else {
