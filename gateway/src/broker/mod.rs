@@ -114,9 +114,10 @@ impl Broker {
         }
     }
 
-    /// Publishes a message of the gateway's own (an alert document) retained, at QoS 1, to
-    /// the clients subscribed to its topic. The gateway's retained messages are kept whatever
-    /// the bounds of retained messages.
+    /// Publishes a message of the gateway's own (an alert document, a Home Assistant
+    /// discovery message) retained, at QoS 1, to the clients subscribed to its topic. The
+    /// gateway's retained messages are kept whatever the bounds of retained messages; an
+    /// empty payload deletes the topic's retained message, and still reaches the subscribers.
     pub fn publish_retained(&self, topic: String, payload: Bytes) {
         let message = Arc::new(Message {
             topic: Bytes::from(topic),

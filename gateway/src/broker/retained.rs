@@ -154,9 +154,20 @@ impl Retained {
 
     /// Keeps one of the gateway's own messages, whatever the bounds: an alert must never be
     /// refused because clients filled the store. Not written to the database: the store
-    /// keeps alert states, and they are published again at the next start.
+    /// keeps alert states, and they are published again at the next start. An empty payload
+    /// deletes the topic's message, as a client's would (Home Assistant discovery removes an
+    /// entity so); a client's message that the database kept on that topic goes too.
     pub(crate) fn keep_own(&self, message: &Arc<Message>) {
         let mut inner = self.lock();
+        if message.payload.is_empty() {
+            if let Some(old) = inner.by_topic.remove(&message.topic) {
+                inner.bytes -= cost(&old);
+                inner.changed(&message.topic);
+                drop(inner);
+                self.changed.notify_one();
+            }
+            return;
+        }
         let added = cost(message);
         if let Some(old) = inner
             .by_topic
@@ -447,6 +458,28 @@ mod tests {
         assert_eq!(topics(&retained.matching(&all, now)), ["b/s"]);
         let none = TopicFilter::new("c/#").unwrap();
         assert!(retained.matching(&none, now).is_empty());
+    }
+
+    #[test]
+    fn the_gateways_own_empty_message_deletes_the_topics_message() {
+        let retained = Retained::new(RetainedLimits {
+            messages: 1,
+            bytes: 1 << 20,
+        });
+        let now = Instant::now();
+        let all = TopicFilter::new("#").unwrap();
+        retained.keep_own(&message("ha/config", "{}"));
+        retained.keep_own(&message("ha/other", "{}"));
+        assert_eq!(
+            topics(&retained.matching(&all, now)),
+            ["ha/config", "ha/other"]
+        );
+        retained.keep_own(&message("ha/config", ""));
+        assert_eq!(topics(&retained.matching(&all, now)), ["ha/other"]);
+        // Deleting what is not there changes nothing.
+        retained.keep_own(&message("ha/none", ""));
+        assert_eq!(retained.len(), 1);
+        assert_eq!(retained.lock().bytes, cost(&message("ha/other", "{}")));
     }
 
     #[test]
