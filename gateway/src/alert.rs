@@ -81,18 +81,19 @@ impl AlertDoc {
 
     /// `alerts/{severity}/{device}/{rule}`: the topic relative to any prefix.
     pub fn topic(&self) -> String {
-        format!(
-            "{TOPIC_ROOT}/{}/{}/{}",
-            self.severity.as_str(),
-            self.device,
-            self.rule
-        )
+        topic(self.severity, &self.device, &self.rule)
     }
 
     /// The document as compact JSON.
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("an alert document always serializes")
     }
+}
+
+/// `alerts/{severity}/{device}/{rule}`: where the alerts of `rule` on `device` are published
+/// (retained), relative to any prefix.
+pub fn topic(severity: Severity, device: &str, rule: &str) -> String {
+    format!("{TOPIC_ROOT}/{}/{device}/{rule}", severity.as_str())
 }
 
 /// The last instant RFC 3339 can write, 9999-12-31T23:59:59.999Z, in milliseconds since the

@@ -281,6 +281,15 @@ pub struct Housekeeping {
     pub forgotten: usize,
 }
 
+/// The engine's rules and devices at one moment ([`Engine::snapshot`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// The rules in force.
+    pub rules: Arc<[Rule]>,
+    /// Each device in memory, by name, with the metrics it has reported.
+    pub devices: Vec<(Box<str>, Vec<Box<str>>)>,
+}
+
 /// What the rules of a reload changed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReloadOutcome {
@@ -454,18 +463,40 @@ fn exact<T>(mut v: Vec<T>) -> Vec<T> {
     v
 }
 
-fn new_device(rules: &[Rule], name: &str) -> Device {
+/// The rules that keep one state for the whole device `name` (presence, device-wide
+/// silence), by index: what a new device is given. Home Assistant discovery asks the same.
+pub fn device_rules<'a>(rules: &'a [Rule], name: &str) -> impl Iterator<Item = usize> + 'a {
     let status_topic = format!("{}/{name}/{}", codec::TOPIC_ROOT, codec::STATUS_METRIC);
     let any_metric = format!("{}/{name}/+", codec::TOPIC_ROOT);
-    let device_rules = rules
+    rules
         .iter()
         .enumerate()
-        .filter(|(_, r)| match r.kind {
+        .filter(move |(_, r)| match r.kind {
             Kind::Presence { .. } => r.filter.matches(&status_topic),
             ref k if k.per_device() => r.filter.can_match_pattern(&any_metric),
             _ => false,
         })
-        .map(|(i, r)| (i, r.new_state()))
+        .map(|(i, _)| i)
+}
+
+/// The rules that keep one state per metric and watch `metric` of device `name`, by index:
+/// what a new stream is given. Home Assistant discovery asks the same.
+pub fn stream_rules<'a>(
+    rules: &'a [Rule],
+    name: &str,
+    metric: &str,
+) -> impl Iterator<Item = usize> + 'a {
+    let topic = format!("{}/{name}/{metric}", codec::TOPIC_ROOT);
+    rules
+        .iter()
+        .enumerate()
+        .filter(move |(_, r)| !r.kind.per_device() && r.filter.matches(&topic))
+        .map(|(i, _)| i)
+}
+
+fn new_device(rules: &[Rule], name: &str) -> Device {
+    let device_rules = device_rules(rules, name)
+        .map(|i| (i, rules[i].new_state()))
         .collect();
     Device {
         device_rules: exact(device_rules),
@@ -488,11 +519,8 @@ fn new_stream(
     metric: &str,
 ) -> Stream {
     let topic = format!("{}/{device_name}/{metric}", codec::TOPIC_ROOT);
-    let per_metric = rules
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| !r.kind.per_device() && r.filter.matches(&topic))
-        .map(|(i, r)| (i, r.new_state()))
+    let per_metric = stream_rules(rules, device_name, metric)
+        .map(|i| (i, rules[i].new_state()))
         .collect();
     let feeds = device_rules
         .iter()
@@ -1485,6 +1513,25 @@ impl Engine {
         self.devices.len()
     }
 
+    /// The rules in force and every device in memory with the metrics it reported: what a
+    /// listener of [`crate::events`] that fell behind reads again.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut devices: Vec<(Box<str>, Vec<Box<str>>)> = self
+            .devices
+            .iter()
+            .filter(|(name, _)| &***name != OTHER_DEVICES)
+            .map(|(name, d)| {
+                let metrics = d.streams.into_iter().map(|(m, _)| m.clone()).collect();
+                (name.clone(), metrics)
+            })
+            .collect();
+        devices.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Snapshot {
+            rules: self.options.rules.clone().into(),
+            devices,
+        }
+    }
+
     /// Everything that would be lost by stopping now: open windows as partial rollups (they
     /// merge with the rest of their window after a restart) and unpublished counters.
     pub fn finish(&mut self, now: impl Into<Stamp>) -> Housekeeping {
@@ -1768,6 +1815,9 @@ pub enum Control {
         /// The answer.
         reply: oneshot::Sender<Vec<DeviceView>>,
     },
+    /// Tell the rules and devices now ([`Engine::snapshot`]). Every event sent before the
+    /// answer was sent before it was taken.
+    Snapshot(oneshot::Sender<Snapshot>),
 }
 
 /// The ingest task: judges the batches of publishes the broker's injector hands it, until
@@ -1835,6 +1885,13 @@ pub async fn run(
                     let (cleared, outcome) = engine.replace_rules(rules, sources, clock.now());
                     let _ = reply.send(outcome);
                     cleared
+                }
+                Control::Snapshot(reply) => {
+                    // What happened before goes out first, so that the listener has seen
+                    // every event older than the snapshot.
+                    tell(&outputs, &mut engine, &[]);
+                    let _ = reply.send(engine.snapshot());
+                    continue;
                 }
             },
             _ = housekeeping.tick() => {
