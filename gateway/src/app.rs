@@ -235,6 +235,16 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         control_rx,
         signal.clone().wait(),
     )));
+    if config.homeassistant.discovery {
+        tasks.push(tokio::spawn(crate::homeassistant::run(
+            crate::homeassistant::Setup::of(&config),
+            broker.clone(),
+            stats.clone(),
+            events.clone(),
+            control_tx.clone(),
+            signal.clone(),
+        )));
+    }
 
     let mqtt_addr = listeners.addr();
     let mqtt_tls_addr = listeners.tls_addr();
@@ -409,6 +419,10 @@ impl Gateway {
             ("[broker]", self.config.broker != config.broker),
             ("[uplink]", self.config.uplink != config.uplink),
             ("[history]", self.config.history != config.history),
+            (
+                "[homeassistant]",
+                self.config.homeassistant != config.homeassistant,
+            ),
         ];
         for (section, changed) in sections {
             if changed {

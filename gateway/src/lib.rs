@@ -27,6 +27,7 @@
 //! | [`uplink`] | the upstream client task: drains the outbox with QoS 1, deletes a row only after its PUBACK, backoff with jitter; TLS and login |
 //! | [`pem`] | certificates and keys from PEM files, with errors that never quote a key |
 //! | [`stats`] | counters every part updates |
+//! | [`homeassistant`] | Home Assistant MQTT discovery: alert rules per device as binary sensors, the gateway's health as sensors |
 //! | [`metrics`], [`http`] | the counters as Prometheus text and a status summary; the loopback HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`) |
 //! | [`query`] | tables and JSON for the query commands (`alerts`, `history`, `devices`) |
 //! | [`replay`] | `test-rules`: recorded readings through the same engine under virtual time, compared with expected alerts |
@@ -43,6 +44,7 @@ pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod events;
+pub mod homeassistant;
 pub mod http;
 pub mod ingest;
 pub mod loss;

@@ -249,6 +249,7 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
     }
     check_rule_kinds(&rules, &rule_spans, &sources, sink);
     let acl = super::acl::compile_acl(&raw.acl, &broker, sink);
+    let homeassistant = super::homeassistant::compile(&raw.homeassistant, &raw.rules, sink);
     Config {
         gateway,
         broker,
@@ -259,6 +260,7 @@ pub(super) fn compile(raw_gateway: RawGateway, raw: Raw, sink: &mut Sink<'_>) ->
         rules,
         sources,
         acl,
+        homeassistant,
     }
 }
 

@@ -15,6 +15,7 @@
 //! | `raw` | serde structs that mirror the TOML (`deny_unknown_fields`); each section and `[[array]]` read on its own, with its span |
 //! | `compile` | raw sections into the checked [`Config`]: gateway, http, broker, uplink and its summaries, history, sources |
 //! | `rules` | one `[[rule]]` into a checked [`Rule`]: its kind, bounds, hysteresis and lifecycle options |
+//! | `homeassistant` | `[homeassistant]`: discovery on or off, the prefix, rules' `device_class` labels |
 //! | `diagnostics` | [`Diagnostic`] and [`ConfigError`], the sink that collects them with line and column, unknown-key suggestions |
 
 use std::fmt;
@@ -34,6 +35,8 @@ mod delivery;
 pub(crate) use delivery::base64_decode;
 pub use delivery::{AWS_ALPN, MIN_KEEP_ALIVE_V5};
 mod diagnostics;
+mod homeassistant;
+pub use homeassistant::HomeAssistantConfig;
 mod raw;
 mod rules;
 #[cfg(test)]
@@ -72,6 +75,8 @@ pub struct Config {
     pub sources: Vec<Source>,
     /// Topic ACL rules, in file order (the defaults follow them: [`crate::acl::Policy`]).
     pub acl: Vec<crate::acl::AclRule>,
+    /// Home Assistant MQTT discovery.
+    pub homeassistant: HomeAssistantConfig,
 }
 
 /// `[gateway]`
@@ -526,6 +531,10 @@ pub fn parse(source: &str, name: &str) -> Result<Loaded, ConfigError> {
             rules: array(root.get("rule"), "[[rule]]", &mut sink),
             sources: array(root.get("source"), "[[source]]", &mut sink),
             acl: array(root.get("acl"), "[[acl]]", &mut sink),
+            homeassistant: root
+                .get("homeassistant")
+                .and_then(|v| section(v, "[homeassistant]", &mut sink))
+                .unwrap_or_default(),
         };
         if let Some(gateway) = gateway {
             let config = compile(gateway, raw, &mut sink);

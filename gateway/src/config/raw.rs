@@ -14,7 +14,16 @@ use crate::rules::Severity;
 
 /// Top-level keys of the file.
 pub(super) const TOP_LEVEL: &[&str] = &[
-    "gateway", "broker", "uplink", "history", "http", "peer", "rule", "source", "acl",
+    "gateway",
+    "broker",
+    "uplink",
+    "history",
+    "http",
+    "peer",
+    "rule",
+    "source",
+    "acl",
+    "homeassistant",
 ];
 
 /// The sections of the file, read independently.
@@ -27,6 +36,7 @@ pub(super) struct Raw {
     pub(super) rules: Vec<(Range<usize>, RawRule)>,
     pub(super) sources: Vec<(Range<usize>, RawSource)>,
     pub(super) acl: Vec<(Range<usize>, RawAcl)>,
+    pub(super) homeassistant: super::homeassistant::RawHomeAssistant,
 }
 
 /// The field names serde's derive gives a struct, found by asking it to deserialize from a
