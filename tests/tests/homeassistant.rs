@@ -9,10 +9,12 @@
 
 use std::time::Duration;
 
-use rumqttc::QoS;
+use rumqttc::{ConnectReturnCode, LastWill, QoS};
 use serde_json::{Value, json};
 use tempfile::TempDir;
+use watchpost::access::{Credentials, Role};
 use watchpost::homeassistant::{check_message, state_topic};
+use watchpost_e2e::clients;
 use watchpost_e2e::{
     Collector, Mosquitto, OVERHEAT, Publisher, Received, gateway_config, wait_until,
 };
@@ -390,5 +392,79 @@ async fn after_a_restart_entities_are_back_at_once_and_go_after_forget_after() {
     })
     .await;
     assert!(gone, "{:#?}", discovery.messages());
+    gateway.shutdown().await;
+}
+
+/// The `[[acl]]` rule the README gives for Home Assistant's birth and last will messages.
+const HOME_ASSISTANT_ACL: &str = "[[acl]]\nclient = \"home-assistant\"\nallow = \"publish\"\ntopics = [\"homeassistant/status\"]\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_assistant_logs_in_as_an_operator_as_the_readme_says() {
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("credentials.toml");
+    let mut credentials = Credentials::default();
+    let secret = credentials.add("home-assistant", Role::Operator).unwrap();
+    credentials.save(&file).unwrap();
+    let config = |acl: &str| {
+        let mut config = gateway_config(data.path(), None, &format!("{OVERHEAT}{DISCOVERY}{acl}"));
+        config.broker.allow_anonymous = false;
+        config.broker.credentials = file.clone();
+        config
+    };
+    // What Home Assistant sends by default: its client ID as set, a login, and a last will
+    // of `offline` on homeassistant/status.
+    let options = |addr| {
+        let mut options =
+            clients::options(addr, "home-assistant", Some(("home-assistant", &secret)));
+        options.set_last_will(LastWill::new(
+            "homeassistant/status",
+            "offline",
+            QoS::AtMostOnce,
+            false,
+        ));
+        options
+    };
+
+    // Without the rule, an operator may not publish its last will's topic: refused.
+    let gateway = watchpost::start(config("")).await.unwrap();
+    let answer = clients::connect(options(gateway.mqtt_addr()))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.refused(),
+        Some(ConnectReturnCode::NotAuthorized),
+        "{answer:?}"
+    );
+    gateway.shutdown().await;
+
+    // With it: admitted, and it finds the gateway's entities and its state.
+    let gateway = watchpost::start(config(HOME_ASSISTANT_ACL)).await.unwrap();
+    let addr = gateway.mqtt_addr();
+    let discovery = Collector::subscribe_options(options(addr), "homeassistant/#")
+        .await
+        .unwrap();
+    let entities = wait_until(DEADLINE, || {
+        discovery.messages().iter().any(|m| {
+            m.json()["unique_id"] == format!("watchpost-gateway:{SITE}:{SITE}:alerts_active")
+        })
+    })
+    .await;
+    assert!(entities, "{:#?}", discovery.messages());
+    drop(discovery);
+    let mut state_client = clients::options(
+        addr,
+        "home-assistant@state",
+        Some(("home-assistant", &secret)),
+    );
+    state_client.set_clean_session(true);
+    let state = Collector::subscribe_options(state_client, &state_topic(SITE))
+        .await
+        .unwrap();
+    let read = wait_until(DEADLINE, || !state.messages().is_empty()).await;
+    assert!(
+        read,
+        "the state topic under $SYS is readable by an operator"
+    );
+    assert_eq!(state.messages()[0].json()["alerts_active"], 0);
     gateway.shutdown().await;
 }
