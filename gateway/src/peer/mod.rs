@@ -430,6 +430,8 @@ struct Backlog {
     ring: VecDeque<Entry>,
     ring_bytes: usize,
     horizon: Millis,
+    /// When dropping from a full backlog was last logged.
+    drop_logged: Option<Instant>,
 }
 
 impl Backlog {
@@ -444,6 +446,7 @@ impl Backlog {
             ring: VecDeque::new(),
             ring_bytes: 0,
             horizon: 0,
+            drop_logged: None,
         }
     }
 
@@ -536,14 +539,33 @@ impl Backlog {
             self.bytes += pending.bytes.len();
             self.frames.push_back(pending);
         }
+        // Full: the oldest frames not on their way go. Frames in flight stay: the peer may
+        // have them already, and rumqttc gives packet ids in the order they were handed over.
+        let mut dropped = 0;
         while self.bytes > BACKLOG_BYTES {
-            let Some(old) = self.frames.pop_front() else {
+            let Some(at) = self.frames.iter().position(|p| p.sent.is_none()) else {
                 break;
             };
+            let old = self.frames.remove(at).expect("found");
             self.bytes -= old.bytes.len();
-            Stats::add(&self.stats.peer_mirror_dropped, old.entries as u64);
+            dropped += old.entries;
             if let Some(w) = old.waiters {
                 w.release();
+            }
+        }
+        if dropped > 0 {
+            Stats::add(&self.stats.peer_mirror_dropped, dropped as u64);
+            let now = Instant::now();
+            if self
+                .drop_logged
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+            {
+                self.drop_logged = Some(now);
+                warn!(
+                    dropped,
+                    backlog_mib = BACKLOG_BYTES >> 20,
+                    "the backlog for the peer gateway is full: the oldest readings not yet sent to it are dropped (the peer will miss them; counted in watchpost_peer_mirror_dropped_total); logged at most once a minute"
+                );
             }
         }
         self.gauges();
@@ -965,6 +987,58 @@ mod tests {
             Stats::get(&stats.peer_differs_since_ms),
             0,
             "they agree again"
+        );
+    }
+
+    #[test]
+    fn a_full_backlog_drops_the_oldest_frames_not_in_flight_and_counts_only_those() {
+        let stats = Arc::new(Stats::default());
+        let mut backlog = Backlog::new(stats.clone());
+        backlog.stream = 1;
+        let big = |seq| MirrorOut {
+            entries: vec![Entry {
+                stream: 1,
+                seq,
+                wall: seq,
+                retain: false,
+                qos: 1,
+                topic: Bytes::from_static(b"sensors/a/t"),
+                payload: Bytes::from(vec![b'1'; FRAME_BYTES - 100]),
+            }],
+            watermark: seq,
+            digest: Default::default(),
+            judged: Vec::new(),
+            committed: None,
+        };
+        let fill = BACKLOG_BYTES / FRAME_BYTES;
+        for seq in 1..=fill as u64 {
+            backlog.push(big(seq), true);
+        }
+        // The first two are on their way (one with its packet id, one still without).
+        backlog.frames[0].sent = Some(7);
+        backlog.frames[1].sent = Some(0);
+        for seq in fill as u64 + 1..=fill as u64 + 3 {
+            backlog.push(big(seq), true);
+        }
+        let first: Vec<u64> = backlog
+            .frames
+            .iter()
+            .take(3)
+            .map(|p| frame::decode(p.bytes.clone()).unwrap().entries[0].seq)
+            .collect();
+        assert_eq!(first[..2], [1, 2], "frames in flight stay");
+        assert!(first[2] > 3, "the oldest unsent went: {first:?}");
+        assert!(backlog.bytes <= BACKLOG_BYTES);
+        assert_eq!(
+            Stats::get(&stats.peer_mirror_dropped),
+            first[2] - 3,
+            "counted: the unsent frames dropped, one entry each"
+        );
+        backlog.sent(9);
+        assert_eq!(
+            backlog.frames[1].sent,
+            Some(9),
+            "packet ids still match in order"
         );
     }
 }
