@@ -9,7 +9,7 @@
 //! It builds the release gateway and the simulator first (`cargo build --release -p
 //! watchpost`, then `-p watchpost-sim`), runs the workloads ([`plant`], [`saturation`], its
 //! mixed variant with a share of states and its variant with every reading retained,
-//! [`fleet`], [`sessions`], [`retained`], [`churn`]) `--runs` times, writes every raw figure as JSON next
+//! [`fleet`], [`sessions`], [`retained`], [`churn`], the site [`pair`]) `--runs` times, writes every raw figure as JSON next
 //! to the logs, and renders the tables ([`report`]). `--from-json` renders tables again from a
 //! saved run without running anything. Helper modes (`flood`, `rumqttd`, `count-sub`) are this
 //! binary started by itself as a separate process, so that load and counting never share a
@@ -23,12 +23,13 @@
 //! | [`proxy`] | the byte-counting TCP proxy on the uplinks |
 //! | [`flood`], [`peer`] | helper modes: load, bare rumqttd, a counting subscriber |
 //! | [`probe`] | latency probes and the subscribers that time them |
-//! | [`plant`], [`saturation`], [`fleet`], [`sessions`], [`retained`], [`churn`] | the workloads |
+//! | [`plant`], [`saturation`], [`fleet`], [`sessions`], [`retained`], [`churn`], [`pair`] | the workloads |
 //! | [`stats`], [`report`] | percentiles and medians; the tables |
 
 mod churn;
 mod fleet;
 mod flood;
+mod pair;
 mod peer;
 mod plant;
 mod probe;
@@ -98,6 +99,9 @@ enum Phase {
     /// Distinct devices that each connect once, publish and leave: memory before, at the peak
     /// and after Watchpost forgot them (issue 21).
     Churn,
+    /// Two gateways at one site (issue 22): saturation of gateway A of a pair beside a gateway
+    /// alone, and the time B takes over when A is killed or frozen.
+    Pair,
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,6 +170,10 @@ pub struct Config {
     pub retain_conns: Vec<usize>,
     /// Devices that come and go.
     pub churn: churn::Plan,
+    /// Connection counts of the saturation load into a site pair and a gateway alone.
+    pub pair_conns: Vec<usize>,
+    /// The site pair's takeover.
+    pub pair: pair::Plan,
 }
 
 impl Config {
@@ -222,6 +230,15 @@ impl Config {
                 warm_up: 10_000,
                 forget_after: "5s",
             },
+            pair_conns: vec![10, 100],
+            pair: pair::Plan {
+                devices: 100,
+                rate: 1.0,
+                settle: Duration::from_secs(2),
+                margin: Duration::from_secs(5),
+                takeover_after: None,
+                stops: vec![pair::Stop::Kill, pair::Stop::Freeze],
+            },
         };
         if !quick {
             return full;
@@ -264,6 +281,16 @@ impl Config {
                 devices: 10_000,
                 warm_up: 1000,
                 forget_after: "2s",
+            },
+            // One takeover, killed, with a short takeover_after: it shows that the step works.
+            pair_conns: vec![10],
+            pair: pair::Plan {
+                devices: 20,
+                settle: Duration::from_secs(1),
+                margin: Duration::from_secs(3),
+                takeover_after: Some("2s"),
+                stops: vec![pair::Stop::Kill],
+                ..full.pair
             },
             ..full
         }
@@ -310,6 +337,21 @@ impl Config {
             "churn_workers": churn::WORKERS,
             "churn_forget_after": self.churn.forget_after,
             "churn_settle_s": churn::SETTLE.as_secs_f64(),
+            "pair": self.pair_json(),
+        })
+    }
+
+    /// The site pair's part of the configuration.
+    fn pair_json(&self) -> Value {
+        json!({
+            "conns": self.pair_conns,
+            "devices": self.pair.devices,
+            "rate": self.pair.rate,
+            "settle_s": self.pair.settle.as_secs_f64(),
+            "takeover_after": self.pair.takeover_after,
+            "hold": pair::HOLD,
+            "ack_timeout_s": pair::ACK_TIMEOUT.as_secs_f64(),
+            "stops": self.pair.stops.iter().map(|s| s.name()).collect::<Vec<_>>(),
         })
     }
 }
@@ -590,6 +632,43 @@ fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
                 all.push(churn::run(&bins, &d, system, &config.churn)?);
             }
             result["churn"] = json!(all);
+        }
+        if wanted(Phase::Pair) {
+            let mut saturation = Vec::new();
+            for &conns in &config.pair_conns {
+                step(&format!("saturation watchpost alone × {conns}"));
+                let d = dir.join(format!("pair-saturation-alone-{conns}"));
+                saturation.push(saturation::saturate(
+                    &bins,
+                    &d,
+                    System::Watchpost,
+                    conns,
+                    config.timing,
+                    Shape::default(),
+                )?);
+                step(&format!(
+                    "saturation watchpost pair (A, B its peer) × {conns}"
+                ));
+                let d = dir.join(format!("pair-saturation-pair-{conns}"));
+                saturation.push(saturation::saturate_pair(
+                    &bins,
+                    &d,
+                    conns,
+                    config.timing,
+                    Shape::default(),
+                )?);
+            }
+            let mut takeover = Vec::new();
+            for &stop in &config.pair.stops {
+                step(&format!(
+                    "pair takeover, A stopped by {}, {} devices",
+                    stop.name(),
+                    config.pair.devices
+                ));
+                let d = dir.join(format!("pair-takeover-{}", stop.name()));
+                takeover.push(pair::takeover(&bins, &d, &config.pair, stop)?);
+            }
+            result["pair"] = json!({ "saturation": saturation, "takeover": takeover });
         }
         result["load_at_steps"] = json!(loads.take());
         if let Some(list) = doc["runs"].as_array_mut() {

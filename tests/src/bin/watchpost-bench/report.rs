@@ -167,6 +167,11 @@ fn seconds2(v: f64) -> String {
     format!("{v:.2} s")
 }
 
+/// Seconds, in ms below one.
+fn since_stop(v: f64) -> String {
+    if v < 1.0 { ms(v * 1000.0) } else { seconds2(v) }
+}
+
 /// `x / y`, if `y` is not 0.
 fn ratio(x: Option<f64>, y: Option<f64>) -> Option<f64> {
     match (x, y) {
@@ -429,6 +434,7 @@ fn body(r: &Value) -> String {
     out.push_str(&sessions.section(c));
     out.push_str(&retained.section(c));
     out.push_str(&churn.section(c));
+    out.push_str(&Pair::new(runs, c).section(c));
     out.push_str(&startup_section(r, runs));
     out.push_str(METHOD);
     out
@@ -1739,6 +1745,311 @@ impl Churn {
         ));
         let mut t = Table::new(&["", "Watchpost", "bare Mosquitto"]);
         for (label, figures) in &self.rows {
+            let mut cells = vec![label.to_string()];
+            cells.extend(figures.iter().map(Figure::show));
+            t.row(cells);
+        }
+        out.push_str(&t.done());
+        out.push('\n');
+        out
+    }
+}
+
+/// Site pair figures (issue 22).
+struct Pair {
+    /// Saturation rows, one per connection count: alone, A of a pair, and the rest.
+    saturation: Vec<PairSaturation>,
+    /// Takeover rows: label, one figure per way of stopping A.
+    takeover: Vec<(&'static str, Vec<Figure>)>,
+    /// The ways A was stopped, in column order.
+    stops: Vec<String>,
+}
+
+/// One connection count of the saturation load into a gateway alone and into A of a pair.
+struct PairSaturation {
+    conns: u64,
+    alone: Figure,
+    pair: Figure,
+    ratio: Figure,
+    cores: [Figure; 3],
+    us_per_reading: [Figure; 2],
+    /// CPU of everything else on the machine in the window: alone, pair.
+    others: [Figure; 2],
+    peer_rate: Figure,
+    lag: Figure,
+    rss: [Figure; 3],
+    dropped: Figure,
+    gaps: Figure,
+}
+
+impl Pair {
+    fn new(runs: &[Value], c: &Value) -> Pair {
+        let sat = |r: &Value, system: &str, conns: u64| -> Option<Value> {
+            find(&r["pair"]["saturation"], system, Some(conns)).cloned()
+        };
+        let us = |v: &Value| ratio(v["cores"].as_f64().map(|c| c * 1e6), v["rate"].as_f64());
+        // The machine's busy cores less the gateways' and the load's: other processes.
+        fn others(v: &Value) -> Option<f64> {
+            let peer = v["peer"]["cores"].as_f64().unwrap_or(0.0);
+            Some(
+                v["machine_cores"].as_f64()?
+                    - v["cores"].as_f64()?
+                    - peer
+                    - v["load_cores"].as_f64()?,
+            )
+        }
+        let conns: Vec<u64> = c["pair"]["conns"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        let saturation = conns
+            .iter()
+            .map(|&n| {
+                let alone = |f: fn(&Value) -> Option<f64>, unit| {
+                    Figure::over(runs, unit, move |r| {
+                        sat(r, "watchpost", n).as_ref().and_then(f)
+                    })
+                };
+                let pair = |f: fn(&Value) -> Option<f64>, unit| {
+                    Figure::over(runs, unit, move |r| {
+                        sat(r, "watchpost-pair", n).as_ref().and_then(f)
+                    })
+                };
+                PairSaturation {
+                    conns: n,
+                    alone: alone(|v| v["rate"].as_f64(), rate),
+                    pair: pair(|v| v["rate"].as_f64(), rate),
+                    ratio: Figure::over(runs, times, |r| {
+                        ratio(
+                            sat(r, "watchpost-pair", n)?["rate"].as_f64(),
+                            sat(r, "watchpost", n)?["rate"].as_f64(),
+                        )
+                    }),
+                    cores: [
+                        alone(|v| v["cores"].as_f64(), cores),
+                        pair(|v| v["cores"].as_f64(), cores),
+                        pair(|v| v["pair_cores"].as_f64(), cores),
+                    ],
+                    us_per_reading: [alone(us, plain), pair(us, plain)],
+                    others: [alone(others, cores), pair(others, cores)],
+                    peer_rate: pair(|v| v["peer"]["rate"].as_f64(), rate),
+                    lag: pair(
+                        |v| {
+                            v["peer"]["lag_at_window_end_s"]
+                                .as_f64()
+                                .map(|s| s * 1000.0)
+                        },
+                        ms,
+                    ),
+                    rss: [
+                        alone(|v| v["rss_kib"].as_f64(), mib),
+                        pair(|v| v["rss_kib"].as_f64(), mib),
+                        pair(|v| v["peer"]["rss_kib"].as_f64(), mib),
+                    ],
+                    dropped: pair(|v| v["peer"]["mirror_dropped"].as_f64(), count),
+                    gaps: pair(|v| v["peer"]["entries_gap"].as_f64(), count),
+                }
+            })
+            .collect();
+        let stops: Vec<String> = c["pair"]["stops"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let row = |label, unit: fn(f64) -> String, g: fn(&Value) -> Option<f64>| {
+            let figures = stops
+                .iter()
+                .map(|stop| {
+                    Figure::over(runs, unit, |r| {
+                        r["pair"]["takeover"]
+                            .as_array()?
+                            .iter()
+                            .find(|t| t["stop"] == stop.as_str())
+                            .and_then(g)
+                    })
+                })
+                .collect();
+            (label, figures)
+        };
+        let takeover = vec![
+            row(
+                "every device connected to B (its `online` there): the last device",
+                since_stop,
+                |t| t["online"]["last"].as_f64(),
+            ),
+            row("… the median device", since_stop, |t| {
+                t["online"]["median"].as_f64()
+            }),
+            row(
+                "every device's readings judged by B again (its first reading through B): the last device",
+                since_stop,
+                |t| t["flowing"]["last"].as_f64(),
+            ),
+            row(
+                "B's mirror to A seen down (`watchpost_peer_mirror_up` 0)",
+                since_stop,
+                |t| t["b_mirror_down_s"].as_f64(),
+            ),
+            row(
+                "B takes over A's devices' deadlines (`watchpost_peer_active` 0)",
+                since_stop,
+                |t| t["b_took_over_s"].as_f64(),
+            ),
+            row(
+                "reading-driven: `probe-mover` finds A gone",
+                since_stop,
+                |t| t["mover"]["gone_s"].as_f64(),
+            ),
+            row(
+                "… its critical reading acknowledged by B",
+                since_stop,
+                |t| t["mover"]["critical_acked_s"].as_f64(),
+            ),
+            row(
+                "… **its alert from B at the upstream subscriber**",
+                since_stop,
+                |t| t["mover"]["alert_s"].as_f64(),
+            ),
+            row(
+                "… PUBACKs from B to it slower than 0.5 s, until (– if none)",
+                since_stop,
+                |t| t["mover"]["slow_acks_until_s"].as_f64(),
+            ),
+            row(
+                "deadline-driven: **`probe-held`'s alert from B at the upstream subscriber**",
+                since_stop,
+                |t| t["held_alert_s"].as_f64(),
+            ),
+            row("fleet: readings queued by the devices", count, |t| {
+                t["sim"]["queued"].as_f64()
+            }),
+            row("… acknowledged (by A or B)", count, |t| {
+                t["sim"]["acked"].as_f64()
+            }),
+            row("… dropped or never sent", count, |t| {
+                Some(t["sim"]["dropped"].as_f64()? + t["sim"]["unsent"].as_f64()?)
+            }),
+        ];
+        Pair {
+            saturation,
+            takeover,
+            stops,
+        }
+    }
+
+    fn section(&self, c: &Value) -> String {
+        let p = &c["pair"];
+        if p.is_null() {
+            return String::new();
+        }
+        let mut out = String::from("### Two gateways at one site (issue 22)\n\n");
+        out.push_str(
+            "The saturation step (the same load, windows and counting as above) into a gateway \
+             alone and into gateway A of a site pair, one after the other in each run. B, A's \
+             peer, runs on the same machine: A mirrors every reading to it (QoS 1 frames on \
+             loopback) and B judges them all, so the pair's two processes and the load share \
+             the same cores, which two boxes at a site would not. The figure is what A judged \
+             in the window; QoS 0 readings are not acknowledged, so A never waits for B here. \
+             CPU per reading is A's CPU time over what it judged. The last two columns are \
+             the machine's busy CPU (`/proc/stat`) in the window less the gateways' and the \
+             load's: whatever else ran on the machine at the time.\n\n",
+        );
+        let mut t = Table::new(&[
+            "connections",
+            "Watchpost alone",
+            "A of a pair",
+            "÷ alone",
+            "CPU, cores: alone",
+            "A",
+            "A + B",
+            "CPU µs per reading: alone",
+            "A",
+            "other processes' CPU, cores: alone",
+            "pair",
+        ]);
+        for s in &self.saturation {
+            t.row([
+                s.conns.to_string(),
+                s.alone.show(),
+                s.pair.show(),
+                s.ratio.show(),
+                s.cores[0].show(),
+                s.cores[1].show(),
+                s.cores[2].show(),
+                s.us_per_reading[0].show(),
+                s.us_per_reading[1].show(),
+                s.others[0].show(),
+                s.others[1].show(),
+            ]);
+        }
+        out.push_str(&t.done());
+        out.push('\n');
+        let mut t = Table::new(&[
+            "connections",
+            "B judged (mirrored), readings/s",
+            "B's lag behind A at the window's end",
+            "RSS: alone",
+            "A",
+            "B",
+            "entries A counted as dropped (`watchpost_peer_mirror_dropped_total`)",
+            "entries B never received (`watchpost_peer_entries_gap_total`)",
+        ]);
+        for s in &self.saturation {
+            t.row([
+                s.conns.to_string(),
+                s.peer_rate.show(),
+                s.lag.show(),
+                s.rss[0].show(),
+                s.rss[1].show(),
+                s.rss[2].show(),
+                s.dropped.show(),
+                s.gaps.show(),
+            ]);
+        }
+        out.push_str(&t.done());
+        out.push('\n');
+        out.push_str(&format!(
+            "Takeover: A and B, each with an uplink to the same upstream Mosquitto, and {} \
+             simulated devices (`watchpost-sim`: the firmware's session and list of gateways, \
+             A first, then B; one temperature reading a second each, every one sent at QoS 1, \
+             one in flight; PUBACK timeout {:.0} s, keep-alive 30 s, reconnect backoff from \
+             0.5 s with jitter) publishing to A. Two probe devices of the harness are on A: \
+             `probe-held` has sent a coolant temperature above the `coolant-held` rule \
+             (critical, `for = \"{}\"`) just before A is stopped, acknowledged (so both \
+             gateways have it) and not yet raised; it sends nothing more, and B raises it from \
+             its own clock once A has been silent for `peer.takeover_after` ({}). \
+             `probe-mover` publishes a reading every 100 ms and, at the first one A does not \
+             answer (its socket closed, or no PUBACK within {:.0} s), connects to B at once and \
+             publishes a temperature that raises `overheat` (no `for`). A is stopped with \
+             SIGKILL (the process dies and the kernel closes its sockets: every client knows at \
+             once) or SIGSTOP (it stops answering with its sockets open, as a hung box or one \
+             whose power failed; clients find out by their own timeouts). Every time is from \
+             the signal; the alerts are the first about each probe at a subscriber of the \
+             upstream's `{}/alerts/#`, which, A being gone, B alone forwarded. Medians of the \
+             runs with the smallest and largest in brackets.\n\n",
+            count(p["devices"].as_f64().unwrap_or(0.0)),
+            p["ack_timeout_s"].as_f64().unwrap_or(0.0),
+            p["hold"].as_str().unwrap_or("?"),
+            p["takeover_after"].as_str().unwrap_or("10 s, the default"),
+            p["ack_timeout_s"].as_f64().unwrap_or(0.0),
+            crate::setup::SITE,
+        ));
+        let mut header = vec!["from the moment A is stopped"];
+        let names: Vec<String> = self
+            .stops
+            .iter()
+            .map(|s| match s.as_str() {
+                "sigkill" => "A killed (SIGKILL)".to_owned(),
+                "sigstop" => "A frozen (SIGSTOP)".to_owned(),
+                other => other.to_owned(),
+            })
+            .collect();
+        header.extend(names.iter().map(String::as_str));
+        let mut t = Table::new(&header);
+        for (label, figures) in &self.takeover {
             let mut cells = vec![label.to_string()];
             cells.extend(figures.iter().map(Figure::show));
             t.row(cells);

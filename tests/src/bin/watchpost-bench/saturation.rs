@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::peer::Counter;
 use crate::probe::{self, Kind, Target, Watch};
-use crate::procs::{self, Bins, Gateway, Proc, Usage};
+use crate::procs::{self, Bins, Gateway, Metrics, Proc, Usage};
 use crate::setup::{self, Broker, SITE};
 
 /// Devices the flood stands for, over all connections.
@@ -33,6 +33,17 @@ pub struct Shape {
     pub states: u8,
     /// Whether every reading has the retain flag set.
     pub retain: bool,
+}
+
+impl Shape {
+    /// The rules Watchpost needs besides overheat: the door rule if there are states.
+    fn rules(self) -> &'static str {
+        if self.states > 0 {
+            setup::DOOR_STATE
+        } else {
+            ""
+        }
+    }
 }
 
 /// Warm-up before a window, the window, and how long consumption may go on afterwards.
@@ -76,8 +87,10 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The process whose CPU and memory are measured.
     pub pid: u32,
-    /// Watchpost, if that is the system.
+    /// Watchpost, if that is the system (gateway A of a pair).
     pub gateway: Option<Gateway>,
+    /// Gateway B, when Watchpost runs as a site pair: the peer A mirrors to.
+    pub peer: Option<Gateway>,
     counter: Option<Counter>,
     /// Watchpost's upstream broker.
     pub upstream: Option<Broker>,
@@ -99,6 +112,7 @@ impl Running {
                     addr: gw.mqtt,
                     pid: gw.proc.pid(),
                     gateway: Some(gw),
+                    peer: None,
                     counter: None,
                     upstream: Some(upstream),
                     _broker: None,
@@ -110,6 +124,7 @@ impl Running {
                     addr,
                     pid: counter.proc.pid(),
                     gateway: None,
+                    peer: None,
                     counter: Some(counter),
                     upstream: None,
                     _broker: None,
@@ -127,11 +142,30 @@ impl Running {
                     addr: broker.addr,
                     pid: broker.proc.pid(),
                     gateway: None,
+                    peer: None,
                     counter: Some(counter),
                     upstream: None,
                     _broker: Some(broker),
                 }
             }
+        })
+    }
+
+    /// Watchpost as gateway A of a site pair with its files in `dir`: B its peer, both with
+    /// an uplink to the same upstream Mosquitto and `rules` besides overheat, A where devices
+    /// connect (see [`setup::pair`]).
+    pub fn pair(bins: &Bins, dir: &Path, rules: &str) -> Result<Running> {
+        std::fs::create_dir_all(dir)?;
+        let upstream = setup::bare_mosquitto(&dir.join("upstream"))?;
+        let setup::Pair { a, b } = setup::pair(bins, dir, upstream.addr, rules, None)?;
+        Ok(Running {
+            addr: a.mqtt,
+            pid: a.proc.pid(),
+            gateway: Some(a),
+            peer: Some(b),
+            counter: None,
+            upstream: Some(upstream),
+            _broker: None,
         })
     }
 
@@ -151,20 +185,35 @@ impl Running {
     /// Waits until the count stops rising (1 s without change), at most `max`; returns the
     /// count and whether it did stop.
     fn settle(&mut self, max: Duration) -> Result<(f64, bool)> {
-        let deadline = Instant::now() + max;
-        let mut last = self.count()?;
-        let mut since = Instant::now();
-        loop {
-            std::thread::sleep(Duration::from_millis(200));
-            let now = self.count()?;
-            if now != last {
-                (last, since) = (now, Instant::now());
-            } else if since.elapsed() >= Duration::from_secs(1) {
-                return Ok((now, true));
-            }
-            if Instant::now() >= deadline {
-                return Ok((now, false));
-            }
+        settle(max, || self.count())
+    }
+
+    /// Readings gateway B of a pair has judged so far (its own clients' and A's mirrored).
+    fn peer_count(&mut self) -> Result<Option<f64>> {
+        let Some(b) = &mut self.peer else {
+            return Ok(None);
+        };
+        b.proc.check_alive()?;
+        Ok(Some(b.metrics()?.sum("watchpost_readings_total")))
+    }
+}
+
+/// Waits until `count` stops rising (1 s without change), at most `max`; returns the count and
+/// whether it did stop.
+fn settle(max: Duration, mut count: impl FnMut() -> Result<f64>) -> Result<(f64, bool)> {
+    let deadline = Instant::now() + max;
+    let mut last = count()?;
+    let mut since = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = count()?;
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= Duration::from_secs(1) {
+            return Ok((now, true));
+        }
+        if Instant::now() >= deadline {
+            return Ok((now, false));
         }
     }
 }
@@ -232,12 +281,37 @@ pub fn saturate(
     timing: Timing,
     shape: Shape,
 ) -> Result<Value> {
-    let rules = if shape.states > 0 {
-        setup::DOOR_STATE
-    } else {
-        ""
-    };
-    let mut sut = Running::start(bins, dir, system, rules)?;
+    let sut = Running::start(bins, dir, system, shape.rules())?;
+    measure(bins, dir, sut, system.name(), conns, timing, shape)
+}
+
+/// Name of Watchpost as gateway A of a site pair in the figures.
+pub const PAIR: &str = "watchpost-pair";
+
+/// [`saturate`] for Watchpost as gateway A of a site pair ([`Running::pair`]): the load goes
+/// to A, which mirrors every reading to B; the figure is what A judged, and B's share of the
+/// work is reported beside it.
+pub fn saturate_pair(
+    bins: &Bins,
+    dir: &Path,
+    conns: usize,
+    timing: Timing,
+    shape: Shape,
+) -> Result<Value> {
+    let sut = Running::pair(bins, dir, shape.rules())?;
+    measure(bins, dir, sut, PAIR, conns, timing, shape)
+}
+
+/// The saturation measurement of a started system, named `name` in the figures.
+fn measure(
+    bins: &Bins,
+    dir: &Path,
+    mut sut: Running,
+    name: &str,
+    conns: usize,
+    timing: Timing,
+    shape: Shape,
+) -> Result<Value> {
     let seconds = (timing.warm + timing.window).as_secs_f64() + 1.0;
     let mut flood = Flooder::start(
         bins,
@@ -253,12 +327,24 @@ pub fn saturate(
         sut.count()?,
         sut.gateway.as_ref().map(|g| g.metrics()).transpose()?,
     );
+    let b_start = sut.peer_count()?;
     flood.go()?;
     // The load runs for fixed durations: warm-up, then the window.
     std::thread::sleep(timing.warm);
     let (c0, u0) = (sut.count()?, Usage::of(sut.pid)?);
+    let b0 = peer_sample(&mut sut)?;
+    // The load's CPU and the whole machine's: what else ran besides the system under test.
+    let (f0, all0) = (Usage::of(flood.proc.pid())?, procs::machine_cpu_seconds()?);
     std::thread::sleep(timing.window);
     let (c1, u1) = (sut.count()?, Usage::of(sut.pid)?);
+    let b1 = peer_sample(&mut sut)?;
+    let (f1, all1) = (Usage::of(flood.proc.pid())?, procs::machine_cpu_seconds()?);
+    let machine_cores = (all1 - all0) / (f1.at - f0.at).as_secs_f64();
+    // A's mirror backlog as the window ends: how far B is behind.
+    let a1 = match (&b1, &sut.gateway) {
+        (Some(_), Some(a)) => Some(a.metrics()?),
+        _ => None,
+    };
     let report = flood.report(Duration::from_secs(60))?;
     let window = (u1.at - u0.at).as_secs_f64();
     // QoS 0 has no acknowledgement, but what was sent and never consumed is worth knowing.
@@ -269,8 +355,8 @@ pub fn saturate(
         (Some(a), Some(b)) => Some(b.dropped_since(a)),
         _ => None,
     };
-    Ok(json!({
-        "system": system.name(),
+    let mut out = json!({
+        "system": name,
         "conns": conns,
         "state_share": f64::from(shape.states) / 100.0,
         "retain": shape.retain,
@@ -279,6 +365,8 @@ pub fn saturate(
         "offered": report["sent"].as_f64().unwrap_or(0.0) / report["seconds"].as_f64().unwrap_or(1.0),
         "flood": report,
         "cores": u1.cores_since(&u0),
+        "load_cores": f1.cores_since(&f0),
+        "machine_cores": machine_cores,
         "rss_kib": u1.rss_kib,
         "hwm_kib": u1.hwm_kib,
         "consumed_in_all": consumed,
@@ -286,7 +374,57 @@ pub fn saturate(
         "sent_not_consumed": report["sent"].as_f64().unwrap_or(0.0) - consumed,
         "dropped_counted": dropped,
         "startup_ms": sut.gateway.as_ref().map(|g| g.startup.as_secs_f64() * 1000.0),
-    }))
+    });
+    if let (Some(b_start), Some((b0, v0, _)), Some((b1, v1, m1))) = (b_start, b0, b1) {
+        // B goes on judging what A mirrored after A is done: until its count settles too.
+        let (b_settled_at, b_settled) =
+            settle(timing.drain, || Ok(sut.peer_count()?.unwrap_or_default()))?;
+        // A's mirror counters once B has settled: A may still be sending its backlog after
+        // its own count stopped.
+        let (a_end, b_end) = (
+            sut.gateway
+                .as_ref()
+                .map(|a| a.metrics())
+                .transpose()?
+                .unwrap_or_default(),
+            sut.peer
+                .as_ref()
+                .map(|b| b.metrics())
+                .transpose()?
+                .unwrap_or_default(),
+        );
+        let (a_start, wall) = (m_start.unwrap_or_default(), (v1.at - v0.at).as_secs_f64());
+        out["peer"] = json!({
+            "rate": (b1 - b0) / wall,
+            "cores": v1.cores_since(&v0),
+            "rss_kib": v1.rss_kib,
+            "judged_in_all": b_settled_at - b_start,
+            "settled": b_settled,
+            "mirror_dropped": a_end.sum("watchpost_peer_mirror_dropped_total")
+                - a_start.sum("watchpost_peer_mirror_dropped_total"),
+            "entries_sent": a_end.sum("watchpost_peer_entries_sent_total")
+                - a_start.sum("watchpost_peer_entries_sent_total"),
+            "entries_received": b_end.sum("watchpost_peer_entries_received_total"),
+            // Entries B never received, by their numbers.
+            "entries_gap": b_end.sum("watchpost_peer_entries_gap_total"),
+            "entries_duplicate": b_end.sum("watchpost_peer_entries_duplicate_total"),
+            "lag_at_window_end_s": m1.get("watchpost_peer_lag_seconds"),
+            "backlog_bytes_at_window_end": a1.map(|m| m.get("watchpost_peer_backlog_bytes")),
+        });
+        // The pair's CPU: both processes over the same window.
+        out["pair_cores"] = json!(u1.cores_since(&u0) + v1.cores_since(&v0));
+    }
+    Ok(out)
+}
+
+/// Gateway B's count, CPU and memory, and its `/metrics`, at one moment (`None` without a
+/// pair).
+fn peer_sample(sut: &mut Running) -> Result<Option<(f64, Usage, Metrics)>> {
+    let Some(count) = sut.peer_count()? else {
+        return Ok(None);
+    };
+    let b = sut.peer.as_ref().context("a pair without B")?;
+    Ok(Some((count, Usage::of(b.proc.pid())?, b.metrics()?)))
 }
 
 /// QoS 1 overload: `conns` connections publish QoS 1 as fast as acknowledgements come, for

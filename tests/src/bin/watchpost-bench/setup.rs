@@ -58,6 +58,61 @@ pub fn watchpost_config(
     rules: &str,
     broker: &str,
 ) -> Result<PathBuf> {
+    write_config(dir, None, upstream, summaries, rules, broker)
+}
+
+/// One gateway of a site pair, as its configuration names it and its peer.
+#[derive(Debug, Clone)]
+pub struct PairMember {
+    /// Its `[gateway] id` (both share the site id [`SITE`]).
+    pub id: String,
+    /// Its MQTT listener's port on loopback: the peer names it before either starts.
+    pub port: u16,
+    /// The other gateway's id.
+    pub peer: String,
+    /// The other gateway's MQTT listener.
+    pub peer_addr: SocketAddr,
+    /// `peer.takeover_after`; the default (10 s) if `None`.
+    pub takeover_after: Option<String>,
+}
+
+/// The secret both gateways of a benchmarked pair share (each has it in a file of its own).
+const PAIR_SECRET: &str = "the-benchmarked-site-pair-shares-this-secret";
+
+/// [`watchpost_config`] for a gateway alone (`pair` is `None`: exactly that), or one of a
+/// pair, whose configuration differs only in the gateway id, `site`, the listener's port
+/// and `[peer]`.
+pub fn write_config(
+    dir: &Path,
+    pair: Option<&PairMember>,
+    upstream: SocketAddr,
+    summaries: Option<&str>,
+    rules: &str,
+    broker: &str,
+) -> Result<PathBuf> {
+    let (gateway, listen, peer) = match pair {
+        None => (
+            format!("id = \"{SITE}\""),
+            "127.0.0.1:0".to_owned(),
+            String::new(),
+        ),
+        Some(m) => {
+            let secret = dir.join("peer.secret");
+            std::fs::write(&secret, format!("{PAIR_SECRET}\n"))?;
+            let takeover = m
+                .takeover_after
+                .as_ref()
+                .map_or(String::new(), |t| format!("takeover_after = \"{t}\"\n"));
+            (
+                format!("id = \"{}\"\nsite = \"{SITE}\"", m.id),
+                format!("127.0.0.1:{}", m.port),
+                format!(
+                    "\n[peer]\nname = \"{}\"\naddress = \"{}\"\nsecret_file = {secret:?}\n{takeover}",
+                    m.peer, m.peer_addr
+                ),
+            )
+        }
+    };
     let data = dir.join("data");
     std::fs::create_dir_all(&data)?;
     let summaries = summaries.map_or(String::new(), |interval| {
@@ -67,11 +122,11 @@ pub fn watchpost_config(
     });
     let text = format!(
         r#"[gateway]
-id = "{SITE}"
+{gateway}
 data_dir = {data:?}
 
 [broker]
-listen = "127.0.0.1:0"
+listen = "{listen}"
 allow_anonymous = true
 max_publish_rate = 0
 {broker}
@@ -82,7 +137,7 @@ listen = "127.0.0.1:0"
 url = "mqtt://{upstream}"
 topic_prefix = "{SITE}"
 forward = ["critical"]
-{summaries}
+{summaries}{peer}
 {OVERHEAT}{rules}"#
     );
     let path = dir.join("watchpost.toml");
@@ -117,6 +172,64 @@ pub fn watchpost_with(
         m.get("watchpost_uplink_connected") == 1.0
     })?;
     Ok(gateway)
+}
+
+/// A site pair started by [`pair`]: gateway A (`gw-a`) and B (`gw-b`), each in its own
+/// directory under the pair's.
+pub struct Pair {
+    /// Gateway A.
+    pub a: Gateway,
+    /// Gateway B.
+    pub b: Gateway,
+}
+
+/// Starts two gateways as a site pair in `dir/a` and `dir/b` ([`write_config`] with `rules`
+/// and `takeover_after`, the same upstream) and waits until both forward upstream, mirror to
+/// each other and have heard from each other.
+pub fn pair(
+    bins: &Bins,
+    dir: &Path,
+    upstream: SocketAddr,
+    rules: &str,
+    takeover_after: Option<&str>,
+) -> Result<Pair> {
+    let (port_a, port_b) = (watchpost_e2e::free_port()?, watchpost_e2e::free_port()?);
+    let member = |id: &str, port: u16, peer: &str, peer_port: u16| PairMember {
+        id: id.into(),
+        port,
+        peer: peer.into(),
+        peer_addr: ([127, 0, 0, 1], peer_port).into(),
+        takeover_after: takeover_after.map(str::to_owned),
+    };
+    let mut started = Vec::new();
+    for (name, me) in [
+        ("a", member("gw-a", port_a, "gw-b", port_b)),
+        ("b", member("gw-b", port_b, "gw-a", port_a)),
+    ] {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let config = write_config(&dir, Some(&me), upstream, None, rules, "")?;
+        started.push(Gateway::start(
+            &bins.watchpost,
+            &config,
+            &dir.join("watchpost.log"),
+        )?);
+    }
+    let (Some(mut b), Some(mut a)) = (started.pop(), started.pop()) else {
+        unreachable!("two gateways were started");
+    };
+    for gw in [&mut a, &mut b] {
+        gw.wait_metrics(
+            "the uplink connects, the mirror is up and the peer is heard from",
+            Duration::from_secs(30),
+            |m| {
+                m.get("watchpost_uplink_connected") == 1.0
+                    && m.get("watchpost_peer_mirror_up") == 1.0
+                    && m.get("watchpost_peer_active") == 1.0
+            },
+        )?;
+    }
+    Ok(Pair { a, b })
 }
 
 /// A Mosquitto started by the benchmark, and its MQTT address.
