@@ -238,6 +238,8 @@ impl Config {
                 margin: Duration::from_secs(5),
                 takeover_after: None,
                 stops: vec![pair::Stop::Kill, pair::Stop::Freeze],
+                // Past the catch-up horizon of two minutes, so that RSS has levelled off.
+                memory: Some(Duration::from_secs(150)),
             },
         };
         if !quick {
@@ -290,6 +292,7 @@ impl Config {
                 margin: Duration::from_secs(3),
                 takeover_after: Some("2s"),
                 stops: vec![pair::Stop::Kill],
+                memory: None,
                 ..full.pair
             },
             ..full
@@ -352,6 +355,7 @@ impl Config {
             "hold": pair::HOLD,
             "ack_timeout_s": pair::ACK_TIMEOUT.as_secs_f64(),
             "stops": self.pair.stops.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            "memory_s": self.pair.memory.map(|d| d.as_secs_f64()),
         })
     }
 }
@@ -668,7 +672,19 @@ fn run_all(cli: &Cli, root: &Path) -> Result<(Value, PathBuf)> {
                 let d = dir.join(format!("pair-takeover-{}", stop.name()));
                 takeover.push(pair::takeover(&bins, &d, &config.pair, stop)?);
             }
-            result["pair"] = json!({ "saturation": saturation, "takeover": takeover });
+            let memory = match config.pair.memory {
+                Some(seconds) => {
+                    step("pair memory under the plant, beside a gateway alone");
+                    let d = dir.join("pair-memory");
+                    Some(pair::memory(&bins, &d, &config.plant, seconds)?)
+                }
+                None => None,
+            };
+            result["pair"] = json!({
+                "saturation": saturation,
+                "takeover": takeover,
+                "memory": memory,
+            });
         }
         result["load_at_steps"] = json!(loads.take());
         if let Some(list) = doc["runs"].as_array_mut() {

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
+use crate::plant;
 use crate::probe;
 use crate::procs::{Bins, Metrics, Proc};
 use crate::setup::{self, SITE};
@@ -108,6 +109,9 @@ pub struct Plan {
     pub takeover_after: Option<&'static str>,
     /// How A is stopped, one takeover each.
     pub stops: Vec<Stop>,
+    /// How long the plant's devices run against a gateway alone and a pair for their memory
+    /// ([`memory`]); `None`: not measured.
+    pub memory: Option<Duration>,
 }
 
 impl Plan {
@@ -294,7 +298,9 @@ pub fn takeover(bins: &Bins, dir: &Path, plan: &Plan, stop: Stop) -> Result<Valu
     // Then a reading every 100 ms, one in flight as a device has it, each timed to its PUBACK,
     // until a while after B took over A's deadlines.
     let mut acks = Vec::new();
-    let mut slow_until: Option<f64> = None;
+    let mut slow_until = critical
+        .filter(|rtt| *rtt >= SLOW_ACK)
+        .and(critical_acked_s);
     let until = at + takeover + Duration::from_secs(3);
     let mut pkid: u16 = 2;
     while Instant::now() < until {
@@ -413,6 +419,62 @@ pub fn takeover(bins: &Bins, dir: &Path, plan: &Plan, stop: Stop) -> Result<Valu
         "b_peer_ack_timeouts": b_metrics.sum("watchpost_peer_ack_timeouts_total"),
         "b_logged_takeover": log.contains("no word from the peer gateway"),
         "sim": report,
+    }))
+}
+
+/// Memory of a gateway alone and of both gateways of a pair, each under the plant's devices
+/// (`plant`: one message a second per device, three readings in it, QoS 1) for `seconds`,
+/// side by side: each gateway of a pair keeps what it judged over its catch-up horizon (two
+/// minutes with the plant's one rule) for the other, so its RSS grows until that horizon is
+/// full. RSS is read every 10 s.
+pub fn memory(bins: &Bins, dir: &Path, plant: &plant::Plan, seconds: Duration) -> Result<Value> {
+    std::fs::create_dir_all(dir)?;
+    let up_alone = setup::bare_mosquitto(&dir.join("alone").join("upstream"))?;
+    let alone = setup::watchpost(bins, &dir.join("alone"), up_alone.addr, None, "")?;
+    let up_pair = setup::bare_mosquitto(&dir.join("pair").join("upstream"))?;
+    let setup::Pair { a, b } = setup::pair(bins, &dir.join("pair"), up_pair.addr, "", None)?;
+    let pids = [alone.proc.pid(), a.proc.pid(), b.proc.pid()];
+    let rss = || -> Result<Vec<u64>> {
+        pids.iter()
+            .map(|&pid| Ok(crate::procs::memory_kib(pid)?.0))
+            .collect()
+    };
+    let start = rss()?;
+    let secs = seconds.as_secs_f64();
+    let mut sims = [
+        plant::sim(bins, plant, alone.mqtt, secs, &dir.join("sim-alone.log"))?,
+        plant::sim(bins, plant, a.mqtt, secs, &dir.join("sim-pair.log"))?,
+    ];
+    let began = Instant::now();
+    let mut series = Vec::new();
+    while began.elapsed() + Duration::from_secs(10) <= seconds {
+        // Sampling memory at fixed times, not waiting for a condition.
+        std::thread::sleep(Duration::from_secs(10));
+        let now = rss()?;
+        series.push(json!({ "s": began.elapsed().as_secs_f64(), "rss_kib": now }));
+    }
+    let end = rss()?;
+    let judged = [
+        alone.metrics()?.sum("watchpost_readings_total"),
+        a.metrics()?.sum("watchpost_readings_total"),
+        b.metrics()?.sum("watchpost_readings_total"),
+    ];
+    let messages = [
+        alone.metrics()?.sum("watchpost_messages_total"),
+        a.metrics()?.sum("watchpost_messages_total"),
+        b.metrics()?.sum("watchpost_peer_entries_received_total"),
+    ];
+    for sim in &mut sims {
+        sim.wait_output(Duration::from_secs(60))?;
+    }
+    Ok(json!({
+        "seconds": secs,
+        "devices": plant.devices,
+        "rss_start_kib": { "alone": start[0], "a": start[1], "b": start[2] },
+        "rss_end_kib": { "alone": end[0], "a": end[1], "b": end[2] },
+        "readings": { "alone": judged[0], "a": judged[1], "b": judged[2] },
+        "messages": { "alone": messages[0], "a": messages[1], "b_mirrored": messages[2] },
+        "series": series,
     }))
 }
 

@@ -72,7 +72,13 @@ fn tally(t: &Mutex<Tally>, topic: &[u8], payload: &[u8]) {
 }
 
 /// A simulator process: the plant's devices against `gateway` for `seconds`.
-fn sim(bins: &Bins, plan: &Plan, gateway: SocketAddr, seconds: f64, log: &Path) -> Result<Proc> {
+pub fn sim(
+    bins: &Bins,
+    plan: &Plan,
+    gateway: SocketAddr,
+    seconds: f64,
+    log: &Path,
+) -> Result<Proc> {
     let mut command = Command::new(&bins.sim);
     command.args([
         "--devices",

@@ -1763,6 +1763,8 @@ struct Pair {
     takeover: Vec<(&'static str, Vec<Figure>)>,
     /// The ways A was stopped, in column order.
     stops: Vec<String>,
+    /// Memory under the plant: label, figures for the gateway alone, A and B.
+    memory: Vec<(String, [Figure; 3])>,
 }
 
 /// One connection count of the saturation load into a gateway alone and into A of a pair.
@@ -1933,10 +1935,50 @@ impl Pair {
                 Some(t["sim"]["dropped"].as_f64()? + t["sim"]["unsent"].as_f64()?)
             }),
         ];
+        let seconds = c["pair"]["memory_s"].as_f64().unwrap_or(0.0);
+        let mem =
+            |label: String, unit: fn(f64) -> String, g: &dyn Fn(&Value, &str) -> Option<f64>| {
+                let fig = |who: &str| {
+                    Figure::over(runs, unit, |r| {
+                        let m = &r["pair"]["memory"];
+                        if m.is_null() { None } else { g(m, who) }
+                    })
+                };
+                (label, [fig("alone"), fig("a"), fig("b")])
+            };
+        // RSS at the sample nearest `at` seconds.
+        fn rss_at(m: &Value, who: &str, at: f64) -> Option<f64> {
+            let column = match who {
+                "alone" => 0,
+                "a" => 1,
+                _ => 2,
+            };
+            m["series"].as_array()?.iter().min_by(|x, y| {
+                let d = |v: &Value| (v["s"].as_f64().unwrap_or(f64::MAX) - at).abs();
+                d(x).total_cmp(&d(y))
+            })?["rss_kib"][column]
+                .as_f64()
+        }
+        let memory = vec![
+            mem("RSS at start".into(), mib, &|m, who| {
+                m["rss_start_kib"][who].as_f64()
+            }),
+            mem("RSS after 60 s".into(), mib, &|m, who| rss_at(m, who, 60.0)),
+            mem("RSS after 120 s".into(), mib, &|m, who| {
+                rss_at(m, who, 120.0)
+            }),
+            mem(format!("RSS after {seconds:.0} s"), mib, &|m, who| {
+                m["rss_end_kib"][who].as_f64()
+            }),
+            mem("readings judged".into(), count, &|m, who| {
+                m["readings"][who].as_f64()
+            }),
+        ];
         Pair {
             saturation,
             takeover,
             stops,
+            memory,
         }
     }
 
@@ -2011,6 +2053,26 @@ impl Pair {
         }
         out.push_str(&t.done());
         out.push('\n');
+        if let Some(seconds) = p["memory_s"].as_f64() {
+            out.push_str(&format!(
+                "Memory: the plant's {} devices (as in the plant step: one message a second \
+                 each with three readings, QoS 1) run for {seconds:.0} s against a gateway \
+                 alone and, at the same time, against A of a pair (B its peer, no devices of \
+                 its own). Each gateway of a pair keeps what it judged over its catch-up \
+                 horizon (here two minutes, the shortest: the plant's one rule looks back no \
+                 further) to send it to the other after a restart; the horizon fills in the \
+                 first two minutes.\n\n",
+                count(c["plant_devices"].as_f64().unwrap_or(0.0)),
+            ));
+            let mut t = Table::new(&["", "gateway alone", "A of a pair", "B of a pair"]);
+            for (label, figures) in &self.memory {
+                let mut cells = vec![label.clone()];
+                cells.extend(figures.iter().map(Figure::show));
+                t.row(cells);
+            }
+            out.push_str(&t.done());
+            out.push('\n');
+        }
         out.push_str(&format!(
             "Takeover: A and B, each with an uplink to the same upstream Mosquitto, and {} \
              simulated devices (`watchpost-sim`: the firmware's session and list of gateways, \
