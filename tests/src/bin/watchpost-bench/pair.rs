@@ -453,7 +453,10 @@ pub fn memory(bins: &Bins, dir: &Path, plant: &plant::Plan, seconds: Duration) -
         let now = rss()?;
         series.push(json!({ "s": began.elapsed().as_secs_f64(), "rss_kib": now }));
     }
+    // The last reading at `seconds`, as the devices stop.
+    std::thread::sleep(seconds.saturating_sub(began.elapsed()));
     let end = rss()?;
+    let end_s = began.elapsed().as_secs_f64();
     let judged = [
         alone.metrics()?.sum("watchpost_readings_total"),
         a.metrics()?.sum("watchpost_readings_total"),
@@ -472,6 +475,7 @@ pub fn memory(bins: &Bins, dir: &Path, plant: &plant::Plan, seconds: Duration) -
         "devices": plant.devices,
         "rss_start_kib": { "alone": start[0], "a": start[1], "b": start[2] },
         "rss_end_kib": { "alone": end[0], "a": end[1], "b": end[2] },
+        "end_s": end_s,
         "readings": { "alone": judged[0], "a": judged[1], "b": judged[2] },
         "messages": { "alone": messages[0], "a": messages[1], "b_mirrored": messages[2] },
         "series": series,
