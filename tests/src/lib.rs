@@ -12,6 +12,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tempfile::TempDir;
 use watchpost::config::{self, Config};
 
+pub mod browser;
 pub mod clients;
 pub mod failover;
 pub mod pki;
