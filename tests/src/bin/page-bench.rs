@@ -1,0 +1,433 @@
+//! The status page's figures (issue 23): its weight, its time to first render with 10,000
+//! devices, and the gateway's ingest rate with the page open and refreshing.
+//!
+//! The gateway runs in this process (`watchpost::start`, on a tokio runtime of its own with
+//! two workers); the flood is a plain thread writing MQTT over TCP; the page is in headless
+//! Chromium (chromedriver on the PATH). Each of three rounds starts a fresh gateway, gives it
+//! 10,000 devices, and measures everything once; the table shows min, median and max.
+//!
+//! `cargo run --release -p watchpost-e2e --bin page-bench`
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rumqttc::QoS;
+use serde_json::{Value, json};
+use watchpost_e2e::browser::{Browser, Cdp};
+use watchpost_e2e::{OVERHEAT, Publisher, gateway_config_with};
+
+const ROUNDS: usize = 3;
+const DEVICES: usize = 10_000;
+const PUBLISHERS: usize = 4;
+const WINDOW: Duration = Duration::from_secs(10);
+
+/// Installed before the page's own script on every navigation: notes, on the page's clock
+/// (milliseconds from navigation start), when the header, the alerts and the full device
+/// table are first in the DOM, and the frame after the table.
+const WATCH: &str = r#"
+window.__bench = {};
+new MutationObserver(function (_, observer) {
+  const b = window.__bench, now = performance.now();
+  const gw = document.getElementById('gateway');
+  if (b.header === undefined && gw && gw.textContent !== '') b.header = now;
+  const count = document.getElementById('alert-count');
+  if (b.alerts === undefined && count && count.textContent !== '') b.alerts = now;
+  const table = document.getElementById('devices');
+  if (b.table === undefined && table && table.tBodies[0].rows.length >= TARGET) {
+    b.table = now;
+    requestAnimationFrame(() => requestAnimationFrame(() => { b.frame = performance.now(); }));
+  }
+  if (b.header !== undefined && b.alerts !== undefined && b.table !== undefined) observer.disconnect();
+}).observe(document, { childList: true, subtree: true, characterData: true });
+"#;
+
+#[derive(Default)]
+struct Figures {
+    rows: Vec<(String, String, Vec<f64>)>,
+}
+
+impl Figures {
+    fn add(&mut self, name: &str, unit: &str, value: f64) {
+        match self.rows.iter_mut().find(|(n, _, _)| n == name) {
+            Some((_, _, values)) => values.push(value),
+            None => self
+                .rows
+                .push((name.to_owned(), unit.to_owned(), vec![value])),
+        }
+    }
+
+    fn get(&self, name: &str) -> Vec<f64> {
+        self.rows
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, v)| v.clone())
+            .unwrap_or_default()
+    }
+
+    fn print(&self) {
+        println!(
+            "\n| {:<52} | {:>9} | {:>9} | {:>9} | {:<10} |",
+            "figure", "min", "median", "max", "unit"
+        );
+        println!(
+            "|{:-<54}|{:->11}|{:->11}|{:->11}|{:-<12}|",
+            "", "", "", "", ""
+        );
+        for (name, unit, values) in &self.rows {
+            let mut v = values.clone();
+            v.sort_by(f64::total_cmp);
+            let digits = if v.iter().all(|x| x.fract() == 0.0) {
+                0
+            } else if unit == "ratio" {
+                3
+            } else {
+                1
+            };
+            println!(
+                "| {:<52} | {:>9.*} | {:>9.*} | {:>9.*} | {:<10} |",
+                name,
+                digits,
+                v[0],
+                digits,
+                v[v.len() / 2],
+                digits,
+                v[v.len() - 1],
+                unit
+            );
+        }
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn main() -> Result<()> {
+    let gateway_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("gateway")
+        .enable_all()
+        .build()?;
+    let driver_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("driver")
+        .enable_all()
+        .build()?;
+    println!(
+        "page-bench: {ROUNDS} rounds, {DEVICES} devices, windows of {WINDOW:?}; {} cores, load {} at the start",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg()
+    );
+    let started = Instant::now();
+    let mut figures = Figures::default();
+    let Some(browser) = driver_rt.block_on(Browser::start()) else {
+        bail!("chromedriver is needed: apt-get install chromium chromium-driver");
+    };
+    driver_rt.block_on(browser.client().issue_cmd(Cdp(
+        "Page.addScriptToEvaluateOnNewDocument",
+        json!({ "source": WATCH.replace("TARGET", &DEVICES.to_string()) }),
+    )))?;
+    for round in 0..ROUNDS {
+        let data = tempfile::tempdir()?;
+        let gateway = gateway_rt
+            .block_on(watchpost::start(gateway_config_with(
+                data.path(),
+                None,
+                // One flood connection stands for the fleet: no per-connection limit.
+                "max_publish_rate = 0",
+                OVERHEAT,
+            )))
+            .context("the gateway")?;
+        let http = gateway.http_addr().context("the HTTP endpoint")?;
+        let mqtt = gateway.mqtt_addr();
+        let t = Instant::now();
+        driver_rt.block_on(populate(mqtt, http, gateway.stats()))?;
+        println!(
+            "round {}: {DEVICES} devices in {:.1} s, load {}",
+            round + 1,
+            t.elapsed().as_secs_f64(),
+            loadavg()
+        );
+        weigh(http, &mut figures)?;
+        // The device list is kept for a second: the page reads a fresh one.
+        std::thread::sleep(Duration::from_millis(1100));
+        driver_rt.block_on(first_render(&browser, http, &mut figures))?;
+        driver_rt.block_on(saturation(
+            &browser,
+            &gateway,
+            mqtt,
+            http,
+            round,
+            &mut figures,
+        ))?;
+        driver_rt.block_on(browser.client().goto("about:blank"))?;
+        gateway_rt.block_on(gateway.shutdown());
+    }
+    for (with, name) in [
+        ("loadAll", "ingest, page calling loadAll() every 1 s"),
+        ("reload", "ingest, page reloaded every 1 s"),
+    ] {
+        let none = figures.get("ingest, no page");
+        let with_page = figures.get(name);
+        for (a, b) in none.iter().zip(&with_page) {
+            figures.add(
+                &format!("ratio {with} / no page (same round)"),
+                "ratio",
+                b / a,
+            );
+        }
+    }
+    figures.print();
+    println!(
+        "\n{} s in all; load {} at the end",
+        started.elapsed().as_secs(),
+        loadavg()
+    );
+    drop(browser);
+    Ok(())
+}
+
+/// One reading for each of [`DEVICES`] devices, from [`PUBLISHERS`] clients at QoS 1; waits
+/// until the page's device list holds them all.
+async fn populate(
+    mqtt: SocketAddr,
+    http: SocketAddr,
+    stats: &watchpost::stats::Stats,
+) -> Result<()> {
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        tasks.push(tokio::spawn(async move {
+            let publisher = Publisher::connect(mqtt, &format!("populate-{p}")).await?;
+            let mut sent = 0;
+            for d in (p..DEVICES).step_by(PUBLISHERS) {
+                let topic = format!("sensors/dev-{:05}/temperature", d + 1);
+                let value = format!("{}.5", 18 + d % 7);
+                publisher.publish(&topic, QoS::AtLeastOnce, value).await?;
+                sent += 1;
+            }
+            publisher.wait_acked(sent, Duration::from_secs(60)).await
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = get(http, "/api/devices").await?;
+        let n = serde_json::from_str::<Value>(&body)?
+            .as_array()
+            .map_or(0, Vec::len);
+        if n >= DEVICES {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{n} of {DEVICES} devices listed after 30 s ({} readings, {} messages)",
+                stats.readings.load(Ordering::Relaxed),
+                stats.messages.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn get(http: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let path = path.to_owned();
+    Ok(tokio::task::spawn_blocking(move || watchpost::http::get_blocking(http, &path)).await??)
+}
+
+/// The bytes of what the page loads, as the gateway sends them (no compression).
+fn weigh(http: SocketAddr, figures: &mut Figures) -> Result<()> {
+    let mut total = 0;
+    for (name, path) in [
+        ("/ (index.html)", "/"),
+        ("/page.js", "/page.js"),
+        ("/page.css", "/page.css"),
+        ("/favicon.svg", "/favicon.svg"),
+        ("/api/devices (10,000 devices)", "/api/devices"),
+        (
+            "/plot/series.svg (one device)",
+            "/plot/series.svg?device=dev-00001&metric=temperature",
+        ),
+        ("/plot/bandwidth.svg", "/plot/bandwidth.svg"),
+    ] {
+        let (status, body) = watchpost::http::get_blocking(http, path)?;
+        if status != 200 {
+            bail!("{path}: {status}");
+        }
+        figures.add(&format!("weight {name}"), "bytes", body.len() as f64);
+        total += body.len();
+    }
+    figures.add("weight, all of the above", "bytes", total as f64);
+    Ok(())
+}
+
+/// A fresh navigation to the page; times from the page's own clock.
+async fn first_render(browser: &Browser, http: SocketAddr, figures: &mut Figures) -> Result<()> {
+    browser.client().goto("about:blank").await?;
+    let origin = format!("http://{http}/");
+    browser.client().goto(&origin).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let b = loop {
+        let b = browser
+            .eval(
+                "const b = window.__bench || {}; const n = performance.getEntriesByType('navigation')[0];\
+                 const fcp = performance.getEntriesByName('first-contentful-paint')[0];\
+                 return Object.assign({}, b, { dcl: n ? n.domContentLoadedEventEnd : null,\
+                 fcp: fcp ? fcp.startTime : null, rows: document.querySelectorAll('#devices tbody tr').length })",
+            )
+            .await;
+        if b["frame"].is_number() && b["header"].is_number() && b["alerts"].is_number() {
+            break b;
+        }
+        if Instant::now() > deadline {
+            bail!("the page did not show {DEVICES} devices within 60 s: {b}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let ms = |k: &str| b[k].as_f64().unwrap_or(f64::NAN);
+    figures.add("render: DOMContentLoaded", "ms", ms("dcl"));
+    figures.add("render: first contentful paint", "ms", ms("fcp"));
+    figures.add("render: header (gateway name) shown", "ms", ms("header"));
+    figures.add("render: alerts shown", "ms", ms("alerts"));
+    figures.add("render: table holds 10,000 rows", "ms", ms("table"));
+    figures.add("render: the frame after the table", "ms", ms("frame"));
+    Ok(())
+}
+
+/// Readings accepted per second while one client floods QoS 0: with no page, with the page
+/// calling `loadAll()` every second, with the page reloaded every second. The order turns
+/// round by one each round, so that no case is always first.
+async fn saturation(
+    browser: &Browser,
+    gateway: &watchpost::Gateway,
+    mqtt: SocketAddr,
+    http: SocketAddr,
+    round: usize,
+    figures: &mut Figures,
+) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || flood(mqtt, &stop))
+    };
+    let readings = || gateway.stats().readings.load(Ordering::Relaxed);
+    // Warm up: the flood at full speed before anything is counted.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let origin = format!("http://{http}/");
+    let mut cases = vec!["none", "loadAll", "reload"];
+    cases.rotate_left(round % 3);
+    for case in cases {
+        if case == "none" {
+            browser.client().goto("about:blank").await?;
+        } else {
+            browser.client().goto(&origin).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if case == "loadAll" {
+            browser
+                .eval(
+                    "window.__loads = 0; window.__timer = setInterval(() => loadAll().then(() => window.__loads++), 1000); return true",
+                )
+                .await;
+        }
+        let (start, at) = (readings(), Instant::now());
+        let mut reloads = 0;
+        while at.elapsed() < WINDOW {
+            let tick = Instant::now();
+            if case == "reload" {
+                browser.client().refresh().await?;
+                reloads += 1;
+            }
+            tokio::time::sleep(Duration::from_secs(1).saturating_sub(tick.elapsed())).await;
+        }
+        let rate = (readings() - start) as f64 / at.elapsed().as_secs_f64();
+        match case {
+            "none" => figures.add("ingest, no page", "readings/s", rate),
+            "loadAll" => {
+                let loads = browser
+                    .eval("clearInterval(window.__timer); return window.__loads")
+                    .await;
+                figures.add(
+                    "ingest, page calling loadAll() every 1 s",
+                    "readings/s",
+                    rate,
+                );
+                figures.add(
+                    "  loadAll() completed in the window",
+                    "count",
+                    loads.as_f64().unwrap_or(f64::NAN),
+                );
+            }
+            _ => {
+                figures.add("ingest, page reloaded every 1 s", "readings/s", rate);
+                figures.add("  reloads in the window", "count", reloads as f64);
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = flood.join().expect("the flood thread")?;
+    println!("  flood: {sent} messages sent; load {}", loadavg());
+    Ok(())
+}
+
+/// One MQTT 3.1.1 connection writing QoS 0 readings for the fleet's devices as fast as the
+/// socket takes them, until `stop`. Returns the messages written.
+fn flood(mqtt: SocketAddr, stop: &AtomicBool) -> Result<u64> {
+    let mut stream = TcpStream::connect(mqtt)?;
+    stream.set_nodelay(true)?;
+    let id = b"page-bench-flood";
+    let mut connect = vec![0x10];
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0x01, 0x2c];
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id);
+    remaining_length(&mut connect, body.len());
+    connect.extend_from_slice(&body);
+    stream.write_all(&connect)?;
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack)?;
+    if connack[0] != 0x20 || connack[3] != 0 {
+        bail!("refused: {connack:?}");
+    }
+    let mut batch = Vec::with_capacity(70_000);
+    let mut sent = 0u64;
+    let mut device = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        batch.clear();
+        while batch.len() < 64 * 1024 {
+            let topic = format!("sensors/dev-{:05}/temperature", device % DEVICES + 1);
+            let value = format!("{}.{}", 18 + device % 7, sent % 10);
+            batch.push(0x30);
+            remaining_length(&mut batch, 2 + topic.len() + value.len());
+            batch.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+            batch.extend_from_slice(topic.as_bytes());
+            batch.extend_from_slice(value.as_bytes());
+            device += 1;
+            sent += 1;
+        }
+        stream.write_all(&batch)?;
+    }
+    // DISCONNECT
+    let _ = stream.write_all(&[0xe0, 0]);
+    Ok(sent)
+}
+
+fn remaining_length(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if n == 0 {
+            break;
+        }
+    }
+}
