@@ -1133,10 +1133,8 @@ impl Engine {
             }
             let rule = &options.rules[d.rule];
             // A deadline a peer's catch-up reaches before this gateway's restart came up then.
-            let quiet = peer_heap
-                && rule
-                    .deadline(state)
-                    .is_some_and(|due| until.at_mono(due).wall <= floor);
+            let deadline = rule.deadline(state);
+            let quiet = peer_heap && deadline.is_some_and(|due| until.at_mono(due).wall <= floor);
             let mut ctx = StepContext {
                 quiet,
                 gateway: &options.gateway,
@@ -1148,7 +1146,7 @@ impl Engine {
                 },
                 out: &mut out,
             };
-            match rule.deadline(state) {
+            match deadline {
                 Some(due) if due <= until.mono && peer_owned == peer_heap => {
                     let at = until.at_mono(due);
                     let transition = rule.step(state, Input::Tick, at);

@@ -64,19 +64,7 @@ fn wait_for(timeout: Duration, condition: impl FnMut() -> bool) -> bool {
     wait_every(Duration::from_millis(10), timeout, condition)
 }
 
-/// Polls `condition` every `period` until it holds or `timeout` passes.
-fn wait_every(period: Duration, timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(period);
-    }
-}
+use watchpost_e2e::wait_until_blocking as wait_every;
 
 /// One box: a network namespace, and the gateway and keepalived running in it.
 struct Node {

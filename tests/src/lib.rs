@@ -18,6 +18,24 @@ pub mod failover;
 pub mod pki;
 pub mod relay;
 
+/// Like [`wait_until`] for a thread that is not async: polls `condition` every `period`.
+pub fn wait_until_blocking(
+    period: Duration,
+    timeout: Duration,
+    mut condition: impl FnMut() -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(period);
+    }
+}
+
 /// Polls `condition` every 10 ms until it holds or `timeout` passes; returns whether it held.
 pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

@@ -778,6 +778,19 @@ impl Incoming {
 mod tests {
     use super::*;
 
+    /// A reading of `sensors/a/t` for the tests: stream, number, stamp and payload.
+    fn entry(stream: u64, seq: u64, wall: Millis, payload: Bytes) -> Entry {
+        Entry {
+            stream,
+            seq,
+            wall,
+            retain: false,
+            qos: 1,
+            topic: Bytes::from_static(b"sensors/a/t"),
+            payload,
+        }
+    }
+
     #[test]
     fn tokens_prove_the_name_and_time_under_the_secret() {
         let secret = Secret::from_bytes(b"0123456789abcdef0123");
@@ -824,15 +837,7 @@ mod tests {
     fn entries_are_judged_once_and_gaps_are_counted() {
         let stats = Arc::new(Stats::default());
         let mut incoming = Incoming::new(9, Duration::from_secs(10), stats.clone());
-        let entry = |stream, seq| Entry {
-            stream,
-            seq,
-            wall: 0,
-            retain: false,
-            qos: 1,
-            topic: Bytes::from_static(b"sensors/a/t"),
-            payload: Bytes::new(),
-        };
+        let entry = |stream, seq| entry(stream, seq, 0, Bytes::new());
         let taken: Vec<bool> = [
             (1, 1),
             (1, 2),
@@ -857,15 +862,7 @@ mod tests {
         let mut backlog = Backlog::new(Arc::new(Stats::default()));
         backlog.stream = 1;
         let entries: Vec<Entry> = (1..=40)
-            .map(|seq| Entry {
-                stream: 1,
-                seq,
-                wall: seq,
-                retain: false,
-                qos: 1,
-                topic: Bytes::from_static(b"sensors/a/t"),
-                payload: Bytes::from(vec![b'1'; 4000]),
-            })
+            .map(|seq| entry(1, seq, seq, Bytes::from(vec![b'1'; 4000])))
             .collect();
         let (tx, _rx) = oneshot::channel();
         backlog.push(
@@ -897,15 +894,7 @@ mod tests {
         let mut backlog = Backlog::new(Arc::new(Stats::default()));
         backlog.stream = 1;
         backlog.horizon = 10_000;
-        let entry = |stream, seq, wall| Entry {
-            stream,
-            seq,
-            wall,
-            retain: false,
-            qos: 1,
-            topic: Bytes::from_static(b"sensors/a/t"),
-            payload: Bytes::from_static(b"1"),
-        };
+        let entry = |stream, seq, wall| entry(stream, seq, wall, Bytes::from_static(b"1"));
         let out = |entries| MirrorOut {
             entries,
             watermark: 0,
@@ -996,15 +985,12 @@ mod tests {
         let mut backlog = Backlog::new(stats.clone());
         backlog.stream = 1;
         let big = |seq| MirrorOut {
-            entries: vec![Entry {
-                stream: 1,
+            entries: vec![entry(
+                1,
                 seq,
-                wall: seq,
-                retain: false,
-                qos: 1,
-                topic: Bytes::from_static(b"sensors/a/t"),
-                payload: Bytes::from(vec![b'1'; FRAME_BYTES - 100]),
-            }],
+                seq,
+                Bytes::from(vec![b'1'; FRAME_BYTES - 100]),
+            )],
             watermark: seq,
             digest: Default::default(),
             judged: Vec::new(),
