@@ -1873,7 +1873,11 @@ pub async fn run(
             }
             Some(request) = control.recv() => match request {
                 Control::Devices { reply } => {
-                    let _ = reply.send(engine.devices_view(clock.now()));
+                    let started = std::time::Instant::now();
+                    let view = engine.devices_view(clock.now());
+                    Stats::add(&stats.page_device_lists, 1);
+                    Stats::add(&stats.page_device_list_us, started.elapsed().as_micros() as u64);
+                    let _ = reply.send(view);
                     continue;
                 }
                 Control::Reload { rules, sources, reply } => {

@@ -373,6 +373,21 @@ pub fn render(stats: &Stats, info: &Info) -> String {
     };
     o.gauge("watchpost_upstream_ratio", "watchpost_upstream_bytes_total / watchpost_forward_all_bytes_total: the share of a forward-everything bridge's upstream traffic.", ratio);
     o.counter(
+        "watchpost_page_device_lists_total",
+        "Copies of the device list that ingest made for the status page (at most one a second, however many pages are open).",
+        g(&stats.page_device_lists),
+    );
+    o.family(
+        "watchpost_page_device_list_seconds_total",
+        "counter",
+        "Time the ingest task spent copying the device list for the status page: all a page view costs the ingest path.",
+    );
+    o.sample(
+        "watchpost_page_device_list_seconds_total",
+        "",
+        g(&stats.page_device_list_us) as f64 / 1e6,
+    );
+    o.counter(
         "watchpost_history_evicted_total",
         "History rows dropped to keep the database within its budget.",
         g(&stats.history_evicted),

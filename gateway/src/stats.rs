@@ -127,6 +127,10 @@ pub struct Stats {
     pub forward_all_bytes: AtomicU64,
     /// MQTT bytes exchanged with the upstream broker, counted from the packets.
     pub upstream_bytes: AtomicU64,
+    /// Copies of the device list that ingest made for the status page (at most one a second).
+    pub page_device_lists: AtomicU64,
+    /// Microseconds ingest spent making them: what the page costs the ingest path.
+    pub page_device_list_us: AtomicU64,
     /// Rows waiting in the outbox.
     pub outbox_depth: AtomicU64,
     /// When the oldest outbox row was queued (ms since the epoch; 0 if none).

@@ -3,8 +3,9 @@
 //! Mosquitto upstream. Without chromedriver on the PATH each test says it was skipped.
 //!
 //! - the page loads with no console error and asks for nothing but the gateway;
-//! - a device that publishes appears; an alert raised while the page is open appears in
-//!   "Alerts now" without a reload within 2 s, and leaves it when cleared;
+//! - a device that publishes appears, and the filter narrows the list to it; an alert raised
+//!   while the page is open appears in "Alerts now" without a reload within 2 s, and leaves
+//!   it when cleared;
 //! - the bandwidth plot shows a saving;
 //! - with `[http] login` (as off loopback) the page asks for an operator's login.
 //!
@@ -102,6 +103,29 @@ async fn the_page_shows_devices_and_follows_alerts_live_without_a_reload() {
         .await;
     println!("status page: alert shown {shown:?} after the publish, gone {gone:?} after the clear");
     assert!(shown < Duration::from_secs(2) && gone < Duration::from_secs(2));
+
+    // The filter asks the gateway for the matching devices only, and says how many of how many.
+    browser
+        .eval("const f = document.getElementById('filter'); f.value = 'BASE'; f.dispatchEvent(new Event('input')); return true")
+        .await;
+    browser
+        .until(
+            "only the filtered device is listed",
+            "const rows = [...document.querySelectorAll('#devices tbody tr')].map(r => r.dataset.device);\
+             return rows.length === 1 && rows[0] === 'basement'\
+             && document.getElementById('device-range').textContent === '1–1 of 1'\
+             && document.getElementById('device-count').textContent === '(2)'",
+        )
+        .await;
+    browser
+        .eval("const f = document.getElementById('filter'); f.value = ''; f.dispatchEvent(new Event('input')); return true")
+        .await;
+    browser
+        .until(
+            "both devices are listed again",
+            "return document.querySelectorAll('#devices tbody tr').length === 2",
+        )
+        .await;
 
     // What went upstream (the raise and the clear) against what forwarding every reading
     // would have cost: a saving, drawn.

@@ -4,7 +4,7 @@
 //! | path | what |
 //! |---|---|
 //! | `/` `/page.js` `/page.css` | the page: one HTML file, one script, one style sheet, all in the binary; nothing is fetched from elsewhere (the `Content-Security-Policy` says so to the browser) |
-//! | `/api/devices` | every device in memory: presence, last values, battery, `seq` losses, source, alerts raised |
+//! | `/api/devices[?q=&sort=&desc=1&offset=&limit=]` | the devices in memory (presence, last values, `seq` losses, source, alerts raised): all of them by name, or those whose name contains `q`, ordered by `state` (offline, silent, online), `name`, `seen`, `battery`, `lost` or `source`, a page of them; the headers `Watchpost-Devices`, `Watchpost-Devices-Not-Online` and `Watchpost-Devices-Matching` count them |
 //! | `/api/alerts` | alerts raised now, and today's transitions (UTC), each delivered upstream or still in the outbox |
 //! | `/api/series?device=D&metric=M[&hours=H]` | a metric's rollups (min, mean, max per window) over the last `H` hours (24) |
 //! | `/api/bandwidth` | bytes upstream and what forwarding every reading would have cost, sampled each minute since start |
@@ -277,11 +277,170 @@ fn svg_response(body: String) -> Response {
         .into_response()
 }
 
-async fn devices(State(page): State<Arc<Page>>) -> Response {
-    match device_list(&page).await {
-        Ok(list) => json(&*list),
-        Err(e) => e,
+/// How a device list is ordered: `?sort=` of `/api/devices`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortKey {
+    /// Offline, then silent (stale), then online: what needs a look first.
+    State,
+    /// By name (the default).
+    Name,
+    /// By the time of the last message, oldest first.
+    Seen,
+    /// By battery level, lowest first; devices that report none last.
+    Battery,
+    /// By readings lost, most first.
+    Lost,
+    /// By source (`native`, or the `[[source]]`).
+    Source,
+}
+
+impl SortKey {
+    fn parse(s: &str) -> Option<SortKey> {
+        Some(match s {
+            "state" => SortKey::State,
+            "name" => SortKey::Name,
+            "seen" => SortKey::Seen,
+            "battery" => SortKey::Battery,
+            "lost" => SortKey::Lost,
+            "source" => SortKey::Source,
+            _ => return None,
+        })
     }
+}
+
+/// What `/api/devices` was asked for: `?q=&sort=&desc=&offset=&limit=`, all optional.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceQuery {
+    /// Only devices whose name contains this, ignoring case.
+    pub q: String,
+    /// The order; ties go by name.
+    pub sort: SortKey,
+    /// Reversed (`desc=1`).
+    pub desc: bool,
+    /// Skip this many of the ordered devices.
+    pub offset: usize,
+    /// At most this many (none: all).
+    pub limit: Option<usize>,
+}
+
+impl DeviceQuery {
+    /// Reads the query string; an unknown sort key or a number that is not one is an error.
+    pub fn parse(uri: &Uri) -> Result<DeviceQuery, String> {
+        let number = |key: &str| -> Result<Option<usize>, String> {
+            query(uri, key)
+                .map(|v| {
+                    v.parse()
+                        .map_err(|_| format!("{key}={v:?} is not a whole number"))
+                })
+                .transpose()
+        };
+        let sort = match query(uri, "sort") {
+            None => SortKey::Name,
+            Some(s) => SortKey::parse(&s).ok_or_else(|| {
+                format!("sort={s:?}: one of state, name, seen, battery, lost, source")
+            })?,
+        };
+        Ok(DeviceQuery {
+            q: query(uri, "q").unwrap_or_default().to_lowercase(),
+            sort,
+            desc: matches!(query(uri, "desc").as_deref(), Some("1" | "true")),
+            offset: number("offset")?.unwrap_or(0),
+            limit: number("limit")?,
+        })
+    }
+}
+
+/// Counts that go with an answer of `/api/devices`, as response headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceCounts {
+    /// Devices known (`Watchpost-Devices`).
+    pub total: usize,
+    /// Of those, offline or silent (`Watchpost-Devices-Not-Online`).
+    pub not_online: usize,
+    /// Devices the filter matched, before `offset` and `limit` (`Watchpost-Devices-Matching`).
+    pub matching: usize,
+}
+
+/// A device's battery level: the first numeric metric whose name says `battery`.
+pub fn battery(d: &DeviceView) -> Option<f64> {
+    d.values.iter().find_map(|(metric, v)| match v {
+        crate::value::Value::Number(n) if metric.to_lowercase().contains("battery") => Some(*n),
+        _ => None,
+    })
+}
+
+/// 0 offline, 1 silent, 2 online (also when its presence is unknown but it is not silent).
+fn state_rank(d: &DeviceView) -> u8 {
+    match (d.online, d.stale) {
+        (Some(false), _) => 0,
+        (_, true) => 1,
+        _ => 2,
+    }
+}
+
+/// The devices of `list` (sorted by name) that `query` asks for, in its order.
+pub fn select_devices<'a>(
+    list: &'a [DeviceView],
+    query: &DeviceQuery,
+) -> (Vec<&'a DeviceView>, DeviceCounts) {
+    use std::cmp::Ordering;
+    let mut chosen: Vec<&DeviceView> = if query.q.is_empty() {
+        list.iter().collect()
+    } else {
+        list.iter()
+            .filter(|d| d.name.to_lowercase().contains(&query.q))
+            .collect()
+    };
+    let counts = DeviceCounts {
+        total: list.len(),
+        not_online: list.iter().filter(|d| state_rank(d) < 2).count(),
+        matching: chosen.len(),
+    };
+    let order: fn(&DeviceView, &DeviceView) -> Ordering = match query.sort {
+        SortKey::Name => |_, _| Ordering::Equal,
+        SortKey::State => |a, b| state_rank(a).cmp(&state_rank(b)),
+        SortKey::Seen => |a, b| a.last_seen_ms.cmp(&b.last_seen_ms),
+        SortKey::Battery => |a, b| {
+            let level = |d| battery(d).unwrap_or(f64::INFINITY);
+            level(a).total_cmp(&level(b))
+        },
+        SortKey::Lost => |a, b| b.lost.cmp(&a.lost),
+        SortKey::Source => |a, b| a.source.cmp(&b.source),
+    };
+    // The list is in name order and the sort is stable: ties stay by name.
+    chosen.sort_by(|a, b| order(a, b));
+    if query.desc {
+        chosen.reverse();
+    }
+    let chosen = chosen
+        .into_iter()
+        .skip(query.offset)
+        .take(query.limit.unwrap_or(usize::MAX))
+        .collect();
+    (chosen, counts)
+}
+
+async fn devices(State(page): State<Arc<Page>>, uri: Uri) -> Response {
+    let query = match DeviceQuery::parse(&uri) {
+        Ok(q) => q,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let list = match device_list(&page).await {
+        Ok(list) => list,
+        Err(e) => return e,
+    };
+    let (chosen, counts) = select_devices(&list, &query);
+    let mut response = json(&chosen);
+    for (name, n) in [
+        ("watchpost-devices", counts.total),
+        ("watchpost-devices-not-online", counts.not_online),
+        ("watchpost-devices-matching", counts.matching),
+    ] {
+        response
+            .headers_mut()
+            .insert(name, HeaderValue::from(n as u64));
+    }
+    response
 }
 
 /// One alert transition of today, and whether it reached the upstream.

@@ -3,16 +3,22 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let devices = [];
+// The device table shows one page of PAGE rows; the gateway filters, sorts and pages, so a
+// site of 10,000 devices costs the browser and the link what a site of PAGE does.
+const PAGE = 100;
+let devices = []; // the rows on show
+let deviceOffset = 0;
+let deviceMatching = 0;
 let sortKey = "state";
 let sortUp = true;
 let shown = null; // {device, metric} of the plot on show
-let devicesDue = null; // a device list read about to happen (new devices come in bursts)
+let devicesDue = null; // a device list read about to happen (changes come in bursts)
+let filterDue = null;
 
 async function get(path, as) {
   const response = await fetch(path, { cache: "no-store" });
   if (!response.ok) throw new Error(path + ": " + response.status);
-  return as === "text" ? response.text() : response.json();
+  return as === "text" ? response.text() : as === "response" ? response : response.json();
 }
 
 function el(tag, text, cls) {
@@ -48,27 +54,9 @@ function battery(d) {
   return null;
 }
 
-const rank = { offline: 0, stale: 1, online: 2 };
-const keys = {
-  state: (d) => rank[state(d)],
-  name: (d) => d.name,
-  seen: (d) => d.last_seen_ms,
-  battery: (d) => battery(d) ?? Infinity,
-  lost: (d) => -d.lost,
-  source: (d) => d.source,
-};
-
 function renderDevices() {
-  const filter = $("filter").value.trim().toLowerCase();
-  const list = devices.filter((d) => d.name.toLowerCase().includes(filter));
-  const key = keys[sortKey];
-  list.sort((a, b) => {
-    const x = key(a), y = key(b);
-    const c = x < y ? -1 : x > y ? 1 : a.name < b.name ? -1 : a.name > b.name ? 1 : 0;
-    return sortUp ? c : -c;
-  });
   const body = $("devices").tBodies[0];
-  const rows = list.map((d) => {
+  const rows = devices.map((d) => {
     const tr = el("tr", null, state(d));
     tr.dataset.device = d.name;
     tr.append(el("td", state(d)), el("td", d.name), el("td", ago(d.last_seen_ms)));
@@ -79,13 +67,35 @@ function renderDevices() {
     return tr;
   });
   body.replaceChildren(...rows);
-  const down = devices.filter((d) => state(d) !== "online").length;
-  $("device-count").textContent = "(" + devices.length + (down ? ", " + down + " not online" : "") + ")";
+  const last = deviceOffset + devices.length;
+  $("device-range").textContent = deviceMatching === 0 ? "no device" : (deviceOffset + 1) + "–" + last + " of " + deviceMatching;
+  $("device-prev").disabled = deviceOffset === 0;
+  $("device-next").disabled = last >= deviceMatching;
 }
 
 async function loadDevices() {
-  devices = await get("api/devices");
+  const filter = $("filter").value.trim();
+  const query = "sort=" + sortKey + (sortUp ? "" : "&desc=1") + "&offset=" + deviceOffset + "&limit=" + PAGE +
+    (filter ? "&q=" + encodeURIComponent(filter) : "");
+  const response = await get("api/devices?" + query, "response");
+  const count = (name) => Number(response.headers.get(name) || 0);
+  devices = await response.json();
+  deviceMatching = count("watchpost-devices-matching");
+  if (devices.length === 0 && deviceOffset > 0 && deviceMatching > 0) {
+    // The list shrank under this page: show its last page.
+    deviceOffset = Math.floor((deviceMatching - 1) / PAGE) * PAGE;
+    return loadDevices();
+  }
   renderDevices();
+  const total = count("watchpost-devices"), down = count("watchpost-devices-not-online");
+  $("device-count").textContent = "(" + total + (down ? ", " + down + " not online" : "") + ")";
+}
+
+// Reads the device list again soon: events come in bursts.
+function devicesSoon() {
+  if (!devicesDue) {
+    devicesDue = setTimeout(() => { devicesDue = null; loadDevices().catch(() => {}); }, 300);
+  }
 }
 
 function alertItem(doc) {
@@ -190,11 +200,10 @@ function follow() {
       setTimeout(() => loadAlerts().catch(() => {}), 1000);
     } else if (event.type === "presence") {
       const d = devices.find((x) => x.name === event.device);
-      if (d) { d.online = event.online; d.last_seen_ms = event.at; d.stale = false; renderDevices(); } else loadDevices().catch(() => {});
+      if (d) { d.online = event.online; d.last_seen_ms = event.at; d.stale = false; renderDevices(); }
+      devicesSoon(); // the counts, and the order when sorted by state
     } else if (event.type === "device") {
-      if (!devicesDue) {
-        devicesDue = setTimeout(() => { devicesDue = null; loadDevices().catch(() => {}); }, 300);
-      }
+      devicesSoon();
     } else if (event.type === "reload") {
       loadAll();
     }
@@ -202,14 +211,20 @@ function follow() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  $("filter").addEventListener("input", renderDevices);
+  $("filter").addEventListener("input", () => {
+    clearTimeout(filterDue);
+    filterDue = setTimeout(() => { deviceOffset = 0; loadDevices().catch(() => {}); }, 200);
+  });
+  $("device-prev").addEventListener("click", () => { deviceOffset = Math.max(0, deviceOffset - PAGE); loadDevices().catch(() => {}); });
+  $("device-next").addEventListener("click", () => { deviceOffset += PAGE; loadDevices().catch(() => {}); });
   for (const th of document.querySelectorAll("th[data-sort]")) {
     th.addEventListener("click", () => {
       sortUp = sortKey === th.dataset.sort ? !sortUp : true;
       sortKey = th.dataset.sort;
       for (const other of document.querySelectorAll("th[data-sort]")) other.removeAttribute("aria-sort");
       th.setAttribute("aria-sort", sortUp ? "ascending" : "descending");
-      renderDevices();
+      deviceOffset = 0;
+      loadDevices().catch(() => {});
     });
   }
   loadAll();

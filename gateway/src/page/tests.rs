@@ -234,3 +234,105 @@ fn the_page_asks_for_nothing_outside_the_gateway() {
             .all(|l| l.contains("svg") || l.contains("plot/series.svg"))
     );
 }
+
+fn device(name: &str, online: Option<bool>, stale: bool, seen: Millis, lost: u64) -> DeviceView {
+    DeviceView {
+        name: name.into(),
+        online,
+        last_seen_ms: seen,
+        stale,
+        values: Default::default(),
+        lost,
+        decode_errors: 0,
+        source: "native".into(),
+        raised: Vec::new(),
+    }
+}
+
+fn names(chosen: &[&DeviceView]) -> Vec<String> {
+    chosen.iter().map(|d| d.name.clone()).collect()
+}
+
+fn ask(uri: &str) -> DeviceQuery {
+    DeviceQuery::parse(&uri.parse().unwrap()).unwrap()
+}
+
+#[test]
+fn the_device_list_is_filtered_sorted_and_paged_by_the_gateway() {
+    let mut tank = device("Tank-2", Some(true), false, NOW - 5_000, 0);
+    tank.values
+        .insert("battery".into(), crate::value::Value::Number(12.0));
+    tank.source = "tasmota".into();
+    let mut list = vec![
+        device("boiler-1", Some(true), false, NOW - 1_000, 3),
+        device("boiler-2", Some(false), false, NOW - 60_000, 0),
+        device("pump", None, true, NOW - 900_000, 7),
+        tank,
+    ];
+    let mut cellar = device("tank-1", Some(true), false, NOW - 2_000, 0);
+    cellar
+        .values
+        .insert("battery_pct".into(), crate::value::Value::Number(80.0));
+    list.push(cellar);
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+
+    // No query: every device, by name, as before paging existed.
+    let (all, counts) = select_devices(&list, &ask("/api/devices"));
+    assert_eq!(
+        names(&all),
+        ["Tank-2", "boiler-1", "boiler-2", "pump", "tank-1"]
+    );
+    assert_eq!(
+        counts,
+        DeviceCounts {
+            total: 5,
+            not_online: 2,
+            matching: 5
+        },
+        "boiler-2 is offline, pump silent"
+    );
+
+    // What needs a look first: offline, then silent, then the rest by name.
+    let (by_state, _) = select_devices(&list, &ask("/api/devices?sort=state"));
+    assert_eq!(
+        names(&by_state),
+        ["boiler-2", "pump", "Tank-2", "boiler-1", "tank-1"]
+    );
+    let (reversed, _) = select_devices(&list, &ask("/api/devices?sort=state&desc=1"));
+    assert_eq!(names(&reversed)[4], "boiler-2");
+
+    // A filter ignores case and counts what it matched; the site's totals stay.
+    let (tanks, counts) = select_devices(&list, &ask("/api/devices?q=TANK"));
+    assert_eq!(names(&tanks), ["Tank-2", "tank-1"]);
+    assert_eq!((counts.total, counts.matching), (5, 2));
+
+    // Lowest battery first, devices without one last; most lost first; oldest heard first.
+    let (battery, _) = select_devices(&list, &ask("/api/devices?sort=battery"));
+    assert_eq!(names(&battery)[..2], ["Tank-2", "tank-1"]);
+    let (lost, _) = select_devices(&list, &ask("/api/devices?sort=lost"));
+    assert_eq!(names(&lost)[..2], ["pump", "boiler-1"]);
+    let (seen, _) = select_devices(&list, &ask("/api/devices?sort=seen"));
+    assert_eq!(names(&seen)[..2], ["pump", "boiler-2"]);
+    let (source, _) = select_devices(&list, &ask("/api/devices?sort=source&desc=true"));
+    assert_eq!(names(&source)[0], "Tank-2");
+
+    // Pages: offset and limit after the order; past the end, nothing.
+    let (page, counts) = select_devices(&list, &ask("/api/devices?sort=state&offset=1&limit=2"));
+    assert_eq!(names(&page), ["pump", "Tank-2"]);
+    assert_eq!(counts.matching, 5);
+    let (past, _) = select_devices(&list, &ask("/api/devices?offset=9&limit=2"));
+    assert!(past.is_empty());
+}
+
+#[test]
+fn a_device_query_that_makes_no_sense_is_refused_with_the_reason() {
+    let refused = |uri: &str| DeviceQuery::parse(&uri.parse().unwrap()).unwrap_err();
+    assert!(refused("/api/devices?sort=colour").contains("one of state, name"));
+    assert!(refused("/api/devices?limit=ten").contains("limit=\"ten\""));
+    assert!(refused("/api/devices?offset=-1").contains("offset"));
+    let q = ask("/api/devices?q=Boiler%201&limit=100");
+    assert_eq!(
+        (q.q.as_str(), q.limit, q.offset),
+        ("boiler 1", Some(100), 0)
+    );
+}
