@@ -1929,7 +1929,11 @@ pub async fn run(
             }
             batch = readings.recv() => {
                 let Some(batch) = batch else {
-                    error!("the broker's connections stopped; ingest ends");
+                    // The broker stops its connections when the shutdown fires; this wake-up
+                    // can come first. Only a broker that stopped by itself is a fault.
+                    if tokio::time::timeout(Duration::from_secs(1), &mut shutdown).await.is_err() {
+                        error!("the broker's connections stopped; ingest ends");
+                    }
                     break;
                 };
                 let mut alerts = Vec::new();
