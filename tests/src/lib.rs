@@ -15,6 +15,7 @@ use watchpost::config::{self, Config};
 pub mod browser;
 pub mod clients;
 pub mod failover;
+pub mod netns;
 pub mod pki;
 pub mod relay;
 
