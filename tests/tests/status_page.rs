@@ -3,7 +3,8 @@
 //! Mosquitto upstream. Without chromedriver on the PATH each test says it was skipped.
 //!
 //! - the page loads with no console error and asks for nothing but the gateway;
-//! - a device that publishes appears, and the filter narrows the list to it; an alert raised
+//! - a device that publishes appears, its going offline and online shows within a second, and
+//!   the filter narrows the list to it; an alert raised
 //!   while the page is open appears in "Alerts now" without a reload within 2 s, and leaves
 //!   it when cleared;
 //! - the bandwidth plot shows a saving;
@@ -104,6 +105,51 @@ async fn the_page_shows_devices_and_follows_alerts_live_without_a_reload() {
         .await;
     println!("status page: alert shown {shown:?} after the publish, gone {gone:?} after the clear");
     assert!(shown < Duration::from_secs(2) && gone < Duration::from_secs(2));
+
+    // A device that says it goes offline: its row says so within a second, without a reload,
+    // and it is counted as not online.
+    // A new device is listed with the gateway's next copy of the device list (one a second).
+    let listed = browser
+        .until(
+            "the leak sensor is listed",
+            "return !!document.querySelector('#devices tr[data-device=\"basement\"]')",
+        )
+        .await;
+    assert!(listed < Duration::from_secs(2), "listed after {listed:?}");
+    probe
+        .publish("sensors/basement/status", QoS::AtLeastOnce, "offline")
+        .await
+        .unwrap();
+    let offline = browser
+        .until(
+            "the device shows offline",
+            "const row = document.querySelector('#devices tr[data-device=\"basement\"]');\
+             return row !== null && row.className === 'offline'",
+        )
+        .await;
+    // The count comes with the gateway's next copy of the device list (one a second).
+    let counted = browser
+        .until(
+            "the device is counted as not online",
+            "return document.getElementById('device-count').textContent === '(2, 1 not online)'\
+             && document.querySelector('#devices tr[data-device=\"basement\"]').className === 'offline'",
+        )
+        .await;
+    probe
+        .publish("sensors/basement/status", QoS::AtLeastOnce, "online")
+        .await
+        .unwrap();
+    let online = browser
+        .until(
+            "the device shows online again",
+            "return document.querySelector('#devices tr[data-device=\"basement\"]').className === 'online'",
+        )
+        .await;
+    println!(
+        "status page: new device listed {listed:?} after the clear, offline shown {offline:?} after the publish (counted {counted:?} later), online again {online:?}"
+    );
+    assert!(offline < Duration::from_secs(1) && online < Duration::from_secs(1));
+    assert!(counted < Duration::from_secs(2), "{counted:?}");
 
     // The filter asks the gateway for the matching devices only, and says how many of how many.
     browser

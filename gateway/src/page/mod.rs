@@ -4,7 +4,7 @@
 //! | path | what |
 //! |---|---|
 //! | `/` `/page.js` `/page.css` | the page: one HTML file, one script, one style sheet, all in the binary; nothing is fetched from elsewhere (the `Content-Security-Policy` says so to the browser) |
-//! | `/api/devices[?q=&sort=&desc=1&offset=&limit=]` | the devices in memory (presence, last values, `seq` losses, source, alerts raised): all of them by name, or those whose name contains `q`, ordered by `state` (offline, silent, online), `name`, `seen`, `battery`, `lost` or `source`, a page of them; the headers `Watchpost-Devices`, `Watchpost-Devices-Not-Online` and `Watchpost-Devices-Matching` count them |
+//! | `/api/devices[?q=&sort=&desc=1&offset=&limit=]` | the devices in memory (presence, last values, `seq` losses, source, alerts raised): all of them by name, or those whose name contains `q`, ordered by `state` (offline, silent, online), `name`, `seen`, `battery`, `lost` or `source`, a page of them; the headers `Watchpost-Devices`, `Watchpost-Devices-Not-Online` and `Watchpost-Devices-Matching` count them, and `Watchpost-Devices-Age-Ms` says how old the copy is (one serves every request for a second) |
 //! | `/api/alerts` | alerts raised now, and today's transitions (UTC), each delivered upstream or still in the outbox |
 //! | `/api/series?device=D&metric=M[&hours=H]` | a metric's rollups (min, mean, max per window) over the last `H` hours (24) |
 //! | `/api/bandwidth` | bytes upstream and what forwarding every reading would have cost, sampled each minute since start |
@@ -233,12 +233,12 @@ async fn require_operator(
         .into_response()
 }
 
-/// The device list, one copy per second whoever asks.
-async fn device_list(page: &Page) -> Result<Arc<Vec<DeviceView>>, Response> {
+/// The device list, one copy per second whoever asks, and when it was copied.
+async fn device_list(page: &Page) -> Result<(Instant, Arc<Vec<DeviceView>>), Response> {
     let mut cached = page.devices.lock().await;
     if let Some((at, list)) = cached.as_ref() {
         if at.elapsed() < DEVICES_FRESH {
-            return Ok(list.clone());
+            return Ok((*at, list.clone()));
         }
     }
     let (reply, answer) = oneshot::channel();
@@ -251,8 +251,9 @@ async fn device_list(page: &Page) -> Result<Arc<Vec<DeviceView>>, Response> {
     let mut list = answer.await.map_err(|_| unavailable())?;
     list.sort_by(|a, b| a.name.cmp(&b.name));
     let list = Arc::new(list);
-    *cached = Some((Instant::now(), list.clone()));
-    Ok(list)
+    let at = Instant::now();
+    *cached = Some((at, list.clone()));
+    Ok((at, list))
 }
 
 fn json<T: Serialize>(value: &T) -> Response {
@@ -425,7 +426,7 @@ async fn devices(State(page): State<Arc<Page>>, uri: Uri) -> Response {
         Ok(q) => q,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
-    let list = match device_list(&page).await {
+    let (copied, list) = match device_list(&page).await {
         Ok(list) => list,
         Err(e) => return e,
     };
@@ -435,6 +436,10 @@ async fn devices(State(page): State<Arc<Page>>, uri: Uri) -> Response {
         ("watchpost-devices", counts.total),
         ("watchpost-devices-not-online", counts.not_online),
         ("watchpost-devices-matching", counts.matching),
+        (
+            "watchpost-devices-age-ms",
+            copied.elapsed().as_millis() as usize,
+        ),
     ] {
         response
             .headers_mut()

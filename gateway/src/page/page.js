@@ -13,6 +13,11 @@ let sortKey = "state";
 let sortUp = true;
 let shown = null; // {device, metric} of the plot on show
 let devicesDue = null; // a device list read about to happen (changes come in bursts)
+// The gateway's device list is a copy of up to a second ago: presence changes heard as events
+// since that copy are laid over it (Date.now() when heard), and the list is read again once a
+// copy newer than the last change can be had.
+const presence = new Map();
+let changedAt = 0;
 let filterDue = null;
 
 async function get(path, as) {
@@ -79,7 +84,16 @@ async function loadDevices() {
     (filter ? "&q=" + encodeURIComponent(filter) : "");
   const response = await get("api/devices?" + query, "response");
   const count = (name) => Number(response.headers.get(name) || 0);
+  const copiedAt = Date.now() - count("watchpost-devices-age-ms");
   devices = await response.json();
+  for (const [name, p] of presence) {
+    if (p.heard < copiedAt - 5000) presence.delete(name);
+  }
+  for (const d of devices) {
+    const p = presence.get(d.name);
+    if (p && p.heard >= copiedAt) { d.online = p.online; d.last_seen_ms = p.at; d.stale = false; }
+  }
+  if (changedAt >= copiedAt) devicesSoon(1100 - (Date.now() - copiedAt));
   deviceMatching = count("watchpost-devices-matching");
   if (devices.length === 0 && deviceOffset > 0 && deviceMatching > 0) {
     // The list shrank under this page: show its last page.
@@ -91,10 +105,10 @@ async function loadDevices() {
   $("device-count").textContent = "(" + total + (down ? ", " + down + " not online" : "") + ")";
 }
 
-// Reads the device list again soon: events come in bursts.
-function devicesSoon() {
+// Reads the device list again soon (after `ms`, 300 by default): events come in bursts.
+function devicesSoon(ms) {
   if (!devicesDue) {
-    devicesDue = setTimeout(() => { devicesDue = null; loadDevices().catch(() => {}); }, 300);
+    devicesDue = setTimeout(() => { devicesDue = null; loadDevices().catch(() => {}); }, Math.max(ms ?? 300, 50));
   }
 }
 
@@ -199,10 +213,13 @@ function follow() {
       // Today's list and what reached the upstream, once the database has it.
       setTimeout(() => loadAlerts().catch(() => {}), 1000);
     } else if (event.type === "presence") {
+      changedAt = Date.now();
+      presence.set(event.device, { online: event.online, at: event.at, heard: changedAt });
       const d = devices.find((x) => x.name === event.device);
       if (d) { d.online = event.online; d.last_seen_ms = event.at; d.stale = false; renderDevices(); }
       devicesSoon(); // the counts, and the order when sorted by state
     } else if (event.type === "device") {
+      changedAt = Date.now();
       devicesSoon();
     } else if (event.type === "reload") {
       loadAll();
