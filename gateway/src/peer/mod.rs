@@ -64,7 +64,7 @@ const MAX_IN_FLIGHT: usize = 64;
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
 /// Wait between connection attempts.
 const RETRY: Duration = Duration::from_secs(1);
-/// Most bytes of judged publishes kept for a peer's catch-up.
+/// Most memory the judged publishes kept for a peer's catch-up take (entries and their bytes).
 pub const RING_BYTES: usize = 32 << 20;
 
 /// How far back a peer's catch-up reaches: the longest time any rule looks back or waits
@@ -416,6 +416,31 @@ impl Mirror {
     }
 }
 
+/// `e` with its topic and payload copied into one buffer of their own: an entry's bytes are
+/// slices of the buffer they arrived in (a client's read buffer, a peer's whole frame), and
+/// an entry kept for minutes would keep all of that buffer alive.
+fn kept_copy(e: &Entry) -> Entry {
+    let mut both = bytes::BytesMut::with_capacity(e.topic.len() + e.payload.len());
+    both.extend_from_slice(&e.topic);
+    both.extend_from_slice(&e.payload);
+    let mut both = both.freeze();
+    let payload = both.split_off(e.topic.len());
+    Entry {
+        stream: e.stream,
+        seq: e.seq,
+        wall: e.wall,
+        retain: e.retain,
+        qos: e.qos,
+        topic: both,
+        payload,
+    }
+}
+
+/// Memory an entry of the ring takes: its slot and its buffer (what [`RING_BYTES`] bounds).
+fn ring_size(e: &Entry) -> usize {
+    std::mem::size_of::<Entry>() + e.topic.len() + e.payload.len()
+}
+
 /// Frames not yet acknowledged by the peer, oldest first, and the catch-up ring.
 struct Backlog {
     frames: VecDeque<Pending>,
@@ -453,16 +478,23 @@ impl Backlog {
     /// Keeps `judged` for a catch-up; forgets what is older than the horizon or too much.
     fn remember(&mut self, judged: &[Entry]) {
         for e in judged {
-            self.ring_bytes += e.size();
-            self.ring.push_back(e.clone());
+            let kept = kept_copy(e);
+            self.ring_bytes += ring_size(&kept);
+            self.ring.push_back(kept);
         }
-        let newest = self.ring.back().map_or(0, |e| e.wall);
+        // The horizon runs back from now (the watermark moves with every heartbeat), so that
+        // a quiet spell after a burst lets the burst go.
+        let newest = self.ring.back().map_or(0, |e| e.wall).max(self.watermark);
         while let Some(front) = self.ring.front() {
             if front.wall.saturating_add(self.horizon) >= newest && self.ring_bytes <= RING_BYTES {
                 break;
             }
-            self.ring_bytes -= front.size();
+            self.ring_bytes -= ring_size(front);
             self.ring.pop_front();
+        }
+        // After a burst the slots stay allocated: give most of them back.
+        if self.ring.capacity() > 4 * self.ring.len() + 1024 {
+            self.ring.shrink_to(2 * self.ring.len());
         }
     }
 
@@ -887,6 +919,55 @@ mod tests {
         let with_waiters: Vec<bool> = backlog.frames.iter().map(|p| p.waiters.is_some()).collect();
         assert_eq!(with_waiters.iter().filter(|w| **w).count(), 1);
         assert!(with_waiters[with_waiters.len() - 1]);
+    }
+
+    #[test]
+    fn the_ring_keeps_its_own_copies_within_its_memory_budget() {
+        let mut backlog = Backlog::new(Arc::new(Stats::default()));
+        backlog.horizon = 3_600_000;
+        // A frame as it arrived: the entries' payloads are slices of it.
+        let arrived = Bytes::from(vec![b'7'; 64 * 1024]);
+        let entries: Vec<Entry> = (0..1_000u64)
+            .map(|i| {
+                let at = (i as usize) * 8;
+                entry(2, i, 1_000 + i, arrived.slice(at..at + 8))
+            })
+            .collect();
+        backlog.remember(&entries);
+        drop(entries);
+        assert!(
+            arrived.is_unique(),
+            "the ring holds none of the buffer the entries came in"
+        );
+        assert_eq!(&backlog.ring[5].payload[..], b"77777777");
+        assert_eq!(&backlog.ring[5].topic[..], b"sensors/a/t");
+        let slot = std::mem::size_of::<Entry>();
+        assert_eq!(backlog.ring_bytes, 1_000 * (slot + 11 + 8));
+        // Many small readings: bounded by the memory they take, slots included.
+        let many = (1_000..1_000_000u64).map(|i| entry(2, i, 1_000 + i, Bytes::from_static(b"1")));
+        for chunk in many.collect::<Vec<_>>().chunks(10_000) {
+            backlog.remember(chunk);
+        }
+        assert!(backlog.ring_bytes <= RING_BYTES);
+        assert_eq!(backlog.ring.len(), RING_BYTES / (slot + 12));
+        // Then quiet: heartbeats move the watermark past the horizon, and the burst goes.
+        let newest = backlog.ring.back().unwrap().wall;
+        backlog.push(
+            MirrorOut {
+                entries: Vec::new(),
+                watermark: newest + backlog.horizon + 1,
+                digest: Default::default(),
+                judged: Vec::new(),
+                committed: None,
+            },
+            true,
+        );
+        assert_eq!((backlog.ring.len(), backlog.ring_bytes), (0, 0));
+        assert!(
+            backlog.ring.capacity() < 1024 * 4,
+            "{}",
+            backlog.ring.capacity()
+        );
     }
 
     #[test]
