@@ -241,6 +241,8 @@ async fn device_list(page: &Page) -> Result<(Instant, Arc<Vec<DeviceView>>), Res
             return Ok((*at, list.clone()));
         }
     }
+    // Before asking: the copy is at least as new as this, never older.
+    let at = Instant::now();
     let (reply, answer) = oneshot::channel();
     let unavailable =
         || (StatusCode::SERVICE_UNAVAILABLE, "the gateway is stopping\n").into_response();
@@ -251,7 +253,6 @@ async fn device_list(page: &Page) -> Result<(Instant, Arc<Vec<DeviceView>>), Res
     let mut list = answer.await.map_err(|_| unavailable())?;
     list.sort_by(|a, b| a.name.cmp(&b.name));
     let list = Arc::new(list);
-    let at = Instant::now();
     *cached = Some((at, list.clone()));
     Ok((at, list))
 }

@@ -19,6 +19,7 @@ let devicesDue = null; // a device list read about to happen (changes come in bu
 const presence = new Map();
 let changedAt = 0;
 let filterDue = null;
+let devicesAsked = 0; // requests for the device list: only the latest one's answer is shown
 
 async function get(path, as) {
   const response = await fetch(path, { cache: "no-store" });
@@ -79,13 +80,18 @@ function renderDevices() {
 }
 
 async function loadDevices() {
+  const asked = ++devicesAsked;
   const filter = $("filter").value.trim();
   const query = "sort=" + sortKey + (sortUp ? "" : "&desc=1") + "&offset=" + deviceOffset + "&limit=" + PAGE +
     (filter ? "&q=" + encodeURIComponent(filter) : "");
   const response = await get("api/devices?" + query, "response");
   const count = (name) => Number(response.headers.get(name) || 0);
-  const copiedAt = Date.now() - count("watchpost-devices-age-ms");
-  devices = await response.json();
+  // When the copy was made, on this clock, less a margin for the time the answer and the
+  // events took to arrive: a change heard around then is laid over it and read again.
+  const copiedAt = Date.now() - count("watchpost-devices-age-ms") - 250;
+  const answer = await response.json();
+  if (asked !== devicesAsked) return; // a newer request (filter, sort, page) is on its way
+  devices = answer;
   for (const [name, p] of presence) {
     if (p.heard < copiedAt - 5000) presence.delete(name);
   }
