@@ -171,6 +171,7 @@ fn main() -> Result<()> {
             loadavg()
         );
         weigh(http, &mut figures)?;
+        day_plot(&mut figures)?;
         // The device list is kept for a second: the page reads a fresh one.
         std::thread::sleep(Duration::from_millis(1100));
         driver_rt.block_on(first_render(&browser, http, &mut figures))?;
@@ -291,6 +292,60 @@ fn weigh(http: SocketAddr, figures: &mut Figures) -> Result<()> {
         total += body.len();
     }
     figures.add("weight, all of the above", "bytes", total as f64);
+    Ok(())
+}
+
+/// A day's plot of one metric (1,440 one-minute windows, max, mean and min) as the gateway
+/// draws it, against the same points as JSON, which a charting script in the page would read
+/// instead (and the script itself, about 50 KB minified for uPlot, the smallest such library
+/// its README knows of).
+fn day_plot(figures: &mut Figures) -> Result<()> {
+    use watchpost::page::svg::{Series, plot};
+    let start = 1_796_000_000_000u64;
+    let points: Vec<(u64, f64, f64, f64)> = (0..1_440u64)
+        .map(|i| {
+            let mean = 21.0 + (i as f64 / 90.0).sin() * 3.0 + (i % 7) as f64 * 0.013;
+            (start + i * 60_000, mean - 0.8, mean, mean + 0.9)
+        })
+        .collect();
+    let line = |name: &str, class, pick: fn(&(u64, f64, f64, f64)) -> f64| Series {
+        name: name.to_owned(),
+        class,
+        points: points.iter().map(|p| (p.0, pick(p))).collect(),
+    };
+    let series = [
+        line("max", "c", |p| p.3),
+        line("mean", "a", |p| p.2),
+        line("min", "b", |p| p.1),
+    ];
+    let mut times = Vec::new();
+    let mut drawn = String::new();
+    for _ in 0..51 {
+        let t = Instant::now();
+        drawn = plot("dev-00001 temperature", "temperature", &series);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let json = serde_json::to_vec(&watchpost::page::SeriesAnswer {
+        device: "dev-00001".into(),
+        metric: "temperature".into(),
+        points: points.clone(),
+    })?;
+    figures.add(
+        "plot of a day (1,440 windows): SVG",
+        "bytes",
+        drawn.len() as f64,
+    );
+    figures.add(
+        "plot of a day: the same points as JSON",
+        "bytes",
+        json.len() as f64,
+    );
+    figures.add(
+        "plot of a day: time to draw the SVG",
+        "ms",
+        times[times.len() / 2],
+    );
     Ok(())
 }
 
