@@ -294,6 +294,16 @@ pub fn render(stats: &Stats, info: &Info) -> String {
             g(&stats.peer_backlog_bytes),
         );
         o.gauge(
+            "watchpost_peer_catchup_bytes",
+            "Site pair: memory the catch-up kept for the peer takes (what was judged over the horizon; at most 32 MiB).",
+            g(&stats.peer_catchup_bytes),
+        );
+        o.gauge(
+            "watchpost_peer_mirror_queue",
+            "Site pair: batches of readings ingest handed to the mirror that it has not taken yet.",
+            g(&stats.peer_mirror_queue),
+        );
+        o.gauge(
             "watchpost_peer_alerts_raised",
             "Site pair: alerts the peer has raised, as of its last frame.",
             p.alerts_raised,

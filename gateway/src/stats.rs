@@ -159,6 +159,11 @@ pub struct Stats {
     pub peer_backlog_frames: AtomicU64,
     /// See `peer_backlog_frames`.
     pub peer_backlog_bytes: AtomicU64,
+    /// Site pair: memory the catch-up ring holds (entries and their bytes, at most
+    /// `peer::RING_BYTES`).
+    pub peer_catchup_bytes: AtomicU64,
+    /// Site pair: batches ingest handed to the mirror that it has not taken yet.
+    pub peer_mirror_queue: AtomicU64,
     /// Site pair: mirrored publishes dropped because the backlog was full.
     pub peer_mirror_dropped: AtomicU64,
     /// Site pair: frames and publishes sent to the peer (again after a reconnect).

@@ -505,6 +505,18 @@ async fn a_partition_between_the_two_brings_only_identical_duplicates() {
         })
         .await;
         assert!(healed, "{lines:?}: {}", http(gateway, "/metrics"));
+        // What each keeps for the other's catch-up: the episode's readings, within the budget.
+        let metrics = http(gateway, "/metrics");
+        let kept: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("watchpost_peer_catchup_bytes "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(kept > 0 && kept <= 32 << 20, "catch-up: {kept} bytes");
+        assert!(
+            metrics.contains("\nwatchpost_peer_mirror_queue 0\n"),
+            "{metrics}"
+        );
         let status = http(gateway, "/status");
         assert!(status.contains(&format!("\"name\":\"{peer}\"")), "{status}");
     }

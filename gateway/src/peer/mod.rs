@@ -340,6 +340,7 @@ impl Mirror {
                     out = from.recv() => {
                         let Some(out) = out else { break 'connect };
                         backlog.push(out, connected);
+                        Stats::set(&stats.peer_mirror_queue, from.len() as u64);
                     }
                     event = events.poll() => match event {
                         Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -408,6 +409,7 @@ impl Mirror {
                     out = from.recv() => {
                         let Some(out) = out else { break 'connect };
                         backlog.push(out, false);
+                        Stats::set(&stats.peer_mirror_queue, from.len() as u64);
                     }
                 }
             }
@@ -496,6 +498,7 @@ impl Backlog {
         if self.ring.capacity() > 4 * self.ring.len() + 1024 {
             self.ring.shrink_to(2 * self.ring.len());
         }
+        Stats::set(&self.stats.peer_catchup_bytes, self.ring_bytes as u64);
     }
 
     /// A new connection: the catch-up (the ring) goes out before anything else, after the
