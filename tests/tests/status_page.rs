@@ -4,9 +4,8 @@
 //!
 //! - the page loads with no console error and asks for nothing but the gateway;
 //! - a device that publishes appears, its going offline and online shows within a second, and
-//!   the filter narrows the list to it; an alert raised
-//!   while the page is open appears in "Alerts now" without a reload within 2 s, and leaves
-//!   it when cleared;
+//!   the filter narrows the list to it; an alert raised while the page is open appears in
+//!   "Alerts now" without a reload within 2 s, and leaves it when cleared;
 //! - the bandwidth plot shows a saving;
 //! - on an address beyond loopback (in a network namespace of the test's own) the page asks
 //!   for an operator's login by default.
@@ -106,8 +105,6 @@ async fn the_page_shows_devices_and_follows_alerts_live_without_a_reload() {
     println!("status page: alert shown {shown:?} after the publish, gone {gone:?} after the clear");
     assert!(shown < Duration::from_secs(2) && gone < Duration::from_secs(2));
 
-    // A device that says it goes offline: its row says so within a second, without a reload,
-    // and it is counted as not online.
     // A new device is listed with the gateway's next copy of the device list (one a second).
     let listed = browser
         .until(
@@ -116,6 +113,8 @@ async fn the_page_shows_devices_and_follows_alerts_live_without_a_reload() {
         )
         .await;
     assert!(listed < Duration::from_secs(2), "listed after {listed:?}");
+    // A device that says it goes offline: its row says so within a second, without a reload,
+    // and it is counted as not online.
     probe
         .publish("sensors/basement/status", QoS::AtLeastOnce, "offline")
         .await

@@ -297,8 +297,8 @@ fn weigh(http: SocketAddr, figures: &mut Figures) -> Result<()> {
 
 /// A day's plot of one metric (1,440 one-minute windows, max, mean and min) as the gateway
 /// draws it, against the same points as JSON, which a charting script in the page would read
-/// instead (and the script itself, about 50 KB minified for uPlot, the smallest such library
-/// its README knows of).
+/// instead (and the script itself: uPlot is "~50 KB min" by its README, which calls it likely
+/// the smallest time-series plotter that does without WebGL or WASM).
 fn day_plot(figures: &mut Figures) -> Result<()> {
     use watchpost::page::svg::{Series, plot};
     let start = 1_796_000_000_000u64;

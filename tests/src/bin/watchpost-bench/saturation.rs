@@ -409,7 +409,9 @@ fn measure(
             "entries_gap": b_end.sum("watchpost_peer_entries_gap_total"),
             "entries_duplicate": b_end.sum("watchpost_peer_entries_duplicate_total"),
             "lag_at_window_end_s": m1.get("watchpost_peer_lag_seconds"),
-            "backlog_bytes_at_window_end": a1.map(|m| m.get("watchpost_peer_backlog_bytes")),
+            "backlog_bytes_at_window_end": a1.as_ref().map(|m| m.get("watchpost_peer_backlog_bytes")),
+            "catchup_bytes_at_window_end": a1.as_ref().map(|m| m.get("watchpost_peer_catchup_bytes")),
+            "mirror_queue_at_window_end": a1.as_ref().map(|m| m.get("watchpost_peer_mirror_queue")),
         });
         // The pair's CPU: both processes over the same window.
         out["pair_cores"] = json!(u1.cores_since(&u0) + v1.cores_since(&v0));
