@@ -366,7 +366,14 @@ pub struct DeviceCounts {
 /// A device's battery level: the first numeric metric whose name says `battery`.
 pub fn battery(d: &DeviceView) -> Option<f64> {
     d.values.iter().find_map(|(metric, v)| match v {
-        crate::value::Value::Number(n) if metric.to_lowercase().contains("battery") => Some(*n),
+        crate::value::Value::Number(n)
+            if metric
+                .as_bytes()
+                .windows(7)
+                .any(|w| w.eq_ignore_ascii_case(b"battery")) =>
+        {
+            Some(*n)
+        }
         _ => None,
     })
 }

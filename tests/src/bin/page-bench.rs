@@ -24,6 +24,7 @@ use anyhow::{Context, Result, bail};
 use rumqttc::QoS;
 use serde_json::{Value, json};
 use watchpost_e2e::browser::{Browser, Cdp};
+use watchpost_e2e::clients::{connect_packet, put_remaining_length};
 use watchpost_e2e::{OVERHEAT, Publisher, gateway_config_with};
 
 const ROUNDS: usize = 3;
@@ -567,14 +568,7 @@ async fn expect_ok(http: SocketAddr, path: &str) -> Result<()> {
 fn flood(mqtt: SocketAddr, stop: &AtomicBool) -> Result<u64> {
     let mut stream = TcpStream::connect(mqtt)?;
     stream.set_nodelay(true)?;
-    let id = b"page-bench-flood";
-    let mut connect = vec![0x10];
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0x01, 0x2c];
-    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    body.extend_from_slice(id);
-    remaining_length(&mut connect, body.len());
-    connect.extend_from_slice(&body);
-    stream.write_all(&connect)?;
+    stream.write_all(&connect_packet("page-bench-flood", None))?;
     let mut connack = [0u8; 4];
     stream.read_exact(&mut connack)?;
     if connack[0] != 0x20 || connack[3] != 0 {
@@ -589,7 +583,7 @@ fn flood(mqtt: SocketAddr, stop: &AtomicBool) -> Result<u64> {
             let topic = format!("sensors/dev-{:05}/temperature", device % DEVICES + 1);
             let value = format!("{}.{}", 18 + device % 7, sent % 10);
             batch.push(0x30);
-            remaining_length(&mut batch, 2 + topic.len() + value.len());
+            put_remaining_length(&mut batch, 2 + topic.len() + value.len());
             batch.extend_from_slice(&(topic.len() as u16).to_be_bytes());
             batch.extend_from_slice(topic.as_bytes());
             batch.extend_from_slice(value.as_bytes());
@@ -601,18 +595,4 @@ fn flood(mqtt: SocketAddr, stop: &AtomicBool) -> Result<u64> {
     // DISCONNECT
     let _ = stream.write_all(&[0xe0, 0]);
     Ok(sent)
-}
-
-fn remaining_length(out: &mut Vec<u8>, mut n: usize) {
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if n == 0 {
-            break;
-        }
-    }
 }
